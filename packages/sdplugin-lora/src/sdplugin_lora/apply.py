@@ -20,6 +20,7 @@ import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 from sdcore.generate.networks import Activation, ControlNetwork, NetworkRef, PromptNetworkHandler
 from sdcore.models.bundled_embeddings import BundledEmbedding, bundled_embeddings, header_shapes
+from sdcore.models.hashes import network_short_hash
 
 from .adapters import Adapter, adapter_from_tensors
 from .format import LoraFile, Match, ModuleWeights, match_modules, patch_input_width, read_lora
@@ -252,18 +253,6 @@ def _dyn_value(ref: NetworkRef) -> float | None:
     return None
 
 
-def lora_short_hash(path: Path, metadata: dict[str, str]) -> str:
-    """A1111's LoRA hash in the infotext (Lora/network.py): the first 12 hex digits of kohya's
-    ``sshs_model_hash`` when the file has it, else of the addnet hash (sha256 of the tensor data)
-    for a ``.safetensors`` file and of the whole file's sha256 for other files."""
-    from sdcore.models.hashes import autov3_hash, sha256_file
-
-    stored = metadata.get("sshs_model_hash")
-    if stored:
-        return stored[:12]
-    return (autov3_hash(path) if path.suffix.lower() == ".safetensors" else sha256_file(path))[:12]
-
-
 class LoraHandler(PromptNetworkHandler):
     """``<lora:name:te_weight[:unet_weight[:dyn]]>`` in prompts: merged for one generation, then restored."""
 
@@ -336,7 +325,7 @@ class LoraHandler(PromptNetworkHandler):
                 )
             specs.append(LoraSpec(lora, te_weight, unet_weight, None if dyn is None else int(dyn)))
             # A1111 (Lora/extra_networks_lora.py): the prompt name without ':' and ',', listed once
-            hashes.setdefault(ref.name.translate(_NAME_SYMBOLS), lora_short_hash(path, lora.metadata))
+            hashes.setdefault(ref.name.translate(_NAME_SYMBOLS), network_short_hash(path, lora.metadata))
             for text in (ref.text,):
                 if text:
                     prompt = prompt.replace(text, "")

@@ -604,6 +604,10 @@ def _run_generate(
                                             extra_paths=extra_paths)  # fmt: skip
     session = NetworkSession(handlers)
     cells = [params] if plot is None else _plot_cells(plot, params, problems)
+    if recalled is not None:  # the PNG's "Lora hashes" find its LoRAs saved under other names (after Prompt S/R)
+        from ..generate.recall_networks import relink_recalled_loras
+
+        relink_recalled_loras(params, cells, recalled, handlers, _given(params), lambda x: click.echo(x, err=True))
     for cell in cells:  # after Prompt S/R, as A1111 applies styles in process_images (setup_prompts)
         _apply_styles(cell, styles)
     # Fail on unknown tags, malformed syntax and bad settings of any cell before spending time on loading the model.

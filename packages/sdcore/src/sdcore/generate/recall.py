@@ -7,7 +7,9 @@ scale, seed, size (the first pass's with a hires fix), "Clip skip" (missing: 1),
 "Denoising strength", Forge's "Distilled CFG Scale" and hires CFG fields, and "Tiling". An old "Hypernet: name"
 field with "Hypernet strength" (default 1.0) becomes ``<hypernet:name:strength>`` at the end of the prompt;
 "Variation seed", "Variation seed strength" and "Seed resize from" set ``--subseed``, ``--subseed-strength``
-and ``--seed-resize-from``.
+and ``--seed-resize-from``. kohya's "AddNet Model N" fields become ``<lora:name:weight>`` tags after the prompt,
+and "Lora hashes" find a LoRA saved under another name, as A1111's Lora extension does on paste
+(:mod:`~sdcore.generate.recall_networks`).
 
 sdcore maps each field onto the option that sets it (:attr:`Recalled.values`, keyed by the ``generate``
 parameter names); options given on the command line win over them. What cannot be applied is said, not
@@ -44,7 +46,8 @@ _HIRES_FIELDS = (
     "Hires CFG Scale",
     "Hires Distilled CFG Scale",
 )
-#: fields that say what was used but set nothing: the networks come from the prompt's tags
+#: fields that say what was used but set nothing: the networks come from the prompt's tags ("Lora hashes" only
+#: re-point them: recall_networks)
 _INFORMATIONAL = frozenset({"Version", "Lora hashes", "TI hashes", "Hypernet hashes", "Hypernet strength"})
 #: fields whose value is checked against what sdcore will do (see Recalled.notes)
 _CHECKED = frozenset({SCHEDULE_TYPE, "Hires schedule type", "RNG", DISTILLED_CFG, "Denoising strength", "Hypernet"})
@@ -188,6 +191,11 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
     prompt = parameters.prompt
     if "Hypernet" in extra:  # A1111's parse_generation_parameters appends it to the prompt
         prompt += f"<hypernet:{extra['Hypernet']}:{extra.get('Hypernet strength', '1.0')}>"
+    from .recall_networks import addnet_tags
+
+    addnet, addnet_fields, _ = addnet_tags(extra)  # kohya's Additional Networks LoRAs, as A1111's paste adds them
+    if addnet:
+        prompt += "\n" + addnet
     values["prompt"] = prompt
     values["negative"] = parameters.negative_prompt
     if parameters.steps is not None:
@@ -257,7 +265,7 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
             hr_distilled_cfg=hires.distilled_cfg,
         )
     used = {*_INFORMATIONAL, *_CHECKED, TILING_FIELD, "Clip skip", VARIATION_SEED, VARIATION_STRENGTH, SEED_RESIZE_FROM,
-            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD, CONTROL_FIELD, *INPAINT_FIELDS, *SLG_FIELDS}  # fmt: skip
+            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD, CONTROL_FIELD, *INPAINT_FIELDS, *SLG_FIELDS, *addnet_fields}  # fmt: skip
     if hires is not None:
         used.update(_HIRES_FIELDS)
     if extra.get("Hires checkpoint", "Use same checkpoint") == "Use same checkpoint":

@@ -7,6 +7,7 @@
   after the 8-byte length and the JSON header (unchanged by metadata edits; Civitai AutoV3, kohya
   ``sshs_model_hash``, and, prefixed with ``0x``, modelspec ``hash_sha256``).
 - ``sshs_hashes``: the two kohya values for tensors about to be saved (LoRA writer's helper).
+- ``network_short_hash``: A1111's 12-hex hash of a LoRA in the infotext's "Lora hashes" field.
 - ``checkpoint_identity``: A1111's ``sd_checkpoint`` / ``sd_checkpoint_name`` pair that TI,
   hypernetwork and DreamArtist files record for the model they were trained on.
 """
@@ -108,6 +109,26 @@ def sshs_hashes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None =
     model = hashlib.sha256(data[8 + length :]).hexdigest()
     legacy = hashlib.sha256(data[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]).hexdigest()[:8]
     return model, legacy
+
+
+def network_short_hash(path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> str:
+    """A1111's network hash (``extensions-builtin/Lora/network.py`` ``NetworkOnDisk``): the first 12 hex digits
+    of kohya's ``sshs_model_hash`` when the file's metadata has it, else of the addnet hash (sha256 of the
+    tensor data, unchanged by metadata edits) of a ``.safetensors`` file, else of the whole file's sha256.
+    Generation writes it in "Lora hashes"; ``--from-png`` finds a renamed LoRA by it. ``metadata``: the
+    file's header metadata when the caller has it (else a safetensors header is read, nothing loaded)."""
+    file = Path(path)
+    safetensors = file.suffix.lower() == ".safetensors"
+    if metadata is None:
+        metadata = {}
+        if safetensors:
+            from .peek import peek_file
+
+            metadata = peek_file(file).metadata
+    stored = metadata.get("sshs_model_hash")
+    if stored:
+        return stored[:12]
+    return (autov3_hash(file) if safetensors else sha256_file(file))[:12]
 
 
 def checkpoint_identity(source: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:

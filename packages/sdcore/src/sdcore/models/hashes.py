@@ -2,7 +2,9 @@
 
 - ``legacy_hash``: A1111 "old hash" / Civitai AutoV1 / kohya ``sshs_legacy_hash``: first 8 hex of
   sha256 over the 0x10000 bytes at offset 0x100000 (what is there; a smaller file hashes less).
-- ``sha256_file`` and ``short_hash`` (first 10 hex, A1111 shorthash / Civitai AutoV2).
+- ``sha256_file`` and ``short_hash`` (first 10 hex, A1111 shorthash / Civitai AutoV2), kept on disk between runs
+  (``sha256.json`` in the sdcore cache folder, keyed by resolved path, size and mtime; ``cached_sha256``
+  reads only that cache).
 - ``autov3_hash`` / ``addnet_hash``: sha256 of a safetensors file's tensor data, i.e. every byte
   after the 8-byte length and the JSON header (unchanged by metadata edits; Civitai AutoV3, kohya
   ``sshs_model_hash``, and, prefixed with ``0x``, modelspec ``hash_sha256``).
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -52,19 +55,95 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 
 _SHA256_CACHE: dict[tuple[str, int, int], str] = {}
 
+#: the file below :func:`sdcore.io.cache_dir` that keeps whole-file sha256 values between runs
+HASH_CACHE_FILE = "sha256.json"
+_HASH_CACHE_VERSION = 1
+
+
+def _hash_cache_path() -> Path:
+    from ..io import cache_dir
+
+    return cache_dir() / HASH_CACHE_FILE
+
+
+def _read_hash_cache() -> dict[str, Any]:
+    """The on-disk entries (resolved path -> ``{"size", "mtime_ns", "sha256"}``); a missing, unreadable or
+    corrupt file is an empty cache, never an error (the values can always be computed again)."""
+    import json
+
+    try:
+        data = json.loads(_hash_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _HASH_CACHE_VERSION:
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _entry_hash(entry: object, size: int, mtime_ns: int) -> str | None:
+    """The sha256 of a disk cache entry when it was taken of a file of this size and mtime."""
+    if not isinstance(entry, dict) or entry.get("size") != size or entry.get("mtime_ns") != mtime_ns:
+        return None
+    value = entry.get("sha256")
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
+
+
+def _write_hash_cache(key: tuple[str, int, int], value: str) -> None:
+    """Add one entry to the disk cache: re-read (another process may have added some), drop the entries of
+    files that are gone, write atomically (two writers: the last one wins, losing at most the other's new
+    entry, which is computed again when needed). Failing to write is silent: the cache is an optimisation."""
+    import json
+
+    from ..errors import SdcoreError
+    from ..io import atomic_write_text
+
+    files = {path: entry for path, entry in _read_hash_cache().items() if os.path.exists(path)}
+    path, size, mtime_ns = key
+    files[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": value}
+    text = json.dumps({"version": _HASH_CACHE_VERSION, "files": files}, indent=0, sort_keys=True)
+    with contextlib.suppress(OSError, SdcoreError):  # a read-only or full cache folder
+        atomic_write_text(_hash_cache_path(), text)
+
+
+def _cache_key(file: Path) -> tuple[str, int, int]:
+    stat = file.stat()
+    return str(file.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def cached_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The whole-file sha256 of ``path`` when this process or the disk cache already has it for the file as it
+    is now (same size and mtime), else ``None``, reading none of its bytes (to tell what a scan will cost)."""
+    key = _cache_key(Path(path))
+    if key not in _SHA256_CACHE:
+        found = _entry_hash(_read_hash_cache().get(key[0]), key[1], key[2])
+        if found is None:
+            return None
+        _SHA256_CACHE[key] = found
+    return _SHA256_CACHE[key]
+
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 of the whole file (64 hex), cached per (path, size, mtime) in this process.
+    """sha256 of the whole file (64 hex), cached per (resolved path, size, mtime_ns) in this process and on
+    disk (``sha256.json`` in :func:`sdcore.io.cache_dir`).
 
-    Generation hashes the model and every LoRA/embedding/hypernetwork for the PNG info on every
-    image; the cache keeps that to one read per file.
+    Generation hashes the model and every LoRA/embedding/hypernetwork for the PNG info on every image, and
+    ``--from-png`` finds a model by its hash: a multi-GB checkpoint is read once, not once per run. A file
+    changed since (another size or mtime) is hashed again.
     """
     file = Path(path)
-    stat = file.stat()
-    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256_CACHE:
-        _SHA256_CACHE[key] = _stream(file)
-    return _SHA256_CACHE[key]
+    key = _cache_key(file)
+    if key in _SHA256_CACHE:
+        return _SHA256_CACHE[key]
+    known = cached_sha256(file)
+    if known is not None:
+        return known
+    value = _stream(file)
+    _SHA256_CACHE[key] = value
+    _write_hash_cache(key, value)
+    return value
 
 
 def short_hash(path: str | os.PathLike[str]) -> str:

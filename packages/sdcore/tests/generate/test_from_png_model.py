@@ -210,3 +210,21 @@ def test_find_png_model_ambiguous_name_without_hash(tmp_path):
     # with a hash, the one of those whose hash it is
     found, line = find_png_model("x", _sha(b)[:10], model_folders(models))
     assert found == b and line == f"model from the PNG: b/x.safetensors ({_sha(b)[:10]})"
+
+
+def test_an_unreadable_file_of_the_pngs_name_is_said_in_the_error(tmp_path, monkeypatch):
+    """The not-found message lists the files of the PNG's name with their hashes; one that cannot be read is
+    said there, not raised as a traceback."""
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "checkpoints" / "x.safetensors").write_bytes(b"x")
+
+    def unreadable(path, kind):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(model_paths, "hash_of", unreadable)
+    with pytest.raises(Exception) as error:
+        find_png_model("x", "0123456789", model_folders(models))
+    assert "; of that name, with another hash: x.safetensors (unreadable: Permission denied); pass --model" in str(
+        error.value
+    )

@@ -327,7 +327,8 @@ def _is_path(text: str, models_dir: str | os.PathLike[str] | None) -> bool:
 
 
 #: an A1111 checkpoint title: its name, then its hash in brackets (``sub/name.safetensors [abcdef1234]``, what its
-#: checkpoint dropdown and the API's ``sd_model_checkpoint`` show; the 8-hex legacy hash before the sha256 is known)
+#: checkpoint dropdown and the API's ``sd_model_checkpoint`` show), or ``name [8-hex legacy hash]``, one of the
+#: names ``CheckpointInfo.ids`` keeps for a checkpoint (its title before A1111 used sha256)
 _A1111_TITLE = re.compile(r"^(?P<name>.*\S)\s*\[(?P<hash>[0-9a-fA-F]{8}|[0-9a-fA-F]{10})\]\s*$")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 
@@ -412,6 +413,14 @@ def _infotext_name_matches(name: str, file: Path, rel: str) -> bool:
     return name in (_stem(file.name), stem, rel, stem.replace("/", "_"))
 
 
+def _hash_or_unreadable(file: Path, kind: str) -> str:
+    """:func:`hash_of` for an error message: an unreadable file is said, not raised (the message is the error)."""
+    try:
+        return hash_of(file, kind)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+
+
 def find_png_model(
     model_name: str | None,
     model_hash: str | None,
@@ -459,7 +468,7 @@ def find_png_model(
         where += " (none of which exists: point --models-dir at A1111's or ComfyUI's models folder)"
     other = ""
     if named and wanted is not None:
-        listed = ", ".join(f"{rel} ({hash_of(file, wanted)})" for file, rel in named)
+        listed = ", ".join(f"{rel} ({_hash_or_unreadable(file, wanted)})" for file, rel in named)
         other = f"; of that name, with another hash: {listed}"
     raise ConfigError(
         f"--from-png: no model file with the PNG's {what} in {where} and their subfolders{other}; pass --model (the "

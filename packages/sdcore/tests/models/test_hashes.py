@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save
 from sdcore.models import hashes
@@ -63,3 +65,240 @@ def test_sshs_hashes_without_training_metadata_match_kohya():
             hashlib.sha256(blob[8 + length :]).hexdigest(),
             hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
         )
+
+
+# --- the sha256 cache on disk -----------------------------------------------------------------------------
+
+
+def _no_reading(monkeypatch):
+    """From now on any read of a file's bytes by the hashes module fails the test."""
+    monkeypatch.setattr(hashes, "_stream", lambda *a, **k: (_ for _ in ()).throw(AssertionError("file read")))
+
+
+def _fresh_process(monkeypatch):
+    monkeypatch.setattr(hashes, "_SHA256_CACHE", {})
+    monkeypatch.setattr(hashes, "_DISK_MEMO", None)
+    monkeypatch.setattr(hashes, "_PRUNED", False)
+
+
+@pytest.fixture
+def user_cache(monkeypatch):
+    """The cache where a user's run keeps it (``$SDCORE_CACHE_DIR``, not the session's file ``sdcore.testing``
+    sets), for files of any size (these tests' files are small)."""
+    monkeypatch.setattr(hashes, "_HASH_CACHE_OVERRIDE", None)
+    monkeypatch.setattr(hashes, "DISK_CACHE_MIN_BYTES", 0)
+
+
+def test_sha256_is_kept_on_disk_and_a_second_process_reads_no_bytes(tmp_path, monkeypatch, user_cache):
+    import json
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, _ = _file(tmp_path)
+    full = hashlib.sha256(blob).hexdigest()
+    assert hashes.sha256_file(path) == full
+    stored = json.loads((tmp_path / "cache" / "sha256.json").read_text())
+    stat = os.stat(path)
+    assert stored == {
+        "version": 1,
+        "files": {str(path.resolve()): {"size": len(blob), "mtime_ns": stat.st_mtime_ns, "sha256": full}},
+    }
+    _fresh_process(monkeypatch)  # another run: nothing in memory
+    _no_reading(monkeypatch)
+    assert hashes.cached_sha256(path) == full
+    assert hashes.sha256_file(path) == full and hashes.short_hash(path) == full[:10]
+
+
+def test_a_changed_file_is_hashed_again(tmp_path, monkeypatch, user_cache):
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, _ = _file(tmp_path, size=1000)
+    assert hashes.sha256_file(path) == hashlib.sha256(blob).hexdigest()
+    other = bytes(reversed(blob))  # same size, other bytes, a later mtime
+    path.write_bytes(other)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000))
+    _fresh_process(monkeypatch)
+    assert hashes.cached_sha256(path) is None
+    assert hashes.sha256_file(path) == hashlib.sha256(other).hexdigest()
+    # only touched (same bytes, new mtime): read again, same value
+    reads = []
+    stream = hashes._stream
+    monkeypatch.setattr(hashes, "_stream", lambda *a, **k: reads.append(a) or stream(*a, **k))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 9_000_000))
+    _fresh_process(monkeypatch)
+    assert hashes.sha256_file(path) == hashlib.sha256(other).hexdigest() and len(reads) == 1
+
+
+def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch, user_cache):
+    import json
+    import os
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(cache))
+    path, blob, _ = _file(tmp_path, size=1000)
+    full = hashlib.sha256(blob).hexdigest()
+    stat = os.stat(path)
+    entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    for text in (
+        "{not json",
+        "\xff\xfe binary",
+        "[1, 2]",
+        json.dumps({"version": 1, "files": []}),
+        json.dumps({"version": 99, "files": {str(path.resolve()): {**entry, "sha256": "0" * 64}}}),
+        json.dumps({"version": 1, "files": {str(path.resolve()): {**entry, "sha256": "not a hash"}}}),
+        json.dumps({"version": 1, "files": {str(path.resolve()): "x"}}),
+    ):
+        (cache / "sha256.json").write_text(text, encoding="latin-1")
+        _fresh_process(monkeypatch)
+        assert hashes.cached_sha256(path) is None, text
+        assert hashes.sha256_file(path) == full
+        assert json.loads((cache / "sha256.json").read_text())["files"][str(path.resolve())]["sha256"] == full
+    # a cache folder that cannot be made (a file is in the way): hashing works, nothing is kept
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(blocker / "cache"))
+    _fresh_process(monkeypatch)
+    assert hashes.sha256_file(path) == full
+    assert blocker.read_text() == "a file"
+
+
+def test_entries_of_deleted_files_are_dropped_by_the_next_runs_first_write(tmp_path, monkeypatch, user_cache):
+    import json
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    gone = tmp_path / "gone.bin"
+    gone.write_bytes(b"gone")
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"kept")
+    hashes.sha256_file(gone)
+    gone.unlink()
+    _fresh_process(monkeypatch)  # the next run's first write drops it (one stat per entry, once a process)
+    hashes.sha256_file(kept)
+    files = json.loads((tmp_path / "cache" / "sha256.json").read_text())["files"]
+    assert list(files) == [str(kept.resolve())]
+
+
+def test_a_deleted_files_entry_goes_unless_its_folder_is_missing_too(tmp_path, monkeypatch, user_cache):
+    """A file deleted from a folder that is there, or from the temporary folder (a test's), loses its entry; one
+    whose folder is missing too (a drive not mounted now) keeps it, so its checkpoints are not read again."""
+    import json
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(cache))
+    entry = {"size": 4, "mtime_ns": 1, "sha256": "0" * 64}
+    unmounted = "/sdcore-test-unmounted-drive/models/a.safetensors"
+    in_temp = str(tmp_path / "deleted-folder" / "b.safetensors")
+    deleted = str(tmp_path / "c.safetensors")
+    cache.mkdir()
+    (cache / "sha256.json").write_text(
+        json.dumps({"version": 1, "files": {path: entry for path in (unmounted, in_temp, deleted)}})
+    )
+    _fresh_process(monkeypatch)
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"kept")
+    hashes.sha256_file(kept)
+    assert sorted(json.loads((cache / "sha256.json").read_text())["files"]) == sorted([unmounted, str(kept.resolve())])
+
+
+def test_small_files_stay_out_of_the_disk_cache(tmp_path, monkeypatch):
+    """Below DISK_CACHE_MIN_BYTES a file is hashed again in each process (cheaper than the cache file)."""
+    monkeypatch.setattr(hashes, "_HASH_CACHE_OVERRIDE", None)
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "DISK_CACHE_MIN_BYTES", 1001)
+    _fresh_process(monkeypatch)
+    small, blob, _ = _file(tmp_path, size=1000 - 34)  # 1000 bytes with the header
+    assert small.stat().st_size == 1000
+    assert hashes.sha256_file(small) == hashlib.sha256(blob).hexdigest()
+    assert not (tmp_path / "cache").exists()
+    assert hashes.cached_sha256(small) == hashlib.sha256(blob).hexdigest()  # this process still knows it
+    _fresh_process(monkeypatch)
+    assert hashes.cached_sha256(small) is None
+
+
+def test_the_cache_file_is_parsed_once_per_process_while_no_one_else_writes_it(tmp_path, monkeypatch, user_cache):
+    """A generate run hashes the model and every LoRA: the cache file is read once, not once per file; a file
+    another process wrote since is read again."""
+    import json
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    files = []
+    for index in range(5):
+        file = tmp_path / f"lora{index}.safetensors"
+        file.write_bytes(bytes([index]) * 100)
+        files.append(file)
+    hashes.sha256_file(files[0])
+    parses = []
+    loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda *a, **k: parses.append(1) or loads(*a, **k))
+    for file in files[1:]:  # four misses, four writes: none re-reads what this process wrote
+        hashes.sha256_file(file)
+    for file in files:
+        assert hashes.cached_sha256(file) == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert parses == []
+    monkeypatch.setattr(hashes, "_SHA256_CACHE", {})  # same process, memory dropped: the disk memo answers
+    assert [hashes.cached_sha256(file) for file in files] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert parses == []
+    cache_file = tmp_path / "cache" / "sha256.json"  # another writer replaces the file: it is read again
+    stored = loads(cache_file.read_text())
+    stored["files"][str(files[0].resolve())]["sha256"] = "f" * 64
+    (tmp_path / "other.json").write_text(json.dumps(stored))
+    (tmp_path / "other.json").replace(cache_file)
+    monkeypatch.setattr(hashes, "_SHA256_CACHE", {})
+    assert hashes.cached_sha256(files[0]) == "f" * 64 and parses == [1]
+
+
+def test_two_processes_writing_at_once_leave_a_valid_cache(tmp_path, monkeypatch, user_cache):
+    """Concurrent writers (pytest-xdist workers, two ``generate`` runs): each write is atomic, so the file always
+    parses; the last writer wins, and every entry it holds is right."""
+    import json
+    import multiprocessing
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    files = []
+    for index in range(40):
+        file = tmp_path / f"f{index}.bin"
+        file.write_bytes(index.to_bytes(2, "little") * 50)
+        files.append(file)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_hash_all, args=(str(tmp_path / "cache"), [str(f) for f in files[i::2]]))
+               for i in range(2)]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    stored = json.loads((tmp_path / "cache" / "sha256.json").read_text())["files"]
+    assert stored, "no entry kept"
+    for path, entry in stored.items():
+        assert entry["sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    assert not list((tmp_path / "cache").glob("*.tmp"))  # no stray temporary file
+
+
+def _hash_all(cache: str, paths: list[str]) -> None:
+    import os
+
+    from sdcore.models import hashes
+
+    os.environ["SDCORE_CACHE_DIR"] = cache
+    hashes._HASH_CACHE_OVERRIDE = None
+    hashes.DISK_CACHE_MIN_BYTES = 0
+    for path in paths:
+        hashes.sha256_file(path)
+
+
+def test_each_test_session_has_its_own_hash_cache(tmp_path_factory):
+    """``sdcore.testing`` keeps tests off the shared ``$SDCORE_CACHE_DIR`` (CI's tiny-model cache, a user's):
+    each session (each xdist worker) writes its own ``sha256.json``."""
+    from sdcore.io import cache_dir
+
+    path = hashes._hash_cache_path()
+    assert path.name == "sha256.json" and path.parent.parent == tmp_path_factory.getbasetemp()
+    assert cache_dir() not in path.parents

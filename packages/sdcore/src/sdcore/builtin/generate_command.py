@@ -125,11 +125,13 @@ class _GenerateCommand(HintedCommand):
 @click.option(
     "-m",
     "--model",
-    required=True,
+    default=None,
     help="Model: diffusers folder, .safetensors/.ckpt file, a model's name in --models-dir's checkpoints/ "
     "(ComfyUI's ckpt_name: sub/name.safetensors, sub/name or name; A1111's Stable-diffusion/, ComfyUI's unet/ and "
-    "diffusion_models/ too), a cached Hub id, tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:. An "
-    "existing path wins over a name; a cached Hub id (org/name) over a name without extension.",
+    "diffusion_models/ too), an A1111 title (name [abcdef1234]: the hash is checked) or hash, a cached Hub id, "
+    "tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:. An existing path wins over a name; a cached Hub "
+    "id (org/name) over a name without extension. Required, except with --from-png: the PNG's Model hash/Model "
+    "picks the file below the model folders.",
 )
 @click.option("-n", "--negative", default="", help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
@@ -395,7 +397,8 @@ class _GenerateCommand(HintedCommand):
     "--from-png",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Take every generation parameter from this image's infotext (A1111's PNG Info -> Send to txt2img); "
-    "options given here win. PROMPT is then optional.",
+    "options given here win. PROMPT is then optional, and so is --model: the file below the model folders with "
+    "the image's Model hash (and Model name) is taken.",
 )
 @click.option(
     "--style", "styles", multiple=True, help="A1111 style from --styles-file, applied to the prompts (repeatable)."
@@ -453,6 +456,9 @@ def generate(**params: Any) -> None:
     from ..errors import ConfigError
 
     written: list[Path] = []
+    if params["model"] is None and params["from_png"] is None:  # optional with --from-png only
+        context = click.get_current_context()
+        raise click.MissingParameter(ctx=context, param=next(p for p in generate.params if p.name == "model"))
     try:  # Ctrl-C while --from-png or the styles file is read too
         recalled = _recall(params)
         try:
@@ -526,7 +532,35 @@ def _defaulted(name: str) -> bool:
     return context is None or context.get_parameter_source(name) in (ParameterSource.DEFAULT, None)
 
 
-def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
+def _model_from_png(params: dict[str, Any], recalled: Any, models_dir: Path | None) -> None:
+    """``--from-png`` without ``--model``: the checkpoint the PNG's "Model hash" and "Model" name, found below the
+    model folders (:func:`~sdcore.generate.model_paths.find_png_model`) and said on one line; not found is a
+    pre-flight error (exit 2) before anything loads."""
+    from ..errors import ConfigError
+    from ..generate.model_paths import ExtraModelPaths, find_png_model, load_extra_model_paths, model_folders
+    from ..train.preflight import PreflightError
+
+    parameters = recalled.parameters
+    trouble: list[str] = []
+    try:
+        if models_dir is None:
+            raise ConfigError(
+                f"--from-png: the PNG's model ({parameters.model_name or parameters.model_hash or 'not named'}) is "
+                "looked for below --models-dir, and there is no models/ here; pass --models-dir or --model"
+            )
+        try:
+            extra = load_extra_model_paths(models_dir, params["extra_model_paths"], [])
+        except ConfigError as exc:  # the model is looked for without that file's folders; both are said
+            extra, trouble = ExtraModelPaths(), [str(exc)]
+        say = lambda line: click.echo(line, err=True)  # noqa: E731
+        path, line = find_png_model(parameters.model_name, parameters.model_hash, model_folders(models_dir, extra), say)
+    except ConfigError as exc:
+        raise PreflightError(["; ".join([*trouble, str(exc)])]) from None
+    click.echo(line, err=True)
+    params["model"] = str(path)
+
+
+def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled: Any = None) -> Any:
     """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
     ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
     (:func:`~sdcore.generate.model_paths.resolve_model_name`), and the part options' names (``--vae ae``) into
@@ -543,8 +577,11 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
     models_dir = params["models_dir"]
     if not params["extra_model_paths"] and not Path(models_dir).is_dir() and _defaulted("models_dir"):
         models_dir = None  # no --models-dir and no models/ here: no names, so the loader's message, as every command
+    if params["model"] is None and recalled is not None:  # --from-png without --model (nor a model the PNG names)
+        _model_from_png(params, recalled, models_dir)
     found = resolve_sources(params["model"], part_kwargs(params), models_dir, params["extra_model_paths"],
-                            plugin_format=plugin_format_for(pm, params["model"]) is not None)  # fmt: skip
+                            plugin_format=plugin_format_for(pm, params["model"]) is not None,
+                            say=lambda line: click.echo(line, err=True))  # fmt: skip
     params["model"] = found.model
     params.update(found.parts)
     # each part found is checked as train's pre-flight checks it (there, readable, that part from its header)
@@ -589,7 +626,7 @@ def _run_generate(
 
     problems: list[str] = list(early)  # found before this point (a styles file); all are said at once
     pm = _plugin_manager()
-    extra_paths = _model_names(params, pm, problems)  # --model NAME becomes its file before anything reads it
+    extra_paths = _model_names(params, pm, problems, recalled)  # --model NAME becomes its file before anything reads it
     plot = _xyz_plot(params, problems)
     if plot is None or not plot.keep_random_seeds:  # A1111 fixes -1 seeds once, so every cell shares them
         for name in ("seed", "subseed") if plot is not None else ("seed",):

@@ -15,9 +15,11 @@ Import-light: no torch.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,11 +326,162 @@ def _is_path(text: str, models_dir: str | os.PathLike[str] | None) -> bool:
     return text.startswith(("/", "~", ".")) or os.path.isabs(text) or models_dir is None
 
 
+#: an A1111 checkpoint title: its name, then its hash in brackets (``sub/name.safetensors [abcdef1234]``, what its
+#: checkpoint dropdown and the API's ``sd_model_checkpoint`` show), or ``name [8-hex legacy hash]``, one of the
+#: names ``CheckpointInfo.ids`` keeps for a checkpoint (its title before A1111 used sha256)
+_A1111_TITLE = re.compile(r"^(?P<name>.*\S)\s*\[(?P<hash>[0-9a-fA-F]{8}|[0-9a-fA-F]{10})\]\s*$")
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+
+#: a scan by hash says on stderr what it is about to read when the files not hashed before hold more than this
+SCAN_NOTICE_BYTES = 1 << 30
+
+
+def split_a1111_title(text: str) -> tuple[str, str | None]:
+    """``(name, hash)`` of an A1111 checkpoint title (``sub/name.safetensors [abcdef1234]``), ``(text, None)``
+    for anything else."""
+    match = _A1111_TITLE.match(text)
+    if match is None:
+        return text, None
+    return match["name"], match["hash"].lower()
+
+
+def is_model_hash(text: str) -> bool:
+    """Whether ``text`` is one of A1111's checkpoint hashes: the 8-hex legacy hash, the 10-hex shorthash (sha256
+    prefix) or the whole sha256, which its ``checkpoint_aliases`` all accept as a model's name."""
+    return len(text) in (8, 10, 64) and _HEX.match(text) is not None
+
+
+def hash_of(path: str | os.PathLike[str], kind: str) -> str:
+    """``path``'s hash of the kind (length) of ``kind``: the legacy hash for 8 hex, else the sha256 prefix."""
+    from ..models.hashes import legacy_hash, sha256_file
+
+    return legacy_hash(path) if len(kind) == 8 else sha256_file(path)[: len(kind)]
+
+
+def find_by_hash(
+    wanted: str, files: Sequence[Path], say: Callable[[str], None] | None = None, what: str = "model hash"
+) -> Path | None:
+    """The first of ``files`` whose hash is ``wanted`` (8 hex: A1111's legacy hash, a 64 KiB read; else a prefix of
+    the whole file's sha256). Files whose sha256 is in the hash cache are tried first, at no cost; before reading
+    the others whole, ``say`` is told how many bytes that is when it is over :data:`SCAN_NOTICE_BYTES` (their
+    hashes are then cached: the next scan is quick). Unreadable files are skipped."""
+    from ..models.hashes import cached_sha256, legacy_hash, sha256_file
+
+    wanted = wanted.lower()
+    files = list(dict.fromkeys(files))
+    if len(wanted) == 8:
+        for file in files:
+            try:
+                if legacy_hash(file) == wanted:
+                    return file
+            except OSError:
+                continue
+        return None
+    unknown: list[Path] = []
+    for file in files:
+        try:
+            known = cached_sha256(file)
+        except OSError:
+            continue
+        if known is None:
+            unknown.append(file)
+        elif known.startswith(wanted):
+            return file
+    size = 0
+    for file in unknown:
+        with contextlib.suppress(OSError):
+            size += file.stat().st_size
+    if say is not None and size > SCAN_NOTICE_BYTES:
+        say(
+            f"hashing {len(unknown)} model file{'s' if len(unknown) > 1 else ''} ({size / 2**30:.1f} GiB) to find "
+            f"{what} {wanted}; the hashes are cached, so this is once"
+        )
+    for file in unknown:
+        try:
+            if sha256_file(file).startswith(wanted):
+                return file
+        except OSError:
+            continue
+    return None
+
+
+def _infotext_name_matches(name: str, file: Path, rel: str) -> bool:
+    """Whether an infotext's "Model" names ``file`` (``rel`` below its folder): A1111 writes the file name without
+    extension (``name_for_extra``; before 1.6 its ``model_name``, the subfolders joined with ``_``); a ComfyUI
+    image's name is relative to the folder, with or without extension."""
+    stem = _stem(rel)
+    return name in (_stem(file.name), stem, rel, stem.replace("/", "_"))
+
+
+def _hash_or_unreadable(file: Path, kind: str) -> str:
+    """:func:`hash_of` for an error message: an unreadable file is said, not raised (the message is the error)."""
+    try:
+        return hash_of(file, kind)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+
+
+def find_png_model(
+    model_name: str | None,
+    model_hash: str | None,
+    folders: Sequence[Path],
+    say: Callable[[str], None] | None = None,
+) -> tuple[Path, str]:
+    """The checkpoint an image's infotext names (``Model: name``, ``Model hash: abcdef1234``) below ``folders``,
+    for ``generate --from-png`` without ``--model``, and the line that says which (``model from the PNG: NAME
+    (hash)``). The files whose name is the "Model" (:func:`_infotext_name_matches`), the one whose hash is the
+    PNG's when it has one; then, if none, every model file by that hash (:func:`find_by_hash`). Without a hash the
+    name alone decides, when it names one file. Anything else is a :class:`~sdcore.errors.ConfigError` naming the
+    hash, the name and the folders searched, and saying to pass ``--model``."""
+    name = _comfy_name(model_name) if model_name else None
+    wanted = model_hash.lower() if model_hash and is_model_hash(model_hash) else None
+    listing = list_model_files(folders)
+    named = [(file, rel) for file, rel in listing if name and _infotext_name_matches(name, file, rel)]
+    rel_of = {file: rel for file, rel in reversed(listing)}  # a file's first name
+    if wanted is not None:
+        for file, _ in named:
+            try:
+                if hash_of(file, wanted) == wanted:
+                    return file, f"model from the PNG: {rel_of[file]} ({wanted})"
+            except OSError:
+                continue
+        found = find_by_hash(wanted, [file for file, _ in listing if file not in dict(named)], say)
+        if found is not None:
+            return found, f"model from the PNG: {rel_of[found]} ({wanted})"
+    elif name is not None:
+        files = list(dict.fromkeys(file for file, _ in named))
+        if len(files) == 1:
+            return files[0], f"model from the PNG: {rel_of[files[0]]} (by its name: the PNG has no Model hash)"
+        if files:
+            listed = ", ".join(str(file) for file in files)
+            raise ConfigError(
+                f"--from-png: the PNG's model {model_name!r} (no Model hash) is the name of {len(files)} model files "
+                f"({listed}); pass --model with the one to use"
+            )
+    if wanted is None and name is None:
+        raise ConfigError("--from-png: the PNG names no model (no 'Model hash' nor 'Model' field); pass --model")
+    what = " and ".join(
+        part for part in (f"model hash {wanted}" if wanted else "", f"name {model_name!r}" if name else "") if part
+    )
+    where = ", ".join(str(folder.absolute()) for folder in folders)
+    if all(not folder.is_dir() for folder in folders):
+        where += " (none of which exists: point --models-dir at A1111's or ComfyUI's models folder)"
+    other = ""
+    if named and wanted is not None:
+        listed = ", ".join(f"{rel} ({_hash_or_unreadable(file, wanted)})" for file, rel in named)
+        other = f"; of that name, with another hash: {listed}"
+    raise ConfigError(
+        f"--from-png: no model file with the PNG's {what} in {where} and their subfolders{other}; pass --model (the "
+        "file's path or name) to choose one"
+    )
+
+
 def resolve_model_name(
     text: str,
     models_dir: str | os.PathLike[str] | None,
     extra: ExtraModelPaths | None = None,
     notes: list[str] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> str:
     """What ``--model text`` loads: ``text`` itself when it is a path or another source, else the file its name
     picks below ``models_dir``'s model folders (:func:`model_folders`).
@@ -343,9 +496,26 @@ def resolve_model_name(
     ``checkpoints/org/name.safetensors`` exists too: that file is then reached by its name with the extension,
     and ``notes`` gets a line saying so. Several files for a name is a :class:`~sdcore.errors.ConfigError`
     listing them; no file (and no cached Hub id) is one naming the folders searched and the close names, before
-    anything loads."""
+    anything loads.
+
+    A1111's spellings (``sd_models.get_closet_checkpoint_match``, ``CheckpointInfo.ids``): a checkpoint title,
+    ``sub/name.safetensors [abcdef1234]``, is its name resolved as above, then checked against its hash (8 hex: the
+    legacy hash); A1111 falls back to the name without the hash, so another hash loads that file too, with a line
+    in ``notes``. A name that finds no file but is a hash (8, 10 or 64 hex, A1111's aliases) is the first model
+    file that has it (:func:`find_by_hash`; ``say`` is told when that reads many bytes)."""
     from ..models.load import looks_like_path, missing_model_error
 
+    name_part, title_hash = split_a1111_title(text)
+    if title_hash is not None and models_dir is not None and not _is_path(text, models_dir):
+        found_name = resolve_model_name(name_part, models_dir, extra, notes, say)
+        if Path(found_name).is_file() and notes is not None:
+            ours = hash_of(found_name, title_hash)
+            if ours != title_hash:
+                notes.append(
+                    f"--model {text}: {found_name} has hash {ours}, not {title_hash}; it is loaded by its name, as "
+                    "A1111 does"
+                )
+        return found_name
     if _is_path(text, models_dir):
         return text
     assert models_dir is not None
@@ -366,6 +536,10 @@ def resolve_model_name(
     found = _pick("--model", text, (by_stem, by_file_name))
     if found is not None:
         return str(found)
+    if is_model_hash(text):
+        by_hash = find_by_hash(text, [file for file, _ in files], say)
+        if by_hash is not None:
+            return str(by_hash)
     raise ConfigError(f"{missing_model_error(text)}; nor is it a model name {_searched(name, folders, files)}")
 
 
@@ -463,13 +637,15 @@ def resolve_sources(
     extra_files: Iterable[str | os.PathLike[str]] = (),
     *,
     plugin_format: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> ResolvedSources:
     """The model and part names of one run, for ``sdcore generate`` and ``sdcore train`` alike, before anything
     loads: ComfyUI's ``extra_model_paths.yaml`` files read (the root's beside ``models_dir``, then ``extra_files``:
     :func:`load_extra_model_paths`), ``model`` resolved (:func:`resolve_model_name`; not when a plugin's model
     format claims it: ``plugin_format``) and each given part (:func:`resolve_part_names`). Every problem is one
     line of ``problems`` (all are said at once; an unresolved model or part keeps its text); ``notes`` are lines
-    to show without stopping (the root's file unreadable, a Hub id chosen over a file of its name)."""
+    to show without stopping (the root's file unreadable, a Hub id chosen over a file of its name, an A1111 title's
+    other hash); ``say`` is told before a scan by hash reads many bytes."""
     notes: list[str] = []
     problems: list[str] = []
     try:
@@ -479,7 +655,7 @@ def resolve_sources(
         extra = ExtraModelPaths()
     if not plugin_format:
         try:
-            model = resolve_model_name(model, models_dir, extra, notes)
+            model = resolve_model_name(model, models_dir, extra, notes, say)
         except ConfigError as exc:
             problems.append(str(exc))
     resolved, wrong = resolve_part_names(parts, models_dir, extra)
@@ -491,10 +667,15 @@ __all__ = [
     "LEGACY_FOLDER_NAMES",
     "MODEL_FOLDERS",
     "PART_FOLDERS",
+    "SCAN_NOTICE_BYTES",
     "ExtraFolder",
     "ExtraModelPaths",
     "ResolvedSources",
     "comfy_folder_name",
+    "find_by_hash",
+    "find_png_model",
+    "hash_of",
+    "is_model_hash",
     "list_model_files",
     "load_extra_model_paths",
     "model_folders",
@@ -504,4 +685,5 @@ __all__ = [
     "resolve_part_name",
     "resolve_part_names",
     "resolve_sources",
+    "split_a1111_title",
 ]

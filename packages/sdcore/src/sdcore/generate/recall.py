@@ -14,7 +14,8 @@ and "Lora hashes" find a LoRA saved under another name, as A1111's Lora extensio
 sdcore maps each field onto the option that sets it (:attr:`Recalled.values`, keyed by the ``generate``
 parameter names); options given on the command line win over them. What cannot be applied is said, not
 dropped in silence: an unknown sampler is an error listing sdcore's; a model hash other than ``--model``'s
-is a warning naming both; other fields (``ENSD``, ``VAE``, "Schedule type" values sdcore's sampler does not
+is a warning naming both (without ``--model`` the PNG's "Model hash"/"Model" pick the checkpoint:
+:func:`~sdcore.generate.model_paths.find_png_model`); other fields (``ENSD``, ``VAE``, "Schedule type" values sdcore's sampler does not
 run, an ``RNG`` other than sdcore's CPU noise, a "Denoising strength" of an img2img image without
 ``--init-image``) are listed on one line as ignored (:meth:`Recalled.notes`).
 """

@@ -2,7 +2,9 @@
 
 - ``legacy_hash``: A1111 "old hash" / Civitai AutoV1 / kohya ``sshs_legacy_hash``: first 8 hex of
   sha256 over the 0x10000 bytes at offset 0x100000 (what is there; a smaller file hashes less).
-- ``sha256_file`` and ``short_hash`` (first 10 hex, A1111 shorthash / Civitai AutoV2).
+- ``sha256_file`` and ``short_hash`` (first 10 hex, A1111 shorthash / Civitai AutoV2), kept on disk between runs
+  (``sha256.json`` in the sdcore cache folder, keyed by resolved path, size and mtime, for files of 32 MiB or
+  more; ``cached_sha256`` reads only that cache).
 - ``autov3_hash`` / ``addnet_hash``: sha256 of a safetensors file's tensor data, i.e. every byte
   after the 8-byte length and the JSON header (unchanged by metadata edits; Civitai AutoV3, kohya
   ``sshs_model_hash``, and, prefixed with ``0x``, modelspec ``hash_sha256``).
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -53,19 +56,148 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 
 _SHA256_CACHE: dict[tuple[str, int, int], str] = {}
 
+#: the file below :func:`sdcore.io.cache_dir` that keeps whole-file sha256 values between runs
+HASH_CACHE_FILE = "sha256.json"
+_HASH_CACHE_VERSION = 1
+#: files smaller than this are hashed again in each process, never kept on disk: reading them costs about what
+#: reading and rewriting ``sha256.json`` does, and a folder of small files (embeddings, test files) would only
+#: grow it. Checkpoints and most LoRAs are far bigger.
+DISK_CACHE_MIN_BYTES = 32 << 20
+#: where ``sha256.json`` is instead of the cache folder (``sdcore.testing`` points each test session at its own
+#: temporary file, so tests never write the user's or CI's shared cache)
+_HASH_CACHE_OVERRIDE: Path | None = None
+#: the parsed disk cache and the ``os.stat`` signature of the file it was read from: a process reads the file
+#: again only when another writer replaced it, so a run with many LoRAs parses it once, not once per file
+_DISK_MEMO: tuple[tuple[str, int, int, int, int], dict[str, Any]] | None = None
+#: whether this process already dropped the entries of deleted files (once per process: one ``stat`` per entry)
+_PRUNED = False
+
+
+def _hash_cache_path() -> Path:
+    if _HASH_CACHE_OVERRIDE is not None:
+        return _HASH_CACHE_OVERRIDE
+    from ..io import cache_dir
+
+    return cache_dir() / HASH_CACHE_FILE
+
+
+def _signature(path: Path) -> tuple[str, int, int, int, int]:
+    """What tells that the cache file was replaced (an atomic write makes a new inode and ctime)."""
+    stat = path.stat()
+    return str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _read_hash_cache() -> dict[str, Any]:
+    """The on-disk entries (resolved path -> ``{"size", "mtime_ns", "sha256"}``); a missing, unreadable or
+    corrupt file is an empty cache, never an error (the values can always be computed again). Parsed again only
+    when the file changed since this process last read or wrote it (:data:`_DISK_MEMO`); callers must not
+    change the dict returned."""
+    import json
+
+    global _DISK_MEMO
+    path = _hash_cache_path()
+    try:
+        signature = _signature(path)
+        if _DISK_MEMO is not None and _DISK_MEMO[0] == signature:
+            return _DISK_MEMO[1]
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("version") == _HASH_CACHE_VERSION else None
+    files = files if isinstance(files, dict) else {}
+    _DISK_MEMO = (signature, files)
+    return files
+
+
+def _entry_hash(entry: object, size: int, mtime_ns: int) -> str | None:
+    """The sha256 of a disk cache entry when it was taken of a file of this size and mtime."""
+    if not isinstance(entry, dict) or entry.get("size") != size or entry.get("mtime_ns") != mtime_ns:
+        return None
+    value = entry.get("sha256")
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
+
+
+def _gone(path: str, temp: str) -> bool:
+    """Whether a cache entry's file was deleted: it is missing and its folder is there, or it was below ``temp``
+    (the temporary folder, resolved). A file whose folder is missing too may be on a drive that is not mounted
+    now: its entry stays, so the drive's checkpoints are not all read again when it is back."""
+    if os.path.exists(path):
+        return False
+    try:
+        in_temp = os.path.commonpath([temp, path]) == temp
+    except ValueError:  # another Windows drive, or a relative path in a hand-edited file
+        in_temp = False
+    return in_temp or os.path.isdir(os.path.dirname(path))
+
+
+def _write_hash_cache(key: tuple[str, int, int], value: str) -> None:
+    """Add one entry to the disk cache: re-read (another process may have added some), drop the entries of
+    deleted files (:func:`_gone`, the first write of a process only), write atomically (two writers: the last one
+    wins, losing at most the other's new entry, which is computed again when needed). Failing to write is silent:
+    the cache is an optimisation."""
+    import json
+
+    from ..errors import SdcoreError
+    from ..io import atomic_write_text
+
+    global _DISK_MEMO, _PRUNED
+    files = dict(_read_hash_cache())
+    if not _PRUNED:
+        import tempfile
+
+        temp = os.path.realpath(tempfile.gettempdir())
+        files = {path: entry for path, entry in files.items() if not _gone(path, temp)}
+        _PRUNED = True
+    path, size, mtime_ns = key
+    files[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": value}
+    text = json.dumps({"version": _HASH_CACHE_VERSION, "files": files}, indent=0, sort_keys=True)
+    target = _hash_cache_path()
+    with contextlib.suppress(OSError, SdcoreError):  # a read-only or full cache folder
+        atomic_write_text(target, text)
+        _DISK_MEMO = (_signature(target), files)
+
+
+def _cache_key(file: Path) -> tuple[str, int, int]:
+    stat = file.stat()
+    return str(file.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def cached_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The whole-file sha256 of ``path`` when this process or the disk cache already has it for the file as it
+    is now (same size and mtime), else ``None``, reading none of its bytes (to tell what a scan will cost)."""
+    key = _cache_key(Path(path))
+    if key not in _SHA256_CACHE:
+        if key[1] < DISK_CACHE_MIN_BYTES:
+            return None
+        found = _entry_hash(_read_hash_cache().get(key[0]), key[1], key[2])
+        if found is None:
+            return None
+        _SHA256_CACHE[key] = found
+    return _SHA256_CACHE[key]
+
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 of the whole file (64 hex), cached per (path, size, mtime) in this process.
+    """sha256 of the whole file (64 hex), cached per (resolved path, size, mtime_ns) in this process and, for
+    files of :data:`DISK_CACHE_MIN_BYTES` or more, on disk (``sha256.json`` in :func:`sdcore.io.cache_dir`).
 
-    Generation hashes the model and every LoRA/embedding/hypernetwork for the PNG info on every
-    image; the cache keeps that to one read per file.
+    Generation hashes the model and every LoRA/embedding/hypernetwork for the PNG info on every image, and
+    ``--from-png`` finds a model by its hash: a multi-GB checkpoint is read once, not once per run. A file
+    changed since (another size or mtime) is hashed again.
     """
     file = Path(path)
-    stat = file.stat()
-    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256_CACHE:
-        _SHA256_CACHE[key] = _stream(file)
-    return _SHA256_CACHE[key]
+    key = _cache_key(file)
+    if key in _SHA256_CACHE:
+        return _SHA256_CACHE[key]
+    known = cached_sha256(file)
+    if known is not None:
+        return known
+    value = _stream(file)
+    _SHA256_CACHE[key] = value
+    if key[1] >= DISK_CACHE_MIN_BYTES:
+        _write_hash_cache(key, value)
+    return value
 
 
 def short_hash(path: str | os.PathLike[str]) -> str:

@@ -10,6 +10,10 @@ Enable it in a ``conftest.py`` with ``pytest_plugins = ["sdcore.testing"]``. It 
 - ``tiny_model``: ``tiny_model("sd1" | "sd2" | "sdxl")`` builds a tiny random ModelBundle (cached);
 - ``tiny_dataset``: ``tiny_dataset(n=4, size=64)`` writes a kohya-style dataset folder.
 
+It also gives each test session (each pytest-xdist worker) its own model hash cache (``sha256.json``, see
+:mod:`sdcore.models.hashes`) in the session's temporary folder, so tests never write the user's or CI's shared
+``$SDCORE_CACHE_DIR`` and two workers never race on one file.
+
 Nothing here imports torch until a fixture that needs it runs.
 
 :mod:`sdcore.testing.toyworld` is a toy world with a trained base model (``toyworld:``) and a
@@ -32,6 +36,17 @@ from typing import Any
 import pytest
 
 from ..plugins import SdPluginManager, get_plugin_manager
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sdcore_session_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This session's ``sha256.json`` (in-process tests only: a ``sdcore`` subprocess uses the cache folder)."""
+    from ..models import hashes
+
+    before = hashes._HASH_CACHE_OVERRIDE
+    hashes._HASH_CACHE_OVERRIDE = tmp_path_factory.mktemp("sdcore-hash-cache") / hashes.HASH_CACHE_FILE
+    yield hashes._HASH_CACHE_OVERRIDE
+    hashes._HASH_CACHE_OVERRIDE = before
 
 
 @pytest.fixture

@@ -1,0 +1,230 @@
+"""``generate --from-png`` without ``--model``: the checkpoint the PNG's "Model hash"/"Model" name, found below the
+model folders; A1111 checkpoint titles and hashes as ``--model`` (``sd_models.get_closet_checkpoint_match``)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from cli_errors import one_error_line
+from click.testing import CliRunner
+from PIL import Image
+from sdcore.builtin import generate_command
+from sdcore.generate import model_paths
+from sdcore.generate.model_paths import find_png_model, model_folders, resolve_model_name, split_a1111_title
+from sdcore.generate.pnginfo import save_png
+from sdcore.models.hashes import legacy_hash
+
+
+@pytest.fixture(autouse=True)
+def own_hash_cache(tmp_path, monkeypatch):
+    """Each test its own hash cache (tokenizers still come from the shared cache: only sha256.json moves)."""
+    from sdcore.models import hashes
+
+    monkeypatch.setattr(hashes, "_hash_cache_path", lambda: tmp_path / "hash-cache" / "sha256.json")
+    monkeypatch.setattr(hashes, "_SHA256_CACHE", {})
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory, tiny_bundles):
+    """An A1111 tree: ``models/Stable-diffusion/sub/base.safetensors`` a tiny SD1 checkpoint, and a decoy file of
+    another name's bytes, ``other/renamed.safetensors``."""
+    from sdcore.models.save import write_single_file
+
+    root = tmp_path_factory.mktemp("a1111") / "webui"
+    base = root / "models" / "Stable-diffusion" / "sub" / "base.safetensors"
+    base.parent.mkdir(parents=True)
+    write_single_file(tiny_bundles("sd1"), base)
+    decoy = root / "models" / "Stable-diffusion" / "other" / "renamed.safetensors"
+    decoy.parent.mkdir(parents=True)
+    decoy.write_bytes(bytes(range(256)) * 5000)
+    return root
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _png(tmp_path: Path, fields: str) -> Path:
+    png = tmp_path / "in.png"
+    save_png(
+        Image.new("RGB", (8, 8)), png, f"a cat\nSteps: 1, Sampler: Euler, CFG scale: 6, Seed: 3, Size: 32x32{fields}"
+    )
+    return png
+
+
+def _sdcore(*args: str):
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    return CliRunner().invoke(build_cli(get_plugin_manager(entrypoints=False)), ["generate", *args])
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """The source ``generate`` would load; it stops there (the choice is what these tests read)."""
+    loaded: list[str] = []
+
+    def spy(source, pm, **parts):
+        loaded.append(source)
+        raise _Stop
+
+    monkeypatch.setattr(generate_command, "_load_bundle", spy)
+    return loaded
+
+
+def test_the_pngs_model_hash_and_name_pick_the_checkpoint_and_the_image_is_made(webui, tmp_path):
+    base = webui / "models" / "Stable-diffusion" / "sub" / "base.safetensors"
+    short = _sha(base)[:10]
+    out = tmp_path / "o.png"
+    png = _png(tmp_path, f", Model hash: {short}, Model: base")
+    result = _sdcore("--from-png", str(png), "--models-dir", str(webui / "models"), "--device", "cpu", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"model from the PNG: sub/base.safetensors ({short})" in result.stderr.splitlines()
+    assert result.stdout.splitlines() == [str(out)]
+    assert f"Model hash: {short}, Model: base," in Image.open(out).info["parameters"]
+
+
+def test_by_hash_when_the_name_is_another_files(webui, tmp_path, loads, monkeypatch):
+    """A1111 writes the file's stem; a renamed file is found by its hash (the file of that name, with other
+    bytes, is not taken), and a scan over many bytes says so first."""
+    base = webui / "models" / "Stable-diffusion" / "sub" / "base.safetensors"
+    decoy = webui / "models" / "Stable-diffusion" / "other" / "renamed.safetensors"
+    monkeypatch.setattr(model_paths, "SCAN_NOTICE_BYTES", 0)
+    short = _sha(base)[:10]
+    png = _png(tmp_path, f", Model hash: {short}, Model: renamed")
+    result = _sdcore("--from-png", str(png), "--models-dir", str(webui / "models"), "-o", str(tmp_path / "o.png"))
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads == [str(base)]
+    size = base.stat().st_size / 2**30
+    assert result.stderr.splitlines()[:2] == [
+        f"hashing 1 model file ({size:.1f} GiB) to find model hash {short}; the hashes are cached, so this is once",
+        f"model from the PNG: sub/base.safetensors ({short})",
+    ]
+    assert _sha(decoy)[:10] != short
+    # the old 8-hex hash (A1111 before 1.0; 64 KiB at 1 MiB) finds it too, and so does the hash alone
+    png = _png(tmp_path, f", Model hash: {legacy_hash(base)}")
+    result = _sdcore("--from-png", str(png), "--models-dir", str(webui / "models"), "-o", str(tmp_path / "o.png"))
+    assert loads[1:] == [str(base)], result.output
+    assert f"model from the PNG: sub/base.safetensors ({legacy_hash(base)})" in result.stderr
+
+
+def test_by_name_alone_when_the_png_has_no_hash(webui, tmp_path, loads):
+    base = webui / "models" / "Stable-diffusion" / "sub" / "base.safetensors"
+    for name in ("base", "sub/base", "sub/base.safetensors", "sub_base"):  # stem, ComfyUI's, A1111 < 1.6 model_name
+        png = _png(tmp_path, f", Model: {name}")
+        result = _sdcore("--from-png", str(png), "--models-dir", str(webui / "models"), "-o", str(tmp_path / "o.png"))
+        assert isinstance(result.exception, _Stop), result.output
+        assert loads[-1] == str(base)
+        assert "model from the PNG: sub/base.safetensors (by its name: the PNG has no Model hash)" in result.stderr
+
+
+def test_not_found_is_one_error_line_before_loading(webui, tmp_path, loads):
+    models = webui / "models"
+    folders = ", ".join(str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models"))
+    decoy = models / "Stable-diffusion" / "other" / "renamed.safetensors"
+    png = _png(tmp_path, ", Model hash: 0123456789, Model: renamed")
+    message = one_error_line(
+        _sdcore("--from-png", str(png), "--models-dir", str(models), "-o", str(tmp_path / "o.png"))
+    )
+    assert message == (
+        f"--from-png: no model file with the PNG's model hash 0123456789 and name 'renamed' in {folders} and their "
+        f"subfolders; of that name, with another hash: other/renamed.safetensors ({_sha(decoy)[:10]}); pass --model "
+        "(the file's path or name) to choose one"
+    )
+    png = _png(tmp_path, "")
+    message = one_error_line(
+        _sdcore("--from-png", str(png), "--models-dir", str(models), "-o", str(tmp_path / "o.png"))
+    )
+    assert message == "--from-png: the PNG names no model (no 'Model hash' nor 'Model' field); pass --model"
+    assert loads == []
+
+
+def test_model_stays_required_without_from_png_and_wins_with_it(webui, tmp_path, loads):
+    result = _sdcore("a cat", "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "Error: Missing option '-m' / '--model'." in result.output
+    png = _png(tmp_path, ", Model hash: 0123456789, Model: nothing")
+    result = _sdcore("--from-png", str(png), "-m", "tiny:sd1", "-o", str(tmp_path / "o.png"))
+    assert isinstance(result.exception, _Stop) and loads == ["tiny:sd1"]
+    assert "model from the PNG" not in result.stderr
+
+
+def test_a_model_the_recall_names_is_resolved_as_model_is(webui, tmp_path, loads, monkeypatch):
+    """Another reader of the PNG (ComfyUI's workflow) may put a model name into ``Recalled.values["model"]``: it
+    is resolved by the --model rules, and the infotext's hash search is not run."""
+    from sdcore.generate import recall
+
+    real = recall.recall_png
+
+    def with_model(path, **kwargs):
+        recalled = real(path, **kwargs)
+        recalled.values["model"] = "sub/base.safetensors"
+        return recalled
+
+    monkeypatch.setattr(recall, "recall_png", with_model)
+    png = _png(tmp_path, ", Model hash: 0123456789")
+    result = _sdcore("--from-png", str(png), "--models-dir", str(webui / "models"), "-o", str(tmp_path / "o.png"))
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads == [str(webui / "models" / "Stable-diffusion" / "sub" / "base.safetensors")]
+
+
+def test_a1111_titles_and_hashes_as_model(webui):
+    models = webui / "models"
+    base = models / "Stable-diffusion" / "sub" / "base.safetensors"
+    short, legacy = _sha(base)[:10], legacy_hash(base)
+    assert split_a1111_title(f"sub/base.safetensors [{short.upper()}]") == ("sub/base.safetensors", short)
+    assert split_a1111_title("name [not hex]") == ("name [not hex]", None)
+    for title in (f"sub/base.safetensors [{short}]", f"base [{short}]", f"sub/base.safetensors [{legacy}]"):
+        notes: list[str] = []
+        assert resolve_model_name(title, models, notes=notes) == str(base) and notes == [], title
+    # another hash: A1111 strips it and takes the name (get_closet_checkpoint_match's last try): a warning line
+    notes = []
+    assert resolve_model_name("base [0123456789]", models, notes=notes) == str(base)
+    assert notes == [
+        f"--model base [0123456789]: {base} has hash {short}, not 0123456789; it is loaded by its name, as A1111 does"
+    ]
+    # a hash alone (A1111's checkpoint_aliases hold the legacy hash, the shorthash and the sha256)
+    for text in (short, legacy, _sha(base)):
+        assert resolve_model_name(text, models) == str(base), text
+    with pytest.raises(Exception, match="0123456789: no such model file"):
+        resolve_model_name("0123456789", models)
+
+
+def test_find_png_model_ambiguous_name_without_hash(tmp_path):
+    models = tmp_path / "models"
+    for sub in ("a", "b"):
+        (models / "checkpoints" / sub).mkdir(parents=True)
+        (models / "checkpoints" / sub / "x.safetensors").write_bytes(sub.encode())
+    with pytest.raises(Exception) as error:
+        find_png_model("x", None, model_folders(models))
+    a, b = (models / "checkpoints" / s / "x.safetensors" for s in ("a", "b"))
+    assert str(error.value) == (
+        f"--from-png: the PNG's model 'x' (no Model hash) is the name of 2 model files ({a}, {b}); pass --model "
+        "with the one to use"
+    )
+    # with a hash, the one of those whose hash it is
+    found, line = find_png_model("x", _sha(b)[:10], model_folders(models))
+    assert found == b and line == f"model from the PNG: b/x.safetensors ({_sha(b)[:10]})"
+
+
+def test_an_unreadable_file_of_the_pngs_name_is_said_in_the_error(tmp_path, monkeypatch):
+    """The not-found message lists the files of the PNG's name with their hashes; one that cannot be read is
+    said there, not raised as a traceback."""
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "checkpoints" / "x.safetensors").write_bytes(b"x")
+
+    def unreadable(path, kind):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(model_paths, "hash_of", unreadable)
+    with pytest.raises(Exception) as error:
+        find_png_model("x", "0123456789", model_folders(models))
+    assert "; of that name, with another hash: x.safetensors (unreadable: Permission denied); pass --model" in str(
+        error.value
+    )

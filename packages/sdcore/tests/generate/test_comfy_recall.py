@@ -13,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 from sdcore.builtin import generate_command
 from sdcore.errors import ConfigError
 from sdcore.generate.comfy_recall import recall_comfy
+from sdcore.generate.hires import img2img_steps
 from sdcore.generate.pipeline import SAMPLERS
 from sdcore.generate.pnginfo import parse_parameters, save_png
 from sdcore.generate.recall import recall_png
@@ -102,9 +103,18 @@ def test_sampler_and_scheduler_names_map_to_sdcores():
     assert recalled("euler", "karras").parameters.extra["Schedule type"] == "Karras"
     assert recalled("euler", "sgm_uniform").parameters.extra["Schedule type"] == "SGM Uniform"
     assert recalled("euler", "simple").parameters.extra["Schedule type"] == "Simple"
+    # ComfyUI's ddim is its euler sampler: on ddim_uniform's timesteps (1, 1 + 1000 // n, ...) sdcore's DDIM,
+    # elsewhere sdcore's Euler with the schedule checked as any other
     assert recalled("ddim", "ddim_uniform").values["sampler"] == "ddim"
-    unipc = recalled("uni_pc", "karras")  # a timestep sampler runs its own timesteps: said
-    assert unipc.values["sampler"] == "unipc" and unipc.ignored == ["scheduler karras (sdcore's unipc runs its own)"]
+    assert "Schedule type" not in recalled("ddim", "ddim_uniform").parameters.extra
+    ddim_normal = recalled("ddim", "normal")
+    assert ddim_normal.values["sampler"] == "euler" and ddim_normal.parameters.extra["Schedule type"] == "Uniform"
+    assert recalled("ddim", "karras").parameters.extra["Schedule type"] == "Karras"
+    # ComfyUI's uni_pc runs steps + 1 sigmas less the penultimate, to sigma 0.001: never sdcore's, whichever
+    for scheduler in ("karras", "normal", "simple"):
+        unipc = recalled("uni_pc", scheduler)
+        assert unipc.values["sampler"] == "unipc"
+        assert unipc.ignored == [f"scheduler {scheduler} (sdcore's unipc runs its own)"]
     for unknown in ("dpmpp_2m_sde", "dpm_2_ancestral", "lcm", "uni_pc_bh2"):
         with pytest.raises(ConfigError) as error:
             recalled(unknown, "karras")
@@ -256,9 +266,23 @@ def test_img2img_denoise_and_several_samplers(tmp_path):
     graph["3"]["inputs"]["latent_image"] = ["11", 0]
     del graph["5"]
     recalled = recall_comfy(json.dumps(graph))
-    # ComfyUI runs 20 steps, the last of a 40-step schedule: sdcore's img2img at strength 0.5 of 40 steps
-    assert recalled.values["steps"] == 40 and recalled.img2img_strength == 0.5 and recalled.strength == 0.5
+    # ComfyUI runs 20 steps, the last of a 40-step schedule (KSampler.set_steps: int(steps / denoise) sigmas,
+    # the last steps + 1 of them); sdcore counts A1111's int(min(s, 0.999) * 40) + 1 steps: strength 0.5 would
+    # run 21, 0.49 runs the 20
+    assert recalled.values["steps"] == 40 and recalled.img2img_strength == 0.49 and recalled.strength == 0.49
+    assert img2img_steps(40, 0.49) == (40, 20) and img2img_steps(40, 0.5) == (40, 21)
     assert "size" not in recalled.values and recalled.ignored == []
+    for steps, denoise in [(20, 0.3), (20, 0.7), (25, 0.55), (30, 0.99), (1, 0.9), (8, 0.125), (50, 0.05)]:
+        graph["3"]["inputs"].update(steps=steps, denoise=denoise)
+        recalled = recall_comfy(json.dumps(graph))
+        schedule = int(steps / denoise)
+        assert recalled.values["steps"] == schedule
+        assert img2img_steps(schedule, recalled.img2img_strength) == (schedule, steps), (steps, denoise)
+        assert recalled.parameters.extra["Denoising strength"] == str(recalled.img2img_strength)
+    graph["3"]["inputs"].update(steps=20, denoise=0.3)  # 20 of 66: int(0.3 * 66) + 1, ComfyUI's own value
+    assert recall_comfy(json.dumps(graph)).img2img_strength == 0.3
+    # on an empty latent a denoise below 1 is no img2img sdcore can run: said
+    assert recall_comfy(json.dumps(default_graph(denoise=0.6))).ignored == ["KSampler denoise 0.6"]
     # a second sampler feeding a second SaveImage: which image is meant is not known
     two = default_graph()
     two["20"] = dict(two["3"], inputs=dict(two["3"]["inputs"], seed=2))
@@ -269,6 +293,41 @@ def test_img2img_denoise_and_several_samplers(tmp_path):
     del two["22"]  # the saved image's sampler is the one its VAEDecode reads; the other is said
     recalled = recall_comfy(json.dumps(two))
     assert recalled.values["seed"] == 156680208700286 and recalled.ignored == []
+
+
+def _advanced(**inputs):
+    graph = default_graph()
+    sampler = graph["3"]["inputs"]
+    sampler["noise_seed"] = sampler.pop("seed")
+    del sampler["denoise"]
+    sampler.update(add_noise="enable", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
+    sampler.update(inputs)
+    graph["3"]["class_type"] = "KSamplerAdvanced"
+    return graph
+
+
+def test_ksampler_advanced_steps():
+    plain = recall_comfy(json.dumps(_advanced()))
+    assert plain.values["seed"] == 156680208700286 and plain.values["steps"] == 20 and plain.ignored == []
+    # start_at_step 8 of 20 on an encoded image with noise added: ComfyUI runs sigmas[8:], the last 12 steps of
+    # the 20-step schedule, which is sdcore's (A1111's) img2img of 20 steps at a strength running 12
+    graph = _advanced(start_at_step=8)
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"]["latent_image"] = ["11", 0]
+    del graph["5"]
+    img2img = recall_comfy(json.dumps(graph))
+    assert img2img.values["steps"] == 20 and img2img.img2img_strength == 0.57 and img2img.ignored == []
+    assert img2img_steps(20, 0.57) == (20, 12)
+    # without the noise it is no img2img (the encoded latent sampled as it is): said, no strength
+    graph["3"]["inputs"]["add_noise"] = "disable"
+    quiet = recall_comfy(json.dumps(graph))
+    assert quiet.img2img_strength is None
+    assert quiet.ignored == ["KSamplerAdvanced (start_at_step 8, add_noise disable)", "VAEEncode", "LoadImage"]
+    # from step 8 of an empty latent, or stopping at 15 with the noise left: not a txt2img sdcore runs, said
+    assert recall_comfy(json.dumps(_advanced(start_at_step=8))).ignored == ["KSamplerAdvanced (start_at_step 8)"]
+    partial = recall_comfy(json.dumps(_advanced(end_at_step=15, return_with_leftover_noise="enable")))
+    assert partial.ignored == ["KSamplerAdvanced (return_with_leftover_noise enable, end_at_step 15)"]
 
 
 @pytest.mark.parametrize(

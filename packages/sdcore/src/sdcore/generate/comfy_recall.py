@@ -35,17 +35,18 @@ if TYPE_CHECKING:
 #: the PNG text ComfyUI's SaveImage writes the API-format graph to
 COMFY_PROMPT_KEY = "prompt"
 
-#: ComfyUI's sampler_name -> sdcore's sampler id (its SAMPLER_NAMES; ``ddim`` there is Euler with random
-#: inpainting noise, which is deterministic DDIM's update on txt2img). Names not here are passed on as written
-#: and end in the unknown-sampler error (dpm_2, dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde, lcm, uni_pc_bh2 ...).
+#: ComfyUI's sampler_name -> sdcore's sampler id (its SAMPLER_NAMES). ComfyUI's ``ddim`` is its ``euler``
+#: sampler (with random noise for inpainting only): sdcore's Euler on the scheduler's sigmas, or sdcore's DDIM
+#: with ``ddim_uniform``, whose timesteps are DDIM's (``_DDIM``). Names not here are passed on as written and end
+#: in the unknown-sampler error (dpm_2, dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde, lcm, uni_pc_bh2 ...).
 SAMPLER_NAMES = {
     "euler": "euler",
     "euler_ancestral": "euler_a",
     "heun": "heun",
     "lms": "lms",
     "dpmpp_2m": "dpm++2m",
-    "ddim": "ddim",
-    "uni_pc": "unipc",  # ComfyUI's sample_unipc is UniPC bh1, as sdcore's (A1111's)
+    "ddim": "euler",
+    "uni_pc": "unipc",  # ComfyUI's sample_unipc is UniPC bh1, as sdcore's (A1111's); its sigmas differ (below)
 }
 #: ComfyUI's scheduler -> A1111 1.9+'s "Schedule type" label, which recall's notes check against the sigmas
 #: sdcore's sampler runs. ComfyUI's "normal" is linspace(t_max, 0, n) timesteps, A1111's "Uniform"
@@ -61,10 +62,10 @@ SCHEDULE_TYPES = {
     "kl_optimal": "KL Optimal",
     "linear_quadratic": "Linear Quadratic",
 }
-#: samplers whose id carries the schedule (as A1111's "DPM++ 2M" with "Schedule type: Karras")
-_WITH_SCHEDULE = {("dpm++2m", "karras"): "dpm++2m_karras"}
-#: the schedules sdcore's timestep samplers (which ignore "Schedule type") run themselves
-_TIMESTEP_SCHEDULES = {"ddim": ("ddim_uniform", "normal"), "unipc": ("normal", "sgm_uniform", "simple")}
+#: samplers whose id carries the schedule (as A1111's "DPM++ 2M" with "Schedule type: Karras"); ComfyUI's
+#: ``ddim`` on ``ddim_uniform`` (timesteps 1, 1 + 1000 // n, ... and a last step to sigma 0) is sdcore's DDIM
+#: (diffusers' ``leading`` spacing with ``steps_offset`` 1, the SD1/SD2/SDXL schedule's)
+_WITH_SCHEDULE = {("dpm++2m", "karras"): "dpm++2m_karras", ("ddim", "ddim_uniform"): "ddim"}
 
 _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 _OUTPUT_NODES = ("SaveImage", "PreviewImage")
@@ -229,6 +230,9 @@ class _Sampling:
     positive: str | None = None
     negative: str | None = None
     latent: str | None = None
+    #: KSamplerAdvanced's start_at_step (0: from the first step) and what else it does unlike a KSampler
+    start: int = 0
+    odd: list[str] = field(default_factory=list)
 
 
 def _sampling(walk: _Walk, node: str) -> _Sampling:
@@ -241,20 +245,19 @@ def _sampling(walk: _Walk, node: str) -> _Sampling:
         found.denoise = walk.value(node, "denoise", 1.0)
         found.model, found.positive, found.negative = (walk.link(node, k) for k in ("model", "positive", "negative"))
         if kind == "KSamplerAdvanced":
-            odd = [
+            found.odd = [
                 f"{k} {walk.value(node, k)}"
-                for k, plain in (
-                    ("add_noise", "enable"),
-                    ("start_at_step", 0),
-                    ("return_with_leftover_noise", "disable"),
-                )
+                for k, plain in (("add_noise", "enable"), ("return_with_leftover_noise", "disable"))
                 if walk.value(node, k, plain) != plain
             ]
             end = walk.value(node, "end_at_step")
             if isinstance(end, int) and isinstance(found.steps, int) and end < found.steps:
-                odd.append(f"end_at_step {end}")
-            if odd:
-                walk.notes[node] = f"{kind} ({', '.join(odd)})"
+                found.odd.append(f"end_at_step {end}")
+            start = walk.value(node, "start_at_step", 0)
+            if isinstance(start, int) and start > 0:
+                found.start = start
+            elif start not in (0, None):
+                found.odd.append(f"start_at_step {start}")
         walk.used.add(node)
         return found
     walk.used.add(node)
@@ -387,6 +390,20 @@ def _chain(walk: _Walk, node: str | None, kind: str, loras: dict[str, _Lora], fo
         node = walk.link(node, kind)
 
 
+def a1111_strength(schedule: int, run: int) -> float:
+    """The "Denoising strength" whose img2img runs the last ``run`` steps of a ``schedule``-step schedule as
+    sdcore (A1111) counts them (:func:`~sdcore.generate.hires.img2img_steps`: ``int(min(s, 0.999) * schedule) +
+    1`` steps): the shortest decimal inside that step, away from its edges so that no rounding moves it."""
+    from .hires import img2img_steps
+
+    middle = (run - 0.5) / schedule
+    for digits in range(2, 8):
+        strength = round(middle, digits)
+        if img2img_steps(schedule, strength) == (schedule, run):
+            return strength
+    return middle
+
+
 def _shown(value: Any) -> str:
     return _number(value) if isinstance(value, float | int) and not isinstance(value, bool) else str(value)
 
@@ -451,14 +468,26 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
         if isinstance(width, int) and isinstance(height, int):
             size = (width, height)
         batch = walk.value(latent, "batch_size", 1)
-    elif latent is not None and walk.type(latent) == "VAEEncode" and denoise < 1:
+    elif (
+        latent is not None
+        and walk.type(latent) == "VAEEncode"
+        and steps is not None
+        and not sampling.odd  # KSamplerAdvanced without noise, or stopping early: no img2img
+        and (0 < denoise < 1 or 0 < sampling.start < steps)
+    ):
         walk.used.add(latent)
         pixels = walk.link(latent, "pixels")
         if pixels is not None and walk.type(pixels) == "LoadImage":
             walk.used.add(pixels)
-        extra["Denoising strength"] = _number(denoise)
-        if steps is not None and denoise > 0:  # ComfyUI runs `steps` of an int(steps / denoise) schedule
-            steps = int(steps / denoise)
+        # ComfyUI runs the last `steps` of an int(steps / denoise)-step schedule (KSampler.set_steps), or
+        # KSamplerAdvanced's steps from start_at_step on; sdcore counts A1111's way (hires.img2img_steps)
+        schedule, run = (steps, steps - sampling.start) if sampling.start else (int(steps / denoise), steps)
+        extra["Denoising strength"] = _number(a1111_strength(schedule, run))
+        steps, sampling.start = schedule, 0
+    if sampling.start:  # on an empty latent, or another sampler's: not a txt2img sdcore can run
+        sampling.odd.insert(0, f"start_at_step {sampling.start}")
+    if sampling.odd:
+        walk.notes[sampler_node] = f"{walk.type(sampler_node)} ({', '.join(sampling.odd)})"
     if denoise < 1 and "Denoising strength" not in extra:
         walk.notes[sampler_node] = walk.notes.get(sampler_node, walk.type(sampler_node)) + f" denoise {denoise:g}"
 
@@ -466,11 +495,12 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
     scheduler = sampling.scheduler if isinstance(sampling.scheduler, str) else None
     sid = SAMPLER_NAMES.get(sampler) if sampler is not None else None
     if sid is not None and scheduler is not None:
-        if (sid, scheduler) in _WITH_SCHEDULE:
-            sid = _WITH_SCHEDULE[sid, scheduler]
-        elif sid in _TIMESTEP_SCHEDULES:  # recall does not check these: say a schedule sdcore does not run
-            if scheduler not in _TIMESTEP_SCHEDULES[sid]:
-                walk.notes[f"{sampler_node}:scheduler"] = f"scheduler {scheduler} (sdcore's {sid} runs its own)"
+        if (sampler if sampler == "ddim" else sid, scheduler) in _WITH_SCHEDULE:
+            sid = _WITH_SCHEDULE[sampler if sampler == "ddim" else sid, scheduler]
+        elif sid == "unipc":  # recall does not check timestep samplers' schedules: said, whichever it is
+            # ComfyUI's KSampler computes steps + 1 sigmas and drops the penultimate for uni_pc, then steps to
+            # sigma 0.001; sdcore's (A1111's) UniPC runs its own timesteps to sigma_min: never the same sigmas
+            walk.notes[f"{sampler_node}:scheduler"] = f"scheduler {scheduler} (sdcore's {sid} runs its own)"
         else:
             extra[SCHEDULE_TYPE] = SCHEDULE_TYPES.get(scheduler, scheduler)
     if "clip_skip" in chain:

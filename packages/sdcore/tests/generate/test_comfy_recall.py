@@ -386,3 +386,61 @@ def test_a_png_with_neither_still_says_so(tmp_path):
     save_png(Image.new("RGB", (8, 8)), plain, None)
     with pytest.raises(ConfigError, match=r"no generation parameters .*no ComfyUI 'prompt'"):
         recall_png(plain)
+
+
+def test_comfy_lora_chain_regenerates_with_a_real_lora_file(sd1, tmp_path, monkeypatch):
+    """A LoraLoader whose strength_clip and strength_model differ, its file in a subfolder of the LoRA folder (as
+    ComfyUI's ``lora_name`` "styles/ink.safetensors"): the recalled tag loads it with those weights."""
+    import types
+
+    import sdplugin_lora.plugin
+    import torch
+    from sdcore.builtin.generate_command import generate
+    from sdcore.plugins import get_plugin_manager
+    from sdplugin_lora.format import network_metadata, save_lora
+    from sdplugin_lora.naming import ModuleIndex
+    from sdplugin_lora.network import LoraNetwork
+
+    lora_dir = tmp_path / "loras"
+    network = LoraNetwork.create(ModuleIndex.from_bundle(sd1).select(conv=False), rank=2, alpha=2.0)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in network:
+            module.lora_down.weight.copy_(torch.randn(module.lora_down.weight.shape, generator=generator) * 0.5)
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=generator) * 0.5)
+    (lora_dir / "styles").mkdir(parents=True)
+    save_lora(lora_dir / "styles" / "ink.safetensors", network.state_dict(),
+              network_metadata(family="sd1", rank=2, alpha=2.0), dtype="fp32")  # fmt: skip
+
+    graph = default_graph(seed=11, steps=2, cfg=5.0)
+    graph["5"]["inputs"].update(width=32, height=32)
+    graph["6"]["inputs"]["text"] = "a castle"
+    graph["10"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"lora_name": "styles\\ink.safetensors", "strength_model": 1.0, "strength_clip": 0.5,
+                   "model": ["4", 0], "clip": ["4", 1]},
+    }  # fmt: skip
+    graph["3"]["inputs"]["model"] = ["10", 0]
+    graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = ["10", 1]
+    png = comfy_png(tmp_path / "comfy.png", graph)
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: sd1)
+    pm = get_plugin_manager(builtins=False, entrypoints=False, extra=[sdplugin_lora.plugin])
+
+    def run(out, *args):
+        common = ["-m", "tiny:sd1", "--device", "cpu", "--lora-dir", str(lora_dir), "-o", str(tmp_path / out)]
+        result = CliRunner().invoke(generate, [*common, *args], obj=types.SimpleNamespace(pm=pm))
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / out) as image:
+            return np.asarray(image.convert("RGB")), parse_parameters(image.info["parameters"])
+
+    typed = ["-n", "text, watermark", "--seed", "11", "--steps", "2", "--cfg", "5", "--sampler", "euler"]
+    typed += ["--size", "32x32"]
+    recalled, info = run("recalled.png", "--from-png", str(png))
+    assert info.prompt == "a castle <lora:ink:0.5:1>" and "Lora hashes" in info.extra
+    same, _ = run("typed.png", "a castle <lora:ink:0.5:1>", *typed)
+    assert np.array_equal(recalled, same)
+    # the file and both weights count: without it, or with the te weight 1, the image differs
+    without, _ = run("none.png", "a castle", *typed)
+    full, _ = run("full.png", "a castle <lora:ink:1>", *typed)
+    assert not np.array_equal(recalled, without) and not np.array_equal(recalled, full)

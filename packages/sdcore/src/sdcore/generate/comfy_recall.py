@@ -13,8 +13,10 @@ ComfyUI facts used (comfy/samplers.py, comfy/sample.py, nodes.py): ``KSampler`` 
 ``start_at_step``/``end_at_step``; ``SamplerCustomAdvanced`` takes its seed from ``RandomNoise``, its CFG from
 ``CFGGuider`` (``BasicGuider``: none), its sampler from ``KSamplerSelect`` and steps/scheduler/denoise from
 ``BasicScheduler``. A ``denoise`` d below 1 runs ``steps`` steps, the last of a ``int(steps / d)``-step
-schedule, where diffusers' (sdcore's) img2img runs ``steps * strength`` of ``steps``: sdcore's ``--steps``
-is therefore ``int(steps / d)``. Noise is drawn on the CPU from ``torch.manual_seed(seed)`` for the whole
+schedule (``KSampler.set_steps``), where sdcore's img2img runs A1111's ``int(min(s, 0.999) * steps) + 1`` of
+``steps`` (:func:`~sdcore.generate.hires.img2img_steps`): sdcore's ``--steps`` is ``int(steps / d)`` and its
+strength the one running ``steps`` of them (:func:`a1111_strength`); ``KSamplerAdvanced`` from
+``start_at_step`` s on an encoded image runs the last ``steps - s`` of its ``steps``. Noise is drawn on the CPU from ``torch.manual_seed(seed)`` for the whole
 batch at once (``prepare_noise``): sdcore's CPU noise for the first image; later images of a ComfyUI batch
 continue that stream where sdcore seeds image i with ``seed + i``. ``CLIPSetLastLayer`` -n is clip skip n.
 """
@@ -550,6 +552,7 @@ __all__ = [
     "COMFY_PROMPT_KEY",
     "SAMPLER_NAMES",
     "SCHEDULE_TYPES",
+    "a1111_strength",
     "parse_comfy_graph",
     "read_comfy_prompt",
     "recall_comfy",

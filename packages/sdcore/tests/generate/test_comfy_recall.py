@@ -187,10 +187,17 @@ def test_sdxl_and_combine_nodes_are_read_or_said():
     graph["3"]["inputs"]["positive"] = ["17", 0]
     recalled = recall_comfy(json.dumps(graph))
     assert recalled.values["prompt"] == "a lighthouse" and recalled.values["sampler"] == "euler_a"
+    graph["6"]["inputs"].update(width=1024, height=768, target_width=1024, target_height=768, text_l="a lighthouse")
+    assert recall_comfy(json.dumps(graph)).ignored[1:] == ['CLIPTextEncode "storm"', recalled.ignored[-1]]
+    graph["6"]["inputs"]["crop_w"] = 64
+    assert recall_comfy(json.dumps(graph)).ignored[1] == (
+        "CLIPTextEncodeSDXL, size conditioning 1024x768, crop 64,0, target 1024x768"
+    )
     assert recalled.values["size"] == (1024, 768) and recalled.values["batch"] == 2
     assert recalled.ignored == [
         "ConditioningCombine",
-        'CLIPTextEncodeSDXL text_l "oil painting"',
+        # sdcore conditions SDXL on the image's size (1024x768), not the node's
+        'CLIPTextEncodeSDXL text_l "oil painting", size conditioning 4096x4096, crop 0,0, target 4096x4096',
         'CLIPTextEncode "storm"',
         "batch_size 2 noise (ComfyUI draws the batch from one seed, sdcore image i from seed+i: the first image matches)",
     ]

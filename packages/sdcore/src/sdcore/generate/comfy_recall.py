@@ -302,6 +302,8 @@ class _Text:
     text: str | None = None
     clip: str | None = None
     guidance: Any = None
+    #: CLIPTextEncodeSDXL's node and its size conditioning (width, height, crop_w, crop_h, target w, target h)
+    sdxl: tuple[str, tuple[Any, ...]] | None = None
 
 
 def _conditioning(walk: _Walk, node: str | None) -> _Text:
@@ -320,6 +322,9 @@ def _conditioning(walk: _Walk, node: str | None) -> _Text:
             main, other = ("text_g", "text_l") if kind == "CLIPTextEncodeSDXL" else ("t5xxl", "clip_l")
             found.text, found.clip = walk.value(node, main), walk.link(node, "clip")
             second = walk.value(node, other)
+            if kind == "CLIPTextEncodeSDXL":
+                keys = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+                found.sdxl = node, tuple(walk.value(node, k) for k in keys)
             if second not in (None, "", found.text):
                 walk.notes[node] = f"{kind} {other} {json.dumps(second, ensure_ascii=False)}"
             if kind == "CLIPTextEncodeFlux" and found.guidance is None:
@@ -486,6 +491,11 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
         schedule, run = (steps, steps - sampling.start) if sampling.start else (int(steps / denoise), steps)
         extra["Denoising strength"] = _number(a1111_strength(schedule, run))
         steps, sampling.start = schedule, 0
+    for text in (positive, negative):  # sdcore conditions SDXL on the image's size, uncropped (diffusers')
+        if text.sdxl is not None and size is not None and text.sdxl[1] != (*size, 0, 0, *size):
+            w, h, cw, ch, tw, th = text.sdxl[1]
+            said = f"size conditioning {w}x{h}, crop {cw},{ch}, target {tw}x{th}"
+            walk.notes[text.sdxl[0]] = f"{walk.notes.get(text.sdxl[0], 'CLIPTextEncodeSDXL')}, {said}"
     if sampling.start:  # on an empty latent, or another sampler's: not a txt2img sdcore can run
         sampling.odd.insert(0, f"start_at_step {sampling.start}")
     if sampling.odd:

@@ -491,11 +491,11 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
         schedule, run = (steps, steps - sampling.start) if sampling.start else (int(steps / denoise), steps)
         extra["Denoising strength"] = _number(a1111_strength(schedule, run))
         steps, sampling.start = schedule, 0
-    for text in (positive, negative):  # sdcore conditions SDXL on the image's size, uncropped (diffusers')
-        if text.sdxl is not None and size is not None and text.sdxl[1] != (*size, 0, 0, *size):
-            w, h, cw, ch, tw, th = text.sdxl[1]
-            said = f"size conditioning {w}x{h}, crop {cw},{ch}, target {tw}x{th}"
-            walk.notes[text.sdxl[0]] = f"{walk.notes.get(text.sdxl[0], 'CLIPTextEncodeSDXL')}, {said}"
+    for encoded in (positive, negative):  # sdcore conditions SDXL on the image's size, uncropped (diffusers')
+        if encoded.sdxl is not None and size is not None and encoded.sdxl[1] != (*size, 0, 0, *size):
+            w, h, cw, ch, tw, th = encoded.sdxl[1]
+            size_said = f"size conditioning {w}x{h}, crop {cw},{ch}, target {tw}x{th}"
+            walk.notes[encoded.sdxl[0]] = f"{walk.notes.get(encoded.sdxl[0], 'CLIPTextEncodeSDXL')}, {size_said}"
     if sampling.start:  # on an empty latent, or another sampler's: not a txt2img sdcore can run
         sampling.odd.insert(0, f"start_at_step {sampling.start}")
     if sampling.odd:

@@ -365,7 +365,8 @@ def test_from_png_reads_a_jpegs_exif_and_a_jpeg_without_one_is_one_line(tmp_path
     result = _invoke(["-m", "tiny:sd1", "--from-png", str(bare), "-o", str(tmp_path / "o.png")])
     assert isinstance(result.exception, sdcore.ConfigError)
     assert str(result.exception) == (
-        f"--from-png {bare}: the image has no generation parameters (no 'parameters' PNG text, no EXIF UserComment)"
+        f"--from-png {bare}: the image has no generation parameters (no 'parameters' PNG text, no EXIF UserComment, "
+        "no ComfyUI 'prompt')"
     )
     assert result.exception.exit_code == 2  # found before the model loads: the CLI exits 2 as for every such problem
     broken = tmp_path / "broken.png"

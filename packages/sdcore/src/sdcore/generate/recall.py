@@ -277,14 +277,21 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
 
 def recall_png(path: str | os.PathLike[str], *, sampler_given: bool = False) -> Recalled:
     """:func:`recall_parameters` of an image's infotext (a PNG's ``parameters`` chunk, a JPEG's or WebP's EXIF
-    UserComment: :func:`~.pnginfo.read_png_parameters`); a one-line error when it has none."""
+    UserComment: :func:`~.pnginfo.read_png_parameters`); without one, of a ComfyUI PNG's ``prompt`` graph
+    (:func:`~.comfy_recall.recall_comfy`); a one-line error when it has neither."""
+    from .comfy_recall import read_comfy_prompt, recall_comfy
+
     try:
         parameters = read_png_parameters(path)
+        graph = read_comfy_prompt(path) if parameters is None else None
     except OSError as exc:
         raise ConfigError(f"--from-png {path}: cannot read the image ({exc})") from None
+    if parameters is None and graph is not None:
+        return recall_comfy(graph, sampler_given=sampler_given)
     if parameters is None:
         raise ConfigError(
-            f"--from-png {path}: the image has no generation parameters (no 'parameters' PNG text, no EXIF UserComment)"
+            f"--from-png {path}: the image has no generation parameters (no 'parameters' PNG text, no EXIF "
+            "UserComment, no ComfyUI 'prompt')"
         )
     return recall_parameters(parameters, sampler_given=sampler_given)
 

@@ -1,0 +1,569 @@
+"""``sdcore generate --from-png`` on a ComfyUI image: its ``prompt`` graph read as A1111's infotext would be.
+
+ComfyUI's ``SaveImage`` writes no infotext; it saves the API-format graph it ran as the PNG text ``prompt``
+(``json.dumps`` of node id -> ``{"class_type", "inputs"}``, where an input linked to another node's output is
+``[node_id, output_index]``) and the editor's layout as ``workflow``. This module walks the ``prompt`` graph
+from the sampler that made the saved image back to its loaders and turns what it finds into the
+:class:`~sdcore.generate.pnginfo.GenerationParameters` an A1111 infotext would hold, then into the same
+:class:`~sdcore.generate.recall.Recalled` values through :func:`~sdcore.generate.recall.recall_parameters`,
+so the rest of ``--from-png`` (options given win, notes, errors) is the A1111 path's.
+
+ComfyUI facts used (comfy/samplers.py, comfy/sample.py, nodes.py): ``KSampler`` has ``seed``, ``steps``,
+``cfg``, ``sampler_name``, ``scheduler``, ``denoise``; ``KSamplerAdvanced`` ``noise_seed`` and
+``start_at_step``/``end_at_step``; ``SamplerCustomAdvanced`` takes its seed from ``RandomNoise``, its CFG from
+``CFGGuider`` (``BasicGuider``: none), its sampler from ``KSamplerSelect`` and steps/scheduler/denoise from
+``BasicScheduler``. A ``denoise`` d below 1 runs ``steps`` steps, the last of a ``int(steps / d)``-step
+schedule (``KSampler.set_steps``), where sdcore's img2img runs A1111's ``int(min(s, 0.999) * steps) + 1`` of
+``steps`` (:func:`~sdcore.generate.hires.img2img_steps`): sdcore's ``--steps`` is ``int(steps / d)`` and its
+strength the one running ``steps`` of them (:func:`a1111_strength`); ``KSamplerAdvanced`` from
+``start_at_step`` s on an encoded image runs the last ``steps - s`` of its ``steps``. Noise is drawn on the CPU from ``torch.manual_seed(seed)`` for the whole
+batch at once (``prepare_noise``): sdcore's CPU noise for the first image; later images of a ComfyUI batch
+continue that stream where sdcore seeds image i with ``seed + i``. ``CLIPSetLastLayer`` -n is clip skip n.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeGuard
+
+from ..errors import ConfigError
+from .pnginfo import RNG_SOURCE, SCHEDULE_TYPE, GenerationParameters, _number
+
+if TYPE_CHECKING:
+    from .recall import Recalled
+
+#: the PNG text ComfyUI's SaveImage writes the API-format graph to
+COMFY_PROMPT_KEY = "prompt"
+
+#: ComfyUI's sampler_name -> sdcore's sampler id (its SAMPLER_NAMES). ComfyUI's ``ddim`` is its ``euler``
+#: sampler (with random noise for inpainting only): sdcore's Euler on the scheduler's sigmas, or sdcore's DDIM
+#: with ``ddim_uniform``, whose timesteps are DDIM's (``_DDIM``). Names not here are passed on as written and end
+#: in the unknown-sampler error (dpm_2, dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde, lcm, uni_pc_bh2 ...).
+SAMPLER_NAMES = {
+    "euler": "euler",
+    "euler_ancestral": "euler_a",
+    "heun": "heun",
+    "lms": "lms",
+    "dpmpp_2m": "dpm++2m",
+    "ddim": "euler",
+    "uni_pc": "unipc",  # ComfyUI's sample_unipc is UniPC bh1, as sdcore's (A1111's); its sigmas differ (below)
+}
+#: ComfyUI's scheduler -> A1111 1.9+'s "Schedule type" label, which recall's notes check against the sigmas
+#: sdcore's sampler runs. ComfyUI's "normal" is linspace(t_max, 0, n) timesteps, A1111's "Uniform"
+#: (k-diffusion's get_sigmas); "ddim_uniform" is A1111's "DDIM".
+SCHEDULE_TYPES = {
+    "normal": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "ddim_uniform": "DDIM",
+    "beta": "Beta",
+    "kl_optimal": "KL Optimal",
+    "linear_quadratic": "Linear Quadratic",
+}
+#: samplers whose id carries the schedule (as A1111's "DPM++ 2M" with "Schedule type: Karras"); ComfyUI's
+#: ``ddim`` on ``ddim_uniform`` (timesteps 1, 1 + 1000 // n, ... and a last step to sigma 0) is sdcore's DDIM
+#: (diffusers' ``leading`` spacing with ``steps_offset`` 1, the SD1/SD2/SDXL schedule's)
+_WITH_SCHEDULE = {("dpm++2m", "karras"): "dpm++2m_karras", ("ddim", "ddim_uniform"): "ddim"}
+
+_SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
+_OUTPUT_NODES = ("SaveImage", "PreviewImage")
+_EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
+_CLIP_LOADERS = {
+    "CLIPLoader": ("clip_name",),
+    "DualCLIPLoader": ("clip_name1", "clip_name2"),
+    "TripleCLIPLoader": ("clip_name1", "clip_name2", "clip_name3"),
+}
+#: what a user passes instead of a loader sdcore does not follow (said in the ignored line)
+_LOADER_HINTS = {"UNETLoader": "--model", "CLIPLoader": "--clip-l/--t5xxl", "DualCLIPLoader": "--clip-l/--t5xxl",
+                 "TripleCLIPLoader": "--clip-l/--clip-g/--t5xxl", "VAELoader": "--vae"}  # fmt: skip
+#: inputs a conditioning node passes on, first found first (ConditioningCombine's first input)
+_CONDITIONING_INPUTS = ("conditioning", "conditioning_1", "conditioning_to")
+
+
+def _is_link(value: Any) -> TypeGuard[list[Any]]:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str | int)
+        and not isinstance(value[0], bool)
+        and isinstance(value[1], int)
+    )
+
+
+@dataclass
+class _Walk:
+    """The graph being read, and what reading it found: ``used``: node ids mapped onto options; ``notes``:
+    node id -> the ignored line's entry for a node met but only partly followed."""
+
+    nodes: dict[str, dict[str, Any]]
+    used: set[str] = field(default_factory=set)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def type(self, node: str) -> str:
+        return str(self.nodes[node]["class_type"])
+
+    def inputs(self, node: str) -> dict[str, Any]:
+        inputs: dict[str, Any] = self.nodes[node].get("inputs", {})
+        return inputs
+
+    def link(self, node: str, name: str) -> str | None:
+        """The node ``name`` of ``node`` links to (``None``: not a link; links were checked by :func:`_check`)."""
+        value = self.inputs(node).get(name)
+        return str(value[0]) if _is_link(value) else None
+
+    def value(self, node: str, name: str, default: Any = None) -> Any:
+        """A widget value, following a link to a primitive/string node (its ``value``, ``text``, ``string``,
+        ``seed``, ``int`` or ``float`` input, or one named ``name``); ``default`` when absent or unreadable."""
+        value = self.inputs(node).get(name, default)
+        seen = set()
+        while _is_link(value):
+            source = str(value[0])
+            if source in seen:
+                return default
+            seen.add(source)
+            inputs = self.inputs(source)
+            key = next((k for k in (name, "value", "text", "string", "seed", "int", "float") if k in inputs), None)
+            if key is None:
+                self.notes.setdefault(source, self.type(source))
+                return default
+            self.used.add(source)
+            value = inputs[key]
+        return value
+
+
+def _check(nodes: Any) -> dict[str, dict[str, Any]]:
+    """The graph as a dict of nodes, or a one-line error naming what is wrong: not an object, a node without
+    ``class_type``, a link to a node the graph does not have, a cycle."""
+    if not isinstance(nodes, dict) or not nodes:
+        raise ConfigError("the PNG's ComfyUI 'prompt' is not a graph (a JSON object of nodes)")
+    graph: dict[str, dict[str, Any]] = {}
+    for key, node in nodes.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            raise ConfigError(f"the PNG's ComfyUI graph: node {key} has no class_type")
+        if not isinstance(node.get("inputs", {}), dict):
+            raise ConfigError(f"the PNG's ComfyUI graph: node {key} ({node['class_type']}) has no inputs object")
+        graph[str(key)] = node
+    edges: dict[str, list[str]] = {}
+    for key, node in graph.items():
+        for name, value in node.get("inputs", {}).items():
+            if _is_link(value):
+                if str(value[0]) not in graph:
+                    raise ConfigError(
+                        f"the PNG's ComfyUI graph: node {key} ({node['class_type']}) input '{name}' links to node "
+                        f"{value[0]}, which the graph does not have"
+                    )
+                edges.setdefault(key, []).append(str(value[0]))
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in graph:
+        stack = [(start, iter(edges.get(start, ())))]
+        if state.get(start):
+            continue
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(child) == 1:
+                cycle = [n for n, _ in stack][[n for n, _ in stack].index(child) :]
+                raise ConfigError(f"the PNG's ComfyUI graph has a cycle: nodes {' -> '.join(cycle)} -> {child}")
+            elif not state.get(child):
+                state[child] = 1
+                stack.append((child, iter(edges.get(child, ()))))
+    return graph
+
+
+def _ancestors(walk: _Walk, start: str) -> list[str]:
+    """``start`` and every node it depends on, nearest first."""
+    found: dict[str, None] = {}
+    todo = [start]
+    while todo:
+        node = todo.pop(0)
+        if node in found:
+            continue
+        found[node] = None
+        todo.extend(str(v[0]) for v in walk.inputs(node).values() if _is_link(v))
+    return list(found)
+
+
+def _choose_sampler(walk: _Walk) -> tuple[str, list[str]]:
+    """The sampler that made the saved image and the output path's nodes (SaveImage, VAEDecode ...): the one a
+    SaveImage/PreviewImage gets through VAEDecode, or the graph's only sampler; several are an error."""
+    samplers = [n for n in walk.nodes if walk.type(n) in _SAMPLER_NODES]
+    fed: dict[str, list[str]] = {}
+    for output in (n for n in walk.nodes if walk.type(n) in _OUTPUT_NODES):
+        path, node = [output], walk.link(output, "images")
+        while node is not None and walk.type(node) not in _SAMPLER_NODES:
+            path.append(node)
+            kind = walk.type(node)
+            name = "samples" if kind.startswith("VAEDecode") or "samples" in walk.inputs(node) else "image"
+            node = walk.link(node, name if name in walk.inputs(node) else "images")
+        if node is not None:
+            fed.setdefault(node, path)
+    if len(fed) == 1:
+        return next(iter(fed.items()))
+    if not fed and len(samplers) == 1:
+        return samplers[0], []
+    listed = ", ".join(f"{n} ({walk.type(n)})" for n in (fed or samplers))
+    if not samplers:
+        raise ConfigError("the PNG's ComfyUI graph has no sampler node (KSampler, KSamplerAdvanced, SamplerCustom)")
+    raise ConfigError(
+        f"the PNG's ComfyUI graph has several samplers making its images ({listed}); sdcore recalls one "
+        "image's settings: type the options of the one you want"
+    )
+
+
+@dataclass
+class _Sampling:
+    """A sampler node's settings, whichever node kind held them."""
+
+    seed: Any = None
+    steps: Any = None
+    cfg: Any = None
+    sampler: Any = None
+    scheduler: Any = None
+    denoise: Any = 1.0
+    model: str | None = None
+    positive: str | None = None
+    negative: str | None = None
+    latent: str | None = None
+    #: KSamplerAdvanced's start_at_step (0: from the first step) and what else it does unlike a KSampler
+    start: int = 0
+    odd: list[str] = field(default_factory=list)
+
+
+def _sampling(walk: _Walk, node: str) -> _Sampling:
+    kind = walk.type(node)
+    found = _Sampling(latent=walk.link(node, "latent_image"))
+    if kind in ("KSampler", "KSamplerAdvanced"):
+        found.seed = walk.value(node, "seed" if kind == "KSampler" else "noise_seed")
+        found.steps, found.cfg = walk.value(node, "steps"), walk.value(node, "cfg")
+        found.sampler, found.scheduler = walk.value(node, "sampler_name"), walk.value(node, "scheduler")
+        found.denoise = walk.value(node, "denoise", 1.0)
+        found.model, found.positive, found.negative = (walk.link(node, k) for k in ("model", "positive", "negative"))
+        if kind == "KSamplerAdvanced":
+            found.odd = [
+                f"{k} {walk.value(node, k)}"
+                for k, plain in (("add_noise", "enable"), ("return_with_leftover_noise", "disable"))
+                if walk.value(node, k, plain) != plain
+            ]
+            end = walk.value(node, "end_at_step")
+            if isinstance(end, int) and isinstance(found.steps, int) and end < found.steps:
+                found.odd.append(f"end_at_step {end}")
+            start = walk.value(node, "start_at_step", 0)
+            if isinstance(start, int) and start > 0:
+                found.start = start
+            elif start not in (0, None):
+                found.odd.append(f"start_at_step {start}")
+        walk.used.add(node)
+        return found
+    walk.used.add(node)
+    if kind == "SamplerCustom":
+        found.seed, found.cfg = walk.value(node, "noise_seed"), walk.value(node, "cfg")
+        found.model, found.positive, found.negative = (walk.link(node, k) for k in ("model", "positive", "negative"))
+        if walk.value(node, "add_noise", True) is not True:
+            walk.notes[node] = f"{kind} (add_noise false)"
+    else:  # SamplerCustomAdvanced: noise, guider, sampler, sigmas
+        noise = walk.link(node, "noise")
+        if noise is not None and walk.type(noise) == "RandomNoise":
+            walk.used.add(noise)
+            found.seed = walk.value(noise, "noise_seed")
+        guider = walk.link(node, "guider")
+        if guider is not None and walk.type(guider) in ("CFGGuider", "BasicGuider"):
+            walk.used.add(guider)
+            found.model = walk.link(guider, "model")
+            if walk.type(guider) == "CFGGuider":
+                found.cfg = walk.value(guider, "cfg")
+                found.positive, found.negative = walk.link(guider, "positive"), walk.link(guider, "negative")
+            else:
+                found.positive = walk.link(guider, "conditioning")
+    chosen = walk.link(node, "sampler")
+    if chosen is not None and walk.type(chosen) == "KSamplerSelect":
+        walk.used.add(chosen)
+        found.sampler = walk.value(chosen, "sampler_name")
+    sigmas = walk.link(node, "sigmas")
+    if sigmas is not None and walk.type(sigmas) == "BasicScheduler":
+        walk.used.add(sigmas)
+        found.steps, found.scheduler = walk.value(sigmas, "steps"), walk.value(sigmas, "scheduler")
+        found.denoise = walk.value(sigmas, "denoise", 1.0)
+        found.model = found.model or walk.link(sigmas, "model")
+    return found
+
+
+@dataclass
+class _Text:
+    """A conditioning chain read back: the prompt (``None``: unreadable), its CLIP node, the FluxGuidance."""
+
+    text: str | None = None
+    clip: str | None = None
+    guidance: Any = None
+    #: CLIPTextEncodeSDXL's node and its size conditioning (width, height, crop_w, crop_h, target w, target h)
+    sdxl: tuple[str, tuple[Any, ...]] | None = None
+
+
+def _conditioning(walk: _Walk, node: str | None) -> _Text:
+    """Follow a positive/negative input to its text encoder: CLIPTextEncode ``text``, CLIPTextEncodeSDXL
+    ``text_g`` (a different ``text_l`` is said), CLIPTextEncodeFlux ``t5xxl`` (a different ``clip_l`` is said),
+    through FluxGuidance; other conditioning nodes are said and their first conditioning input followed."""
+    found = _Text()
+    while node is not None:
+        kind = walk.type(node)
+        if kind in ("CLIPTextEncode", "CLIPTextEncodeSDXLRefiner"):
+            walk.used.add(node)
+            found.text, found.clip = walk.value(node, "text"), walk.link(node, "clip")
+            break
+        if kind in ("CLIPTextEncodeSDXL", "CLIPTextEncodeFlux"):
+            walk.used.add(node)
+            main, other = ("text_g", "text_l") if kind == "CLIPTextEncodeSDXL" else ("t5xxl", "clip_l")
+            found.text, found.clip = walk.value(node, main), walk.link(node, "clip")
+            second = walk.value(node, other)
+            if kind == "CLIPTextEncodeSDXL":
+                keys = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+                found.sdxl = node, tuple(walk.value(node, k) for k in keys)
+            if second not in (None, "", found.text):
+                walk.notes[node] = f"{kind} {other} {json.dumps(second, ensure_ascii=False)}"
+            if kind == "CLIPTextEncodeFlux" and found.guidance is None:
+                found.guidance = walk.value(node, "guidance")
+            break
+        if kind == "FluxGuidance":
+            walk.used.add(node)
+            if found.guidance is None:  # the one nearest the sampler wins
+                found.guidance = walk.value(node, "guidance")
+        elif kind == "ConditioningZeroOut":  # zeroed embeddings: no prompt (said: not an empty prompt's)
+            walk.notes[node] = kind
+            found.text = ""
+        else:
+            walk.notes.setdefault(node, kind)
+        node = next((walk.link(node, k) for k in _CONDITIONING_INPUTS if walk.link(node, k) is not None), None)
+        if found.text == "":
+            break
+    if found.text is not None and not isinstance(found.text, str):
+        found.text = None
+    return found
+
+
+@dataclass
+class _Lora:
+    name: str
+    model: float = 0.0
+    clip: float = 0.0
+
+
+def _lora_name(file: str) -> str:
+    """The ``<lora:...>`` name of a ComfyUI ``lora_name`` (``style/x.safetensors``): sdcore's lookup matches a
+    file's stem anywhere under the LoRA folder, so the subfolder goes with the extension."""
+    stem = file.replace("\\", "/").rsplit("/", 1)[-1]
+    return stem.rsplit(".", 1)[0] if "." in stem else stem
+
+
+def _chain(walk: _Walk, node: str | None, kind: str, loras: dict[str, _Lora], found: dict[str, Any]) -> None:
+    """Follow a ``model`` or ``clip`` chain to its loader: LoRA loaders (collected), CLIPSetLastLayer (clip
+    skip), ModelSampling* (said), CheckpointLoaderSimple (the model), other loaders (said with their files)."""
+    while node is not None:
+        node_kind = walk.type(node)
+        if node_kind in ("LoraLoader", "LoraLoaderModelOnly"):
+            walk.used.add(node)
+            lora = loras.setdefault(node, _Lora(_lora_name(str(walk.value(node, "lora_name", "")))))
+            strength = walk.value(node, f"strength_{kind}", 1.0)
+            if not isinstance(strength, int | float):
+                raise ConfigError(f"the PNG's ComfyUI graph: node {node} ({node_kind}) strength_{kind} {strength!r}")
+            setattr(lora, kind, float(strength))
+        elif node_kind == "CLIPSetLastLayer":
+            walk.used.add(node)
+            layer = walk.value(node, "stop_at_clip_layer", -1)
+            if isinstance(layer, int) and layer < 0:
+                found.setdefault("clip_skip", -layer)
+            else:
+                walk.notes[node] = f"{node_kind} ({layer})"
+        elif node_kind.startswith("CheckpointLoader"):
+            walk.used.add(node)
+            found.setdefault("model", walk.value(node, "ckpt_name"))
+            return
+        elif node_kind in ("ModelSamplingFlux", "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingDiscrete"):
+            shown = ", ".join(f"{k} {_shown(v)}" for k, v in walk.inputs(node).items() if not _is_link(v))
+            walk.notes[node] = f"{node_kind} ({shown})" if shown else node_kind
+        elif node_kind in _LOADER_HINTS or node_kind in _CLIP_LOADERS:
+            files = _CLIP_LOADERS.get(node_kind, ("unet_name", "vae_name"))
+            names = ", ".join(str(walk.value(node, k)) for k in files if walk.value(node, k) is not None)
+            walk.notes[node] = f"{node_kind} ({names}: {_LOADER_HINTS[node_kind]})"
+            return
+        else:
+            walk.notes.setdefault(node, node_kind)
+        node = walk.link(node, kind)
+
+
+def a1111_strength(schedule: int, run: int) -> float:
+    """The "Denoising strength" whose img2img runs the last ``run`` steps of a ``schedule``-step schedule as
+    sdcore (A1111) counts them (:func:`~sdcore.generate.hires.img2img_steps`: ``int(min(s, 0.999) * schedule) +
+    1`` steps): the shortest decimal inside that step, away from its edges so that no rounding moves it."""
+    from .hires import img2img_steps
+
+    middle = (run - 0.5) / schedule
+    for digits in range(2, 8):
+        strength = round(middle, digits)
+        if img2img_steps(schedule, strength) == (schedule, run):
+            return strength
+    return middle
+
+
+def _shown(value: Any) -> str:
+    return _number(value) if isinstance(value, float | int) and not isinstance(value, bool) else str(value)
+
+
+def _lora_tag(lora: _Lora) -> str:
+    """A1111's tag: ``<lora:name:w>`` when both weights agree, else ``<lora:name:te:unet>`` (text encoder first,
+    as A1111's positional arguments and sdcore's ``networks.NetworkRef`` read them)."""
+    if lora.clip == lora.model:
+        return f"<lora:{lora.name}:{_number(lora.model)}>"
+    return f"<lora:{lora.name}:{_number(lora.clip)}:{_number(lora.model)}>"
+
+
+def read_comfy_prompt(path: str | os.PathLike[str]) -> str | None:
+    """A PNG's ComfyUI ``prompt`` text (``None``: it has none)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get(COMFY_PROMPT_KEY)
+    return text if isinstance(text, str) else None
+
+
+def parse_comfy_graph(text: str) -> dict[str, dict[str, Any]]:
+    """The checked graph of a ``prompt`` text (a one-line error for bad JSON, missing nodes, cycles)."""
+    try:
+        nodes = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the PNG's ComfyUI 'prompt' is not valid JSON ({exc})") from None
+    return _check(nodes)
+
+
+def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
+    """The ``generate`` options a ComfyUI ``prompt`` graph sets (see the module docstring), as
+    :func:`~sdcore.generate.recall.recall_parameters` gives them for an infotext; ``values["model"]`` is the
+    checkpoint's ``ckpt_name``. What the graph does that sdcore does not follow is in ``ignored``."""
+    from .recall import recall_parameters
+
+    walk = _Walk(parse_comfy_graph(text))
+    sampler_node, output_path = _choose_sampler(walk)
+    walk.used.update(n for n in output_path if walk.type(n) in (*_OUTPUT_NODES, "VAEDecode"))
+    for node in output_path:
+        if node not in walk.used:
+            walk.notes.setdefault(node, walk.type(node))
+        elif walk.type(node) == "VAEDecode":  # a VAELoader is said with its file (--vae takes it)
+            _chain(walk, walk.link(node, "vae"), "vae", {}, {})
+    sampling = _sampling(walk, sampler_node)
+    positive, negative = _conditioning(walk, sampling.positive), _conditioning(walk, sampling.negative)
+    loras: dict[str, _Lora] = {}
+    chain: dict[str, Any] = {}
+    _chain(walk, sampling.model, "model", loras, chain)
+    _chain(walk, positive.clip, "clip", loras, chain)
+    if negative.clip != positive.clip:
+        _chain(walk, negative.clip, "clip", {}, {})
+
+    extra: dict[str, str] = {"RNG": RNG_SOURCE}  # ComfyUI's prepare_noise: CPU torch noise of the seed
+    steps = sampling.steps if isinstance(sampling.steps, int) else None
+    size: tuple[int, int] | None = None
+    latent, batch = sampling.latent, None
+    denoise = float(sampling.denoise) if isinstance(sampling.denoise, int | float) else 1.0
+    if latent is not None and walk.type(latent) in _EMPTY_LATENTS:
+        walk.used.add(latent)
+        width, height = walk.value(latent, "width"), walk.value(latent, "height")
+        if isinstance(width, int) and isinstance(height, int):
+            size = (width, height)
+        batch = walk.value(latent, "batch_size", 1)
+    elif (
+        latent is not None
+        and walk.type(latent) == "VAEEncode"
+        and steps is not None
+        and not sampling.odd  # KSamplerAdvanced without noise, or stopping early: no img2img
+        and (0 < denoise < 1 or 0 < sampling.start < steps)
+    ):
+        walk.used.add(latent)
+        pixels = walk.link(latent, "pixels")
+        if pixels is not None and walk.type(pixels) == "LoadImage":
+            walk.used.add(pixels)
+        # ComfyUI runs the last `steps` of an int(steps / denoise)-step schedule (KSampler.set_steps), or
+        # KSamplerAdvanced's steps from start_at_step on; sdcore counts A1111's way (hires.img2img_steps)
+        schedule, run = (steps, steps - sampling.start) if sampling.start else (int(steps / denoise), steps)
+        extra["Denoising strength"] = _number(a1111_strength(schedule, run))
+        steps, sampling.start = schedule, 0
+    for encoded in (positive, negative):  # sdcore conditions SDXL on the image's size, uncropped (diffusers')
+        if encoded.sdxl is not None and size is not None and encoded.sdxl[1] != (*size, 0, 0, *size):
+            w, h, cw, ch, tw, th = encoded.sdxl[1]
+            size_said = f"size conditioning {w}x{h}, crop {cw},{ch}, target {tw}x{th}"
+            walk.notes[encoded.sdxl[0]] = f"{walk.notes.get(encoded.sdxl[0], 'CLIPTextEncodeSDXL')}, {size_said}"
+    if sampling.start:  # on an empty latent, or another sampler's: not a txt2img sdcore can run
+        sampling.odd.insert(0, f"start_at_step {sampling.start}")
+    if sampling.odd:
+        walk.notes[sampler_node] = f"{walk.type(sampler_node)} ({', '.join(sampling.odd)})"
+    if denoise < 1 and "Denoising strength" not in extra:
+        walk.notes[sampler_node] = walk.notes.get(sampler_node, walk.type(sampler_node)) + f" denoise {denoise:g}"
+
+    sampler = sampling.sampler if isinstance(sampling.sampler, str) else None
+    scheduler = sampling.scheduler if isinstance(sampling.scheduler, str) else None
+    sid = SAMPLER_NAMES.get(sampler) if sampler is not None else None
+    if sid is not None and scheduler is not None:
+        if (sampler if sampler == "ddim" else sid, scheduler) in _WITH_SCHEDULE:
+            sid = _WITH_SCHEDULE[sampler if sampler == "ddim" else sid, scheduler]
+        elif sid == "unipc":  # recall does not check timestep samplers' schedules: said, whichever it is
+            # ComfyUI's KSampler computes steps + 1 sigmas and drops the penultimate for uni_pc, then steps to
+            # sigma 0.001; sdcore's (A1111's) UniPC runs its own timesteps to sigma_min: never the same sigmas
+            walk.notes[f"{sampler_node}:scheduler"] = f"scheduler {scheduler} (sdcore's {sid} runs its own)"
+        else:
+            extra[SCHEDULE_TYPE] = SCHEDULE_TYPES.get(scheduler, scheduler)
+    if "clip_skip" in chain:
+        extra["Clip skip"] = str(chain["clip_skip"])
+    if positive.guidance is not None:
+        from .recall import DISTILLED_CFG
+
+        extra[DISTILLED_CFG] = _shown(positive.guidance)
+
+    prompt = positive.text or ""
+    tags = [_lora_tag(lora) for lora in reversed(list(loras.values()))]  # the loader next to the checkpoint first
+    parameters = GenerationParameters(
+        prompt=" ".join([prompt, *tags]) if prompt else " ".join(tags),
+        negative_prompt=negative.text or "",
+        steps=steps,
+        sampler=sid or (f"{sampler}" if sampler is not None else None),
+        cfg=float(sampling.cfg) if isinstance(sampling.cfg, int | float) else None,
+        seed=sampling.seed if isinstance(sampling.seed, int) else None,
+        size=size,
+        model_name=chain.get("model"),
+        extra=extra,
+    )
+    recalled = recall_parameters(parameters, sampler_given=sampler_given)
+    if positive.text is None:  # the prompt comes from a node sdcore cannot read: PROMPT is needed
+        recalled.values.pop("prompt")
+    if isinstance(chain.get("model"), str):
+        recalled.values["model"] = chain["model"]
+    if isinstance(batch, int):
+        recalled.values["batch"] = batch
+    ignored = list(walk.notes.values())
+    for node in _ancestors(walk, output_path[0] if output_path else sampler_node):
+        if node not in walk.used and node not in walk.notes:  # met, not followed: its type (and its text)
+            said = walk.inputs(node).get("text")
+            ignored.append(
+                walk.type(node) + (f" {json.dumps(said, ensure_ascii=False)}" if isinstance(said, str) else "")
+            )
+    if isinstance(batch, int) and batch > 1:
+        ignored.append(
+            f"batch_size {batch} noise (ComfyUI draws the batch from one seed, sdcore image i from seed+i: the "
+            "first image matches)"
+        )
+    recalled.ignored = list(dict.fromkeys(ignored)) + recalled.ignored
+    return recalled
+
+
+__all__ = [
+    "COMFY_PROMPT_KEY",
+    "SAMPLER_NAMES",
+    "SCHEDULE_TYPES",
+    "a1111_strength",
+    "parse_comfy_graph",
+    "read_comfy_prompt",
+    "recall_comfy",
+]

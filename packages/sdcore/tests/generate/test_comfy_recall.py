@@ -1,0 +1,453 @@
+"""``sdcore generate --from-png`` on ComfyUI PNGs: the ``prompt`` graph (API format) read back as options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from cli_errors import one_error_line
+from click.testing import CliRunner
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from sdcore.builtin import generate_command
+from sdcore.errors import ConfigError
+from sdcore.generate.comfy_recall import recall_comfy
+from sdcore.generate.hires import img2img_steps
+from sdcore.generate.pipeline import SAMPLERS
+from sdcore.generate.pnginfo import parse_parameters, save_png
+from sdcore.generate.recall import recall_png
+
+
+def default_graph(**ksampler):
+    """ComfyUI's default txt2img workflow as its "Save (API)" and SaveImage's ``prompt`` text hold it (node
+    ids and inputs of the default graph: 4 checkpoint, 6/7 prompts, 5 latent, 3 KSampler, 8 VAEDecode, 9 save)."""
+    return {
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": 156680208700286,
+                "steps": 20,
+                "cfg": 8.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+                **ksampler,
+            },
+        },
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {
+                "text": "beautiful scenery nature glass bottle landscape, , purple galaxy bottle,",
+                "clip": ["4", 1],
+            },
+        },
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    }
+
+
+def comfy_png(path, graph, *, parameters=None):
+    """A PNG as ComfyUI's SaveImage writes it: tEXt ``prompt`` = json.dumps(graph) (and ``workflow``)."""
+    info = PngInfo()
+    info.add_text("prompt", graph if isinstance(graph, str) else json.dumps(graph))
+    info.add_text("workflow", json.dumps({"nodes": [], "links": []}))
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def _invoke(args):
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    return CliRunner().invoke(build_cli(get_plugin_manager(entrypoints=False)), ["generate", *args])
+
+
+def test_default_workflow_maps_every_value(tmp_path):
+    recalled = recall_png(comfy_png(tmp_path / "comfy.png", default_graph()))
+    assert recalled.values == {
+        "prompt": "beautiful scenery nature glass bottle landscape, , purple galaxy bottle,",
+        "negative": "text, watermark",
+        "steps": 20,
+        "sampler": "euler",
+        "seed": 156680208700286,
+        "size": (512, 512),
+        "clip_skip": 1,
+        "model": "v1-5-pruned-emaonly.safetensors",
+        "batch": 1,
+    }
+    assert recalled.cfg_values(distilled=False) == {"cfg": 8.0}
+    assert recalled.ignored == [] and recalled.strength is None
+    # "normal" is A1111's "Uniform" (linspace timesteps), which sdcore's Euler runs; ComfyUI's noise is CPU noise
+    assert recalled.parameters.extra == {"RNG": "CPU", "Schedule type": "Uniform"}
+
+
+def test_sampler_and_scheduler_names_map_to_sdcores():
+    def recalled(sampler, scheduler):
+        return recall_comfy(json.dumps(default_graph(sampler_name=sampler, scheduler=scheduler)))
+
+    expected = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "lms": "lms", "dpmpp_2m": "dpm++2m"}
+    for name, sid in expected.items():
+        assert recalled(name, "normal").values["sampler"] == sid and sid in SAMPLERS
+    karras = recalled("dpmpp_2m", "karras")  # A1111's "DPM++ 2M" + "Schedule type: Karras"
+    assert karras.values["sampler"] == "dpm++2m_karras" and "Schedule type" not in karras.parameters.extra
+    assert recalled("euler", "karras").parameters.extra["Schedule type"] == "Karras"
+    assert recalled("euler", "sgm_uniform").parameters.extra["Schedule type"] == "SGM Uniform"
+    assert recalled("euler", "simple").parameters.extra["Schedule type"] == "Simple"
+    # ComfyUI's ddim is its euler sampler: on ddim_uniform's timesteps (1, 1 + 1000 // n, ...) sdcore's DDIM,
+    # elsewhere sdcore's Euler with the schedule checked as any other
+    assert recalled("ddim", "ddim_uniform").values["sampler"] == "ddim"
+    assert "Schedule type" not in recalled("ddim", "ddim_uniform").parameters.extra
+    ddim_normal = recalled("ddim", "normal")
+    assert ddim_normal.values["sampler"] == "euler" and ddim_normal.parameters.extra["Schedule type"] == "Uniform"
+    assert recalled("ddim", "karras").parameters.extra["Schedule type"] == "Karras"
+    # ComfyUI's uni_pc runs steps + 1 sigmas less the penultimate, to sigma 0.001: never sdcore's, whichever
+    for scheduler in ("karras", "normal", "simple"):
+        unipc = recalled("uni_pc", scheduler)
+        assert unipc.values["sampler"] == "unipc"
+        assert unipc.ignored == [f"scheduler {scheduler} (sdcore's unipc runs its own)"]
+    for unknown in ("dpmpp_2m_sde", "dpm_2_ancestral", "lcm", "uni_pc_bh2"):
+        with pytest.raises(ConfigError) as error:
+            recalled(unknown, "karras")
+        # the unknown-A1111-sampler error, word for word
+        assert str(error.value) == (
+            f"the PNG's sampler {unknown!r} is not one sdcore has; pass --sampler with one of: " + ", ".join(SAMPLERS)
+        )
+    assert "sampler" not in recall_comfy(json.dumps(default_graph(sampler_name="lcm")), sampler_given=True).values
+
+
+def test_sdcore_schedule_notes_apply(sd1):
+    notes = recall_comfy(json.dumps(default_graph(scheduler="exponential"))).notes(
+        sd1, sampler="euler", hires_sampler=None, distilled=False, model_hash=None
+    )
+    assert notes == [
+        "ignored from the PNG (sdcore has no option for them): Schedule type: Exponential (sdcore's euler runs its own)"
+    ]
+    assert (
+        recall_comfy(json.dumps(default_graph())).notes(
+            sd1, sampler="euler", hires_sampler=None, distilled=False, model_hash=None
+        )
+        == []
+    )
+
+
+def test_lora_chain_clip_skip_primitive_text_and_vae():
+    graph = default_graph()
+    graph["10"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"lora_name": "styles\\ink.safetensors", "strength_model": 0.8, "strength_clip": 0.8,
+                   "model": ["4", 0], "clip": ["4", 1]},
+    }  # fmt: skip
+    graph["11"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"lora_name": "chars/anna.safetensors", "strength_model": 1.0, "strength_clip": 0.5,
+                   "model": ["10", 0], "clip": ["10", 1]},
+    }  # fmt: skip
+    graph["12"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"lora_name": "detail.pt", "strength_model": 0.3, "model": ["11", 0]},
+    }
+    graph["13"] = {"class_type": "CLIPSetLastLayer", "inputs": {"stop_at_clip_layer": -2, "clip": ["11", 1]}}
+    graph["14"] = {"class_type": "PrimitiveString", "inputs": {"value": "a red fox"}}
+    graph["15"] = {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-mse-840000.safetensors"}}
+    graph["3"]["inputs"]["model"] = ["12", 0]
+    graph["6"]["inputs"].update(text=["14", 0], clip=["13", 0])
+    graph["7"]["inputs"]["clip"] = ["13", 0]
+    graph["8"]["inputs"]["vae"] = ["15", 0]
+    recalled = recall_comfy(json.dumps(graph))
+    # tags in the order the loaders apply (next to the checkpoint first); te weight first when they differ;
+    # the file's stem, as sdcore's LoRA lookup finds it under any subfolder
+    assert recalled.values["prompt"] == "a red fox <lora:ink:0.8> <lora:anna:0.5:1> <lora:detail:0:0.3>"
+    assert recalled.values["clip_skip"] == 2
+    assert recalled.ignored == ["VAELoader (vae-ft-mse-840000.safetensors: --vae)"]
+
+
+def test_sdxl_and_combine_nodes_are_read_or_said():
+    graph = default_graph(sampler_name="euler_ancestral")
+    graph["6"] = {
+        "class_type": "CLIPTextEncodeSDXL",
+        "inputs": {"width": 4096, "height": 4096, "crop_w": 0, "crop_h": 0, "target_width": 4096,
+                   "target_height": 4096, "text_g": "a lighthouse", "text_l": "oil painting", "clip": ["4", 1]},
+    }  # fmt: skip
+    graph["16"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "storm", "clip": ["4", 1]}}
+    graph["17"] = {
+        "class_type": "ConditioningCombine",
+        "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["16", 0]},
+    }
+    graph["5"]["inputs"].update(width=1024, height=768, batch_size=2)
+    graph["3"]["inputs"]["positive"] = ["17", 0]
+    recalled = recall_comfy(json.dumps(graph))
+    assert recalled.values["prompt"] == "a lighthouse" and recalled.values["sampler"] == "euler_a"
+    graph["6"]["inputs"].update(width=1024, height=768, target_width=1024, target_height=768, text_l="a lighthouse")
+    assert recall_comfy(json.dumps(graph)).ignored[1:] == ['CLIPTextEncode "storm"', recalled.ignored[-1]]
+    graph["6"]["inputs"]["crop_w"] = 64
+    assert recall_comfy(json.dumps(graph)).ignored[1] == (
+        "CLIPTextEncodeSDXL, size conditioning 1024x768, crop 64,0, target 1024x768"
+    )
+    assert recalled.values["size"] == (1024, 768) and recalled.values["batch"] == 2
+    assert recalled.ignored == [
+        "ConditioningCombine",
+        # sdcore conditions SDXL on the image's size (1024x768), not the node's
+        'CLIPTextEncodeSDXL text_l "oil painting", size conditioning 4096x4096, crop 0,0, target 4096x4096',
+        'CLIPTextEncode "storm"',
+        "batch_size 2 noise (ComfyUI draws the batch from one seed, sdcore image i from seed+i: the first image matches)",
+    ]
+
+
+def test_flux_custom_sampler_graph():
+    # ComfyUI's FLUX.1 dev example: UNETLoader + DualCLIPLoader + VAELoader, FluxGuidance, SamplerCustomAdvanced
+    graph = {
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a neon sign", "clip": ["11", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["10", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+        "10": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "11": {
+            "class_type": "DualCLIPLoader",
+            "inputs": {"clip_name1": "t5xxl_fp16.safetensors", "clip_name2": "clip_l.safetensors", "type": "flux"},
+        },
+        "12": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "13": {
+            "class_type": "SamplerCustomAdvanced",
+            "inputs": {
+                "noise": ["25", 0],
+                "guider": ["22", 0],
+                "sampler": ["16", 0],
+                "sigmas": ["17", 0],
+                "latent_image": ["27", 0],
+            },
+        },
+        "16": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "17": {
+            "class_type": "BasicScheduler",
+            "inputs": {"scheduler": "simple", "steps": 20, "denoise": 1.0, "model": ["30", 0]},
+        },
+        "22": {"class_type": "BasicGuider", "inputs": {"model": ["30", 0], "conditioning": ["26", 0]}},
+        "25": {"class_type": "RandomNoise", "inputs": {"noise_seed": 219670278747233}},
+        "26": {"class_type": "FluxGuidance", "inputs": {"guidance": 3.5, "conditioning": ["6", 0]}},
+        "27": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "30": {
+            "class_type": "ModelSamplingFlux",
+            "inputs": {"max_shift": 1.15, "base_shift": 0.5, "width": 1024, "height": 1024, "model": ["12", 0]},
+        },
+    }
+    recalled = recall_comfy(json.dumps(graph))
+    values = recalled.values
+    assert (values["prompt"], values["negative"], values["steps"], values["sampler"]) == (
+        "a neon sign",
+        "",
+        20,
+        "euler",
+    )
+    assert (values["seed"], values["size"], values["batch"]) == (219670278747233, (1024, 1024), 1)
+    assert "model" not in values  # no checkpoint: the loaders are said with the options that take their files
+    assert recalled.cfg_values(distilled=True) == {"cfg": 3.5}  # FluxGuidance: the embedded guidance
+    assert recalled.parameters.extra["Schedule type"] == "Simple"
+    assert recalled.ignored == [
+        "VAELoader (ae.safetensors: --vae)",
+        "ModelSamplingFlux (max_shift 1.15, base_shift 0.5, width 1024, height 1024)",
+        "UNETLoader (flux1-dev.safetensors: --model)",
+        "DualCLIPLoader (t5xxl_fp16.safetensors, clip_l.safetensors: --clip-l/--t5xxl)",
+    ]
+    # CLIPTextEncodeFlux: t5xxl is the prompt, its guidance the distilled CFG
+    graph["6"] = {
+        "class_type": "CLIPTextEncodeFlux",
+        "inputs": {"clip_l": "a neon sign", "t5xxl": "a neon sign", "guidance": 4.0, "clip": ["11", 0]},
+    }
+    graph["22"]["inputs"]["conditioning"] = ["6", 0]
+    assert recall_comfy(json.dumps(graph)).cfg_values(distilled=True) == {"cfg": 4.0}
+
+
+def test_img2img_denoise_and_several_samplers(tmp_path):
+    graph = default_graph(denoise=0.5, steps=20)
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"]["latent_image"] = ["11", 0]
+    del graph["5"]
+    recalled = recall_comfy(json.dumps(graph))
+    # ComfyUI runs 20 steps, the last of a 40-step schedule (KSampler.set_steps: int(steps / denoise) sigmas,
+    # the last steps + 1 of them); sdcore counts A1111's int(min(s, 0.999) * 40) + 1 steps: strength 0.5 would
+    # run 21, 0.49 runs the 20
+    assert recalled.values["steps"] == 40 and recalled.img2img_strength == 0.49 and recalled.strength == 0.49
+    assert img2img_steps(40, 0.49) == (40, 20) and img2img_steps(40, 0.5) == (40, 21)
+    assert "size" not in recalled.values and recalled.ignored == []
+    for steps, denoise in [(20, 0.3), (20, 0.7), (25, 0.55), (30, 0.99), (1, 0.9), (8, 0.125), (50, 0.05)]:
+        graph["3"]["inputs"].update(steps=steps, denoise=denoise)
+        recalled = recall_comfy(json.dumps(graph))
+        schedule = int(steps / denoise)
+        assert recalled.values["steps"] == schedule
+        assert img2img_steps(schedule, recalled.img2img_strength) == (schedule, steps), (steps, denoise)
+        assert recalled.parameters.extra["Denoising strength"] == str(recalled.img2img_strength)
+    graph["3"]["inputs"].update(steps=20, denoise=0.3)  # 20 of 66: int(0.3 * 66) + 1, ComfyUI's own value
+    assert recall_comfy(json.dumps(graph)).img2img_strength == 0.3
+    # on an empty latent a denoise below 1 is no img2img sdcore can run: said
+    assert recall_comfy(json.dumps(default_graph(denoise=0.6))).ignored == ["KSampler denoise 0.6"]
+    # a second sampler feeding a second SaveImage: which image is meant is not known
+    two = default_graph()
+    two["20"] = dict(two["3"], inputs=dict(two["3"]["inputs"], seed=2))
+    two["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}
+    two["22"] = {"class_type": "PreviewImage", "inputs": {"images": ["21", 0]}}
+    with pytest.raises(ConfigError, match=r"several samplers making its images \(3 \(KSampler\), 20 \(KSampler\)\)"):
+        recall_comfy(json.dumps(two))
+    del two["22"]  # the saved image's sampler is the one its VAEDecode reads; the other is said
+    recalled = recall_comfy(json.dumps(two))
+    assert recalled.values["seed"] == 156680208700286 and recalled.ignored == []
+
+
+def _advanced(**inputs):
+    graph = default_graph()
+    sampler = graph["3"]["inputs"]
+    sampler["noise_seed"] = sampler.pop("seed")
+    del sampler["denoise"]
+    sampler.update(add_noise="enable", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
+    sampler.update(inputs)
+    graph["3"]["class_type"] = "KSamplerAdvanced"
+    return graph
+
+
+def test_ksampler_advanced_steps():
+    plain = recall_comfy(json.dumps(_advanced()))
+    assert plain.values["seed"] == 156680208700286 and plain.values["steps"] == 20 and plain.ignored == []
+    # start_at_step 8 of 20 on an encoded image with noise added: ComfyUI runs sigmas[8:], the last 12 steps of
+    # the 20-step schedule, which is sdcore's (A1111's) img2img of 20 steps at a strength running 12
+    graph = _advanced(start_at_step=8)
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"]["latent_image"] = ["11", 0]
+    del graph["5"]
+    img2img = recall_comfy(json.dumps(graph))
+    assert img2img.values["steps"] == 20 and img2img.img2img_strength == 0.57 and img2img.ignored == []
+    assert img2img_steps(20, 0.57) == (20, 12)
+    # without the noise it is no img2img (the encoded latent sampled as it is): said, no strength
+    graph["3"]["inputs"]["add_noise"] = "disable"
+    quiet = recall_comfy(json.dumps(graph))
+    assert quiet.img2img_strength is None
+    assert quiet.ignored == ["KSamplerAdvanced (start_at_step 8, add_noise disable)", "VAEEncode", "LoadImage"]
+    # from step 8 of an empty latent, or stopping at 15 with the noise left: not a txt2img sdcore runs, said
+    assert recall_comfy(json.dumps(_advanced(start_at_step=8))).ignored == ["KSamplerAdvanced (start_at_step 8)"]
+    partial = recall_comfy(json.dumps(_advanced(end_at_step=15, return_with_leftover_noise="enable")))
+    assert partial.ignored == ["KSamplerAdvanced (return_with_leftover_noise enable, end_at_step 15)"]
+
+
+@pytest.mark.parametrize(
+    ("graph", "message"),
+    [
+        ("{not json", "the PNG's ComfyUI 'prompt' is not valid JSON (Expecting property name"),
+        ("[1, 2]", "the PNG's ComfyUI 'prompt' is not a graph (a JSON object of nodes)"),
+        (
+            json.dumps({**default_graph(), "8": {"class_type": "VAEDecode", "inputs": {"samples": ["99", 0]}}}),
+            "the PNG's ComfyUI graph: node 8 (VAEDecode) input 'samples' links to node 99, which the graph does not have",
+        ),
+        (
+            json.dumps({**default_graph(), "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"x": ["3", 0]}}}),
+            "the PNG's ComfyUI graph has a cycle: nodes 3 -> 4 -> 3",
+        ),
+        (json.dumps({"1": {"inputs": {}}}), "the PNG's ComfyUI graph: node 1 has no class_type"),
+    ],
+)
+def test_malformed_graphs_are_one_line_errors_before_the_model_loads(tmp_path, monkeypatch, graph, message):
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    png = comfy_png(tmp_path / "bad.png", graph)
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(png), "-o", str(tmp_path / "o.png")])
+    assert one_error_line(result).startswith(message)
+
+
+def test_a1111_parameters_win_over_the_graph(tmp_path):
+    png = comfy_png(tmp_path / "both.png", default_graph(), parameters="a cat\nSteps: 3, Sampler: Heun, Seed: 5")
+    recalled = recall_png(png)
+    assert (recalled.values["prompt"], recalled.values["steps"], recalled.values["sampler"]) == ("a cat", 3, "heun")
+    assert "model" not in recalled.values
+
+
+def test_comfy_png_regenerates_the_typed_image(tmp_path):
+    graph = default_graph(seed=7, steps=2, cfg=6.5, sampler_name="euler_ancestral")
+    graph["5"]["inputs"].update(width=64, height=48)
+    graph["6"]["inputs"]["text"] = "a lighthouse at dusk"
+    graph["13"] = {"class_type": "CLIPSetLastLayer", "inputs": {"stop_at_clip_layer": -2, "clip": ["4", 1]}}
+    graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = ["13", 0]
+    png = comfy_png(tmp_path / "comfy.png", graph)
+    recalled_out, typed_out = tmp_path / "recalled.png", tmp_path / "typed.png"
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(png), "--device", "cpu", "-o", str(recalled_out)])
+    assert result.exit_code == 0, result.output
+    assert "ignored" not in result.output and "warning" not in result.output
+    typed = ["a lighthouse at dusk", "-n", "text, watermark", "--seed", "7", "--steps", "2", "--cfg", "6.5"]
+    typed += ["--sampler", "euler_a", "--size", "64x48", "--clip-skip", "2", "--device", "cpu"]
+    result = _invoke(["-m", "tiny:sd1", *typed, "-o", str(typed_out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(recalled_out) as a, Image.open(typed_out) as b:
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+        recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
+    assert recalled_params == typed_params and recalled_params.seed == 7 and recalled_params.size == (64, 48)
+
+
+def test_a_png_with_neither_still_says_so(tmp_path):
+    plain = tmp_path / "plain.png"
+    save_png(Image.new("RGB", (8, 8)), plain, None)
+    with pytest.raises(ConfigError, match=r"no generation parameters .*no ComfyUI 'prompt'"):
+        recall_png(plain)
+
+
+def test_comfy_lora_chain_regenerates_with_a_real_lora_file(sd1, tmp_path, monkeypatch):
+    """A LoraLoader whose strength_clip and strength_model differ, its file in a subfolder of the LoRA folder (as
+    ComfyUI's ``lora_name`` "styles/ink.safetensors"): the recalled tag loads it with those weights."""
+    import types
+
+    import sdplugin_lora.plugin
+    import torch
+    from sdcore.builtin.generate_command import generate
+    from sdcore.plugins import get_plugin_manager
+    from sdplugin_lora.format import network_metadata, save_lora
+    from sdplugin_lora.naming import ModuleIndex
+    from sdplugin_lora.network import LoraNetwork
+
+    lora_dir = tmp_path / "loras"
+    network = LoraNetwork.create(ModuleIndex.from_bundle(sd1).select(conv=False), rank=2, alpha=2.0)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in network:
+            module.lora_down.weight.copy_(torch.randn(module.lora_down.weight.shape, generator=generator) * 0.5)
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=generator) * 0.5)
+    (lora_dir / "styles").mkdir(parents=True)
+    save_lora(lora_dir / "styles" / "ink.safetensors", network.state_dict(),
+              network_metadata(family="sd1", rank=2, alpha=2.0), dtype="fp32")  # fmt: skip
+
+    graph = default_graph(seed=11, steps=2, cfg=5.0)
+    graph["5"]["inputs"].update(width=32, height=32)
+    graph["6"]["inputs"]["text"] = "a castle"
+    graph["10"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"lora_name": "styles\\ink.safetensors", "strength_model": 1.0, "strength_clip": 0.5,
+                   "model": ["4", 0], "clip": ["4", 1]},
+    }  # fmt: skip
+    graph["3"]["inputs"]["model"] = ["10", 0]
+    graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = ["10", 1]
+    png = comfy_png(tmp_path / "comfy.png", graph)
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: sd1)
+    pm = get_plugin_manager(builtins=False, entrypoints=False, extra=[sdplugin_lora.plugin])
+
+    def run(out, *args):
+        common = ["-m", "tiny:sd1", "--device", "cpu", "--lora-dir", str(lora_dir), "-o", str(tmp_path / out)]
+        result = CliRunner().invoke(generate, [*common, *args], obj=types.SimpleNamespace(pm=pm))
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / out) as image:
+            return np.asarray(image.convert("RGB")), parse_parameters(image.info["parameters"])
+
+    typed = ["-n", "text, watermark", "--seed", "11", "--steps", "2", "--cfg", "5", "--sampler", "euler"]
+    typed += ["--size", "32x32"]
+    recalled, info = run("recalled.png", "--from-png", str(png))
+    assert info.prompt == "a castle <lora:ink:0.5:1>" and "Lora hashes" in info.extra
+    same, _ = run("typed.png", "a castle <lora:ink:0.5:1>", *typed)
+    assert np.array_equal(recalled, same)
+    # the file and both weights count: without it, or with the te weight 1, the image differs
+    without, _ = run("none.png", "a castle", *typed)
+    full, _ = run("full.png", "a castle <lora:ink:1>", *typed)
+    assert not np.array_equal(recalled, without) and not np.array_equal(recalled, full)

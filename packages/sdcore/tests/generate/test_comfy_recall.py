@@ -451,3 +451,28 @@ def test_comfy_lora_chain_regenerates_with_a_real_lora_file(sd1, tmp_path, monke
     without, _ = run("none.png", "a castle", *typed)
     full, _ = run("full.png", "a castle <lora:ink:1>", *typed)
     assert not np.array_equal(recalled, without) and not np.array_equal(recalled, full)
+
+
+def test_the_graphs_ckpt_name_is_the_model_when_none_is_given(tiny_bundles, tmp_path):
+    """No ``--model``: the CheckpointLoaderSimple's ``ckpt_name`` (a Windows ``sub\\name`` as ComfyUI on Windows
+    writes it) is found below ``--models-dir``'s ``checkpoints/`` and makes the image ``--model PATH`` makes."""
+    from sdcore.models.save import write_single_file
+
+    checkpoint = tmp_path / "models" / "checkpoints" / "sub" / "base.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    write_single_file(tiny_bundles("sd1"), checkpoint)
+    graph = default_graph(seed=5, steps=1)
+    graph["4"]["inputs"]["ckpt_name"] = "sub\\base.safetensors"
+    graph["5"]["inputs"].update(width=32, height=32)
+    png = comfy_png(tmp_path / "comfy.png", graph)
+    by_name, by_path = tmp_path / "by_name.png", tmp_path / "by_path.png"
+    models = ["--models-dir", str(tmp_path / "models"), "--device", "cpu"]
+    result = _invoke(["--from-png", str(png), *models, "-o", str(by_name)])
+    assert result.exit_code == 0, result.output
+    result = _invoke(["--from-png", str(png), "-m", str(checkpoint), *models, "-o", str(by_path)])
+    assert result.exit_code == 0, result.output
+    with Image.open(by_name) as a, Image.open(by_path) as b:
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+        assert a.info["parameters"] == b.info["parameters"]
+    missing = _invoke(["--from-png", str(png), "--models-dir", str(tmp_path / "nothing"), "-o", str(by_name)])
+    assert missing.exit_code == 2 and "base.safetensors" in missing.output, missing.output

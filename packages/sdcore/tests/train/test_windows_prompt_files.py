@@ -26,7 +26,7 @@ def test_sample_prompt_file_from_notepad(tmp_path: Path, encoding: str) -> None:
 def test_sample_prompt_file_in_cp1252_is_one_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "prompts.txt"
     path.write_bytes(LINES.encode("cp1252"))
-    with pytest.raises(ConfigError, match=r"not UTF-8 \(byte 0xE9 .*'é' in Windows-1252"):
+    with pytest.raises(ConfigError, match=r"prompt file is not UTF-8 \(byte 0xE9 .*'é' in Windows-1252"):
         read_sample_prompts(str(path))
 
 
@@ -42,4 +42,16 @@ def test_template_file_in_cp1252_is_one_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "mine.txt"
     path.write_bytes("a café photo of [name]\r\n".encode("cp1252"))
     with pytest.raises(ConfigError, match="template is not UTF-8"):
+        template_text(str(path), package="sdplugin_ti", builtin=())
+
+
+@pytest.mark.parametrize(("encoding", "name"), [("utf-16-le", "UTF-16 LE"), ("utf-16-be", "UTF-16 BE")])
+def test_prompt_and_template_files_in_utf16_without_bom_are_one_clear_error(
+    tmp_path: Path, encoding: str, name: str
+) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(LINES.encode(encoding))
+    with pytest.raises(ConfigError, match=f"prompt file looks like {name} without a BOM .*save it as UTF-8"):
+        read_sample_prompts(str(path))
+    with pytest.raises(ConfigError, match=f"template looks like {name} without a BOM"):
         template_text(str(path), package="sdplugin_ti", builtin=())

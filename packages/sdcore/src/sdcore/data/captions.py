@@ -124,8 +124,8 @@ def read_caption(image_path: str | os.PathLike[str], extension: str = ".txt", *,
     """The caption of ``image_path``: ``None`` when no caption file exists, ``""`` when it is empty.
 
     Reads ``<stem><extension>`` and falls back to the other of ``.txt``/``.caption``. The file is
-    decoded by :func:`read_caption_text` (UTF-8, a BOM accepted, or UTF-16 with its BOM); like kohya only the first line counts, but leading blank lines are
-    skipped. ``all_lines`` (kohya's ``enable_wildcard``) keeps every non-blank line, stripped and
+    decoded by :func:`read_caption_text` (UTF-8, a BOM accepted, or UTF-16 with its BOM; NUL bytes refused);
+    like kohya only the first line counts, but leading blank lines are skipped. ``all_lines`` (kohya's ``enable_wildcard``) keeps every non-blank line, stripped and
     joined with ``"\\n"``, so that training picks one line per use. Raises :class:`DataError` for an
     unreadable or undecodable caption file.
     """
@@ -159,7 +159,12 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
     "UTF-16 LE", which the BOM names without doubt; kohya's ``open(encoding="utf-8")`` stops on it). Anything else
     (a Windows code page such as cp1252, where ``café`` is the byte 0xE9) is ambiguous and raises
     :class:`DataError` naming the byte, what it would be in Windows-1252, and the fix, rather than training
-    a guess. Line ends (CRLF, a lone CR) are left to ``str.splitlines``, which reads all of them."""
+    a guess. Line ends (CRLF, a lone CR) are left to ``str.splitlines``, which reads all of them.
+
+    A NUL byte is valid UTF-8, so UTF-16 saved without a BOM (``c\0a\0t\0``: what some scripts and editors write)
+    would decode as UTF-8 into a caption full of ``\x00`` and train in silence: a file with NUL bytes and no
+    UTF-16 BOM is refused, as UTF-16 LE/BE without a BOM when its NULs are all on odd/even offsets and it reads
+    as printable UTF-16 text that way, else as a binary file. So is text that decodes to U+0000 under a BOM."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -173,7 +178,11 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
             text = raw[2:].decode(codec)
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: {what} starts with a UTF-16 BOM but is not UTF-16 ({exc.reason})") from None
+        if "\0" in text:
+            raise DataError(f"{path}: {what} holds NUL characters (U+0000): a binary file, not text")
         return text
+    if b"\0" in raw:
+        raise DataError(_nul_problem(path, what, raw))
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -183,6 +192,38 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
             f"{path}: {what} is not UTF-8 (byte 0x{byte:02X} at {exc.start}, {as_1252!r} in Windows-1252: saved in a "
             f"Windows code page?): save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"
         ) from None
+
+
+#: characters a text file may hold besides printable ones (``str.isprintable`` is false for line ends and tabs)
+_TEXT_CONTROLS = frozenset("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _reads_as_utf16(raw: bytes, codec: str) -> bool:
+    """Whether ``raw`` (no BOM) decodes as ``codec`` into printable text without NUL characters."""
+    if len(raw) % 2:
+        return False
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    return all(char.isprintable() or char in _TEXT_CONTROLS for char in text)
+
+
+def _nul_problem(path: Path, what: str, raw: bytes) -> str:
+    """Why ``raw``, which holds NUL bytes and no UTF-16 BOM, is not read: UTF-16 without a BOM (ASCII text in
+    UTF-16 LE is ``c 00 a 00``: every NUL on an odd offset; BE is ``00 c 00 a``: on even ones) or binary."""
+    offsets = [i for i, byte in enumerate(raw) if byte == 0]
+    for codec, parity, name, iconv in (
+        ("utf-16-le", 1, "UTF-16 LE", "UTF-16LE"),
+        ("utf-16-be", 0, "UTF-16 BE", "UTF-16BE"),
+    ):
+        if all(i % 2 == parity for i in offsets) and _reads_as_utf16(raw, codec):
+            return (
+                f"{path}: {what} looks like {name} without a BOM (its NUL bytes all at "
+                f"{'odd' if parity else 'even'} offsets): save it as UTF-8 (Notepad: Save as, Encoding UTF-8; "
+                f"iconv -f {iconv} -t UTF-8)"
+            )
+    return f"{path}: {what} holds NUL bytes (the first at {offsets[0]}): a binary file, not text"
 
 
 def _split_separator(separator: str) -> str:

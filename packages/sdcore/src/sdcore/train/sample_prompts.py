@@ -280,7 +280,13 @@ def read_sample_prompts(value: str, family: str | None = None) -> list[SamplePro
     if is_file and path.suffix.lower() in (".sh", ".bash", ".txt", ""):
         from . import diffusers_script
 
-        if diffusers_script.read_command(path) is not None:  # a diffusers command: its validation prompts
+        try:
+            command = diffusers_script.read_command(path)
+        except ConfigError:  # undecodable: for a .txt the prompt file's reader below says why, naming it so
+            if path.suffix.lower() in (".sh", ".bash"):
+                raise
+            command = None
+        if command is not None:  # a diffusers command: its validation prompts
             return diffusers_script.read_sample_prompts(path, family)
     if is_file or path.suffix.lower() in (".txt", ".json", ".toml"):
         try:  # the captions' one decoding rule: a prompt file from Notepad (a BOM, UTF-16) reads as written

@@ -128,6 +128,70 @@ def test_other_nul_bytes_are_a_binary_file(tmp_path: Path, raw: bytes, first: in
     assert str(info.value) == f"{path}: caption file holds NUL bytes (the first at {first}): a binary file, not text"
 
 
+@pytest.mark.parametrize(
+    ("text", "codec", "name", "side"),
+    [
+        # 一 (U+4E00) is 00 4E in LE: a NUL on an even offset among the ASCII ones on odd offsets (was "binary")
+        ("1girl, 一人, 笑顔\r\n", "utf-16-le", "UTF-16 LE", "mostly at odd"),
+        ("1girl, 一人, 笑顔\r\n", "utf-16-be", "UTF-16 BE", "mostly at even"),
+        # the shortest files: one to three characters
+        ("a", "utf-16-le", "UTF-16 LE", "all at odd"),
+        ("a", "utf-16-be", "UTF-16 BE", "all at even"),
+        ("ok", "utf-16-le", "UTF-16 LE", "all at odd"),
+        ("é!\n", "utf-16-be", "UTF-16 BE", "all at even"),
+    ],
+)
+def test_utf16_without_bom_named_with_cjk_and_in_short_files(
+    tmp_path: Path, text: str, codec: str, name: str, side: str
+) -> None:
+    path = tmp_path / "x.txt"
+    path.write_bytes(text.encode(codec))
+    with pytest.raises(DataError) as info:
+        read_caption_text(path)
+    assert f"caption file looks like {name} without a BOM (its NUL bytes {side} offsets)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "first"),
+    [
+        (b"\x00", 0),  # one byte
+        (b"a\x00b", 1),  # odd length: no UTF-16
+        (b"\x01\x00", 1),  # LE U+0001: a control; BE: its NUL is on the low-byte side
+        (b"\x00\x00", 0),  # U+0000 either way
+        (b"\x00\x01\x00\x02", 0),  # ĀȀ in LE, but both NULs on LE's low-byte side; U+0001 U+0002 in BE
+        (b"a\x00b\x00\x3d\xd8", 1),  # LE: ends in a lone surrogate (D83D) that does not decode
+        (b"\x00\x4ea\x00", 0),  # one NUL on each side: 一a in LE, N愀 in BE, no evidence either way
+    ],
+)
+def test_short_files_with_nul_bytes_are_binary_not_utf16(tmp_path: Path, raw: bytes, first: int) -> None:
+    path = tmp_path / "x.txt"
+    path.write_bytes(raw)
+    with pytest.raises(DataError) as info:
+        read_caption_text(path)
+    assert str(info.value) == f"{path}: caption file holds NUL bytes (the first at {first}): a binary file, not text"
+
+
+@pytest.mark.parametrize("codec", ["utf-32", "utf-32-be"])
+def test_utf32_is_named_not_called_binary(tmp_path: Path, codec: str) -> None:
+    path = tmp_path / "x.txt"
+    raw = "cat".encode(codec)
+    path.write_bytes(raw if codec == "utf-32" else b"\x00\x00\xfe\xff" + raw)  # Python's "utf-32": LE with a BOM
+    with pytest.raises(DataError) as info:
+        read_caption_text(path)
+    assert str(info.value) == (
+        f"{path}: caption file is UTF-32 (its BOM says so): save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"
+    )
+
+
+def test_utf8_text_without_nul_is_read_whatever_its_script(tmp_path: Path) -> None:
+    """No UTF-8 text holds a NUL byte (every byte of a multi-byte character is >= 0x80): nothing legitimate is
+    refused, however many characters it has."""
+    text = "1girl, 一人, 笑顔, ĀȀ, café, emoji 🙂\tx\r\n" * 20000  # ~1 MB
+    path = tmp_path / "x.txt"
+    path.write_bytes(text.encode("utf-8"))
+    assert read_caption_text(path) == text
+
+
 def test_utf16_with_bom_holding_u0000_is_binary(tmp_path: Path) -> None:
     path = tmp_path / "x.txt"
     path.write_bytes("a\0b".encode("utf-16"))

@@ -163,13 +163,19 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
 
     A NUL byte is valid UTF-8, so UTF-16 saved without a BOM (``c\0a\0t\0``: what some scripts and editors write)
     would decode as UTF-8 into a caption full of ``\x00`` and train in silence: a file with NUL bytes and no
-    UTF-16 BOM is refused, as UTF-16 LE/BE without a BOM when its NULs are all on odd/even offsets and it reads
-    as printable UTF-16 text that way, else as a binary file. So is text that decodes to U+0000 under a BOM."""
+    UTF-16 BOM is refused, as UTF-16 LE/BE without a BOM when most of its NULs are on odd/even offsets and it
+    reads as printable UTF-16 text that way, else as a binary file. So is text that decodes to U+0000 under a BOM,
+    and UTF-32 (its BOM names it; the captions' rule does not read it). The test for NUL is one ``bytes`` search,
+    so a big prompt file costs nothing more."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00 starts with FF FE
+        raise DataError(
+            f"{path}: {what} is UTF-32 (its BOM says so): save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"
+        )
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         codec = "utf-16-le" if raw.startswith(codecs.BOM_UTF16_LE) else "utf-16-be"
         try:
@@ -194,36 +200,40 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
         ) from None
 
 
-#: characters a text file may hold besides printable ones (``str.isprintable`` is false for line ends and tabs)
-_TEXT_CONTROLS = frozenset("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
-
-
 def _reads_as_utf16(raw: bytes, codec: str) -> bool:
-    """Whether ``raw`` (no BOM) decodes as ``codec`` into printable text without NUL characters."""
+    """Whether ``raw`` (no BOM) decodes as ``codec`` into printable text without NUL characters (a decode and a
+    check per line: a big file is not walked character by character in Python)."""
     if len(raw) % 2:
         return False
     try:
         text = raw.decode(codec)
     except UnicodeDecodeError:
         return False
-    return all(char.isprintable() or char in _TEXT_CONTROLS for char in text)
+    # str.isprintable is false for U+0000 and the other controls, and for tabs and line ends, which text holds:
+    # splitlines cuts at exactly the line ends (\n \r \v \f \x1c-\x1e \x85 U+2028 U+2029), tabs become spaces
+    return all(line.isprintable() for line in text.replace("\t", " ").splitlines())
 
 
 def _nul_problem(path: Path, what: str, raw: bytes) -> str:
-    """Why ``raw``, which holds NUL bytes and no UTF-16 BOM, is not read: UTF-16 without a BOM (ASCII text in
-    UTF-16 LE is ``c 00 a 00``: every NUL on an odd offset; BE is ``00 c 00 a``: on even ones) or binary."""
-    offsets = [i for i, byte in enumerate(raw) if byte == 0]
-    for codec, parity, name, iconv in (
-        ("utf-16-le", 1, "UTF-16 LE", "UTF-16LE"),
-        ("utf-16-be", 0, "UTF-16 BE", "UTF-16BE"),
+    """Why ``raw``, which holds NUL bytes and no UTF-16 BOM, is not read: UTF-16 without a BOM or binary.
+
+    ASCII text in UTF-16 LE is ``c 00 a 00``: its NULs are high bytes, on odd offsets; in BE (``00 c 00 a``) on
+    even ones. A character such as ``一`` (U+4E00, LE ``00 4E``) puts a NUL on the other side, so the rule is that
+    more NULs are on the high-byte side than on the other and the whole file reads as printable text that way. A
+    tie is no evidence (``00 4E 61 00`` is ``一a`` in LE and ``N愀`` in BE), and a file whose NULs sit anywhere, or
+    a short one such as ``00 01 00 02`` (U+0001 U+0002 in BE), is binary."""
+    odd = raw[1::2].count(0)
+    even = raw.count(0) - odd
+    for codec, high, low, name, iconv, side in (
+        ("utf-16-le", odd, even, "UTF-16 LE", "UTF-16LE", "odd"),
+        ("utf-16-be", even, odd, "UTF-16 BE", "UTF-16BE", "even"),
     ):
-        if all(i % 2 == parity for i in offsets) and _reads_as_utf16(raw, codec):
+        if high > low and _reads_as_utf16(raw, codec):
             return (
-                f"{path}: {what} looks like {name} without a BOM (its NUL bytes all at "
-                f"{'odd' if parity else 'even'} offsets): save it as UTF-8 (Notepad: Save as, Encoding UTF-8; "
-                f"iconv -f {iconv} -t UTF-8)"
+                f"{path}: {what} looks like {name} without a BOM (its NUL bytes {'all' if not low else 'mostly'} at "
+                f"{side} offsets): save it as UTF-8 (Notepad: Save as, Encoding UTF-8; iconv -f {iconv} -t UTF-8)"
             )
-    return f"{path}: {what} holds NUL bytes (the first at {offsets[0]}): a binary file, not text"
+    return f"{path}: {what} holds NUL bytes (the first at {raw.index(0)}): a binary file, not text"
 
 
 def _split_separator(separator: str) -> str:

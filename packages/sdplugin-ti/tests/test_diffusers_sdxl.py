@@ -1,13 +1,14 @@
-"""An SDXL embedding written by ``sdcore train ti`` loads in diffusers by the route diffusers documents for SDXL
+"""An SDXL embedding as ``sdcore train ti`` writes it loads in diffusers by the route diffusers documents for SDXL
 (``load_textual_inversion`` docs, "load from SDXL"): the file's ``clip_l`` tensor into ``text_encoder``/``tokenizer``
-and its ``clip_g`` tensor into ``text_encoder_2``/``tokenizer_2``, each with ``token=``. Checked on a file the
-trainer itself wrote (one step on the tiny SDXL), in both layouts it writes: the ``.safetensors`` (read with
-``safetensors.torch.load_file``, as the docs do) and the ``.pt`` (``torch.load``; for SDXL it holds the same two
-keys, no A1111 ``string_to_param``).
+and its ``clip_g`` tensor into ``text_encoder_2``/``tokenizer_2``, each with ``token=``. The files are written by the
+trainer's own writer (``TIMethod.write``: the ``.pt`` plus the ``--format`` extra) with known vectors, in every
+layout it writes: the ``.safetensors`` (read with ``safetensors.torch.load_file``, as the docs do), the ``.pt`` and
+the ``.bin`` (``torch.load``; for SDXL both hold the same two keys, no A1111 ``string_to_param``). That one step of
+``train ti`` on SDXL writes these keys and widths is ``test_method.test_sdxl_one_step_writes_clip_l_and_clip_g``.
 
-One difference: sdcore (as A1111 and ComfyUI) lets an embedding's name be a word CLIP knows (the trainer's name
-here, ``tiny``, is one); diffusers refuses a ``token`` already in the vocabulary, so such a file is loaded under
-another token (``<tiny>``) and the prompt says that token."""
+One difference: sdcore (as A1111 and ComfyUI) lets an embedding's name be a word CLIP knows (``tiny`` here is one);
+diffusers refuses a ``token`` already in the vocabulary, so such a file is loaded under another token (``<tiny>``)
+and the prompt says that token."""
 
 from __future__ import annotations
 
@@ -20,25 +21,50 @@ import torch
 from sdcore.models.text import encode_prompts
 from sdcore.models.tiny import create_tiny_bundle
 from sdcore.models.tokenizer import OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer
-from sdcore.testing.contract import check_one_step
+from sdcore.testing.contract import contract_options
 from sdplugin_ti.apply import apply_embeddings
+from sdplugin_ti.embedding import CLIP_G, CLIP_L, Embedding
 from sdplugin_ti.formats import load_embedding
 from sdplugin_ti.method import TIMethod
 
-#: the contract dataset's captions start with "tiny": naming the embedding so trains it on every step
-NAME = "tiny"
+NAME = "tiny"  # a word CLIP knows, as the trainer's contract runs name their embedding
 TOKEN = "<tiny>"  # diffusers' token for it: "tiny" is in CLIP's vocabulary
 PROMPT = "a photo of {}, standing in a field"
 
 
+def _vectors(n: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ``.pt`` one training step on the tiny SDXL wrote (its ``.safetensors`` beside it)."""
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny.pt`` (and ``tiny.safetensors``, ``tiny.bin`` beside it) the trainer's writer writes for a 2-vector
+    SDXL embedding at step 1, as ``sdcore train ti --name tiny --format safetensors`` would."""
     folder = tmp_path_factory.mktemp("ti")
-    options = {"name": NAME, "vectors": 2, "template": "subject_filewords", "lr": 5e-2, "format": "safetensors"}
-    # sdcore train ti --name tiny --output tiny.pt --format safetensors: the prompt word is the file's stem (A1111)
-    result = check_one_step(TIMethod, folder, {**options, "output": str(folder / f"{NAME}.pt")}, family="sdxl")
-    return Path(result.output)
+    emb = Embedding(NAME, {CLIP_L: _vectors(2, 32, 1), CLIP_G: _vectors(2, 64, 2)})
+    emb.step = 1
+    emb.metadata = {"sdcore.method": "ti", "sdcore.family": "sdxl"}
+    for fmt in ("safetensors", "bin"):
+        options = contract_options(TIMethod, folder, {"name": NAME, "vectors": 2, "format": fmt}, family="sdxl")
+        primary = TIMethod(options).write(emb, folder, NAME)
+    return primary
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Any:
+    """The tiny SDXL, made once and left as made: diffusers gets copies of its encoders."""
+    return create_tiny_bundle("sdxl")
+
+
+@pytest.fixture(scope="module")
+def ours(written: Path) -> tuple[Any, Any]:
+    """What sdcore computes for the prompt without the embedding and with it (loaded from the ``.safetensors``; each
+    layout's vectors are checked equal to these), on a tiny SDXL of its own: removing an embedding rebuilds the
+    tokenizers (a second or more here), and nothing else uses this one."""
+    model = create_tiny_bundle("sdxl")
+    reference = encode_prompts(model, [PROMPT.format(NAME)])
+    handle = apply_embeddings(model, [load_embedding(written.with_suffix(".safetensors"))])
+    return reference, encode_prompts(model, [handle.expand(PROMPT.format(NAME))])
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
@@ -65,19 +91,20 @@ def _diffusers_sdxl(bundle: Any) -> Any:
     )
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_trained_sdxl_embedding_loads_by_diffusers_documented_route(trained: Path, suffix: str) -> None:
-    path = trained.with_suffix(suffix)
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".bin"])
+def test_sdxl_embedding_loads_by_diffusers_documented_route(
+    written: Path, bundle: Any, ours: tuple[Any, Any], suffix: str
+) -> None:
+    path = written.with_suffix(suffix)
     state = _read(path)
     assert sorted(state) == ["clip_g", "clip_l"]  # what the documented route indexes, nothing else
     assert state["clip_l"].shape == (2, 32) and state["clip_g"].shape == (2, 64)  # tiny SDXL: CLIP-L 32, CLIP-G 64
-    ours = load_embedding(path)
-    assert ours.name == NAME  # the file's stem
-    assert ours.step == (1 if suffix == ".safetensors" else None)  # the SDXL .pt has the two tensors only
-    assert torch.equal(ours.vectors["clip_l"], state["clip_l"]) and torch.equal(ours.vectors["clip_g"], state["clip_g"])
+    emb = load_embedding(path)
+    assert emb.name == NAME  # the file's stem
+    assert emb.step == (1 if suffix == ".safetensors" else None)  # the SDXL .pt/.bin have the two tensors only
+    assert torch.equal(emb.vectors[CLIP_L], state["clip_l"]) and torch.equal(emb.vectors[CLIP_G], state["clip_g"])
+    assert torch.equal(state["clip_l"], _vectors(2, 32, 1)) and torch.equal(state["clip_g"], _vectors(2, 64, 2))
 
-    bundle = create_tiny_bundle("sdxl")  # the model the step trained on (deterministic); TI leaves it unchanged
-    reference = encode_prompts(bundle, [PROMPT.format(NAME)]).hidden_states
     pipe = _diffusers_sdxl(bundle)
     with pytest.raises(ValueError, match="Token tiny already in tokenizer vocabulary"):
         pipe.load_textual_inversion(
@@ -101,24 +128,23 @@ def test_trained_sdxl_embedding_loads_by_diffusers_documented_route(trained: Pat
         PROMPT.format(TOKEN), device="cpu", do_classifier_free_guidance=False
     )
 
-    handle = apply_embeddings(bundle, [ours])
-    cond = encode_prompts(bundle, [handle.expand(PROMPT.format(NAME))])
-    handle.remove()
+    reference, cond = ours
     assert cond.hidden_states.shape == theirs.shape == (1, 77, 32 + 64)
     torch.testing.assert_close(cond.hidden_states, theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cond.pooled, theirs_pooled, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(cond.hidden_states, reference, atol=1e-3)  # the embedding changed the prompt
+    assert not torch.allclose(cond.hidden_states, reference.hidden_states, atol=1e-3)  # the embedding changed it
 
 
-def test_legacy_clip_config_pools_differently_in_diffusers(trained: Path) -> None:
-    """CLIP configs written before transformers PR #24773 say ``eos_token_id: 2`` (OpenAI's CLIP-L config, in
-    SDXL's diffusers folder); transformers then pools at ``argmax(input_ids)``, which is a new token once one is in
-    the prompt. diffusers pools there (at the embedding's last vector); sdcore pools at end-of-text, as for a
-    prompt without the embedding (``sdcore.models._token_table.pool_at_eos``). The prompt embeddings still match."""
+def test_legacy_clip_config_pools_differently_in_diffusers(written: Path, bundle: Any) -> None:
+    """CLIP configs written before transformers PR #24773 say ``eos_token_id: 2``: in the SDXL base 1.0 diffusers
+    folder both encoders' do, ``text_encoder_2``'s (OpenCLIP bigG, the only source of SDXL's pooled vector) too.
+    transformers then pools at ``argmax(input_ids)``, which is a new token once one is in the prompt. diffusers
+    pools there (at the embedding's last vector); sdcore pools at end-of-text, as for a prompt without the
+    embedding (``sdcore.models._token_table.pool_at_eos``). The prompt embeddings still match."""
     from safetensors.torch import load_file
 
-    state = load_file(str(trained.with_suffix(".safetensors")))
-    bundle = create_tiny_bundle("sdxl")
+    state = load_file(str(written.with_suffix(".safetensors")))
+    bundle = copy.deepcopy(bundle)  # its encoders get a legacy config here, and sdcore's embedding
     for encoder in bundle.text_encoders:  # as loaded from such a config (the module that pools keeps a copy)
         encoder.config.eos_token_id = 2
         pooling = [m for m in encoder.modules() if getattr(m, "eos_token_id", None) == 49407]
@@ -132,9 +158,8 @@ def test_legacy_clip_config_pools_differently_in_diffusers(trained: Path) -> Non
     )
     prompt = PROMPT.format(TOKEN)
     theirs, _, theirs_pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
-    handle = apply_embeddings(bundle, [load_embedding(trained)])
+    handle = apply_embeddings(bundle, [load_embedding(written)])
     cond = encode_prompts(bundle, [handle.expand(PROMPT.format(NAME))])
-    handle.remove()
     torch.testing.assert_close(cond.hidden_states, theirs, rtol=1e-5, atol=1e-5)
 
     ids = pipe.tokenizer_2(pipe.maybe_convert_prompt(prompt, pipe.tokenizer_2), return_tensors="pt").input_ids

@@ -62,7 +62,8 @@ def test_unreadable_existing_caption_is_never_destroyed(tmp_path: Path) -> None:
         writer = CaptionWriter(mode)
         assert writer.write(tmp_path / "z.png", ["1girl"]) == "kept"
         assert target.read_bytes() == b"\xfe\x00binary\x80"
-        assert "is not UTF-8" in writer.problems[0] and "left as is" in writer.problems[0]
+        # its NUL byte makes it binary (UTF-8 would accept the NUL and stop at 0x80)
+        assert "holds NUL bytes (the first at 1): a binary file, not text; left as is" in writer.problems[0]
 
 
 def test_failed_write_keeps_old_caption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,6 +37,13 @@ def test_cp1252_styles_refused_with_the_fix(tmp_path: Path) -> None:
         read_styles(tmp_path / "missing.csv")
 
 
+def test_utf16_styles_without_bom_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "styles.csv"
+    path.write_bytes(ROWS.encode("utf-16-le"))  # "Unicode Text" without its BOM
+    with pytest.raises(ConfigError, match=r"styles file looks like UTF-16 LE without a BOM .*save it as UTF-8"):
+        read_styles(path)
+
+
 def test_comma_styles_whose_prompts_hold_semicolons_stay_comma_separated(tmp_path: Path) -> None:
     """The ';' reading is chosen by the header row only: a prompt with ';' in a comma file does not switch it."""
     path = tmp_path / "styles.csv"

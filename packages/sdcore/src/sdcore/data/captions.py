@@ -124,8 +124,8 @@ def read_caption(image_path: str | os.PathLike[str], extension: str = ".txt", *,
     """The caption of ``image_path``: ``None`` when no caption file exists, ``""`` when it is empty.
 
     Reads ``<stem><extension>`` and falls back to the other of ``.txt``/``.caption``. The file is
-    decoded by :func:`read_caption_text` (UTF-8, a BOM accepted, or UTF-16 with its BOM); like kohya only the first line counts, but leading blank lines are
-    skipped. ``all_lines`` (kohya's ``enable_wildcard``) keeps every non-blank line, stripped and
+    decoded by :func:`read_caption_text` (UTF-8, a BOM accepted, or UTF-16 with its BOM; NUL bytes refused);
+    like kohya only the first line counts, but leading blank lines are skipped. ``all_lines`` (kohya's ``enable_wildcard``) keeps every non-blank line, stripped and
     joined with ``"\\n"``, so that training picks one line per use. Raises :class:`DataError` for an
     unreadable or undecodable caption file.
     """
@@ -159,12 +159,23 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
     "UTF-16 LE", which the BOM names without doubt; kohya's ``open(encoding="utf-8")`` stops on it). Anything else
     (a Windows code page such as cp1252, where ``café`` is the byte 0xE9) is ambiguous and raises
     :class:`DataError` naming the byte, what it would be in Windows-1252, and the fix, rather than training
-    a guess. Line ends (CRLF, a lone CR) are left to ``str.splitlines``, which reads all of them."""
+    a guess. Line ends (CRLF, a lone CR) are left to ``str.splitlines``, which reads all of them.
+
+    A NUL byte is valid UTF-8, so UTF-16 saved without a BOM (``c\0a\0t\0``: what some scripts and editors write)
+    would decode as UTF-8 into a caption full of ``\x00`` and train in silence: a file with NUL bytes and no
+    UTF-16 BOM is refused, as UTF-16 LE/BE without a BOM when most of its NULs are on odd/even offsets and it
+    reads as printable UTF-16 text that way, else as a binary file. So is text that decodes to U+0000 under a BOM,
+    and UTF-32 (its BOM names it; the captions' rule does not read it). The test for NUL is one ``bytes`` search,
+    so a big prompt file costs nothing more."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00 starts with FF FE
+        raise DataError(
+            f"{path}: {what} is UTF-32 (its BOM says so): save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"
+        )
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         codec = "utf-16-le" if raw.startswith(codecs.BOM_UTF16_LE) else "utf-16-be"
         try:
@@ -173,7 +184,11 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
             text = raw[2:].decode(codec)
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: {what} starts with a UTF-16 BOM but is not UTF-16 ({exc.reason})") from None
+        if "\0" in text:
+            raise DataError(f"{path}: {what} holds NUL characters (U+0000): a binary file, not text")
         return text
+    if b"\0" in raw:
+        raise DataError(_nul_problem(path, what, raw))
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -183,6 +198,42 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
             f"{path}: {what} is not UTF-8 (byte 0x{byte:02X} at {exc.start}, {as_1252!r} in Windows-1252: saved in a "
             f"Windows code page?): save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"
         ) from None
+
+
+def _reads_as_utf16(raw: bytes, codec: str) -> bool:
+    """Whether ``raw`` (no BOM) decodes as ``codec`` into printable text without NUL characters (a decode and a
+    check per line: a big file is not walked character by character in Python)."""
+    if len(raw) % 2:
+        return False
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    # str.isprintable is false for U+0000 and the other controls, and for tabs and line ends, which text holds:
+    # splitlines cuts at exactly the line ends (\n \r \v \f \x1c-\x1e \x85 U+2028 U+2029), tabs become spaces
+    return all(line.isprintable() for line in text.replace("\t", " ").splitlines())
+
+
+def _nul_problem(path: Path, what: str, raw: bytes) -> str:
+    """Why ``raw``, which holds NUL bytes and no UTF-16 BOM, is not read: UTF-16 without a BOM or binary.
+
+    ASCII text in UTF-16 LE is ``c 00 a 00``: its NULs are high bytes, on odd offsets; in BE (``00 c 00 a``) on
+    even ones. A character such as ``一`` (U+4E00, LE ``00 4E``) puts a NUL on the other side, so the rule is that
+    more NULs are on the high-byte side than on the other and the whole file reads as printable text that way. A
+    tie is no evidence (``00 4E 61 00`` is ``一a`` in LE and ``N愀`` in BE), and a file whose NULs sit anywhere, or
+    a short one such as ``00 01 00 02`` (U+0001 U+0002 in BE), is binary."""
+    odd = raw[1::2].count(0)
+    even = raw.count(0) - odd
+    for codec, high, low, name, iconv, side in (
+        ("utf-16-le", odd, even, "UTF-16 LE", "UTF-16LE", "odd"),
+        ("utf-16-be", even, odd, "UTF-16 BE", "UTF-16BE", "even"),
+    ):
+        if high > low and _reads_as_utf16(raw, codec):
+            return (
+                f"{path}: {what} looks like {name} without a BOM (its NUL bytes {'all' if not low else 'mostly'} at "
+                f"{side} offsets): save it as UTF-8 (Notepad: Save as, Encoding UTF-8; iconv -f {iconv} -t UTF-8)"
+            )
+    return f"{path}: {what} holds NUL bytes (the first at {raw.index(0)}): a binary file, not text"
 
 
 def _split_separator(separator: str) -> str:

@@ -280,15 +280,22 @@ def read_sample_prompts(value: str, family: str | None = None) -> list[SamplePro
     if is_file and path.suffix.lower() in (".sh", ".bash", ".txt", ""):
         from . import diffusers_script
 
+        if path.suffix.lower() not in (".sh", ".bash"):  # a prompt file or a command: an undecodable one is
+            _read_prompt_file(path)  # named a prompt file (the command reader's errors are left to it)
         if diffusers_script.read_command(path) is not None:  # a diffusers command: its validation prompts
             return diffusers_script.read_sample_prompts(path, family)
     if is_file or path.suffix.lower() in (".txt", ".json", ".toml"):
-        try:  # the captions' one decoding rule: a prompt file from Notepad (a BOM, UTF-16) reads as written
-            text = read_caption_text(path, "prompt file")
-        except DataError as exc:
-            raise ConfigError(f"--sample-prompts {exc}") from None  # the message starts with the path
-        return parse_prompt_file(text, path.suffix, str(path))
+        return parse_prompt_file(_read_prompt_file(path), path.suffix, str(path))
     return [parse_prompt_line(value, "--sample-prompts")]
+
+
+def _read_prompt_file(path: Path) -> str:
+    """The text of a prompt file by the captions' one decoding rule: a prompt file from Notepad (a BOM, UTF-16)
+    reads as written; an undecodable one is a :class:`ConfigError` that names it."""
+    try:
+        return read_caption_text(path, "prompt file")
+    except DataError as exc:
+        raise ConfigError(f"--sample-prompts {exc}") from None  # the message starts with the path
 
 
 def generation_calls(prompts: list[SamplePrompt], seed: int) -> list[tuple[list[SamplePrompt], int]]:

@@ -19,6 +19,10 @@ strength the one running ``steps`` of them (:func:`a1111_strength`); ``KSamplerA
 ``start_at_step`` s on an encoded image runs the last ``steps - s`` of its ``steps``. Noise is drawn on the CPU from ``torch.manual_seed(seed)`` for the whole
 batch at once (``prepare_noise``): sdcore's CPU noise for the first image; later images of a ComfyUI batch
 continue that stream where sdcore seeds image i with ``seed + i``. ``CLIPSetLastLayer`` -n is clip skip n.
+Two-pass graphs (LatentUpscale/LatentUpscaleBy: ``round(latent side * scale_by)``; ImageScale/ImageScaleBy on
+the decoded image, then VAEEncode) are A1111's "Hires ..." fields: the second KSampler's ``steps`` and
+``denoise`` are ``Hires steps`` and ``Denoising strength`` as they stand (both run the last ``steps`` of an
+``int(steps / denoise)``-step schedule); its noise comes from its own seed, sdcore's from the first pass's.
 """
 
 from __future__ import annotations

@@ -54,14 +54,14 @@ def default_graph(**ksampler):
     }
 
 
-def comfy_png(path, graph, *, parameters=None):
+def comfy_png(path, graph, *, parameters=None, size=(8, 8)):
     """A PNG as ComfyUI's SaveImage writes it: tEXt ``prompt`` = json.dumps(graph) (and ``workflow``)."""
     info = PngInfo()
     info.add_text("prompt", graph if isinstance(graph, str) else json.dumps(graph))
     info.add_text("workflow", json.dumps({"nodes": [], "links": []}))
     if parameters is not None:
         info.add_text("parameters", parameters)
-    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    Image.new("RGB", size).save(path, pnginfo=info)
     return path
 
 
@@ -606,8 +606,10 @@ def test_base_refiner_graph_says_the_base_is_the_model():
     assert recalled.ignored == [
         "refiner KSamplerAdvanced 11 (checkpoint sd_xl_refiner_1.0.safetensors, steps from 20 of 25): sdcore has no "
         "refiner switch in one run; the base KSamplerAdvanced 3 (checkpoint sd_xl_base_1.0.safetensors, the --model "
-        "taken) runs all 25 steps (refine the image afterwards: --model the refiner --init-image)"
+        "taken) runs all 25 steps (refine the image afterwards: --model the refiner --init-image --steps 25 "
+        "--denoising-strength 0.18: its last 5 steps)"
     ]
+    assert img2img_steps(25, 0.18) == (25, 5)  # sdcore's img2img at that strength: the last 5 of 25
 
 
 def test_comfy_hires_png_regenerates_the_typed_image(tmp_path):
@@ -615,7 +617,7 @@ def test_comfy_hires_png_regenerates_the_typed_image(tmp_path):
     graph["3"]["inputs"].update(seed=7, steps=2)
     graph["5"]["inputs"].update(width=64, height=48)
     graph["10"]["inputs"].update(width=96, height=0, upscale_method="bilinear")  # 96x72
-    png = comfy_png(tmp_path / "comfy.png", graph)
+    png = comfy_png(tmp_path / "comfy.png", graph, size=(96, 72))  # the size the graph makes: nothing said
     recalled_out, typed_out = tmp_path / "recalled.png", tmp_path / "typed.png"
     result = _invoke(["-m", "tiny:sd1", "--from-png", str(png), "--device", "cpu", "-o", str(recalled_out)])
     assert result.exit_code == 0, result.output
@@ -630,3 +632,88 @@ def test_comfy_hires_png_regenerates_the_typed_image(tmp_path):
         assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
         recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
     assert recalled_params == typed_params and recalled_params.extra["Hires resize"] == "96x72"
+
+
+@pytest.mark.parametrize(
+    ("steps", "denoise"),
+    [(14, 0.5), (11, 0.55), (20, 0.3), (10, 0.7), (7, 0.33), (9, 0.45), (3, 0.1), (12, 0.9995), (25, 1.0)],
+)
+def test_hires_steps_run_comfys_sigmas(steps, denoise):
+    """ComfyUI's KSampler.set_steps (rewritten): denoise above 0.9999 runs the plain ``steps``-step schedule, else
+    the last ``steps`` of an ``int(steps / denoise)``-step one; the recalled hires pass runs the same."""
+    comfy = (steps, steps) if denoise > 0.9999 else (int(steps / denoise), steps)
+    recalled = recall_comfy(json.dumps(hires_graph(steps=steps, denoise=denoise)))
+    assert recalled.values["hr_steps"] == steps and recalled.strength == denoise
+    hires = HiresFix(steps=recalled.values["hr_steps"], denoising_strength=recalled.strength)
+    assert hires.schedule(_FIRST["steps"]) == comfy and recalled.ignored == []
+
+
+def test_pixel_hires_sizes_are_checked():
+    # ImageScaleBy 1.3 of 512: round(665.6) = 666, which VAEEncode crops to 664 at the centre; sdcore's
+    # int(512 * 1.3) = 665 is not it: Hires resize 666x666, the 8-pixel crop said
+    graph = hires_graph("pixel")
+    graph["13"]["inputs"]["scale_by"] = 1.3
+    recalled = recall_comfy(json.dumps(graph))
+    assert (recalled.values["hr_resize_x"], recalled.values["hr_resize_y"]) == (666, 666)
+    assert HiresFix(resize_x=666, resize_y=666).final_size(512, 512) == (664, 664)
+    assert recalled.ignored == [
+        "ImageScaleBy to 666x666, not whole 8-pixel blocks (ComfyUI's VAEEncode crops it to 664x664 at the centre; "
+        "sdcore resizes and encodes it A1111's way)"
+    ]
+    # a first pass that is an img2img: no hires fix (A1111's img2img has none), the reason said
+    graph = hires_graph()
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    graph["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"].update(latent_image=["21", 0], denoise=0.6)
+    recalled = recall_comfy(json.dumps(graph))
+    assert "hires" not in recalled.values and recalled.img2img_strength == 0.59
+    assert (
+        recalled.ignored[0]
+        == "KSampler (a second pass sdcore cannot read as its hires fix: its first pass is an img2img)"
+    )
+
+
+def test_upscale_model_factor_is_checked_against_the_png(tmp_path):
+    """A 4x model then ImageScaleBy 0.5 (a usual pixel hires graph): x4 read from the name makes 1024x1024; a PNG
+    of another size says that the factor was a guess."""
+    graph = hires_graph("pixel")
+    graph["16"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "4x-UltraSharp.pth"}}
+    graph["17"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["16", 0], "image": ["12", 0]}}
+    graph["13"]["inputs"].update(image=["17", 0], scale_by=0.5)
+    model_said = (
+        "ImageUpscaleWithModel 4x-UltraSharp.pth (sdcore has no upscale models: Lanczos, its x4 read from the name)"
+    )
+    right = recall_png(comfy_png(tmp_path / "right.png", graph, size=(1024, 1024)))
+    assert (right.values["hr_resize_x"], right.values["hr_resize_y"]) == (1024, 1024)
+    assert right.ignored == [
+        model_said,
+        "ImageScaleBy lanczos x0.5 (sdcore upscales once, to the size all of them make)",
+    ]
+    wrong = recall_png(comfy_png(tmp_path / "wrong.png", graph, size=(512, 512)))
+    assert wrong.values["hr_resize_x"] == 1024 and wrong.ignored[2] == (
+        "the image is 512x512 where the graph's second pass makes 1024x1024; 4x-UltraSharp.pth's x4 is read from its name"
+    )
+
+
+def test_comfy_pixel_hires_png_regenerates_the_typed_image(tmp_path):
+    """The pixel variant: VAEDecode -> ImageScaleBy lanczos 1.5 -> VAEEncode is A1111's Lanczos at 1.5 (PIL's
+    Lanczos on the 8-bit image in both); the recalled options and the typed ones make the same pixels."""
+    graph = hires_graph("pixel", steps=2, denoise=0.5, seed=7)
+    graph["3"]["inputs"].update(seed=7, steps=2)
+    graph["5"]["inputs"].update(width=64, height=48)
+    png = comfy_png(tmp_path / "comfy.png", graph, size=(96, 72))
+    recalled_out, typed_out = tmp_path / "recalled.png", tmp_path / "typed.png"
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(png), "--device", "cpu", "-o", str(recalled_out)])
+    assert result.exit_code == 0, result.output
+    assert "ignored" not in result.output and "warning" not in result.output
+    typed = [_FIRST["prompt"], "-n", "text, watermark", "--seed", "7", "--steps", "2", "--cfg", "8"]
+    typed += ["--sampler", "dpm++2m_karras", "--size", "64x48", "--device", "cpu", "--hires", "--hr-scale", "1.5"]
+    typed += ["--hr-upscaler", "Lanczos", "--hr-steps", "2", "--denoising-strength", "0.5"]
+    result = _invoke(["-m", "tiny:sd1", *typed, "-o", str(typed_out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(recalled_out) as a, Image.open(typed_out) as b:
+        assert a.size == (96, 72)
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+        recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
+    assert recalled_params == typed_params
+    assert (recalled_params.extra["Hires upscale"], recalled_params.extra["Hires upscaler"]) == ("1.5", "Lanczos")

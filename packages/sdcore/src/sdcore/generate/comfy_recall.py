@@ -422,11 +422,15 @@ def _chain(walk: _Walk, node: str | None, kind: str, loras: dict[str, _Lora], fo
 @dataclass
 class _Upscale:
     """A two-pass ("hires fix") graph's middle: the first pass's sampler and the nodes between it and the
-    second sampler's ``latent_image``, first pass's side first; ``pixel``: decoded, scaled, encoded again."""
+    second sampler's ``latent_image``, first pass's side first; ``pixel``: decoded, scaled, encoded again.
+    ``final``: the size of the image the second pass makes (set by :func:`_hires_fields`); ``guessed``: an
+    upscale model's factor read from its file name, said with a PNG whose size disagrees."""
 
     first: str
     nodes: list[str]
     pixel: bool
+    final: tuple[int, int] | None = None
+    guessed: str | None = None
 
 
 def _two_pass(walk: _Walk, node: str) -> _Upscale | None:
@@ -538,6 +542,7 @@ def _hires_fields(walk: _Walk, upscale: _Upscale, size: tuple[int, int]) -> dict
                 return None
             walk.used.add(str(loader))
             image = (image[0] * model_factor, image[1] * model_factor)
+            upscale.guessed = f"{name}'s x{model_factor} is read from its name"
             method, shown = None, f"{kind} {name}"
             said[node] = f"{shown} (sdcore has no upscale models: Lanczos, its x{model_factor} read from the name)"
         elif kind == "VAEEncode":  # ComfyUI encodes the pixels' whole 8-pixel blocks
@@ -566,6 +571,14 @@ def _hires_fields(walk: _Walk, upscale: _Upscale, size: tuple[int, int]) -> dict
             said[node] = f"{shown} (sdcore upscales once, to the size all of them make)"
     final = (latent[0] * 8, latent[1] * 8)
     wanted = image if upscale.pixel else final
+    upscale.final = final
+    if upscale.pixel and wanted != final:  # ComfyUI's VAE.encode: vae_encode_crop_pixels
+        last = scales[-1]
+        said.setdefault(
+            last,
+            f"{walk.type(last)} to {wanted[0]}x{wanted[1]}, not whole 8-pixel blocks (ComfyUI's VAEEncode crops "
+            f"it to {final[0]}x{final[1]} at the centre; sdcore resizes and encodes it A1111's way)",
+        )
 
     def makes(hires: HiresFix) -> bool:  # sdcore's upscale goes straight to that size, with no crop
         to_x, to_y, cut_x, cut_y = hires.target(*size)
@@ -722,7 +735,7 @@ def _second_pass(
     return fields
 
 
-def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
+def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[int, int] | None = None) -> Recalled:
     """The ``generate`` options a ComfyUI ``prompt`` graph sets (see the module docstring), as
     :func:`~sdcore.generate.recall.recall_parameters` gives them for an infotext; ``values["model"]`` is the
     checkpoint's ``ckpt_name``. What the graph does that sdcore does not follow is in ``ignored``.
@@ -730,7 +743,8 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
     A two-pass ("hires fix") graph, KSampler -> LatentUpscale(By) -> KSampler, or KSampler -> VAEDecode ->
     ImageScale(By)/ImageUpscaleWithModel -> VAEEncode -> KSampler, is recalled as A1111's hires fix: the first
     sampler is the first pass, the second the "Hires ..." fields (:func:`_hires_fields`, :func:`_second_pass`).
-    An SDXL base -> refiner graph recalls the base sampler, the refiner said."""
+    An SDXL base -> refiner graph recalls the base sampler, the refiner said. ``image_size``: the PNG's own size,
+    checked against the size a hires graph makes (an upscale model's factor is only read from its file name)."""
     from .recall import recall_parameters
 
     walk = _Walk(parse_comfy_graph(text))
@@ -810,9 +824,15 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
 
     prompt = _prompt(positive.text, _tags(loras))
     sampling.cfg = float(sampling.cfg) if isinstance(sampling.cfg, int | float) else None
-    if upscale is not None and size is not None and "Denoising strength" not in extra:
-        hires = _hires_fields(walk, upscale, size)
-        second = None
+    if upscale is not None:
+        hires = second = None
+        why = ""
+        if "Denoising strength" in extra:  # A1111's (sdcore's) img2img has no hires fix
+            why = ": its first pass is an img2img"
+        elif size is None:
+            why = ": its first pass's size is not read"
+        else:
+            hires = _hires_fields(walk, upscale, size)
         if hires is not None:
             model = chain.get("model") if isinstance(chain.get("model"), str) else None
             texts = (positive.text, _tags(loras), negative.text or "", model)
@@ -820,8 +840,14 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
         if hires is not None and second is not None:
             extra.update(hires)
             extra.update(second)
+            if image_size is not None and upscale.final is not None and tuple(image_size) != upscale.final:
+                guessed = f"; {upscale.guessed}" if upscale.guessed else ""
+                walk.notes["image_size"] = (
+                    f"the image is {image_size[0]}x{image_size[1]} where the graph's second pass makes "
+                    f"{upscale.final[0]}x{upscale.final[1]}{guessed}"
+                )
         else:  # a size or second pass sdcore cannot work out: the graph is said as before
-            walk.notes[last] = f"{walk.type(last)} (a second pass sdcore cannot read as its hires fix)"
+            walk.notes[last] = f"{walk.type(last)} (a second pass sdcore cannot read as its hires fix{why})"
     if refiner is not None:
         refined = _sampling(walk, last)
         found: dict[str, Any] = {}
@@ -829,11 +855,19 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
         walk.used.update(n for n in _ancestors(walk, last) if n not in _ancestors(walk, sampler_node))
         walk.notes.pop(last, None)
         base = chain.get("model")
+        start = walk.value(last, "start_at_step", 0)
+        refine = "--model the refiner --init-image"
+        if isinstance(start, int) and isinstance(refined.steps, int) and 0 <= start < refined.steps:
+            # its last steps - start steps: sdcore's img2img of `steps` at the strength running them
+            strength = _number(a1111_strength(refined.steps, refined.steps - start))
+            refine += (
+                f" --steps {refined.steps} --denoising-strength {strength}: its last {refined.steps - start} steps"
+            )
         walk.notes[last] = (
-            f"refiner {walk.type(last)} {last} (checkpoint {found.get('model')}, steps from "
-            f"{walk.value(last, 'start_at_step', 0)} of {refined.steps}): sdcore has no refiner switch in one run; "
-            f"the base {walk.type(sampler_node)} {sampler_node} (checkpoint {base}, the --model taken) runs all "
-            f"{steps} steps (refine the image afterwards: --model the refiner --init-image)"
+            f"refiner {walk.type(last)} {last} (checkpoint {found.get('model')}, steps from {start} of "
+            f"{refined.steps}): sdcore has no refiner switch in one run; the base {walk.type(sampler_node)} "
+            f"{sampler_node} (checkpoint {base}, the --model taken) runs all {steps} steps (refine the image "
+            f"afterwards: {refine})"
         )
     parameters = GenerationParameters(
         prompt=prompt,

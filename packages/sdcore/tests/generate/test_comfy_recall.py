@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 from sdcore.builtin import generate_command
 from sdcore.errors import ConfigError
 from sdcore.generate.comfy_recall import recall_comfy
-from sdcore.generate.hires import img2img_steps
+from sdcore.generate.hires import HiresFix, img2img_steps
 from sdcore.generate.pipeline import SAMPLERS
 from sdcore.generate.pnginfo import parse_parameters, save_png
 from sdcore.generate.recall import recall_png
@@ -54,14 +54,14 @@ def default_graph(**ksampler):
     }
 
 
-def comfy_png(path, graph, *, parameters=None):
+def comfy_png(path, graph, *, parameters=None, size=(8, 8)):
     """A PNG as ComfyUI's SaveImage writes it: tEXt ``prompt`` = json.dumps(graph) (and ``workflow``)."""
     info = PngInfo()
     info.add_text("prompt", graph if isinstance(graph, str) else json.dumps(graph))
     info.add_text("workflow", json.dumps({"nodes": [], "links": []}))
     if parameters is not None:
         info.add_text("parameters", parameters)
-    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    Image.new("RGB", size).save(path, pnginfo=info)
     return path
 
 
@@ -476,3 +476,244 @@ def test_the_graphs_ckpt_name_is_the_model_when_none_is_given(tiny_bundles, tmp_
         assert a.info["parameters"] == b.info["parameters"]
     missing = _invoke(["--from-png", str(png), "--models-dir", str(tmp_path / "nothing"), "-o", str(by_name)])
     assert missing.exit_code == 2 and "base.safetensors" in missing.output, missing.output
+
+
+def hires_graph(upscale="latent", **second):
+    """ComfyUI's "2 Pass Txt2Img (Hires fix)" example shaped as its API graph: the default workflow's KSampler 3
+    (txt2img) -> LatentUpscale 10 -> KSampler 11 (denoise 0.5) -> VAEDecode 8 -> SaveImage 9; ``upscale``
+    "pixel": VAEDecode 12 -> ImageScaleBy 13 -> VAEEncode 14 between them instead (node inputs as nodes.py)."""
+    graph = default_graph(steps=20, cfg=8.0, sampler_name="dpmpp_2m", scheduler="karras")
+    inputs = {"seed": 156680208700286, "steps": 14, "cfg": 8.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+    inputs.update(denoise=0.5, model=["4", 0], positive=["6", 0], negative=["7", 0], latent_image=["10", 0])
+    graph["11"] = {"class_type": "KSampler", "inputs": {**inputs, **second}}
+    if upscale == "latent":
+        graph["10"] = {
+            "class_type": "LatentUpscale",
+            "inputs": {"upscale_method": "nearest-exact", "width": 1152, "height": 1152, "crop": "disabled",
+                       "samples": ["3", 0]},
+        }  # fmt: skip
+    else:
+        graph["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+        graph["13"] = {"class_type": "ImageScaleBy", "inputs": {"upscale_method": "lanczos", "scale_by": 1.5,
+                                                                "image": ["12", 0]}}  # fmt: skip
+        graph["14"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["13", 0], "vae": ["4", 2]}}
+        graph["11"]["inputs"]["latent_image"] = ["14", 0]
+    graph["8"]["inputs"]["samples"] = ["11", 0]
+    return graph
+
+
+_FIRST = {
+    "prompt": "beautiful scenery nature glass bottle landscape, , purple galaxy bottle,",
+    "negative": "text, watermark",
+    "steps": 20,
+    "sampler": "dpm++2m_karras",
+    "seed": 156680208700286,
+    "size": (512, 512),
+    "clip_skip": 1,
+    "model": "v1-5-pruned-emaonly.safetensors",
+    "batch": 1,
+}
+_SAME = {"hires": True, "hr_prompt": None, "hr_negative": None, "hr_sampler": None, "hr_cfg": None}
+
+
+def test_latent_hires_graph_is_the_hires_fix():
+    recalled = recall_comfy(json.dumps(hires_graph()))
+    # LatentUpscale 1152x1152 of a 512 image: sdcore's Hires resize to the same latent (144x144), no crop
+    assert recalled.values == {
+        **_FIRST, **_SAME, "hr_scale": 2.0, "hr_resize_x": 1152, "hr_resize_y": 1152,
+        "hr_upscaler": "Latent (nearest-exact)", "hr_steps": 14, "hr_distilled_cfg": None,
+    }  # fmt: skip
+    assert recalled.strength == 0.5 and recalled.img2img_strength is None and recalled.ignored == []
+    # ComfyUI's 14 steps at denoise 0.5 are the last 14 of int(14 / 0.5) = 28; sdcore's hires pass the same
+    assert HiresFix(steps=14, denoising_strength=0.5).schedule(20) == (28, 14)
+    # LatentUpscaleBy 1.5 (round(64 * 1.5) = 96 latent pixels): A1111's "Hires upscale: 1.5", int(512 * 1.5)
+    graph = hires_graph(denoise=0.55, steps=11, seed=7, cfg=6, sampler_name="euler", scheduler="normal")
+    graph["10"] = {"class_type": "LatentUpscaleBy", "inputs": {"upscale_method": "bicubic", "scale_by": 1.5,
+                                                               "samples": ["3", 0]}}  # fmt: skip
+    graph["15"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "sharp details", "clip": ["4", 1]}}
+    graph["11"]["inputs"]["positive"] = ["15", 0]
+    recalled = recall_comfy(json.dumps(graph))
+    extra = recalled.parameters.extra
+    assert {k: v for k, v in extra.items() if k.startswith("Hires")} == {
+        "Hires upscale": "1.5", "Hires upscaler": "Latent (bicubic)", "Hires steps": "11", "Hires sampler": "euler",
+        "Hires schedule type": "Uniform", "Hires CFG Scale": "6", "Hires prompt": "sharp details",
+    }  # fmt: skip
+    assert extra["Denoising strength"] == "0.55" and recalled.strength == 0.55
+    assert HiresFix(steps=11, denoising_strength=0.55).schedule(20) == (int(11 / 0.55), 11) == (20, 11)
+    assert (recalled.values["hr_scale"], recalled.values["hr_resize_x"], recalled.values["hr_upscaler"]) == (
+        1.5, 0, "Latent (bicubic)")  # fmt: skip
+    assert (recalled.values["hr_sampler"], recalled.values["hr_cfg"]) == ("euler", 6.0)
+    assert recalled.values["hr_prompt"] == "sharp details" and recalled.values["hr_negative"] is None
+    assert recalled.ignored == [
+        "KSampler seed 7 (sdcore's hires pass draws its noise from the first pass's seed 156680208700286)"
+    ]
+    # methods sdcore has not: said, with the upscaler used; 1.5 of area is no nearest-exact
+    graph["10"]["inputs"]["upscale_method"] = "area"
+    assert recall_comfy(json.dumps(graph)).ignored[0] == (
+        "LatentUpscaleBy area x1.5 (sdcore has no area latent upscale: Latent (nearest-exact))"
+    )
+    graph["10"]["inputs"].update(upscale_method="area", scale_by=2)  # whole-number scale: the same pixels
+    assert recall_comfy(json.dumps(graph)).values["hr_upscaler"] == "Latent (nearest-exact)"
+    assert len(recall_comfy(json.dumps(graph)).ignored) == 1
+
+
+def test_pixel_hires_graph_is_the_hires_fix():
+    recalled = recall_comfy(json.dumps(hires_graph("pixel", denoise=0.4)))
+    assert recalled.values == {
+        **_FIRST, **_SAME, "hr_scale": 1.5, "hr_resize_x": 0, "hr_resize_y": 0, "hr_upscaler": "Lanczos",
+        "hr_steps": 14, "hr_distilled_cfg": None,
+    }  # fmt: skip
+    assert recalled.strength == 0.4 and recalled.ignored == []
+    # an upscale model's factor from its name, then ImageScale to 1024 wide: Lanczos, resize, both said
+    graph = hires_graph("pixel")
+    graph["16"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "4x-UltraSharp.pth"}}
+    graph["17"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["16", 0],
+                                                                     "image": ["12", 0]}}  # fmt: skip
+    graph["13"] = {"class_type": "ImageScale", "inputs": {"upscale_method": "bilinear", "width": 1024, "height": 0,
+                                                          "crop": "disabled", "image": ["17", 0]}}  # fmt: skip
+    recalled = recall_comfy(json.dumps(graph))
+    assert (recalled.values["hr_resize_x"], recalled.values["hr_resize_y"]) == (1024, 1024)
+    assert recalled.values["hr_upscaler"] == "Lanczos"
+    assert recalled.ignored == [
+        "ImageUpscaleWithModel 4x-UltraSharp.pth (sdcore has no upscale models: Lanczos, its x4 read from the name)",
+        "ImageScale bilinear 1024x1024 (sdcore upscales once, to the size all of them make)",
+    ]
+    # a model whose name says no factor: no hires fix recalled, said
+    graph["16"]["inputs"]["model_name"] = "UltraSharp.pth"
+    recalled = recall_comfy(json.dumps(graph))
+    assert "hires" not in recalled.values
+    assert recalled.ignored[0] == "KSampler (a second pass sdcore cannot read as its hires fix)"
+
+
+def test_base_refiner_graph_says_the_base_is_the_model():
+    """ComfyUI's SDXL base -> refiner example: KSamplerAdvanced 10 (base, steps 25, end_at_step 20, leftover
+    noise) -> KSamplerAdvanced 11 (refiner checkpoint, add_noise disable, from step 20)."""
+    graph = _advanced(steps=25, end_at_step=20, return_with_leftover_noise="enable")
+    graph["4"]["inputs"]["ckpt_name"] = "sd_xl_base_1.0.safetensors"
+    graph["12"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_refiner_1.0.safetensors"}}
+    graph["13"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "refined", "clip": ["12", 1]}}
+    graph["14"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["12", 1]}}
+    graph["11"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {**graph["3"]["inputs"], "add_noise": "disable", "start_at_step": 20, "end_at_step": 10000,
+                   "return_with_leftover_noise": "disable", "model": ["12", 0], "positive": ["13", 0],
+                   "negative": ["14", 0], "latent_image": ["3", 0]},
+    }  # fmt: skip
+    graph["8"]["inputs"] = {"samples": ["11", 0], "vae": ["12", 2]}
+    recalled = recall_comfy(json.dumps(graph))
+    assert recalled.values["model"] == "sd_xl_base_1.0.safetensors" and recalled.values["steps"] == 25
+    assert recalled.values["prompt"] == _FIRST["prompt"] and "hires" not in recalled.values
+    assert recalled.ignored == [
+        "refiner KSamplerAdvanced 11 (checkpoint sd_xl_refiner_1.0.safetensors, steps from 20 of 25): sdcore has no "
+        "refiner switch in one run; the base KSamplerAdvanced 3 (checkpoint sd_xl_base_1.0.safetensors, the --model "
+        "taken) runs all 25 steps (refine the image afterwards: --model the refiner --init-image --steps 25 "
+        "--denoising-strength 0.18: its last 5 steps)"
+    ]
+    assert img2img_steps(25, 0.18) == (25, 5)  # sdcore's img2img at that strength: the last 5 of 25
+
+
+def test_comfy_hires_png_regenerates_the_typed_image(tmp_path):
+    graph = hires_graph(steps=2, denoise=0.5, seed=7)
+    graph["3"]["inputs"].update(seed=7, steps=2)
+    graph["5"]["inputs"].update(width=64, height=48)
+    graph["10"]["inputs"].update(width=96, height=0, upscale_method="bilinear")  # 96x72
+    png = comfy_png(tmp_path / "comfy.png", graph, size=(96, 72))  # the size the graph makes: nothing said
+    recalled_out, typed_out = tmp_path / "recalled.png", tmp_path / "typed.png"
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(png), "--device", "cpu", "-o", str(recalled_out)])
+    assert result.exit_code == 0, result.output
+    assert "ignored" not in result.output and "warning" not in result.output
+    typed = [_FIRST["prompt"], "-n", "text, watermark", "--seed", "7", "--steps", "2", "--cfg", "8"]
+    typed += ["--sampler", "dpm++2m_karras", "--size", "64x48", "--device", "cpu", "--hires", "--hr-resize-x", "96"]
+    typed += ["--hr-resize-y", "72", "--hr-upscaler", "Latent", "--hr-steps", "2", "--denoising-strength", "0.5"]
+    result = _invoke(["-m", "tiny:sd1", *typed, "-o", str(typed_out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(recalled_out) as a, Image.open(typed_out) as b:
+        assert a.size == (96, 72)
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+        recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
+    assert recalled_params == typed_params and recalled_params.extra["Hires resize"] == "96x72"
+
+
+@pytest.mark.parametrize(
+    ("steps", "denoise"),
+    [(14, 0.5), (11, 0.55), (20, 0.3), (10, 0.7), (7, 0.33), (9, 0.45), (3, 0.1), (12, 0.9995), (25, 1.0)],
+)
+def test_hires_steps_run_comfys_sigmas(steps, denoise):
+    """ComfyUI's KSampler.set_steps (rewritten): denoise above 0.9999 runs the plain ``steps``-step schedule, else
+    the last ``steps`` of an ``int(steps / denoise)``-step one; the recalled hires pass runs the same."""
+    comfy = (steps, steps) if denoise > 0.9999 else (int(steps / denoise), steps)
+    recalled = recall_comfy(json.dumps(hires_graph(steps=steps, denoise=denoise)))
+    assert recalled.values["hr_steps"] == steps and recalled.strength == denoise
+    hires = HiresFix(steps=recalled.values["hr_steps"], denoising_strength=recalled.strength)
+    assert hires.schedule(_FIRST["steps"]) == comfy and recalled.ignored == []
+
+
+def test_pixel_hires_sizes_are_checked():
+    # ImageScaleBy 1.3 of 512: round(665.6) = 666, which VAEEncode crops to 664 at the centre; sdcore's
+    # int(512 * 1.3) = 665 is not it: Hires resize 666x666, the 8-pixel crop said
+    graph = hires_graph("pixel")
+    graph["13"]["inputs"]["scale_by"] = 1.3
+    recalled = recall_comfy(json.dumps(graph))
+    assert (recalled.values["hr_resize_x"], recalled.values["hr_resize_y"]) == (666, 666)
+    assert HiresFix(resize_x=666, resize_y=666).final_size(512, 512) == (664, 664)
+    assert recalled.ignored == [
+        "ImageScaleBy to 666x666, not whole 8-pixel blocks (ComfyUI's VAEEncode crops it to 664x664 at the centre; "
+        "sdcore resizes and encodes it A1111's way)"
+    ]
+    # a first pass that is an img2img: no hires fix (A1111's img2img has none), the reason said
+    graph = hires_graph()
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    graph["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"].update(latent_image=["21", 0], denoise=0.6)
+    recalled = recall_comfy(json.dumps(graph))
+    assert "hires" not in recalled.values and recalled.img2img_strength == 0.59
+    assert (
+        recalled.ignored[0]
+        == "KSampler (a second pass sdcore cannot read as its hires fix: its first pass is an img2img)"
+    )
+
+
+def test_upscale_model_factor_is_checked_against_the_png(tmp_path):
+    """A 4x model then ImageScaleBy 0.5 (a usual pixel hires graph): x4 read from the name makes 1024x1024; a PNG
+    of another size says that the factor was a guess."""
+    graph = hires_graph("pixel")
+    graph["16"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "4x-UltraSharp.pth"}}
+    graph["17"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["16", 0], "image": ["12", 0]}}
+    graph["13"]["inputs"].update(image=["17", 0], scale_by=0.5)
+    model_said = (
+        "ImageUpscaleWithModel 4x-UltraSharp.pth (sdcore has no upscale models: Lanczos, its x4 read from the name)"
+    )
+    right = recall_png(comfy_png(tmp_path / "right.png", graph, size=(1024, 1024)))
+    assert (right.values["hr_resize_x"], right.values["hr_resize_y"]) == (1024, 1024)
+    assert right.ignored == [
+        model_said,
+        "ImageScaleBy lanczos x0.5 (sdcore upscales once, to the size all of them make)",
+    ]
+    wrong = recall_png(comfy_png(tmp_path / "wrong.png", graph, size=(512, 512)))
+    assert wrong.values["hr_resize_x"] == 1024 and wrong.ignored[2] == (
+        "the image is 512x512 where the graph's second pass makes 1024x1024; 4x-UltraSharp.pth's x4 is read from its name"
+    )
+
+
+def test_comfy_pixel_hires_png_regenerates_the_typed_image(tmp_path):
+    """The pixel variant: VAEDecode -> ImageScaleBy lanczos 1.5 -> VAEEncode is A1111's Lanczos at 1.5 (PIL's
+    Lanczos on the 8-bit image in both); the recalled options and the typed ones make the same pixels."""
+    graph = hires_graph("pixel", steps=2, denoise=0.5, seed=7)
+    graph["3"]["inputs"].update(seed=7, steps=2)
+    graph["5"]["inputs"].update(width=64, height=48)
+    png = comfy_png(tmp_path / "comfy.png", graph, size=(96, 72))
+    recalled_out, typed_out = tmp_path / "recalled.png", tmp_path / "typed.png"
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(png), "--device", "cpu", "-o", str(recalled_out)])
+    assert result.exit_code == 0, result.output
+    assert "ignored" not in result.output and "warning" not in result.output
+    typed = [_FIRST["prompt"], "-n", "text, watermark", "--seed", "7", "--steps", "2", "--cfg", "8"]
+    typed += ["--sampler", "dpm++2m_karras", "--size", "64x48", "--device", "cpu", "--hires", "--hr-scale", "1.5"]
+    typed += ["--hr-upscaler", "Lanczos", "--hr-steps", "2", "--denoising-strength", "0.5"]
+    result = _invoke(["-m", "tiny:sd1", *typed, "-o", str(typed_out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(recalled_out) as a, Image.open(typed_out) as b:
+        assert a.size == (96, 72)
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+        recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
+    assert recalled_params == typed_params
+    assert (recalled_params.extra["Hires upscale"], recalled_params.extra["Hires upscaler"]) == ("1.5", "Lanczos")

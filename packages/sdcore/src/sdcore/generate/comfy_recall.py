@@ -19,6 +19,10 @@ strength the one running ``steps`` of them (:func:`a1111_strength`); ``KSamplerA
 ``start_at_step`` s on an encoded image runs the last ``steps - s`` of its ``steps``. Noise is drawn on the CPU from ``torch.manual_seed(seed)`` for the whole
 batch at once (``prepare_noise``): sdcore's CPU noise for the first image; later images of a ComfyUI batch
 continue that stream where sdcore seeds image i with ``seed + i``. ``CLIPSetLastLayer`` -n is clip skip n.
+Two-pass graphs (LatentUpscale/LatentUpscaleBy: ``round(latent side * scale_by)``; ImageScale/ImageScaleBy on
+the decoded image, then VAEEncode) are A1111's "Hires ..." fields: the second KSampler's ``steps`` and
+``denoise`` are ``Hires steps`` and ``Denoising strength`` as they stand (both run the last ``steps`` of an
+``int(steps / denoise)``-step schedule); its noise comes from its own seed, sdcore's from the first pass's.
 """
 
 from __future__ import annotations
@@ -82,6 +86,24 @@ _LOADER_HINTS = {"UNETLoader": "--model", "CLIPLoader": "--clip-l/--t5xxl", "Dua
                  "TripleCLIPLoader": "--clip-l/--clip-g/--t5xxl", "VAELoader": "--vae"}  # fmt: skip
 #: inputs a conditioning node passes on, first found first (ConditioningCombine's first input)
 _CONDITIONING_INPUTS = ("conditioning", "conditioning_1", "conditioning_to")
+#: a "hires fix" graph's upscale between its two samplers (nodes.py; ImageUpscaleWithModel: comfy_extras)
+_LATENT_UPSCALES = ("LatentUpscale", "LatentUpscaleBy")
+_IMAGE_UPSCALES = ("ImageScale", "ImageScaleBy", "ImageUpscaleWithModel")
+#: ComfyUI's latent ``upscale_method`` -> sdcore's (A1111's) latent upscaler running the same
+#: ``torch.nn.functional.interpolate`` (comfy.utils.common_upscale: that mode, no antialias). ``area`` is
+#: ``Latent (nearest-exact)`` at whole-number scales only (each output pixel averages the one input pixel it
+#: falls in); ``bislerp`` has none (``Latent``, bilinear, is used and said).
+LATENT_UPSCALE_METHODS = {
+    "bilinear": "Latent",
+    "bicubic": "Latent (bicubic)",
+    "nearest-exact": "Latent (nearest-exact)",
+    "area": "Latent (nearest-exact)",
+    "bislerp": "Latent",
+}
+#: ComfyUI's image ``upscale_method`` -> sdcore's image upscaler. ``lanczos`` is PIL's Lanczos on the image
+#: truncated to 8 bits (comfy.utils.lanczos), as sdcore's; ``nearest-exact`` picks the pixels sdcore's Nearest
+#: picks but on the decoded floats (said); the others (and upscale models) get Lanczos, said.
+IMAGE_UPSCALE_METHODS = {"lanczos": "Lanczos", "nearest-exact": "Nearest"}
 
 
 def _is_link(value: Any) -> TypeGuard[list[Any]]:
@@ -397,6 +419,186 @@ def _chain(walk: _Walk, node: str | None, kind: str, loras: dict[str, _Lora], fo
         node = walk.link(node, kind)
 
 
+@dataclass
+class _Upscale:
+    """A two-pass ("hires fix") graph's middle: the first pass's sampler and the nodes between it and the
+    second sampler's ``latent_image``, first pass's side first; ``pixel``: decoded, scaled, encoded again.
+    ``final``: the size of the image the second pass makes (set by :func:`_hires_fields`); ``guessed``: an
+    upscale model's factor read from its file name, said with a PNG whose size disagrees."""
+
+    first: str
+    nodes: list[str]
+    pixel: bool
+    final: tuple[int, int] | None = None
+    guessed: str | None = None
+
+
+def _two_pass(walk: _Walk, node: str) -> _Upscale | None:
+    """The first pass of a hires graph whose second sampler is ``node``: its latent comes from another sampler
+    through LatentUpscale/LatentUpscaleBy, or through VAEDecode -> ImageScale/ImageScaleBy/ImageUpscaleWithModel
+    -> VAEEncode; ``None`` for any other latent."""
+    if walk.type(node) == "KSamplerAdvanced":  # start_at_step is its own rule: not followed as a hires pass
+        return None
+    nodes: list[str] = []
+    latent, pixel = walk.link(node, "latent_image"), False
+    while latent is not None and walk.type(latent) in _LATENT_UPSCALES:
+        nodes.append(latent)
+        latent = walk.link(latent, "samples")
+    if latent is not None and not nodes and walk.type(latent) == "VAEEncode":
+        nodes.append(latent)
+        image = walk.link(latent, "pixels")
+        while image is not None and walk.type(image) in _IMAGE_UPSCALES:
+            nodes.append(image)
+            image = walk.link(image, "image")
+        if image is None or walk.type(image) != "VAEDecode" or len(nodes) < 2:
+            return None
+        nodes.append(image)
+        latent, pixel = walk.link(image, "samples"), True
+    if latent is None or not nodes or walk.type(latent) not in _SAMPLER_NODES:
+        return None
+    return _Upscale(latent, nodes[::-1], pixel)
+
+
+def _refined(walk: _Walk, node: str) -> str | None:
+    """The base sampler of an SDXL base -> refiner graph whose refiner is ``node``: a KSamplerAdvanced taking
+    another sampler's latent as it is (the base stops at ``end_at_step`` with its noise left in)."""
+    latent = walk.link(node, "latent_image")
+    if walk.type(node) == "KSamplerAdvanced" and latent is not None and walk.type(latent) in _SAMPLER_NODES:
+        return latent
+    return None
+
+
+def _model_scale(name: str) -> int | None:
+    """An upscale model's factor read from its file name as they are named (``4x-UltraSharp.pth``,
+    ``RealESRGAN_x4plus.pth``, ``2x_...``): the graph does not hold it, the model file does."""
+    import re
+
+    found = re.search(r"(?<![0-9a-z])([1-8])x(?![0-9])|(?<![0-9a-z])x([1-8])(?![0-9])", name.lower())
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def _scaled(width: int, height: int, to_w: Any, to_h: Any, smallest: int) -> tuple[int, int] | None:
+    """ComfyUI's LatentUpscale/ImageScale size (``smallest``: 64 for a latent's pixels, 1 for an image's): a
+    side of 0 keeps the aspect ratio (``round``), both 0 keep the size; ``None`` when unreadable."""
+    if not (isinstance(to_w, int) and isinstance(to_h, int)) or isinstance(to_w, bool) or isinstance(to_h, bool):
+        return None
+    if to_w == 0 and to_h == 0:
+        return None
+    if to_w == 0:
+        to_h = max(smallest, to_h)
+        return max(smallest, round(width * to_h / height)), to_h
+    if to_h == 0:
+        to_w = max(smallest, to_w)
+        return to_w, max(smallest, round(height * to_w / width))
+    return max(smallest, to_w), max(smallest, to_h)
+
+
+def _hires_fields(walk: _Walk, upscale: _Upscale, size: tuple[int, int]) -> dict[str, str] | None:
+    """A1111's "Hires upscale"/"Hires resize" and "Hires upscaler" for ``upscale`` after a first pass of
+    ``size``, chosen so that sdcore's hires fix (:class:`~sdcore.generate.hires.HiresFix`, A1111's rules)
+    makes the second pass's latent at the size ComfyUI's nodes make it; what differs is put in
+    ``walk.notes``. ``None``: a size sdcore cannot work out (an unreadable value, an upscale model whose
+    factor its name does not say), and the graph is said as before."""
+    from .hires import HiresFix
+
+    latent = (size[0] // 8, size[1] // 8)
+    image = (latent[0] * 8, latent[1] * 8)
+    scales: list[str] = [n for n in upscale.nodes if walk.type(n) not in ("VAEDecode", "VAEEncode")]
+    said: dict[str, str] = {}
+    factor: float | None = None
+    upscaler: str | None = None
+    for node in upscale.nodes:
+        kind, method = walk.type(node), walk.value(node, "upscale_method")
+        if kind in ("LatentUpscaleBy", "ImageScaleBy"):
+            scale_by = walk.value(node, "scale_by")
+            if not isinstance(scale_by, int | float) or isinstance(scale_by, bool) or scale_by <= 0:
+                return None
+            factor = float(scale_by) if len(scales) == 1 else None
+            shown = f"{kind} {method} x{_shown(scale_by)}"
+            if kind == "LatentUpscaleBy":  # round(latent side * scale_by) latent pixels
+                latent = (round(latent[0] * scale_by), round(latent[1] * scale_by))
+            else:
+                image = (round(image[0] * scale_by), round(image[1] * scale_by))
+        elif kind in ("LatentUpscale", "ImageScale"):
+            pixels = (latent[0] * 8, latent[1] * 8) if kind == "LatentUpscale" else image
+            smallest = 64 if kind == "LatentUpscale" else 1
+            base = latent if kind == "LatentUpscale" else image
+            to = _scaled(base[0], base[1], walk.value(node, "width"), walk.value(node, "height"), smallest)
+            if to is None:
+                return None
+            crop = walk.value(node, "crop", "disabled")
+            shown = f"{kind} {method} {to[0]}x{to[1]}" + (f" crop {crop}" if crop != "disabled" else "")
+            if crop != "disabled" and to[0] * pixels[1] != to[1] * pixels[0]:
+                said[node] = f"{shown} (ComfyUI crops the image before scaling, sdcore's hires fix after)"
+            if kind == "LatentUpscale":
+                latent = (to[0] // 8, to[1] // 8)
+            else:
+                image = to
+        elif kind == "ImageUpscaleWithModel":
+            loader = walk.link(node, "upscale_model")
+            name = walk.value(loader, "model_name") if loader is not None else None
+            model_factor = _model_scale(name) if isinstance(name, str) else None
+            if model_factor is None:
+                return None
+            walk.used.add(str(loader))
+            image = (image[0] * model_factor, image[1] * model_factor)
+            upscale.guessed = f"{name}'s x{model_factor} is read from its name"
+            method, shown = None, f"{kind} {name}"
+            said[node] = f"{shown} (sdcore has no upscale models: Lanczos, its x{model_factor} read from the name)"
+        elif kind == "VAEEncode":  # ComfyUI encodes the pixels' whole 8-pixel blocks
+            latent = (image[0] // 8, image[1] // 8)
+            continue
+        else:  # VAEDecode
+            image = (latent[0] * 8, latent[1] * 8)
+            continue
+        if upscaler is None:  # the first upscale is sdcore's upscaler; the size is all of theirs
+            if kind.startswith("Latent"):
+                upscaler = LATENT_UPSCALE_METHODS.get(str(method))
+                if upscaler is None:
+                    return None
+                whole = all(b % a == 0 for a, b in zip((size[0] // 8, size[1] // 8), latent, strict=True))
+                if method == "bislerp" or (method == "area" and not whole):
+                    said.setdefault(node, f"{shown} (sdcore has no {method} latent upscale: {upscaler})")
+            elif kind != "ImageUpscaleWithModel":
+                upscaler = IMAGE_UPSCALE_METHODS.get(str(method), "Lanczos")
+                if method == "nearest-exact":
+                    said.setdefault(node, f"{shown} (sdcore's Nearest upscales the 8-bit image, ComfyUI the floats)")
+                elif method != "lanczos":
+                    said.setdefault(node, f"{shown} (sdcore has no {method} image upscale: Lanczos)")
+            else:
+                upscaler = "Lanczos"
+        elif node not in said:
+            said[node] = f"{shown} (sdcore upscales once, to the size all of them make)"
+    final = (latent[0] * 8, latent[1] * 8)
+    wanted = image if upscale.pixel else final
+    upscale.final = final
+    if upscale.pixel and wanted != final:  # ComfyUI's VAE.encode: vae_encode_crop_pixels
+        last = scales[-1]
+        said.setdefault(
+            last,
+            f"{walk.type(last)} to {wanted[0]}x{wanted[1]}, not whole 8-pixel blocks (ComfyUI's VAEEncode crops "
+            f"it to {final[0]}x{final[1]} at the centre; sdcore resizes and encodes it A1111's way)",
+        )
+
+    def makes(hires: HiresFix) -> bool:  # sdcore's upscale goes straight to that size, with no crop
+        to_x, to_y, cut_x, cut_y = hires.target(*size)
+        made = (to_x, to_y) if upscale.pixel else (to_x // 8 * 8, to_y // 8 * 8)
+        return made == wanted and (cut_x, cut_y) == (0, 0)
+
+    fields: dict[str, str] = {}
+    if factor is not None and makes(HiresFix(scale=factor)):
+        fields["Hires upscale"] = _number(factor)
+    else:
+        fields["Hires resize"] = f"{wanted[0]}x{wanted[1]}"
+        if not makes(HiresFix(resize_x=wanted[0], resize_y=wanted[1])):
+            last = scales[-1]
+            said.setdefault(last, f"{walk.type(last)} to {final[0]}x{final[1]} (sdcore scales to cover it and crops)")
+    fields["Hires upscaler"] = str(upscaler)
+    walk.used.update(upscale.nodes)
+    walk.notes.update(said)
+    return fields
+
+
 def a1111_strength(schedule: int, run: int) -> float:
     """The "Denoising strength" whose img2img runs the last ``run`` steps of a ``schedule``-step schedule as
     sdcore (A1111) counts them (:func:`~sdcore.generate.hires.img2img_steps`: ``int(min(s, 0.999) * schedule) +
@@ -441,10 +643,108 @@ def parse_comfy_graph(text: str) -> dict[str, dict[str, Any]]:
     return _check(nodes)
 
 
-def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
+def _sampler_schedule(walk: _Walk, node: str, sampling: _Sampling) -> tuple[str | None, str | None]:
+    """``(sampler, "Schedule type")`` of a sampler node as the infotext gives them: sdcore's id where
+    :data:`SAMPLER_NAMES` has one (the schedule folded in where the id carries it), else ComfyUI's name."""
+    sampler = sampling.sampler if isinstance(sampling.sampler, str) else None
+    scheduler = sampling.scheduler if isinstance(sampling.scheduler, str) else None
+    sid = SAMPLER_NAMES.get(sampler) if sampler is not None else None
+    schedule = None
+    if sid is not None and scheduler is not None:
+        if (sampler if sampler == "ddim" else sid, scheduler) in _WITH_SCHEDULE:
+            sid = _WITH_SCHEDULE[sampler if sampler == "ddim" else sid, scheduler]
+        elif sid == "unipc":  # recall does not check timestep samplers' schedules: said, whichever it is
+            # ComfyUI's KSampler computes steps + 1 sigmas and drops the penultimate for uni_pc, then steps to
+            # sigma 0.001; sdcore's (A1111's) UniPC runs its own timesteps to sigma_min: never the same sigmas
+            walk.notes[f"{node}:scheduler"] = f"scheduler {scheduler} (sdcore's {sid} runs its own)"
+        else:
+            schedule = SCHEDULE_TYPES.get(scheduler, scheduler)
+    return sid or sampler, schedule
+
+
+def _tags(loras: dict[str, _Lora]) -> list[str]:
+    """The LoRA tags of a model/clip chain, the loader next to the checkpoint first."""
+    return [_lora_tag(lora) for lora in reversed(list(loras.values()))]
+
+
+def _prompt(text: str | None, tags: list[str]) -> str:
+    """An A1111 prompt: the text, then the LoRA tags."""
+    return " ".join([text, *tags]) if text else " ".join(tags)
+
+
+def _second_pass(
+    walk: _Walk,
+    node: str,
+    first: _Sampling,
+    prompts: tuple[str | None, list[str], str, str | None],
+    schedule: tuple[str | None, str | None],
+) -> dict[str, str] | None:
+    """A1111's hires fields of a hires graph's second sampler ``node``: "Hires steps" and "Denoising
+    strength" (its steps and denoise: ComfyUI's last ``steps`` of an ``int(steps / denoise)``-step schedule is
+    sdcore's hires pass of ``hr_steps`` at that strength, :meth:`~sdcore.generate.hires.HiresFix.schedule`),
+    and the sampler, schedule, prompts, CFG where they differ from the first pass's (``prompts``: its prompt
+    text, LoRA tags, negative, checkpoint; ``schedule``: its sampler and "Schedule type"). ``None``: not a second
+    pass sdcore runs (no steps, no denoise in (0, 1])."""
+    second = _sampling(walk, node)
+    denoise = second.denoise if second.denoise is not None else 1.0
+    if not isinstance(second.steps, int) or not isinstance(denoise, int | float) or not 0 < denoise <= 1:
+        return None
+    fields = {"Hires steps": str(second.steps), "Denoising strength": _number(denoise)}
+    from .hires import img2img_steps
+
+    # ComfyUI's KSampler.set_steps: above 0.9999 the plain schedule, else int(steps / denoise) of them
+    comfy = second.steps if denoise > 0.9999 else int(second.steps / denoise)
+    if img2img_steps(second.steps, float(fields["Denoising strength"]), requested=second.steps)[0] != comfy:
+        walk.notes[f"{node}:denoise"] = (
+            f"{walk.type(node)} denoise {_shown(denoise)} (ComfyUI's schedule is {comfy} steps, sdcore's "
+            f"{img2img_steps(second.steps, float(denoise), requested=second.steps)[0]})"
+        )
+    sid, scheduled = _sampler_schedule(walk, node, second)
+    if sid is not None and sid != schedule[0]:
+        fields["Hires sampler"] = sid
+    if scheduled is not None and scheduled != schedule[1]:
+        fields["Hires schedule type"] = scheduled
+    if isinstance(second.cfg, int | float) and float(second.cfg) != first.cfg:
+        fields["Hires CFG Scale"] = _shown(float(second.cfg))
+    text, tags, negative_text, model = prompts
+    positive = _conditioning(walk, second.positive) if second.positive != first.positive else None
+    negative = _conditioning(walk, second.negative) if second.negative != first.negative else None
+    if second.model != first.model:  # another model chain: its LoRAs go with the hires prompt's tags
+        loras: dict[str, _Lora] = {}
+        chain: dict[str, Any] = {}
+        _chain(walk, second.model, "model", loras, chain)
+        if positive is not None:
+            _chain(walk, positive.clip, "clip", loras, chain)
+        if chain.get("model") not in (None, model):
+            walk.notes[f"{node}:model"] = (
+                f"{walk.type(node)} checkpoint {chain['model']} (sdcore's hires pass runs the first pass's "
+                f"{model}, the --model taken)"
+            )
+        tags = _tags(loras)
+    prompt = _prompt(text if positive is None else positive.text, tags)
+    if prompt != _prompt(text, prompts[1]):
+        fields["Hires prompt"] = prompt
+    if negative is not None and negative.text is not None and negative.text != negative_text:
+        fields["Hires negative prompt"] = negative.text
+    if second.seed != first.seed:  # sdcore's (A1111's) hires pass draws its noise from the first pass's seed
+        walk.notes[f"{node}:seed"] = (
+            f"{walk.type(node)} seed {second.seed} (sdcore's hires pass draws its noise from the first pass's "
+            f"seed {first.seed})"
+        )
+    walk.used.add(node)
+    return fields
+
+
+def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[int, int] | None = None) -> Recalled:
     """The ``generate`` options a ComfyUI ``prompt`` graph sets (see the module docstring), as
     :func:`~sdcore.generate.recall.recall_parameters` gives them for an infotext; ``values["model"]`` is the
-    checkpoint's ``ckpt_name``. What the graph does that sdcore does not follow is in ``ignored``."""
+    checkpoint's ``ckpt_name``. What the graph does that sdcore does not follow is in ``ignored``.
+
+    A two-pass ("hires fix") graph, KSampler -> LatentUpscale(By) -> KSampler, or KSampler -> VAEDecode ->
+    ImageScale(By)/ImageUpscaleWithModel -> VAEEncode -> KSampler, is recalled as A1111's hires fix: the first
+    sampler is the first pass, the second the "Hires ..." fields (:func:`_hires_fields`, :func:`_second_pass`).
+    An SDXL base -> refiner graph recalls the base sampler, the refiner said. ``image_size``: the PNG's own size,
+    checked against the size a hires graph makes (an upscale model's factor is only read from its file name)."""
     from .recall import recall_parameters
 
     walk = _Walk(parse_comfy_graph(text))
@@ -455,6 +755,13 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
             walk.notes.setdefault(node, walk.type(node))
         elif walk.type(node) == "VAEDecode":  # a VAELoader is said with its file (--vae takes it)
             _chain(walk, walk.link(node, "vae"), "vae", {}, {})
+    upscale = _two_pass(walk, sampler_node)
+    refiner = _refined(walk, sampler_node) if upscale is None else None
+    last = sampler_node
+    if upscale is not None:
+        sampler_node = upscale.first
+    elif refiner is not None:
+        sampler_node = refiner
     sampling = _sampling(walk, sampler_node)
     positive, negative = _conditioning(walk, sampling.positive), _conditioning(walk, sampling.negative)
     loras: dict[str, _Lora] = {}
@@ -496,6 +803,8 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
             w, h, cw, ch, tw, th = encoded.sdxl[1]
             size_said = f"size conditioning {w}x{h}, crop {cw},{ch}, target {tw}x{th}"
             walk.notes[encoded.sdxl[0]] = f"{walk.notes.get(encoded.sdxl[0], 'CLIPTextEncodeSDXL')}, {size_said}"
+    if refiner is not None:  # the base's own steps stand for the whole image; the refiner is said instead
+        sampling.odd = [odd for odd in sampling.odd if not odd.startswith(("end_at_step", "return_with"))]
     if sampling.start:  # on an empty latent, or another sampler's: not a txt2img sdcore can run
         sampling.odd.insert(0, f"start_at_step {sampling.start}")
     if sampling.odd:
@@ -503,18 +812,9 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
     if denoise < 1 and "Denoising strength" not in extra:
         walk.notes[sampler_node] = walk.notes.get(sampler_node, walk.type(sampler_node)) + f" denoise {denoise:g}"
 
-    sampler = sampling.sampler if isinstance(sampling.sampler, str) else None
-    scheduler = sampling.scheduler if isinstance(sampling.scheduler, str) else None
-    sid = SAMPLER_NAMES.get(sampler) if sampler is not None else None
-    if sid is not None and scheduler is not None:
-        if (sampler if sampler == "ddim" else sid, scheduler) in _WITH_SCHEDULE:
-            sid = _WITH_SCHEDULE[sampler if sampler == "ddim" else sid, scheduler]
-        elif sid == "unipc":  # recall does not check timestep samplers' schedules: said, whichever it is
-            # ComfyUI's KSampler computes steps + 1 sigmas and drops the penultimate for uni_pc, then steps to
-            # sigma 0.001; sdcore's (A1111's) UniPC runs its own timesteps to sigma_min: never the same sigmas
-            walk.notes[f"{sampler_node}:scheduler"] = f"scheduler {scheduler} (sdcore's {sid} runs its own)"
-        else:
-            extra[SCHEDULE_TYPE] = SCHEDULE_TYPES.get(scheduler, scheduler)
+    sid, schedule_type = _sampler_schedule(walk, sampler_node, sampling)
+    if schedule_type is not None:
+        extra[SCHEDULE_TYPE] = schedule_type
     if "clip_skip" in chain:
         extra["Clip skip"] = str(chain["clip_skip"])
     if positive.guidance is not None:
@@ -522,14 +822,59 @@ def recall_comfy(text: str, *, sampler_given: bool = False) -> Recalled:
 
         extra[DISTILLED_CFG] = _shown(positive.guidance)
 
-    prompt = positive.text or ""
-    tags = [_lora_tag(lora) for lora in reversed(list(loras.values()))]  # the loader next to the checkpoint first
+    prompt = _prompt(positive.text, _tags(loras))
+    sampling.cfg = float(sampling.cfg) if isinstance(sampling.cfg, int | float) else None
+    if upscale is not None:
+        hires = second = None
+        why = ""
+        if "Denoising strength" in extra:  # A1111's (sdcore's) img2img has no hires fix
+            why = ": its first pass is an img2img"
+        elif size is None:
+            why = ": its first pass's size is not read"
+        else:
+            hires = _hires_fields(walk, upscale, size)
+        if hires is not None:
+            model = chain.get("model") if isinstance(chain.get("model"), str) else None
+            texts = (positive.text, _tags(loras), negative.text or "", model)
+            second = _second_pass(walk, last, sampling, texts, (sid, schedule_type))
+        if hires is not None and second is not None:
+            extra.update(hires)
+            extra.update(second)
+            if image_size is not None and upscale.final is not None and tuple(image_size) != upscale.final:
+                guessed = f"; {upscale.guessed}" if upscale.guessed else ""
+                walk.notes["image_size"] = (
+                    f"the image is {image_size[0]}x{image_size[1]} where the graph's second pass makes "
+                    f"{upscale.final[0]}x{upscale.final[1]}{guessed}"
+                )
+        else:  # a size or second pass sdcore cannot work out: the graph is said as before
+            walk.notes[last] = f"{walk.type(last)} (a second pass sdcore cannot read as its hires fix{why})"
+    if refiner is not None:
+        refined = _sampling(walk, last)
+        found: dict[str, Any] = {}
+        _chain(walk, refined.model, "model", {}, found)
+        walk.used.update(n for n in _ancestors(walk, last) if n not in _ancestors(walk, sampler_node))
+        walk.notes.pop(last, None)
+        base = chain.get("model")
+        start = walk.value(last, "start_at_step", 0)
+        refine = "--model the refiner --init-image"
+        if isinstance(start, int) and isinstance(refined.steps, int) and 0 <= start < refined.steps:
+            # its last steps - start steps: sdcore's img2img of `steps` at the strength running them
+            strength = _number(a1111_strength(refined.steps, refined.steps - start))
+            refine += (
+                f" --steps {refined.steps} --denoising-strength {strength}: its last {refined.steps - start} steps"
+            )
+        walk.notes[last] = (
+            f"refiner {walk.type(last)} {last} (checkpoint {found.get('model')}, steps from {start} of "
+            f"{refined.steps}): sdcore has no refiner switch in one run; the base {walk.type(sampler_node)} "
+            f"{sampler_node} (checkpoint {base}, the --model taken) runs all {steps} steps (refine the image "
+            f"afterwards: {refine})"
+        )
     parameters = GenerationParameters(
-        prompt=" ".join([prompt, *tags]) if prompt else " ".join(tags),
+        prompt=prompt,
         negative_prompt=negative.text or "",
         steps=steps,
-        sampler=sid or (f"{sampler}" if sampler is not None else None),
-        cfg=float(sampling.cfg) if isinstance(sampling.cfg, int | float) else None,
+        sampler=sid,
+        cfg=sampling.cfg,
         seed=sampling.seed if isinstance(sampling.seed, int) else None,
         size=size,
         model_name=chain.get("model"),

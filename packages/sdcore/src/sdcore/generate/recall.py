@@ -287,7 +287,11 @@ def recall_png(path: str | os.PathLike[str], *, sampler_given: bool = False) -> 
     except OSError as exc:
         raise ConfigError(f"--from-png {path}: cannot read the image ({exc})") from None
     if parameters is None and graph is not None:
-        return recall_comfy(graph, sampler_given=sampler_given)
+        from PIL import Image
+
+        with Image.open(path) as image:  # the header only: a hires graph's size is checked against it
+            size = image.size
+        return recall_comfy(graph, sampler_given=sampler_given, image_size=size)
     if parameters is None:
         raise ConfigError(
             f"--from-png {path}: the image has no generation parameters (no 'parameters' PNG text, no EXIF "

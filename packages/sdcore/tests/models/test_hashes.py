@@ -133,6 +133,79 @@ def test_a_changed_file_is_hashed_again(tmp_path, monkeypatch, user_cache):
     assert hashes.sha256_file(path) == hashlib.sha256(other).hexdigest() and len(reads) == 1
 
 
+def test_autov3_is_kept_beside_the_sha256_and_a_second_process_reads_no_bytes(tmp_path, monkeypatch, user_cache):
+    """A LoRA's tensor-data hash (every generate's "Lora hashes") is cached as the whole-file sha256 is, in the same
+    entry of the same file; each value is computed once and neither drops the other."""
+    import json
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, start = _file(tmp_path)
+    data, full = hashlib.sha256(blob[start:]).hexdigest(), hashlib.sha256(blob).hexdigest()
+    reads = []
+    stream = hashes._stream
+    monkeypatch.setattr(hashes, "_stream", lambda *a, **k: reads.append(a[1:]) or stream(*a, **k))
+    assert hashes.cached_autov3(path) is None
+    assert hashes.autov3_hash(path) == hashes.autov3_hash(path) == data
+    assert reads == [(start,)]  # once, from the tensor data on, the second call from memory
+    entry = {"size": len(blob), "mtime_ns": os.stat(path).st_mtime_ns}
+    cache_file = tmp_path / "cache" / "sha256.json"
+    assert json.loads(cache_file.read_text())["files"] == {str(path.resolve()): {**entry, "autov3": data}}
+    assert hashes.sha256_file(path) == full and reads == [(start,), ()]
+    assert json.loads(cache_file.read_text())["files"] == {
+        str(path.resolve()): {**entry, "autov3": data, "sha256": full}
+    }
+    _fresh_process(monkeypatch)  # another run
+    assert hashes.network_short_hash(path, {}) == data[:12]  # the LoRA path: no stored sshs_model_hash
+    assert hashes.cached_autov3(path) == data and hashes.cached_sha256(path) == full
+    assert reads == [(start,), ()]
+    monkeypatch.setattr(hashes, "_SHA256_CACHE", {})  # a value of one kind never answers for the other
+    cache_file.write_text(json.dumps({"version": 1, "files": {str(path.resolve()): {**entry, "sha256": full}}}))
+    assert hashes.cached_autov3(path) is None and hashes.autov3_hash(path) == data
+
+
+def test_a_changed_lora_gets_a_new_autov3_and_loses_its_old_values(tmp_path, monkeypatch, user_cache):
+    import json
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, start = _file(tmp_path, size=1000)
+    hashes.sha256_file(path)
+    assert hashes.autov3_hash(path) == hashlib.sha256(blob[start:]).hexdigest()
+    other = blob[:start] + bytes(reversed(blob[start:]))  # same header and size, other tensor data
+    path.write_bytes(other)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000))
+    _fresh_process(monkeypatch)
+    assert hashes.cached_autov3(path) is None
+    assert hashes.autov3_hash(path) == hashlib.sha256(other[start:]).hexdigest()
+    stored = json.loads((tmp_path / "cache" / "sha256.json").read_text())["files"][str(path.resolve())]
+    assert stored == {"size": len(other), "mtime_ns": stat.st_mtime_ns + 5_000_000,
+                      "autov3": hashlib.sha256(other[start:]).hexdigest()}  # fmt: skip
+    reads = []
+    stream = hashes._stream
+    monkeypatch.setattr(hashes, "_stream", lambda *a, **k: reads.append(a) or stream(*a, **k))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 9_000_000))  # only touched: read again
+    _fresh_process(monkeypatch)
+    assert hashes.autov3_hash(path) == hashlib.sha256(other[start:]).hexdigest() and len(reads) == 1
+
+
+def test_small_loras_autov3_is_kept_in_memory_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(hashes, "_HASH_CACHE_OVERRIDE", None)
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "DISK_CACHE_MIN_BYTES", 1001)
+    _fresh_process(monkeypatch)
+    small, blob, start = _file(tmp_path, size=1000 - 34)
+    assert hashes.autov3_hash(small) == hashlib.sha256(blob[start:]).hexdigest()
+    _no_reading(monkeypatch)
+    assert hashes.autov3_hash(small) == hashlib.sha256(blob[start:]).hexdigest()  # memory
+    assert not (tmp_path / "cache").exists()
+    _fresh_process(monkeypatch)
+    assert hashes.cached_autov3(small) is None
+
+
 def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch, user_cache):
     import json
     import os

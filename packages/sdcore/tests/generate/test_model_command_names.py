@@ -89,7 +89,9 @@ def test_a_name_in_an_extra_model_paths_folder(models, tmp_path):
 
 def test_unknown_names_are_one_error_each_before_anything_loads(models, tmp_path):
     message = one_error_line(_sdcore("info", "sd/tiyn", "--models-dir", str(models)))
-    folders = ", ".join(str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models"))
+    folders = ", ".join(
+        str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models", "diffusers")
+    )
     assert message.endswith(f"nor is it a model name in {folders} and their subfolders; close names: sd/tiny")
     result = _sdcore(
         "convert", "sd/tiny", str(tmp_path / "x.safetensors"), "--vae", "nope", "--models-dir", str(models)
@@ -107,3 +109,14 @@ def test_without_a_models_folder_a_model_is_a_path_as_before(tmp_path, monkeypat
         "Error: sd/tiny: not a local file or folder, and not in the Hugging Face cache (sdcore never downloads: fetch "
         "it first with `hf download sd/tiny`, or give the path of a model file or folder)\n"
     )
+
+
+def test_info_by_a_comfyui_diffusers_folders_name(tmp_path):
+    """ComfyUI's ``models/diffusers/NAME`` (a folder with model_index.json, its DiffusersLoader's model_path)."""
+    models = tmp_path / "models"
+    folder = models / "diffusers" / "sd15" / "tiny"
+    _ok("create-tiny", str(folder), "--family", "sd1")
+    by_path = _ok("info", str(folder), "--models-dir", str(models))
+    assert by_path.startswith(f"model:           {folder}\nformat:          diffusers\n")
+    assert _ok("info", "sd15/tiny", "--models-dir", str(models)) == by_path
+    assert _ok("info", "tiny", "--models-dir", str(models)) == by_path

@@ -128,7 +128,8 @@ class _GenerateCommand(HintedCommand):
     default=None,
     help="Model: diffusers folder, .safetensors/.ckpt file, a model's name in --models-dir's checkpoints/ "
     "(ComfyUI's ckpt_name: sub/name.safetensors, sub/name or name; A1111's Stable-diffusion/, ComfyUI's unet/ and "
-    "diffusion_models/ too), an A1111 title (name [abcdef1234]: the hash is checked) or hash, a cached Hub id, "
+    "diffusion_models/ too, and a folder with model_index.json below ComfyUI's diffusers/ by its relative path), an "
+    "A1111 title (name [abcdef1234]: the hash is checked) or hash, a cached Hub id, "
     "tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:. An existing path wins over a name; a cached Hub "
     "id (org/name) over a name without extension. Required, except with --from-png: the PNG's Model hash/Model "
     "picks the file below the model folders.",

@@ -70,7 +70,8 @@ def models_dir_help(what: str = "--model", networks: bool = False) -> str:
     nets = "Lora/ (ComfyUI's loras/), hypernetworks/, " if networks else ""
     embeddings = ", embeddings/ beside it (the A1111 root's) and below it (ComfyUI's)" if networks else ""
     return (
-        f"A1111's (or ComfyUI's) models folder: {nets}{what} names (checkpoints/, Stable-diffusion/) and "
+        f"A1111's (or ComfyUI's) models folder: {nets}{what} names (checkpoints/, Stable-diffusion/, "
+        f"unet/, diffusion_models/, diffusers/) and "
         f"--vae/--clip-l/--t5xxl names (vae/, text_encoders/, clip/) are looked up below it{embeddings}; an "
         "extra_model_paths.yaml beside it (in ComfyUI's root) is read as ComfyUI reads it."
     )
@@ -81,7 +82,7 @@ def extra_model_paths_help(networks: bool = False) -> str:
     nets = "loras, embeddings, hypernetworks, " if networks else ""
     return (
         "ComfyUI's extra_model_paths.yaml (repeatable; as its --extra-model-paths-config): the checkpoints, "
-        f"{nets}unet/diffusion_models, vae and clip/text_encoders folders it lists are searched too, in ComfyUI's "
+        f"{nets}unet/diffusion_models, diffusers, vae and clip/text_encoders folders it lists are searched too, in ComfyUI's "
         "order."
     )
 

@@ -477,6 +477,49 @@ def test_comfyuis_diffusers_folders_are_models_by_their_relative_path(tmp_path):
     assert str(info.value).endswith("their subfolders; close names: sdxl/base")
 
 
+def test_listing_diffusers_does_not_walk_into_a_model(tmp_path, monkeypatch):
+    """A models folder of big diffusers models: each model's folder is listed (to find its model_index.json), none
+    of its subfolders (unet/, text_encoder/, ...: they hold no other model); a search folder without one is walked
+    to any depth."""
+    import os
+
+    from sdcore.generate.model_paths import list_diffusers_models
+
+    root = tmp_path / "models" / "diffusers"
+    base = _diffusers_model(root / "sdxl" / "base")
+    for part in ("unet", "text_encoder", "vae/deep"):
+        (base / part).mkdir(parents=True)
+    _diffusers_model(base / "unet" / "inner")  # a model inside a model's folder: not looked for
+    deep = _diffusers_model(root / "a" / "b" / "c" / "deep")
+    listed: list[str] = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(os.fspath(path)) or scandir(path))
+    assert list_diffusers_models([root]) == [(deep, "a/b/c/deep"), (base, "sdxl/base")]
+    assert sorted(Path(path).relative_to(root).as_posix() for path in listed) == [
+        ".",
+        "a",
+        "a/b",
+        "a/b/c",
+        "a/b/c/deep",
+        "sdxl",
+        "sdxl/base",
+    ]
+
+
+def test_a_diffusers_name_in_two_search_folders_is_the_first_ones(tmp_path):
+    """ComfyUI's DiffusersLoader loads ``model_path`` from the first diffusers folder that has it (models/diffusers,
+    then an extra_model_paths.yaml's): the same relative path in two is no ambiguity."""
+    models = tmp_path / "models"
+    first = _diffusers_model(models / "diffusers" / "sdxl" / "base")
+    _diffusers_model(tmp_path / "shared" / "my-diffusers" / "sdxl" / "base")
+    config = tmp_path / "extra.yaml"
+    config.write_text(f"comfyui:\n  base_path: {tmp_path / 'shared'}\n  diffusers: my-diffusers\n")
+    extra = load_extra_model_paths(models, [config])
+    assert resolve_model_name("sdxl/base", models, extra) == str(first)
+    with pytest.raises(ConfigError, match=r"--model 'base' is ambiguous: 2 model files have that name"):
+        resolve_model_name("base", models, extra)  # the last folder name alone: either of the two
+
+
 def test_a_diffusers_folder_and_a_file_of_one_name_are_ambiguous_as_two_files(tmp_path):
     models = tmp_path / "models"
     base = _diffusers_model(models / "diffusers" / "sdxl" / "base")

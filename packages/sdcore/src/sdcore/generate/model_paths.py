@@ -216,13 +216,17 @@ def diffusers_folders(models_dir: str | os.PathLike[str], extra: ExtraModelPaths
     return (extra or ExtraModelPaths()).order(DIFFUSERS_FOLDER, [Path(models_dir) / DIFFUSERS_FOLDER])
 
 
-def _walk(folder: Path) -> Iterable[tuple[str, list[str]]]:
+def _walk(folder: Path, leaf: str | None = None) -> Iterable[tuple[str, list[str]]]:
     """``(folder path, file names)`` of ``folder`` and every folder below it, sorted, linked folders followed (as
     ComfyUI and A1111 follow them) except a link to one of the folder's own ancestors (it would never end), and
-    ``.git`` left out, as ComfyUI's lists do."""
+    ``.git`` left out, as ComfyUI's lists do. A folder below ``folder`` holding a file named ``leaf`` is not
+    descended into (a diffusers model's ``model_index.json``: its unet/, text_encoder/... hold no other model, and
+    a models folder of big diffusers models would otherwise cost a listing of every one of their subfolders)."""
     above: dict[str, frozenset[str]] = {}  # a folder's path -> the real paths of it and its ancestors
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         chain = above.pop(dirpath, frozenset()) | {os.path.realpath(dirpath)}
+        if leaf is not None and leaf in filenames and dirpath != str(folder):
+            dirnames.clear()
         kept = []
         for name in sorted(dirnames):
             child = os.path.join(dirpath, name)
@@ -236,12 +240,13 @@ def _walk(folder: Path) -> Iterable[tuple[str, list[str]]]:
 def list_diffusers_models(folders: Sequence[Path]) -> list[tuple[Path, str]]:
     """(folder, name relative to its search folder, with ``/``) for every folder below ``folders`` holding a
     ``model_index.json``, in folder order: the list ComfyUI's ``DiffusersLoader`` offers (a search folder that is
-    itself a model has no name there and is left out)."""
+    itself a model has no name there and is left out). The walk does not go into a model's folder (ComfyUI's
+    does: the two differ only for a model kept inside another model's folder)."""
     found: list[tuple[Path, str]] = []
     for folder in folders:
         if not folder.is_dir():
             continue
-        for dirpath, filenames in _walk(folder):
+        for dirpath, filenames in _walk(folder, leaf=MODEL_INDEX_FILE):
             model = Path(dirpath)
             if MODEL_INDEX_FILE in filenames and model != folder:
                 found.append((model, model.relative_to(folder).as_posix()))
@@ -309,8 +314,10 @@ def _named_files(
                 return file, [], [], []
     files = list_model_files(folders)
     models = list_diffusers_models(model_folders)
+    # a folder's relative path: the first diffusers folder that has it, as ComfyUI's DiffusersLoader loads it
+    by_path = next((path for path, rel in models if rel == name), None)
     by_stem = _distinct_files(
-        [path for path, rel in files if _stem(rel) == name] + [path for path, rel in models if rel == name]
+        [path for path, rel in files if _stem(rel) == name] + ([by_path] if by_path is not None else [])
     )
     by_file_name = _distinct_files(
         [path for path, _ in files if "/" not in name and name in (path.name, _stem(path.name))]
@@ -537,8 +544,8 @@ def resolve_model_name(
     ``text`` (``sdxl/juggernaut``), else the one file named ``text`` with or without extension in any subfolder
     (``juggernaut.safetensors``, ``juggernaut``). ComfyUI's ``diffusers/`` folders (:func:`diffusers_folders`)
     are searched too: a folder below one that holds a ``model_index.json`` is the model its path relative to that
-    folder names (``sdxl/base``, the ``DiffusersLoader`` node's ``model_path``), in the tier of the relative path
-    without extension, and by its last folder name (``base``) in the tier of the file name. A name of a Hugging
+    folder names (``sdxl/base``, the ``DiffusersLoader`` node's ``model_path``; the first diffusers folder that
+    has it, as that node loads it), in the tier of the relative path without extension, and by its last folder name (``base``) in the tier of the file name. A name of a Hugging
     Face id's form (``org/name``, no
     extension) that is in the Hub cache stays the Hub id, as it was before names existed, even where a
     ``checkpoints/org/name.safetensors`` exists too: that file is then reached by its name with the extension,

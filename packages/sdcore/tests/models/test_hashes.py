@@ -192,6 +192,66 @@ def test_a_changed_lora_gets_a_new_autov3_and_loses_its_old_values(tmp_path, mon
     assert hashes.autov3_hash(path) == hashlib.sha256(other[start:]).hexdigest() and len(reads) == 1
 
 
+@pytest.mark.parametrize("kind", ["sha256", "autov3"])
+def test_a_file_changed_while_it_is_read_is_read_again_and_never_kept_under_its_old_stat(
+    tmp_path, monkeypatch, user_cache, kind
+):
+    """A LoRA a trainer saves over (or a checkpoint still being copied) while it is hashed: the value read is of
+    bytes from before and after, so it answers for neither; the file is read again and only the value of the
+    file as it stayed throughout is kept, under that file's size and mtime."""
+    import json
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, start = _file(tmp_path, size=1000)
+    other = blob[:start] + bytes(reversed(blob[start:]))  # same size, other tensor data
+    before = os.stat(path)
+    stream = hashes._stream
+    reads = []
+
+    def changing(*args, **kwargs):  # the first read sees the old bytes; the file is replaced as it ends
+        value = stream(*args, **kwargs)
+        if not reads:
+            path.write_bytes(other)
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 7_000_000))
+        reads.append(args[1:])
+        return value
+
+    monkeypatch.setattr(hashes, "_stream", changing)
+    compute = hashes.sha256_file if kind == "sha256" else hashes.autov3_hash
+    expected = hashlib.sha256(other if kind == "sha256" else other[start:]).hexdigest()
+    assert compute(path) == expected and len(reads) == 2
+    stored = json.loads((tmp_path / "cache" / "sha256.json").read_text())["files"]
+    assert stored == {str(path.resolve()): {"size": 1000 + start, "mtime_ns": before.st_mtime_ns + 7_000_000,
+                                            kind: expected}}  # fmt: skip
+    assert (kind, str(path.resolve()), before.st_size, before.st_mtime_ns) not in hashes._SHA256_CACHE
+    assert compute(path) == expected and len(reads) == 2  # now from memory
+
+
+def test_a_file_that_keeps_changing_is_hashed_but_kept_nowhere(tmp_path, monkeypatch, user_cache):
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, _ = _file(tmp_path, size=1000)
+    stream = hashes._stream
+    reads = []
+
+    def growing(*args, **kwargs):  # a copy still going on: longer after every read
+        value = stream(*args, **kwargs)
+        reads.append(1)
+        with open(path, "ab") as handle:
+            handle.write(b"x")
+        return value
+
+    monkeypatch.setattr(hashes, "_stream", growing)
+    hashes.sha256_file(path)
+    assert len(reads) == 3 and hashes._SHA256_CACHE == {}
+    assert not (tmp_path / "cache" / "sha256.json").exists()
+    assert os.stat(path).st_size == len(blob) + 3
+
+
 def test_small_loras_autov3_is_kept_in_memory_only(tmp_path, monkeypatch):
     monkeypatch.setattr(hashes, "_HASH_CACHE_OVERRIDE", None)
     monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))

@@ -193,13 +193,22 @@ def _cached(key: tuple[str, int, int], kind: str) -> str | None:
 def _hash_cached(path: str | os.PathLike[str], kind: str, compute: Callable[[Path], str]) -> str:
     """``compute(path)`` through the cache: in this process's memory always, on disk for files of
     :data:`DISK_CACHE_MIN_BYTES` or more, keyed by resolved path, size and mtime_ns (a changed file is hashed
-    again)."""
+    again). A file that changed while it was read (another size or mtime after than before: a copy still
+    going on, a trainer saving over it) is hashed again, and kept only under the stat it had throughout: a
+    value of bytes from before and after a change must never answer for either."""
     file = Path(path)
     key = _cache_key(file)
     known = _cached(key, kind)
     if known is not None:
         return known
-    value = compute(file)
+    for _ in range(3):
+        value = compute(file)
+        after = _cache_key(file)
+        if after == key:
+            break
+        key = after
+    else:  # still changing: the value of a moving file, kept nowhere
+        return value
     _SHA256_CACHE[(kind, *key)] = value
     if key[1] >= DISK_CACHE_MIN_BYTES:
         _write_hash_cache(key, value, kind)

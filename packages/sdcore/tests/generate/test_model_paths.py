@@ -520,6 +520,26 @@ def test_a_diffusers_name_in_two_search_folders_is_the_first_ones(tmp_path):
         resolve_model_name("base", models, extra)  # the last folder name alone: either of the two
 
 
+def test_a_cached_hub_id_wins_over_a_diffusers_folder_of_its_name(tmp_path, monkeypatch):
+    """``org/name`` in the Hub cache stays the Hub id (as before names existed), with a note naming the folder and
+    how to reach it (its path: a folder's name has no extension to add); an existing path wins over a name."""
+    models = tmp_path / "models"
+    folder = _diffusers_model(models / "diffusers" / "someone" / "model")
+    _hub_cache(tmp_path, monkeypatch, "someone/model")
+    notes: list[str] = []
+    assert resolve_model_name("someone/model", models, notes=notes) == "someone/model"
+    assert notes == [
+        f"--model someone/model: the Hugging Face Hub repo in the cache, not {folder} below --models-dir (give its "
+        "path to load it)"
+    ]
+    assert resolve_model_name("model", models) == str(folder)  # its last name alone is no Hub id
+    monkeypatch.chdir(tmp_path)  # a folder of that relative path here (no Hub id): this one, not diffusers/'s
+    _diffusers_model(tmp_path / "sd15" / "tiny")
+    _diffusers_model(models / "diffusers" / "sd15" / "tiny")
+    assert resolve_model_name("sd15/tiny", models) == "sd15/tiny"
+    assert resolve_model_name("tiny", models) == str(models / "diffusers" / "sd15" / "tiny")
+
+
 def test_a_diffusers_folder_and_a_file_of_one_name_are_ambiguous_as_two_files(tmp_path):
     models = tmp_path / "models"
     base = _diffusers_model(models / "diffusers" / "sdxl" / "base")

@@ -584,9 +584,14 @@ def resolve_model_name(
     if hub_id and _in_hub_cache(text):
         if by_stem and notes is not None:
             listed = ", ".join(str(path) for path in by_stem)
+            folder = any(path.is_dir() for path in by_stem)  # a diffusers folder: no name with an extension
             notes.append(
                 f"--model {text}: the Hugging Face Hub repo in the cache, not {listed} below --models-dir "
-                "(give that file's name with its extension, or its path, to load it)"
+                + (
+                    "(give its path to load it)"
+                    if folder
+                    else "(give that file's name with its extension, or its path, to load it)"
+                )
             )
         return text
     found = _pick("--model", text, (by_stem, by_file_name))

@@ -330,7 +330,9 @@ def test_targets_takes_model_names_from_models_dir(tmp_path, sd_cli_lora):
     assert listed == json.loads(by_path.stdout[by_path.stdout.index("{") :])
     missing = sd_cli_lora(["lora", "targets", "--models-dir", str(models), "--model", "tiyn"])
     assert missing.exit_code == 2 and "Traceback" not in missing.output
-    checkpoints = ", ".join(str(models / n) for n in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models"))
+    checkpoints = ", ".join(
+        str(models / n) for n in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models", "diffusers")
+    )
     assert missing.output.splitlines() == [
         f"Error: tiyn: no such model file or folder; nor is it a model name in {checkpoints} and their subfolders; "
         "models there: sd15/tiny.safetensors"

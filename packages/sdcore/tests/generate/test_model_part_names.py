@@ -181,7 +181,7 @@ def test_missing_and_ambiguous_names_are_refused_before_loading(comfy, tmp_path,
     message = _error(_sdcore("-m", "flux2", "--vae", "zzz", "--t5xxl", "t5", "--models-dir", str(comfy), "a",
                              "-o", out))  # fmt: skip
     checkpoints = ", ".join(
-        str(comfy / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models")
+        str(comfy / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models", "diffusers")
     )
     assert message == (
         f"flux2: no such model file or folder; nor is it a model name in {checkpoints} and their subfolders; models "

@@ -166,7 +166,9 @@ def test_a_mistyped_name_of_a_hub_ids_form_is_refused_with_the_close_names(comfy
     _hub_cache(tmp_path, monkeypatch, "someone/else")
     monkeypatch.chdir(tmp_path)
     models = comfy / "models"
-    folders = ", ".join(str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models"))
+    folders = ", ".join(
+        str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models", "diffusers")
+    )
     message = _error(_sdcore("-m", "sub/y", "--models-dir", str(models), "a", "-o", "o.png"))
     assert message == (
         "sub/y: not a local file or folder, and not in the Hugging Face cache (sdcore never downloads: fetch it "
@@ -208,7 +210,9 @@ def test_ambiguous_names_are_refused_with_the_candidates(tmp_path, no_load):
 def test_a_missing_name_is_refused_before_loading_with_the_folders_searched(comfy, tmp_path, no_load, monkeypatch):
     monkeypatch.chdir(tmp_path)
     models = comfy / "models"
-    folders = ", ".join(str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models"))
+    folders = ", ".join(
+        str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models", "diffusers")
+    )
     message = _error(_sdcore("-m", "sub/y.safetensors", "--models-dir", str(models), "a", "-o", "o.png"))
     assert message == (
         "sub/y.safetensors: no such model file or folder (the folder sub does not exist either); nor is it a model "
@@ -433,3 +437,151 @@ def test_a_link_loop_ends(tmp_path):
     assert not walk.is_alive(), "the walk followed the link loop"
     assert found == [(checkpoints / "deep" / "m.safetensors", "deep/m.safetensors")]
     assert resolve_model_name("m", tmp_path / "models") == str(checkpoints / "deep" / "m.safetensors")
+
+
+# --- ComfyUI's diffusers/ folder (its DiffusersLoader node) ------------------------------------------------------
+
+
+def _diffusers_model(folder: Path) -> Path:
+    """A folder that ComfyUI's DiffusersLoader lists: it holds a model_index.json (nothing else is read here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return folder
+
+
+def test_comfyuis_diffusers_folders_are_models_by_their_relative_path(tmp_path):
+    from sdcore.generate.model_paths import diffusers_folders, list_diffusers_models
+
+    models = tmp_path / "models"
+    base = _diffusers_model(models / "diffusers" / "sdxl" / "base")
+    sd15 = _diffusers_model(models / "diffusers" / "sd15")
+    (models / "diffusers" / "sdxl" / "base" / "unet").mkdir()  # a model's own subfolders are no models
+    (models / "diffusers" / "plain" / "unet").mkdir(parents=True)  # no model_index.json: no model
+    assert diffusers_folders(models) == [models / "diffusers"]
+    # ComfyUI's list: every folder holding model_index.json, named relative to diffusers/
+    assert list_diffusers_models([models / "diffusers"]) == [(sd15, "sd15"), (base, "sdxl/base")]
+    for name in ("sdxl/base", "base", "sdxl\\base", "sdxl/../sdxl/base"):
+        assert resolve_model_name(name, models) == str(base), name
+    assert resolve_model_name("sd15", models) == str(sd15)
+    folders = ", ".join(
+        str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models", "diffusers")
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve_model_name("plain", models)
+    assert str(info.value) == (
+        f"plain: no such model file or folder; nor is it a model name in {folders} and their subfolders; "
+        "models there: sd15, sdxl/base"
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve_model_name("sdxl/bsae", models)
+    assert str(info.value).endswith("their subfolders; close names: sdxl/base")
+
+
+def test_listing_diffusers_does_not_walk_into_a_model(tmp_path, monkeypatch):
+    """A models folder of big diffusers models: each model's folder is listed (to find its model_index.json), none
+    of its subfolders (unet/, text_encoder/, ...: they hold no other model); a search folder without one is walked
+    to any depth."""
+    import os
+
+    from sdcore.generate.model_paths import list_diffusers_models
+
+    root = tmp_path / "models" / "diffusers"
+    base = _diffusers_model(root / "sdxl" / "base")
+    for part in ("unet", "text_encoder", "vae/deep"):
+        (base / part).mkdir(parents=True)
+    _diffusers_model(base / "unet" / "inner")  # a model inside a model's folder: not looked for
+    deep = _diffusers_model(root / "a" / "b" / "c" / "deep")
+    listed: list[str] = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(os.fspath(path)) or scandir(path))
+    assert list_diffusers_models([root]) == [(deep, "a/b/c/deep"), (base, "sdxl/base")]
+    assert sorted(Path(path).relative_to(root).as_posix() for path in listed) == [
+        ".",
+        "a",
+        "a/b",
+        "a/b/c",
+        "a/b/c/deep",
+        "sdxl",
+        "sdxl/base",
+    ]
+
+
+def test_a_diffusers_name_in_two_search_folders_is_the_first_ones(tmp_path):
+    """ComfyUI's DiffusersLoader loads ``model_path`` from the first diffusers folder that has it (models/diffusers,
+    then an extra_model_paths.yaml's): the same relative path in two is no ambiguity."""
+    models = tmp_path / "models"
+    first = _diffusers_model(models / "diffusers" / "sdxl" / "base")
+    _diffusers_model(tmp_path / "shared" / "my-diffusers" / "sdxl" / "base")
+    config = tmp_path / "extra.yaml"
+    config.write_text(f"comfyui:\n  base_path: {tmp_path / 'shared'}\n  diffusers: my-diffusers\n")
+    extra = load_extra_model_paths(models, [config])
+    assert resolve_model_name("sdxl/base", models, extra) == str(first)
+    with pytest.raises(ConfigError, match=r"--model 'base' is ambiguous: 2 model files have that name"):
+        resolve_model_name("base", models, extra)  # the last folder name alone: either of the two
+
+
+def test_a_cached_hub_id_wins_over_a_diffusers_folder_of_its_name(tmp_path, monkeypatch):
+    """``org/name`` in the Hub cache stays the Hub id (as before names existed), with a note naming the folder and
+    how to reach it (its path: a folder's name has no extension to add); an existing path wins over a name."""
+    models = tmp_path / "models"
+    folder = _diffusers_model(models / "diffusers" / "someone" / "model")
+    _hub_cache(tmp_path, monkeypatch, "someone/model")
+    notes: list[str] = []
+    assert resolve_model_name("someone/model", models, notes=notes) == "someone/model"
+    assert notes == [
+        f"--model someone/model: the Hugging Face Hub repo in the cache, not {folder} below --models-dir (give its "
+        "path to load it)"
+    ]
+    assert resolve_model_name("model", models) == str(folder)  # its last name alone is no Hub id
+    monkeypatch.chdir(tmp_path)  # a folder of that relative path here (no Hub id): this one, not diffusers/'s
+    _diffusers_model(tmp_path / "sd15" / "tiny")
+    _diffusers_model(models / "diffusers" / "sd15" / "tiny")
+    assert resolve_model_name("sd15/tiny", models) == "sd15/tiny"
+    assert resolve_model_name("tiny", models) == str(models / "diffusers" / "sd15" / "tiny")
+
+
+def test_a_diffusers_folder_and_a_file_of_one_name_are_ambiguous_as_two_files(tmp_path):
+    models = tmp_path / "models"
+    base = _diffusers_model(models / "diffusers" / "sdxl" / "base")
+    file = models / "checkpoints" / "sdxl" / "base.safetensors"
+    file.parent.mkdir(parents=True)
+    file.write_bytes(b"x")
+    with pytest.raises(ConfigError) as info:
+        resolve_model_name("sdxl/base", models)
+    assert str(info.value) == (
+        f"--model 'sdxl/base' is ambiguous: 2 model files have that name ({file}, {base}); give the name with its "
+        "subfolder and extension as listed there, or the file's path (a diffusers folder's name has no extension)"
+    )
+    assert resolve_model_name("sdxl/base.safetensors", models) == str(file)  # the file's whole name is its own
+    other = _diffusers_model(models / "diffusers" / "old" / "base")  # two folders named base: the full name picks
+    file.unlink()
+    with pytest.raises(ConfigError, match=r"--model 'base' is ambiguous: 2 model files have that name"):
+        resolve_model_name("base", models)
+    assert resolve_model_name("old/base", models) == str(other)
+    # a checkpoint named by its relative path comes before a folder found by its last name (as a file's)
+    top = models / "checkpoints" / "base.safetensors"
+    top.write_bytes(b"y")
+    assert resolve_model_name("base", models) == str(top)
+
+
+def test_extra_model_paths_diffusers_folders_and_bare_hashes_skip_folders(tmp_path):
+    models = tmp_path / "models"
+    (models / "diffusers").mkdir(parents=True)
+    shared = _diffusers_model(tmp_path / "shared" / "my-diffusers" / "juggernaut")
+    config = tmp_path / "extra.yaml"
+    config.write_text(f"comfyui:\n  base_path: {tmp_path / 'shared'}\n  diffusers: my-diffusers\n")
+    extra = load_extra_model_paths(models, [config])
+    assert resolve_model_name("juggernaut", models, extra) == str(shared)
+    with pytest.raises(ConfigError, match="nor is it a model name"):  # a folder has no A1111 hash: not read
+        resolve_model_name("0123456789", models, extra)
+
+
+def test_generate_loads_a_diffusers_folder_by_its_name(tmp_path, monkeypatch, tiny_bundles):
+    models = tmp_path / "models"
+    folder = models / "diffusers" / "sd15" / "tiny"
+    tiny_bundles("sd1").save(folder, format="diffusers")
+    loaded = _loads(monkeypatch)
+    result = _sdcore("-m", "tiny", "--models-dir", str(models), "a cat", "--steps", "1", "--size", "32x32",
+                     "--device", "cpu", "-o", str(tmp_path / "o.png"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert loaded == [str(folder)]

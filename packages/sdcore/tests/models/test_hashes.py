@@ -133,6 +133,139 @@ def test_a_changed_file_is_hashed_again(tmp_path, monkeypatch, user_cache):
     assert hashes.sha256_file(path) == hashlib.sha256(other).hexdigest() and len(reads) == 1
 
 
+def test_autov3_is_kept_beside_the_sha256_and_a_second_process_reads_no_bytes(tmp_path, monkeypatch, user_cache):
+    """A LoRA's tensor-data hash (every generate's "Lora hashes") is cached as the whole-file sha256 is, in the same
+    entry of the same file; each value is computed once and neither drops the other."""
+    import json
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, start = _file(tmp_path)
+    data, full = hashlib.sha256(blob[start:]).hexdigest(), hashlib.sha256(blob).hexdigest()
+    reads = []
+    stream = hashes._stream
+    monkeypatch.setattr(hashes, "_stream", lambda *a, **k: reads.append(a[1:]) or stream(*a, **k))
+    assert hashes.cached_autov3(path) is None
+    assert hashes.autov3_hash(path) == hashes.autov3_hash(path) == data
+    assert reads == [(start,)]  # once, from the tensor data on, the second call from memory
+    entry = {"size": len(blob), "mtime_ns": os.stat(path).st_mtime_ns}
+    cache_file = tmp_path / "cache" / "sha256.json"
+    assert json.loads(cache_file.read_text())["files"] == {str(path.resolve()): {**entry, "autov3": data}}
+    assert hashes.sha256_file(path) == full and reads == [(start,), ()]
+    assert json.loads(cache_file.read_text())["files"] == {
+        str(path.resolve()): {**entry, "autov3": data, "sha256": full}
+    }
+    _fresh_process(monkeypatch)  # another run
+    assert hashes.network_short_hash(path, {}) == data[:12]  # the LoRA path: no stored sshs_model_hash
+    assert hashes.cached_autov3(path) == data and hashes.cached_sha256(path) == full
+    assert reads == [(start,), ()]
+    monkeypatch.setattr(hashes, "_SHA256_CACHE", {})  # a value of one kind never answers for the other
+    cache_file.write_text(json.dumps({"version": 1, "files": {str(path.resolve()): {**entry, "sha256": full}}}))
+    assert hashes.cached_autov3(path) is None and hashes.autov3_hash(path) == data
+
+
+def test_a_changed_lora_gets_a_new_autov3_and_loses_its_old_values(tmp_path, monkeypatch, user_cache):
+    import json
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, start = _file(tmp_path, size=1000)
+    hashes.sha256_file(path)
+    assert hashes.autov3_hash(path) == hashlib.sha256(blob[start:]).hexdigest()
+    other = blob[:start] + bytes(reversed(blob[start:]))  # same header and size, other tensor data
+    path.write_bytes(other)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000))
+    _fresh_process(monkeypatch)
+    assert hashes.cached_autov3(path) is None
+    assert hashes.autov3_hash(path) == hashlib.sha256(other[start:]).hexdigest()
+    stored = json.loads((tmp_path / "cache" / "sha256.json").read_text())["files"][str(path.resolve())]
+    assert stored == {"size": len(other), "mtime_ns": stat.st_mtime_ns + 5_000_000,
+                      "autov3": hashlib.sha256(other[start:]).hexdigest()}  # fmt: skip
+    reads = []
+    stream = hashes._stream
+    monkeypatch.setattr(hashes, "_stream", lambda *a, **k: reads.append(a) or stream(*a, **k))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 9_000_000))  # only touched: read again
+    _fresh_process(monkeypatch)
+    assert hashes.autov3_hash(path) == hashlib.sha256(other[start:]).hexdigest() and len(reads) == 1
+
+
+@pytest.mark.parametrize("kind", ["sha256", "autov3"])
+def test_a_file_changed_while_it_is_read_is_read_again_and_never_kept_under_its_old_stat(
+    tmp_path, monkeypatch, user_cache, kind
+):
+    """A LoRA a trainer saves over (or a checkpoint still being copied) while it is hashed: the value read is of
+    bytes from before and after, so it answers for neither; the file is read again and only the value of the
+    file as it stayed throughout is kept, under that file's size and mtime."""
+    import json
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, start = _file(tmp_path, size=1000)
+    other = blob[:start] + bytes(reversed(blob[start:]))  # same size, other tensor data
+    before = os.stat(path)
+    stream = hashes._stream
+    reads = []
+
+    def changing(*args, **kwargs):  # the first read sees the old bytes; the file is replaced as it ends
+        value = stream(*args, **kwargs)
+        if not reads:
+            path.write_bytes(other)
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 7_000_000))
+        reads.append(args[1:])
+        return value
+
+    monkeypatch.setattr(hashes, "_stream", changing)
+    compute = hashes.sha256_file if kind == "sha256" else hashes.autov3_hash
+    expected = hashlib.sha256(other if kind == "sha256" else other[start:]).hexdigest()
+    assert compute(path) == expected and len(reads) == 2
+    stored = json.loads((tmp_path / "cache" / "sha256.json").read_text())["files"]
+    assert stored == {str(path.resolve()): {"size": 1000 + start, "mtime_ns": before.st_mtime_ns + 7_000_000,
+                                            kind: expected}}  # fmt: skip
+    assert (kind, str(path.resolve()), before.st_size, before.st_mtime_ns) not in hashes._SHA256_CACHE
+    assert compute(path) == expected and len(reads) == 2  # now from memory
+
+
+def test_a_file_that_keeps_changing_is_hashed_but_kept_nowhere(tmp_path, monkeypatch, user_cache):
+    import os
+
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    _fresh_process(monkeypatch)
+    path, blob, _ = _file(tmp_path, size=1000)
+    stream = hashes._stream
+    reads = []
+
+    def growing(*args, **kwargs):  # a copy still going on: longer after every read
+        value = stream(*args, **kwargs)
+        reads.append(1)
+        with open(path, "ab") as handle:
+            handle.write(b"x")
+        return value
+
+    monkeypatch.setattr(hashes, "_stream", growing)
+    hashes.sha256_file(path)
+    assert len(reads) == 3 and hashes._SHA256_CACHE == {}
+    assert not (tmp_path / "cache" / "sha256.json").exists()
+    assert os.stat(path).st_size == len(blob) + 3
+
+
+def test_small_loras_autov3_is_kept_in_memory_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(hashes, "_HASH_CACHE_OVERRIDE", None)
+    monkeypatch.setenv("SDCORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "DISK_CACHE_MIN_BYTES", 1001)
+    _fresh_process(monkeypatch)
+    small, blob, start = _file(tmp_path, size=1000 - 34)
+    assert hashes.autov3_hash(small) == hashlib.sha256(blob[start:]).hexdigest()
+    _no_reading(monkeypatch)
+    assert hashes.autov3_hash(small) == hashlib.sha256(blob[start:]).hexdigest()  # memory
+    assert not (tmp_path / "cache").exists()
+    _fresh_process(monkeypatch)
+    assert hashes.cached_autov3(small) is None
+
+
 def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch, user_cache):
     import json
     import os

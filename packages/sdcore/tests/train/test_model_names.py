@@ -87,13 +87,28 @@ def test_dry_run_and_a_toml_config_take_names(webui, tmp_path):
     assert f"model: {webui / 'Stable-diffusion' / 'sd15' / 'tiny.safetensors'} (sd1, single-file)" in result.output
 
 
+def test_a_comfyui_diffusers_folder_by_name(tmp_path):
+    """ComfyUI's ``models/diffusers/sub/NAME`` (a folder holding model_index.json) is a --model name, as generate's."""
+    from sdcore.models.tiny import create_tiny_bundle
+
+    models = tmp_path / "ComfyUI" / "models"
+    folder = models / "diffusers" / "sd15" / "tiny-folder"
+    create_tiny_bundle("sd1").save(folder, format="diffusers")
+    o = contract_options(ConvOutMethod, tmp_path)
+    args = ["--data", o.data, "--output", str(tmp_path / "r.safetensors"), "--resolution", "64", "--dry-run"]
+    for name in ("sd15/tiny-folder", "tiny-folder"):
+        result = CliRunner().invoke(_command(), ["--model", name, "--models-dir", str(models), *args])
+        assert result.exit_code == 0, result.output
+        assert f"model: {folder} (sd1, diffusers)" in result.output
+
+
 def test_names_not_found_stop_the_run_before_any_load_with_generates_messages(webui, tmp_path, no_model_load):
     o = contract_options(ConvOutMethod, tmp_path)
     args = ["--data", o.data, "--output", str(tmp_path / "r.safetensors"), "--models-dir", str(webui), "--dry-run"]
     result = CliRunner().invoke(_command(), ["--model", "tiyn", "--vae", "tiny_vae", *args])
     assert result.exit_code == 2, result.output
     checkpoints = ", ".join(
-        str(webui / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models")
+        str(webui / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models", "diffusers")
     )
     assert result.output.splitlines() == [
         f"Error: tiyn: no such model file or folder; nor is it a model name in {checkpoints} and their subfolders; "

@@ -24,7 +24,7 @@ import click
 
 from ..hinted_command import HintedCommand
 from ..hookspecs import hookimpl
-from .part_options import part_kwargs, part_options
+from .part_options import models_dir_given, models_dir_options, part_kwargs, part_options
 
 _SAMPLER_HELP = (
     "euler_a, euler, dpm++2m, dpm++2m_karras, ddim, lms, heun, pndm, unipc (A1111 names such as 'Euler a' work too)"
@@ -128,7 +128,8 @@ class _GenerateCommand(HintedCommand):
     default=None,
     help="Model: diffusers folder, .safetensors/.ckpt file, a model's name in --models-dir's checkpoints/ "
     "(ComfyUI's ckpt_name: sub/name.safetensors, sub/name or name; A1111's Stable-diffusion/, ComfyUI's unet/ and "
-    "diffusion_models/ too), an A1111 title (name [abcdef1234]: the hash is checked) or hash, a cached Hub id, "
+    "diffusion_models/ too, and a folder with model_index.json below ComfyUI's diffusers/ by its relative path), an "
+    "A1111 title (name [abcdef1234]: the hash is checked) or hash, a cached Hub id, "
     "tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:. An existing path wins over a name; a cached Hub "
     "id (org/name) over a name without extension. Required, except with --from-png: the PNG's Model hash/Model "
     "picks the file below the model folders.",
@@ -330,26 +331,7 @@ class _GenerateCommand(HintedCommand):
     help="Forge's Hires Distilled CFG Scale (FLUX.1): the hires pass's embedded guidance (default: --cfg).",
 )
 @click.option("--clip-skip", default=1, show_default=True, type=click.IntRange(1, 12), help="1 = last CLIP layer.")
-@click.option(
-    "--models-dir",
-    default="models",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="A1111's (or ComfyUI's) models folder: Lora/ (ComfyUI's loras/), hypernetworks/, --model names "
-    "(checkpoints/, Stable-diffusion/) and --vae/--clip-l/--t5xxl names (vae/, text_encoders/, clip/) are looked up "
-    "below it, embeddings/ beside it (the A1111 root's) and below it (ComfyUI's); an extra_model_paths.yaml beside "
-    "it (in ComfyUI's root) is read as ComfyUI reads it.",
-)
-@click.option(
-    "--extra-model-paths",
-    "extra_model_paths",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    metavar="FILE.yaml",
-    help="ComfyUI's extra_model_paths.yaml (repeatable; as its --extra-model-paths-config): the checkpoints, "
-    "loras, embeddings, hypernetworks, unet/diffusion_models, vae and clip/text_encoders folders it lists are "
-    "searched too, in ComfyUI's order.",
-)
+@models_dir_options(networks=True)
 @click.option(
     "--lora-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -523,15 +505,6 @@ def _load_bundle(source: str, pm: Any, **parts: Any) -> Any:
     return load_model(source, pm=pm, **parts)
 
 
-def _defaulted(name: str) -> bool:
-    """Whether option ``name`` of the running command has its default (not given on the command line or by the
-    environment)."""
-    from click.core import ParameterSource
-
-    context = click.get_current_context(silent=True)
-    return context is None or context.get_parameter_source(name) in (ParameterSource.DEFAULT, None)
-
-
 def _model_from_png(params: dict[str, Any], recalled: Any, models_dir: Path | None) -> None:
     """``--from-png`` without ``--model``: the checkpoint the PNG's "Model hash" and "Model" name, found below the
     model folders (:func:`~sdcore.generate.model_paths.find_png_model`) and said on one line; not found is a
@@ -574,9 +547,7 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
     for name in part_kwargs(params):  # --vae "" (an unset shell variable): not given, as train and kohya take it
         if params[name] == "":
             params[name] = None
-    models_dir = params["models_dir"]
-    if not params["extra_model_paths"] and not Path(models_dir).is_dir() and _defaulted("models_dir"):
-        models_dir = None  # no --models-dir and no models/ here: no names, so the loader's message, as every command
+    models_dir = models_dir_given(params["models_dir"], params["extra_model_paths"])
     if params["model"] is None and recalled is not None:  # --from-png without --model (nor a model the PNG names)
         _model_from_png(params, recalled, models_dir)
     found = resolve_sources(params["model"], part_kwargs(params), models_dir, params["extra_model_paths"],

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..hookspecs import hookimpl
-from .part_options import part_kwargs, part_options
+from .part_options import models_dir_options, part_options, resolve_command_sources
 
 
 @click.group("model")
@@ -51,7 +51,7 @@ def _prediction_source(path: str, chosen: str | None, bundle: Any) -> str:
 
 
 @model_group.command("info")
-@click.argument("path")
+@click.argument("path", metavar="MODEL")
 @click.option(
     "--prediction-type",
     type=click.Choice(["epsilon", "v_prediction"]),
@@ -62,13 +62,17 @@ def _prediction_source(path: str, chosen: str | None, bundle: Any) -> str:
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
 @click.option("--no-hash", is_flag=True, help="Skip hashing (hashing a large file takes a while).")
-@part_options
-def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool, **parts: Any) -> None:
-    """Show family, prediction type, components, metadata and hashes of PATH."""
+@part_options(names=True)
+@models_dir_options(what="MODEL")
+def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool, **params: Any) -> None:
+    """Show family, prediction type, components, metadata and hashes of MODEL: a diffusers folder, a
+    .safetensors/.ckpt file, tiny:<family>, or a model's name in --models-dir as sdcore generate's --model takes
+    it (ComfyUI's ckpt_name, an A1111 title or hash; an existing path wins)."""
     from ..models.hashes import all_hashes
     from ..models.load import load_model
 
-    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", **part_kwargs(parts))
+    path, given = resolve_command_sources(path, params)
+    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", **given)
     click.echo(f"model:           {path}")
     click.echo(f"format:          {bundle.source_format}")
     click.echo(f"family:          {bundle.family_label} ({bundle.family_spec.label})")
@@ -78,7 +82,7 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
     click.echo(f"prediction type: {bundle.prediction_type}{_prediction_source(path, prediction_type, bundle)}")
     from ..models.detect import unused_a1111_vae
 
-    beside = unused_a1111_vae(path, bundle.source_format, bundle.family, bool(parts.get("vae")))
+    beside = unused_a1111_vae(path, bundle.source_format, bundle.family, bool(given.get("vae")))
     if beside is not None:
         click.echo(f"VAE beside it:   {beside.name} (A1111 uses it; sdcore only with --vae)")
     click.echo("components:")
@@ -138,14 +142,17 @@ def _variant(bundle: Any) -> str | None:
 @click.option(
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
-@part_options
+@part_options(names=True)
+@models_dir_options(what="SRC")
 def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune: bool, ema: bool,
-                    prediction_type: str | None, config: str | None, **parts: Any) -> None:  # fmt: skip
-    """Convert SRC (folder, single file, tiny:<family>) to DST (an SD3/Flux denoiser file plus its parts
-    given as --clip-l, --clip-g, --t5xxl, --vae becomes one checkpoint)."""
+                    prediction_type: str | None, config: str | None, **params: Any) -> None:  # fmt: skip
+    """Convert SRC (folder, single file, tiny:<family>, or a model's name in --models-dir as sdcore generate's
+    --model takes it) to DST (an SD3/Flux denoiser file plus its parts given as --clip-l, --clip-g, --t5xxl, --vae
+    becomes one checkpoint)."""
     from ..models.load import load_model
 
-    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **part_kwargs(parts))
+    src, given = resolve_command_sources(src, params)
+    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **given)
     out = bundle.save(dst, format=to, dtype=dtype, prune=prune)
     click.echo(f"wrote {out} ({bundle.family_label}, {bundle.prediction_type})")
 

@@ -41,6 +41,13 @@ MODEL_FOLDERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+#: ComfyUI's folder of diffusers models (``folder_paths`` ``diffusers``, read by its ``DiffusersLoader`` node): each
+#: folder below it that holds a ``model_index.json`` is a model, named by its path relative to ``diffusers/``
+DIFFUSERS_FOLDER = "diffusers"
+#: the file that makes a folder a diffusers model
+MODEL_INDEX_FILE = "model_index.json"
+
+
 def comfy_folder_name(name: str) -> str:
     """ComfyUI's current name for a folder key (``unet`` -> ``diffusion_models``, ``clip`` -> ``text_encoders``)."""
     return LEGACY_FOLDER_NAMES.get(name, name)
@@ -203,6 +210,49 @@ def model_folders(models_dir: str | os.PathLike[str], extra: ExtraModelPaths | N
     return folders
 
 
+def diffusers_folders(models_dir: str | os.PathLike[str], extra: ExtraModelPaths | None = None) -> list[Path]:
+    """The folders a ``--model NAME`` is looked for as a diffusers model in: ``diffusers/`` below ``models_dir``
+    (ComfyUI's) with an ``extra_model_paths.yaml``'s ``diffusers`` folders where ComfyUI puts them."""
+    return (extra or ExtraModelPaths()).order(DIFFUSERS_FOLDER, [Path(models_dir) / DIFFUSERS_FOLDER])
+
+
+def _walk(folder: Path, leaf: str | None = None) -> Iterable[tuple[str, list[str]]]:
+    """``(folder path, file names)`` of ``folder`` and every folder below it, sorted, linked folders followed (as
+    ComfyUI and A1111 follow them) except a link to one of the folder's own ancestors (it would never end), and
+    ``.git`` left out, as ComfyUI's lists do. A folder below ``folder`` holding a file named ``leaf`` is not
+    descended into (a diffusers model's ``model_index.json``: its unet/, text_encoder/... hold no other model, and
+    a models folder of big diffusers models would otherwise cost a listing of every one of their subfolders)."""
+    above: dict[str, frozenset[str]] = {}  # a folder's path -> the real paths of it and its ancestors
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        chain = above.pop(dirpath, frozenset()) | {os.path.realpath(dirpath)}
+        if leaf is not None and leaf in filenames and dirpath != str(folder):
+            dirnames.clear()
+        kept = []
+        for name in sorted(dirnames):
+            child = os.path.join(dirpath, name)
+            if name != ".git" and os.path.realpath(child) not in chain:
+                kept.append(name)
+                above[child] = chain
+        dirnames[:] = kept
+        yield dirpath, sorted(filenames)
+
+
+def list_diffusers_models(folders: Sequence[Path]) -> list[tuple[Path, str]]:
+    """(folder, name relative to its search folder, with ``/``) for every folder below ``folders`` holding a
+    ``model_index.json``, in folder order: the list ComfyUI's ``DiffusersLoader`` offers (a search folder that is
+    itself a model has no name there and is left out). The walk does not go into a model's folder (ComfyUI's
+    does: the two differ only for a model kept inside another model's folder)."""
+    found: list[tuple[Path, str]] = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for dirpath, filenames in _walk(folder, leaf=MODEL_INDEX_FILE):
+            model = Path(dirpath)
+            if MODEL_INDEX_FILE in filenames and model != folder:
+                found.append((model, model.relative_to(folder).as_posix()))
+    return found
+
+
 def list_model_files(folders: Sequence[Path], suffixes: Sequence[str] | None = None) -> list[tuple[Path, str]]:
     """(file, name relative to its folder, with ``/``) for every file whose extension (``os.path.splitext``'s, any
     case, as ComfyUI and A1111 take it: a file named ``.pt`` has none) is one of ``suffixes`` (default
@@ -221,17 +271,8 @@ def list_model_files(folders: Sequence[Path], suffixes: Sequence[str] | None = N
     for folder in folders:
         if not folder.is_dir():
             continue
-        above: dict[str, frozenset[str]] = {}  # a folder's path -> the real paths of it and its ancestors
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            chain = above.pop(dirpath, frozenset()) | {os.path.realpath(dirpath)}
-            kept = []
-            for name in sorted(dirnames):
-                child = os.path.join(dirpath, name)
-                if name != ".git" and os.path.realpath(child) not in chain:
-                    kept.append(name)
-                    above[child] = chain
-            dirnames[:] = kept
-            for filename in sorted(filenames):
+        for dirpath, filenames in _walk(folder):
+            for filename in filenames:
                 if os.path.splitext(filename)[1].lower() in wanted:
                     file = Path(dirpath) / filename
                     found.append((file, file.relative_to(folder).as_posix()))
@@ -255,12 +296,14 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def _named_files(
-    name: str, folders: Sequence[Path]
+    name: str, folders: Sequence[Path], model_folders: Sequence[Path] = ()
 ) -> tuple[Path | None, list[Path], list[Path], list[tuple[Path, str]]]:
     """What ``name`` (ComfyUI's relative name, ``/``-separated) picks below ``folders``: the file of that relative
     path in the first folder that has it (ComfyUI's ``get_full_path``; a name with a model file's extension only),
     the distinct files whose relative path without extension is ``name``, those whose file name is ``name`` with
-    or without extension (a name without ``/``), and the whole listing (for the "not found" hint)."""
+    or without extension (a name without ``/``), and the whole listing (for the "not found" hint). The diffusers
+    models below ``model_folders`` (:func:`list_diffusers_models`) join the same tiers by their folder's relative
+    path and by its last folder name, so a folder and a file of one name are as ambiguous as two files."""
     from ..models.load import MODEL_FILE_SUFFIXES
     from .networks import _distinct_files
 
@@ -270,11 +313,17 @@ def _named_files(
             if file.is_file():
                 return file, [], [], []
     files = list_model_files(folders)
-    by_stem = _distinct_files(path for path, rel in files if _stem(rel) == name)
-    by_file_name = _distinct_files(
-        path for path, _ in files if "/" not in name and name in (path.name, _stem(path.name))
+    models = list_diffusers_models(model_folders)
+    # a folder's relative path: the first diffusers folder that has it, as ComfyUI's DiffusersLoader loads it
+    by_path = next((path for path, rel in models if rel == name), None)
+    by_stem = _distinct_files(
+        [path for path, rel in files if _stem(rel) == name] + ([by_path] if by_path is not None else [])
     )
-    return None, by_stem, by_file_name, files
+    by_file_name = _distinct_files(
+        [path for path, _ in files if "/" not in name and name in (path.name, _stem(path.name))]
+        + [path for path, _ in models if "/" not in name and path.name == name]
+    )
+    return None, by_stem, by_file_name, files + models
 
 
 def _pick(option: str, text: str, tiers: Sequence[Sequence[Path]]) -> Path | None:
@@ -287,6 +336,7 @@ def _pick(option: str, text: str, tiers: Sequence[Sequence[Path]]) -> Path | Non
             raise ConfigError(
                 f"{option} {text!r} is ambiguous: {len(tier)} model files have that name ({listed}); give the "
                 "name with its subfolder and extension as listed there, or the file's path"
+                + (" (a diffusers folder's name has no extension)" if any(path.is_dir() for path in tier) else "")
             )
     return None
 
@@ -483,15 +533,20 @@ def resolve_model_name(
     notes: list[str] | None = None,
     say: Callable[[str], None] | None = None,
 ) -> str:
-    """What ``--model text`` loads: ``text`` itself when it is a path or another source, else the file its name
-    picks below ``models_dir``'s model folders (:func:`model_folders`).
+    """What ``--model text`` loads: ``text`` itself when it is a path or another source, else the file (or
+    diffusers folder) its name picks below ``models_dir``'s model folders (:func:`model_folders`,
+    :func:`diffusers_folders`).
 
     Precedence: a ``scheme:`` source (``tiny:sd1``, ``toyworld:``, a plugin's) and an existing file or folder are
     ``text`` unchanged, so is a path written as one (absolute, ``./``, ``~``). Otherwise the name is looked up
     as ComfyUI's ``ckpt_name``: the file whose path relative to a model folder is ``text`` (the first folder that
     has it wins, as ComfyUI's ``get_full_path``), else the one file whose relative path without its extension is
     ``text`` (``sdxl/juggernaut``), else the one file named ``text`` with or without extension in any subfolder
-    (``juggernaut.safetensors``, ``juggernaut``). A name of a Hugging Face id's form (``org/name``, no
+    (``juggernaut.safetensors``, ``juggernaut``). ComfyUI's ``diffusers/`` folders (:func:`diffusers_folders`)
+    are searched too: a folder below one that holds a ``model_index.json`` is the model its path relative to that
+    folder names (``sdxl/base``, the ``DiffusersLoader`` node's ``model_path``; the first diffusers folder that
+    has it, as that node loads it), in the tier of the relative path without extension, and by its last folder name (``base``) in the tier of the file name. A name of a Hugging
+    Face id's form (``org/name``, no
     extension) that is in the Hub cache stays the Hub id, as it was before names existed, even where a
     ``checkpoints/org/name.safetensors`` exists too: that file is then reached by its name with the extension,
     and ``notes`` gets a line saying so. Several files for a name is a :class:`~sdcore.errors.ConfigError`
@@ -522,25 +577,33 @@ def resolve_model_name(
     hub_id = not looks_like_path(text)
     name = _comfy_name(text)
     folders = model_folders(models_dir, extra)
-    direct, by_stem, by_file_name, files = _named_files(name, folders)
+    diffusers = diffusers_folders(models_dir, extra)
+    direct, by_stem, by_file_name, files = _named_files(name, folders, diffusers)
     if direct is not None:
         return str(direct)
     if hub_id and _in_hub_cache(text):
         if by_stem and notes is not None:
             listed = ", ".join(str(path) for path in by_stem)
+            folder = any(path.is_dir() for path in by_stem)  # a diffusers folder: no name with an extension
             notes.append(
                 f"--model {text}: the Hugging Face Hub repo in the cache, not {listed} below --models-dir "
-                "(give that file's name with its extension, or its path, to load it)"
+                + (
+                    "(give its path to load it)"
+                    if folder
+                    else "(give that file's name with its extension, or its path, to load it)"
+                )
             )
         return text
     found = _pick("--model", text, (by_stem, by_file_name))
     if found is not None:
         return str(found)
-    if is_model_hash(text):
-        by_hash = find_by_hash(text, [file for file, _ in files], say)
+    if is_model_hash(text):  # a diffusers folder has no A1111 hash
+        by_hash = find_by_hash(text, [file for file, _ in files if not file.is_dir()], say)
         if by_hash is not None:
             return str(by_hash)
-    raise ConfigError(f"{missing_model_error(text)}; nor is it a model name {_searched(name, folders, files)}")
+    raise ConfigError(
+        f"{missing_model_error(text)}; nor is it a model name {_searched(name, [*folders, *diffusers], files)}"
+    )
 
 
 #: the folders below ``--models-dir`` a part option's NAME (``--vae ae``, ``--t5xxl t5xxl_fp16``) is looked for
@@ -663,19 +726,23 @@ def resolve_sources(
 
 
 __all__ = [
+    "DIFFUSERS_FOLDER",
     "EXTRA_MODEL_PATHS_FILE",
     "LEGACY_FOLDER_NAMES",
     "MODEL_FOLDERS",
+    "MODEL_INDEX_FILE",
     "PART_FOLDERS",
     "SCAN_NOTICE_BYTES",
     "ExtraFolder",
     "ExtraModelPaths",
     "ResolvedSources",
     "comfy_folder_name",
+    "diffusers_folders",
     "find_by_hash",
     "find_png_model",
     "hash_of",
     "is_model_hash",
+    "list_diffusers_models",
     "list_model_files",
     "load_extra_model_paths",
     "model_folders",

@@ -7,7 +7,8 @@
   more; ``cached_sha256`` reads only that cache).
 - ``autov3_hash`` / ``addnet_hash``: sha256 of a safetensors file's tensor data, i.e. every byte
   after the 8-byte length and the JSON header (unchanged by metadata edits; Civitai AutoV3, kohya
-  ``sshs_model_hash``, and, prefixed with ``0x``, modelspec ``hash_sha256``).
+  ``sshs_model_hash``, and, prefixed with ``0x``, modelspec ``hash_sha256``). Cached as ``sha256_file`` is,
+  in the same file entry under the key ``autov3`` (``cached_autov3`` reads only the cache).
 - ``sshs_hashes``: the two kohya values for tensors about to be saved (LoRA writer's helper).
 - ``network_short_hash``: A1111's 12-hex hash of a LoRA in the infotext's "Lora hashes" field.
 - ``checkpoint_identity``: A1111's ``sd_checkpoint`` / ``sd_checkpoint_name`` pair that TI,
@@ -20,7 +21,7 @@ import contextlib
 import hashlib
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,11 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
     return _stream(Path(path), LEGACY_OFFSET, LEGACY_LENGTH)[:8]
 
 
-_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+#: the values the cache keeps per file, each under its own key of the file's entry: ``sha256`` of the whole file
+#: (:func:`sha256_file`) and ``autov3``, the sha256 of a safetensors file's tensor data (:func:`autov3_hash`)
+HASH_KINDS = ("sha256", "autov3")
+#: this process's values by (kind, resolved path, size, mtime_ns), whatever the file's size
+_SHA256_CACHE: dict[tuple[str, str, int, int], str] = {}
 
 #: the file below :func:`sdcore.io.cache_dir` that keeps whole-file sha256 values between runs
 HASH_CACHE_FILE = "sha256.json"
@@ -88,7 +93,8 @@ def _signature(path: Path) -> tuple[str, int, int, int, int]:
 
 
 def _read_hash_cache() -> dict[str, Any]:
-    """The on-disk entries (resolved path -> ``{"size", "mtime_ns", "sha256"}``); a missing, unreadable or
+    """The on-disk entries (resolved path -> ``{"size", "mtime_ns"}`` and one key per :data:`HASH_KINDS`
+    value known, e.g. ``"sha256"``); a missing, unreadable or
     corrupt file is an empty cache, never an error (the values can always be computed again). Parsed again only
     when the file changed since this process last read or wrote it (:data:`_DISK_MEMO`); callers must not
     change the dict returned."""
@@ -109,11 +115,12 @@ def _read_hash_cache() -> dict[str, Any]:
     return files
 
 
-def _entry_hash(entry: object, size: int, mtime_ns: int) -> str | None:
-    """The sha256 of a disk cache entry when it was taken of a file of this size and mtime."""
+def _entry_hash(entry: object, size: int, mtime_ns: int, kind: str = "sha256") -> str | None:
+    """The ``kind`` value (:data:`HASH_KINDS`) of a disk cache entry when it was taken of a file of this size
+    and mtime."""
     if not isinstance(entry, dict) or entry.get("size") != size or entry.get("mtime_ns") != mtime_ns:
         return None
-    value = entry.get("sha256")
+    value = entry.get(kind)
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return value
     return None
@@ -132,8 +139,9 @@ def _gone(path: str, temp: str) -> bool:
     return in_temp or os.path.isdir(os.path.dirname(path))
 
 
-def _write_hash_cache(key: tuple[str, int, int], value: str) -> None:
-    """Add one entry to the disk cache: re-read (another process may have added some), drop the entries of
+def _write_hash_cache(key: tuple[str, int, int], value: str, kind: str = "sha256") -> None:
+    """Add one value to the disk cache (to the file's entry, keeping its other kinds when they are of the file as
+    it is now): re-read (another process may have added some), drop the entries of
     deleted files (:func:`_gone`, the first write of a process only), write atomically (two writers: the last one
     wins, losing at most the other's new entry, which is computed again when needed). Failing to write is silent:
     the cache is an optimisation."""
@@ -151,7 +159,12 @@ def _write_hash_cache(key: tuple[str, int, int], value: str) -> None:
         files = {path: entry for path, entry in files.items() if not _gone(path, temp)}
         _PRUNED = True
     path, size, mtime_ns = key
-    files[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": value}
+    entry: dict[str, Any] = {"size": size, "mtime_ns": mtime_ns}
+    for other in HASH_KINDS:
+        known = _entry_hash(files.get(path), size, mtime_ns, other) if other != kind else value
+        if known is not None:
+            entry[other] = known
+    files[path] = entry
     text = json.dumps({"version": _HASH_CACHE_VERSION, "files": files}, indent=0, sort_keys=True)
     target = _hash_cache_path()
     with contextlib.suppress(OSError, SdcoreError):  # a read-only or full cache folder
@@ -164,18 +177,54 @@ def _cache_key(file: Path) -> tuple[str, int, int]:
     return str(file.resolve()), stat.st_size, stat.st_mtime_ns
 
 
+def _cached(key: tuple[str, int, int], kind: str) -> str | None:
+    """The ``kind`` value of the file ``key`` (:func:`_cache_key`) from this process's memory or the disk cache."""
+    memo = (kind, *key)
+    if memo not in _SHA256_CACHE:
+        if key[1] < DISK_CACHE_MIN_BYTES:
+            return None
+        found = _entry_hash(_read_hash_cache().get(key[0]), key[1], key[2], kind)
+        if found is None:
+            return None
+        _SHA256_CACHE[memo] = found
+    return _SHA256_CACHE[memo]
+
+
+def _hash_cached(path: str | os.PathLike[str], kind: str, compute: Callable[[Path], str]) -> str:
+    """``compute(path)`` through the cache: in this process's memory always, on disk for files of
+    :data:`DISK_CACHE_MIN_BYTES` or more, keyed by resolved path, size and mtime_ns (a changed file is hashed
+    again). A file that changed while it was read (another size or mtime after than before: a copy still
+    going on, a trainer saving over it) is hashed again, and kept only under the stat it had throughout: a
+    value of bytes from before and after a change must never answer for either."""
+    file = Path(path)
+    key = _cache_key(file)
+    known = _cached(key, kind)
+    if known is not None:
+        return known
+    for _ in range(3):
+        value = compute(file)
+        after = _cache_key(file)
+        if after == key:
+            break
+        key = after
+    else:  # still changing: the value of a moving file, kept nowhere
+        return value
+    _SHA256_CACHE[(kind, *key)] = value
+    if key[1] >= DISK_CACHE_MIN_BYTES:
+        _write_hash_cache(key, value, kind)
+    return value
+
+
 def cached_sha256(path: str | os.PathLike[str]) -> str | None:
     """The whole-file sha256 of ``path`` when this process or the disk cache already has it for the file as it
     is now (same size and mtime), else ``None``, reading none of its bytes (to tell what a scan will cost)."""
-    key = _cache_key(Path(path))
-    if key not in _SHA256_CACHE:
-        if key[1] < DISK_CACHE_MIN_BYTES:
-            return None
-        found = _entry_hash(_read_hash_cache().get(key[0]), key[1], key[2])
-        if found is None:
-            return None
-        _SHA256_CACHE[key] = found
-    return _SHA256_CACHE[key]
+    return _cached(_cache_key(Path(path)), "sha256")
+
+
+def cached_autov3(path: str | os.PathLike[str]) -> str | None:
+    """:func:`autov3_hash` of ``path`` when this process or the disk cache already has it, else ``None``,
+    reading none of its bytes."""
+    return _cached(_cache_key(Path(path)), "autov3")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -186,18 +235,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     ``--from-png`` finds a model by its hash: a multi-GB checkpoint is read once, not once per run. A file
     changed since (another size or mtime) is hashed again.
     """
-    file = Path(path)
-    key = _cache_key(file)
-    if key in _SHA256_CACHE:
-        return _SHA256_CACHE[key]
-    known = cached_sha256(file)
-    if known is not None:
-        return known
-    value = _stream(file)
-    _SHA256_CACHE[key] = value
-    if key[1] >= DISK_CACHE_MIN_BYTES:
-        _write_hash_cache(key, value)
-    return value
+    return _hash_cached(path, "sha256", _stream)
 
 
 def short_hash(path: str | os.PathLike[str]) -> str:
@@ -218,8 +256,12 @@ def safetensors_data_offset(path: str | os.PathLike[str]) -> int:
 
 
 def autov3_hash(path: str | os.PathLike[str]) -> str:
-    """sha256 (64 hex) of the tensor data of a safetensors file (Civitai AutoV3 shows the first 12)."""
-    return _stream(Path(path), safetensors_data_offset(path))
+    """sha256 (64 hex) of the tensor data of a safetensors file (Civitai AutoV3 shows the first 12).
+
+    Cached as :func:`sha256_file` is (memory, and on disk from :data:`DISK_CACHE_MIN_BYTES`): every generate
+    with a LoRA writes its hash in the infotext's "Lora hashes", and ``--from-png`` hashes each LoRA of the
+    folders to find one by it; A1111 keeps these too ("hashes-addnet" in its ``cache.json``)."""
+    return _hash_cached(path, "autov3", lambda file: _stream(file, safetensors_data_offset(file)))
 
 
 addnet_hash = autov3_hash

@@ -106,8 +106,8 @@ class TrainOptions:
     models_dir: str = option(
         "",
         "A1111's or ComfyUI's models folder: --model and the part options may then be a file's name there "
-        "(checkpoints/, Stable-diffusion/, unet/, diffusion_models/; vae/, VAE/; text_encoders/, clip/, "
-        "text_encoder/), looked up before anything loads as sdcore generate does; an extra_model_paths.yaml beside "
+        "(checkpoints/, Stable-diffusion/, unet/, diffusion_models/, the folders of diffusers/; vae/, VAE/; "
+        "text_encoders/, clip/, text_encoder/), looked up before anything loads as sdcore generate does; an extra_model_paths.yaml beside "
         "it (ComfyUI's root) is read too. Default: none (paths only).",
         group="model",
         metavar="DIR",
@@ -115,8 +115,8 @@ class TrainOptions:
     )
     extra_model_paths: tuple[str, ...] = option(
         (),
-        "ComfyUI's extra_model_paths.yaml (repeatable; needs --models-dir): the checkpoints, diffusion_models, vae "
-        "and text_encoders folders it lists are searched for names too, in ComfyUI's order.",
+        "ComfyUI's extra_model_paths.yaml (repeatable; needs --models-dir): the checkpoints, diffusion_models, "
+        "diffusers, vae and text_encoders folders it lists are searched for names too, in ComfyUI's order.",
         group="model",
         metavar="FILE.yaml",
         path=True,

@@ -560,6 +560,48 @@ def _model_from_png(params: dict[str, Any], recalled: Any, models_dir: Path | No
     params["model"] = str(path)
 
 
+def _vae_from_png(
+    params: dict[str, Any], recalled: Any, models_dir: Path | None, extra: Any, given_vae: str | None
+) -> str | None:
+    """The PNG's VAE (A1111 writes ``VAE: name.safetensors, VAE hash: abcdef1234`` when it decodes with a VAE
+    other than the model's own; its paste sets the ``sd_vae`` setting by that name): without ``--vae``, the file
+    :func:`~sdcore.generate.model_paths.find_png_vae` finds (returned, with a line on stderr), or a warning line
+    (the image is still made, with the model's own VAE); with ``--vae`` (``given_vae``: its file) of another hash
+    or name, a warning naming both, as for the model hash. ``None`` where ``--vae`` stays as it is."""
+    from ..generate.model_paths import find_png_vae, hash_of, is_model_hash
+
+    fields = recalled.parameters.extra
+    name, vae_hash = fields.get("VAE") or None, fields.get("VAE hash") or None
+    if name is None and vae_hash is None:
+        return None
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    shown = f"{name} ({vae_hash})" if name and vae_hash else (name or vae_hash)
+    if params["vae"] is not None:  # given (or set by a ComfyUI graph's VAELoader): it stays; another VAE is said
+        if "vae" not in _given(params) or given_vae is None:
+            return None
+        vae = Path(given_vae)
+        if vae_hash and is_model_hash(vae_hash) and vae.is_file():
+            try:
+                ours = hash_of(vae, vae_hash)
+            except OSError:  # the pre-flight says an unreadable --vae
+                return None
+            if ours != vae_hash.lower():
+                named = f" ({name})" if name else ""
+                say(f"warning: the PNG was made with VAE hash {vae_hash}{named}, --vae has {ours}")
+        elif name and name not in (vae.name, vae.stem):
+            say(f"warning: the PNG was made with VAE {shown}, --vae is {vae}")
+        return None
+    if models_dir is None:
+        say(
+            f"warning: the PNG's VAE {shown} is looked for below --models-dir, and there is no models/ here; the "
+            "model's own VAE decodes: pass --models-dir or --vae"
+        )
+        return None
+    path, line = find_png_vae(name, vae_hash, models_dir, extra, say)
+    say(line)
+    return None if path is None else str(path)
+
+
 def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled: Any = None) -> Any:
     """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
     ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
@@ -584,8 +626,13 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
                             say=lambda line: click.echo(line, err=True))  # fmt: skip
     params["model"] = found.model
     params.update(found.parts)
+    parts = dict(found.parts)
+    if recalled is not None:  # the PNG's "VAE"/"VAE hash" (A1111's): its file without --vae, a warning with another
+        vae = _vae_from_png(params, recalled, models_dir, found.extra, found.parts.get("vae"))
+        if vae is not None:
+            params["vae"] = parts["vae"] = vae
     # each part found is checked as train's pre-flight checks it (there, readable, that part from its header)
-    problems += found.problems + part_file_problems(found.parts)
+    problems += found.problems + part_file_problems(parts)
     for line in found.notes:
         click.echo(f"warning: {line}", err=True)
     return found.extra

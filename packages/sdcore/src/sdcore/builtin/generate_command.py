@@ -398,7 +398,8 @@ class _GenerateCommand(HintedCommand):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Take every generation parameter from this image's infotext (A1111's PNG Info -> Send to txt2img); "
     "options given here win. PROMPT is then optional, and so is --model: the file below the model folders with "
-    "the image's Model hash (and Model name) is taken.",
+    "the image's Model hash (and Model name) is taken; without --vae, so is the VAE of its VAE hash (and VAE name) "
+    "from the VAE folders, when it names one.",
 )
 @click.option(
     "--style", "styles", multiple=True, help="A1111 style from --styles-file, applied to the prompts (repeatable)."

@@ -391,3 +391,90 @@ def test_the_pngs_vae_makes_the_image_that_vae_path_makes(vae_webui, tmp_path):
             assert ignored and all("VAE" not in line for line in ignored), result.stderr
     assert np.array_equal(pixels["png"], pixels["path"])
     assert not np.array_equal(pixels["png"], pixels["own"])
+
+
+def test_a_checkpoint_name_with_extension_is_relative_to_its_folder(tmp_path):
+    """A ComfyUI ``ckpt_name`` (``x.safetensors``) names the file at the folder's top, not ``sub/x.safetensors``
+    too: only a VAE's name (A1111's base name) matches a file in a subfolder by its base name."""
+    models = tmp_path / "models"
+    top, sub = models / "checkpoints" / "x.safetensors", models / "checkpoints" / "sub" / "x.safetensors"
+    sub.parent.mkdir(parents=True)
+    top.write_bytes(b"top")
+    sub.write_bytes(b"sub")
+    assert find_png_model("x.safetensors", None, model_folders(models)) == (
+        top,
+        "model from the PNG: x.safetensors (by its name: the PNG has no Model hash)",
+    )
+    vae = models / "VAE" / "sub" / "y.safetensors"  # A1111 writes "VAE: y.safetensors" for it
+    vae.parent.mkdir(parents=True)
+    vae.write_bytes(b"vae")
+    assert model_paths.find_png_vae("y.safetensors", None, models) == (
+        vae,
+        "VAE from the PNG: sub/y.safetensors (by its name: the PNG has no VAE hash)",
+    )
+
+
+def test_the_pngs_vae_of_another_family_is_a_warning(vae_webui, tmp_path, loads_parts):
+    """A VAE found by the PNG's hash that the model cannot decode with (FLUX.1's 16-channel ae for an SD1
+    model): said, and the model's own VAE decodes, as when it is not found (before anything loads)."""
+    from safetensors.torch import save_file
+    from sdcore.models.tiny import create_tiny_bundle
+
+    ae = tmp_path / "models" / "VAE" / "ae.safetensors"
+    ae.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in create_tiny_bundle("flux").vae.state_dict().items()}, str(ae))
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir()
+    base = models / "Stable-diffusion" / "base.safetensors"
+    base.symlink_to(vae_webui / "Stable-diffusion" / "base.safetensors")
+    result = _from_png(models, tmp_path, f", VAE hash: {_sha(ae)[:10]}, VAE: ae.safetensors")
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads_parts[-1] == (str(base), None)
+    assert result.stderr.splitlines()[-1] == (
+        f"warning: the PNG's VAE {ae} is a VAE with 16 latent channels; Stable Diffusion 1.x needs its "
+        "4-channel VAE: the model's own VAE decodes; pass --vae to choose one"
+    )
+
+
+def test_vae_fields_are_written_for_a_vae_file_of_the_a1111_families(vae_webui, tmp_path):
+    """A1111's "VAE hash" (sha256[:10]) and "VAE" (base name with extension) for a VAE file on SD1/SD2/SDXL;
+    nothing for the model's own VAE, a folder, or FLUX.1/SD3/Chroma (Forge writes "Module N" there)."""
+    from sdcore.generate.pnginfo import vae_fields
+
+    vae = vae_webui / "VAE" / "tiny-vae.safetensors"
+    expected = {"VAE hash": _sha(vae)[:10], "VAE": "tiny-vae.safetensors"}
+    for family in ("sd1", "sd2", "sdxl"):
+        assert vae_fields(vae, family) == expected
+        assert list(vae_fields(vae, family)) == ["VAE hash", "VAE"]  # A1111's order
+    for family in ("flux", "sd3", "chroma"):
+        assert vae_fields(vae, family) == {}
+    assert vae_fields(None, "sd1") == {} and vae_fields(vae_webui / "VAE", "sd1") == {}
+
+
+def test_an_image_made_with_vae_comes_back_with_it(vae_webui, tmp_path):
+    """Round trip: ``generate --vae NAME`` writes A1111's VAE fields after "Model"; ``--from-png`` with only the
+    models folder takes that VAE again and makes the same image (and the same infotext)."""
+    import numpy as np
+
+    vae = vae_webui / "VAE" / "tiny-vae.safetensors"
+    base = vae_webui / "Stable-diffusion" / "base.safetensors"
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    common = ["--models-dir", str(vae_webui), "--device", "cpu"]
+    made = _sdcore("a cat", "-m", "base", "--vae", "tiny-vae", "--steps", "1", "--size", "32", "--seed", "3",
+                   *common, "-o", str(first))  # fmt: skip
+    assert made.exit_code == 0, made.output
+    text = Image.open(first).info["parameters"]
+    assert text.splitlines()[1].startswith(
+        f"Steps: 1, Sampler: Euler a, Schedule type: DDIM, CFG scale: 7, Seed: 3, Size: 32x32, Model hash: "
+        f"{_sha(base)[:10]}, Model: base, VAE hash: {_sha(vae)[:10]}, VAE: tiny-vae.safetensors, RNG: CPU, "
+    )
+    result = _sdcore("--from-png", str(first), *common, "-o", str(again))
+    assert result.exit_code == 0, result.output
+    assert f"VAE from the PNG: tiny-vae.safetensors ({_sha(vae)[:10]})" in result.stderr.splitlines()
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert Image.open(again).info["parameters"] == text
+    # the model's own VAE: no VAE fields
+    own = tmp_path / "own.png"
+    made = _sdcore("a cat", "-m", "base", "--steps", "1", "--size", "32", "--seed", "3", *common, "-o", str(own))
+    assert made.exit_code == 0 and "VAE" not in Image.open(own).info["parameters"]
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(own)))

@@ -567,9 +567,11 @@ def _vae_from_png(
     """The PNG's VAE (A1111 writes ``VAE: name.safetensors, VAE hash: abcdef1234`` when it decodes with a VAE
     other than the model's own; its paste sets the ``sd_vae`` setting by that name): without ``--vae``, the file
     :func:`~sdcore.generate.model_paths.find_png_vae` finds (returned, with a line on stderr), or a warning line
-    (the image is still made, with the model's own VAE); with ``--vae`` (``given_vae``: its file) of another hash
-    or name, a warning naming both, as for the model hash. ``None`` where ``--vae`` stays as it is."""
+    (the image is still made, with the model's own VAE), as is one found that does not fit the model (its latent
+    channels: FLUX.1's ae named for an SD1 model); with ``--vae`` (``given_vae``: its file) of another hash or
+    name, a warning naming both, as for the model hash. ``None`` where ``--vae`` stays as it is."""
     from ..generate.model_paths import find_png_vae, hash_of, is_model_hash
+    from ..models.parts import vae_channel_mismatch
 
     fields = recalled.parameters.extra
     name, vae_hash = fields.get("VAE") or None, fields.get("VAE hash") or None
@@ -599,6 +601,10 @@ def _vae_from_png(
         )
         return None
     path, line = find_png_vae(name, vae_hash, models_dir, extra, say)
+    mismatch = None if path is None else vae_channel_mismatch(path, model=params["model"])
+    if mismatch is not None:  # the PNG's VAE, but not one this model decodes with: made as without it
+        say(f"warning: the PNG's VAE {path} is {mismatch}: the model's own VAE decodes; pass --vae to choose one")
+        return None
     say(line)
     return None if path is None else str(path)
 
@@ -923,7 +929,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     from .. import __version__
     from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT, FILL_GUIDANCE
     from ..generate.pipeline import generate_images, is_flux_control, is_flux_fill, schedule_type_field
-    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash
+    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash, vae_fields
     from ..models.family import default_cfg
 
     params, seed, variation, hires = run.params, run.seed, run.variation, run.hires
@@ -996,11 +1002,12 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
+    vae = vae_fields(params["vae"], bundle.family)  # A1111's "VAE hash"/"VAE": --from-png takes that VAE again
     rendered: list[tuple[Any, Path, Any]] = []
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
         # None: not written; a flow family's at the pass's size, not after a hires pass (another size's shift)
         pass_size = (first_size or image.size) if hires is None else None
-        extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler, pass_size)}
+        extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler, pass_size), **vae}
         if variation is not None:  # after "Model", before "Denoising strength" (A1111's order)
             extra.update(variation.infotext_fields(subseeds[index]))
         if params["init_image"] is not None or hires is not None:

@@ -405,13 +405,14 @@ def find_by_hash(
     return None
 
 
-def _infotext_name_matches(name: str, file: Path, rel: str) -> bool:
+def _infotext_name_matches(name: str, file: Path, rel: str, base_name: bool = False) -> bool:
     """Whether an infotext's "Model" or "VAE" names ``file`` (``rel`` below its folder): A1111 writes a checkpoint's
     file name without extension (``name_for_extra``; before 1.6 its ``model_name``, the subfolders joined with
-    ``_``) and a VAE's with it (``sd_vae.get_loaded_vae_name``: the file's base name); a ComfyUI image's name is
-    relative to the folder, with or without extension."""
+    ``_``) and a VAE's with it (``base_name``: ``sd_vae.get_loaded_vae_name``, the file's base name, also of a
+    file in a subfolder); a ComfyUI image's name is relative to the folder, with or without extension (so a
+    checkpoint's ``x.safetensors`` is not ``sub/x.safetensors``)."""
     stem = _stem(rel)
-    return name in (file.name, _stem(file.name), stem, rel, stem.replace("/", "_"))
+    return name in (_stem(file.name), stem, rel, stem.replace("/", "_")) or (base_name and name == file.name)
 
 
 def _hash_or_unreadable(file: Path, kind: str) -> str:
@@ -440,15 +441,17 @@ def match_png_file(
     listing: Sequence[tuple[Path, str]],
     say: Callable[[str], None] | None = None,
     what: str = "model hash",
+    base_name: bool = False,
 ) -> PngFileMatch:
     """The file of ``listing`` (:func:`list_model_files`) that an infotext's name and hash pick, the one rule
     behind ``--from-png``'s checkpoint (:func:`find_png_model`) and VAE (:func:`find_png_vae`): the files whose
     name is ``name`` (:func:`_infotext_name_matches`), the one whose hash is ``file_hash`` when there is one
     (:func:`is_model_hash`), else every other file by that hash (:func:`find_by_hash`; ``say``/``what`` for its
-    notice); without a hash the name alone, when it names one file. Nothing found is ``file`` ``None``."""
+    notice); without a hash the name alone, when it names one file. ``base_name``: a file's base name with its
+    extension names it too (A1111's "VAE"). Nothing found is ``file`` ``None``."""
     name = _comfy_name(name) if name else None
     wanted = file_hash.lower() if file_hash and is_model_hash(file_hash) else None
-    named = tuple((file, rel) for file, rel in listing if name and _infotext_name_matches(name, file, rel))
+    named = tuple((file, rel) for file, rel in listing if name and _infotext_name_matches(name, file, rel, base_name))
     rel_of = {file: rel for file, rel in reversed(listing)}  # a file's first name
     if wanted is not None:
         for file, _ in named:
@@ -549,7 +552,7 @@ def find_png_vae(
     or, with ``None``, a warning naming the VAE and the folders searched (the image is still made, with the
     model's own VAE: it differs from the PNG's only in its decoding)."""
     vae_folders, checkpoint_folders, listing = vae_files(models_dir, extra)
-    match = match_png_file(vae_name, vae_hash, listing, say, "VAE hash")
+    match = match_png_file(vae_name, vae_hash, listing, say, "VAE hash", base_name=True)
     wanted = match.wanted
     if match.file is not None:
         how = wanted if wanted is not None else "by its name: the PNG has no VAE hash"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .pnginfo import RNG_SOURCE, SCHEDULE_TYPE, GenerationParameters, read_png_parameters
+from .pnginfo import RNG_SOURCE, SCHEDULE_TYPE, VAE_FIELDS, GenerationParameters, read_png_parameters
 from .tiling import TILING_FIELD
 from .variation import SEED_RESIZE_FROM, VARIATION_SEED, VARIATION_STRENGTH
 
@@ -37,9 +37,6 @@ if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
 
 DISTILLED_CFG = "Distilled CFG Scale"
-#: A1111's fields of a VAE other than the model's own (the file's base name, the start of its sha256): the VAE
-#: without --vae, a warning with another (``generate``'s ``_vae_from_png``, :func:`~.model_paths.find_png_vae`)
-VAE_FIELDS = ("VAE", "VAE hash")
 #: fields a hires fix consumes (hires.hires_from_fields) besides "Denoising strength"
 _HIRES_FIELDS = (
     "Hires upscale",

@@ -251,8 +251,10 @@ def test_from_png_says_what_it_ignores(tmp_path):
     result = _invoke(["-m", "tiny:sd1", "--from-png", str(png), "--device", "cpu", "-o", str(out)])
     assert result.exit_code == 0, result.output
     lines = result.stderr.strip().splitlines()
-    assert lines == [
-        "ignored from the PNG (sdcore has no option for them): ENSD: 31337, VAE: x.pt, RNG: GPU (sdcore draws CPU noise, A1111's 'CPU' source)"
+    assert lines == [  # the VAE is looked for (test_from_png_model.py); without a models folder it is said
+        "warning: the PNG's VAE x.pt is looked for below --models-dir, and there is no models/ here; the model's own "
+        "VAE decodes: pass --models-dir or --vae",
+        "ignored from the PNG (sdcore has no option for them): ENSD: 31337, RNG: GPU (sdcore draws CPU noise, A1111's 'CPU' source)",
     ]
     _, params = _pixels(out)
     assert (params.prompt, params.steps, params.sampler, params.cfg, params.seed) == ("a cat", 1, "euler", 6.0, 3)

@@ -228,3 +228,253 @@ def test_an_unreadable_file_of_the_pngs_name_is_said_in_the_error(tmp_path, monk
     assert "; of that name, with another hash: x.safetensors (unreadable: Permission denied); pass --model" in str(
         error.value
     )
+
+
+# --- the PNG's VAE: A1111's "VAE hash: abcdef1234, VAE: name.safetensors" (sd_vae.get_loaded_vae_name/_hash) ---
+
+
+def _save_vae(seed: int, path: Path) -> Path:
+    from safetensors.torch import save_file
+    from sdcore.models.tiny import create_tiny_bundle
+
+    vae = create_tiny_bundle("sd1", seed=seed).vae
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae_webui(tmp_path_factory, tiny_bundles):
+    """An A1111 ``models/``: a tiny SD1 ``Stable-diffusion/base.safetensors`` with its own VAE beside it
+    (``base.vae.safetensors``, A1111's "found near the checkpoint"), and in ``VAE/`` two VAEs of other seeds and a
+    decoy ``old-name.safetensors`` (not a VAE)."""
+    from sdcore.models.save import write_single_file
+
+    models = tmp_path_factory.mktemp("a1111-vae") / "webui" / "models"
+    base = models / "Stable-diffusion" / "base.safetensors"
+    base.parent.mkdir(parents=True)
+    write_single_file(tiny_bundles("sd1"), base)
+    _save_vae(7, models / "Stable-diffusion" / "base.vae.safetensors")
+    _save_vae(5, models / "VAE" / "tiny-vae.safetensors")
+    _save_vae(6, models / "VAE" / "other-vae.safetensors")
+    (models / "VAE" / "old-name.safetensors").write_bytes(b"not a vae" * 100)
+    return models
+
+
+@pytest.fixture
+def loads_parts(monkeypatch) -> list[tuple[str, object]]:
+    """(source, vae) ``generate`` would load; it stops there."""
+    loaded: list[tuple[str, object]] = []
+
+    def spy(source, pm, **parts):
+        loaded.append((source, parts.get("vae")))
+        raise _Stop
+
+    monkeypatch.setattr(generate_command, "_load_bundle", spy)
+    return loaded
+
+
+def _from_png(models: Path, tmp_path: Path, fields: str, *more: str):
+    base = models / "Stable-diffusion" / "base.safetensors"
+    png = _png(tmp_path, f", Model hash: {_sha(base)[:10]}, Model: base{fields}")
+    return _sdcore("--from-png", str(png), "--models-dir", str(models), "-o", str(tmp_path / "o.png"), *more)
+
+
+def test_the_pngs_vae_name_and_hash_pick_the_vae(vae_webui, tmp_path, loads_parts):
+    vae = vae_webui / "VAE" / "tiny-vae.safetensors"
+    short = _sha(vae)[:10]
+    result = _from_png(vae_webui, tmp_path, f", VAE hash: {short}, VAE: tiny-vae.safetensors")
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads_parts == [(str(vae_webui / "Stable-diffusion" / "base.safetensors"), str(vae))]
+    assert f"VAE from the PNG: tiny-vae.safetensors ({short})" in result.stderr.splitlines()
+    # the name alone (no "VAE hash"), with or without its extension
+    for name in ("tiny-vae.safetensors", "tiny-vae"):
+        result = _from_png(vae_webui, tmp_path, f", VAE: {name}")
+        assert loads_parts[-1][1] == str(vae), result.output
+        assert "VAE from the PNG: tiny-vae.safetensors (by its name: the PNG has no VAE hash)" in result.stderr
+
+
+def test_the_pngs_vae_by_hash_under_another_name(vae_webui, tmp_path, loads_parts, monkeypatch):
+    """A VAE renamed since: the file of the PNG's name has other bytes, the one with its hash is taken (the
+    hash scan's notice says "VAE hash")."""
+    monkeypatch.setattr(model_paths, "SCAN_NOTICE_BYTES", 0)
+    vae = vae_webui / "VAE" / "other-vae.safetensors"
+    short = _sha(vae)[:10]
+    result = _from_png(vae_webui, tmp_path, f", VAE hash: {short}, VAE: old-name.safetensors")
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads_parts[-1][1] == str(vae)
+    lines = result.stderr.splitlines()
+    assert lines[-1] == f"VAE from the PNG: other-vae.safetensors ({short})"
+    assert lines[-2].startswith("hashing ") and lines[-2].endswith(
+        f"to find VAE hash {short}; the hashes are cached, so this is once"
+    )
+
+
+def test_the_pngs_vae_not_found_is_a_warning_and_the_models_own_vae_decodes(vae_webui, tmp_path, loads_parts):
+    decoy = vae_webui / "VAE" / "old-name.safetensors"
+    result = _from_png(vae_webui, tmp_path, ", VAE hash: 0123456789, VAE: old-name.safetensors")
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads_parts[-1][1] is None
+    checkpoints = ", ".join(str(vae_webui / name) for name in ("checkpoints", "Stable-diffusion"))
+    assert (
+        f"warning: the PNG's VAE ('old-name.safetensors', hash 0123456789) is not in {vae_webui / 'vae'}, "
+        f"{vae_webui / 'VAE'} and their subfolders, nor beside a checkpoint (NAME.vae.safetensors) in {checkpoints}; "
+        f"of that name, with another hash: old-name.safetensors ({_sha(decoy)[:10]}); the model's own VAE decodes: "
+        "pass --vae to choose one"
+    ) in result.stderr.splitlines()
+    # the name alone, found nowhere: said with the name only
+    result = _from_png(vae_webui, tmp_path, ", VAE: gone.safetensors")
+    assert loads_parts[-1][1] is None
+    assert "warning: the PNG's VAE ('gone.safetensors') is not in " in result.stderr
+    # no VAE field: nothing is looked for, nothing said
+    result = _from_png(vae_webui, tmp_path, "")
+    assert loads_parts[-1][1] is None and "VAE" not in result.stderr
+
+
+def test_vae_given_with_another_vae_in_the_png_is_a_warning(vae_webui, tmp_path, loads_parts):
+    mine, theirs = (vae_webui / "VAE" / f"{n}.safetensors" for n in ("other-vae", "tiny-vae"))
+    result = _from_png(
+        vae_webui, tmp_path, f", VAE hash: {_sha(theirs)[:10]}, VAE: tiny-vae.safetensors", "--vae", "other-vae"
+    )
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads_parts[-1][1] == str(mine)
+    assert (
+        f"warning: the PNG was made with VAE hash {_sha(theirs)[:10]} (tiny-vae.safetensors), --vae has "
+        f"{_sha(mine)[:10]}"
+    ) in result.stderr.splitlines()
+    assert "VAE from the PNG" not in result.stderr
+    # the same VAE: nothing said; no hash in the PNG: the names are compared
+    result = _from_png(vae_webui, tmp_path, f", VAE hash: {_sha(mine)[:10]}, VAE: x.safetensors", "--vae", str(mine))
+    assert loads_parts[-1][1] == str(mine) and "VAE" not in result.stderr
+    result = _from_png(vae_webui, tmp_path, ", VAE: tiny-vae.safetensors", "--vae", str(mine))
+    assert f"warning: the PNG was made with VAE tiny-vae.safetensors, --vae is {mine}" in result.stderr.splitlines()
+
+
+def test_the_a1111_vae_beside_the_checkpoint_is_the_pngs_vae(vae_webui, tmp_path, loads_parts):
+    """A1111 lists ``NAME.vae.safetensors`` of its checkpoint folder among its VAEs and, decoding with it ("found
+    near the checkpoint"), writes its name and hash as any VAE's: the PNG's VAE is then that file."""
+    sidecar = vae_webui / "Stable-diffusion" / "base.vae.safetensors"
+    short = _sha(sidecar)[:10]
+    result = _from_png(vae_webui, tmp_path, f", VAE hash: {short}, VAE: base.vae.safetensors")
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads_parts[-1][1] == str(sidecar)
+    assert f"VAE from the PNG: base.vae.safetensors ({short})" in result.stderr.splitlines()
+
+
+def test_the_vae_fields_are_not_ignored_any_more():
+    from sdcore.generate.pnginfo import parse_parameters
+    from sdcore.generate.recall import recall_parameters
+
+    text = "a cat\nSteps: 1, Sampler: Euler, Seed: 3, VAE hash: 0123456789, VAE: x.safetensors, ENSD: 31337"
+    assert recall_parameters(parse_parameters(text)).ignored == ["ENSD: 31337"]
+
+
+def test_the_pngs_vae_makes_the_image_that_vae_path_makes(vae_webui, tmp_path):
+    """End to end: the image with the VAE the PNG names is the one ``--vae PATH`` makes, and not the model's own
+    VAE's."""
+    import numpy as np
+
+    vae = vae_webui / "VAE" / "tiny-vae.safetensors"
+    base = vae_webui / "Stable-diffusion" / "base.safetensors"
+    model = f", Model hash: {_sha(base)[:10]}, Model: base"
+    own = _png(tmp_path / "own", model)  # no VAE field: the model's own VAE
+    png = _png(tmp_path, f"{model}, VAE hash: {_sha(vae)[:10]}, VAE: tiny-vae.safetensors")
+    pixels = {}
+    for label, source, more in (("png", png, []), ("path", png, ["--vae", str(vae)]), ("own", own, [])):
+        out = tmp_path / f"{label}.png"
+        args = ["--from-png", str(source), "--models-dir", str(vae_webui), "--device", "cpu", "-o", str(out), *more]
+        result = _sdcore(*args)
+        assert result.exit_code == 0, result.output
+        pixels[label] = np.asarray(Image.open(out))
+        if label == "png":
+            ignored = [line for line in result.stderr.splitlines() if line.startswith("ignored from the PNG")]
+            assert ignored and all("VAE" not in line for line in ignored), result.stderr
+    assert np.array_equal(pixels["png"], pixels["path"])
+    assert not np.array_equal(pixels["png"], pixels["own"])
+
+
+def test_a_checkpoint_name_with_extension_is_relative_to_its_folder(tmp_path):
+    """A ComfyUI ``ckpt_name`` (``x.safetensors``) names the file at the folder's top, not ``sub/x.safetensors``
+    too: only a VAE's name (A1111's base name) matches a file in a subfolder by its base name."""
+    models = tmp_path / "models"
+    top, sub = models / "checkpoints" / "x.safetensors", models / "checkpoints" / "sub" / "x.safetensors"
+    sub.parent.mkdir(parents=True)
+    top.write_bytes(b"top")
+    sub.write_bytes(b"sub")
+    assert find_png_model("x.safetensors", None, model_folders(models)) == (
+        top,
+        "model from the PNG: x.safetensors (by its name: the PNG has no Model hash)",
+    )
+    vae = models / "VAE" / "sub" / "y.safetensors"  # A1111 writes "VAE: y.safetensors" for it
+    vae.parent.mkdir(parents=True)
+    vae.write_bytes(b"vae")
+    assert model_paths.find_png_vae("y.safetensors", None, models) == (
+        vae,
+        "VAE from the PNG: sub/y.safetensors (by its name: the PNG has no VAE hash)",
+    )
+
+
+def test_the_pngs_vae_of_another_family_is_a_warning(vae_webui, tmp_path, loads_parts):
+    """A VAE found by the PNG's hash that the model cannot decode with (FLUX.1's 16-channel ae for an SD1
+    model): said, and the model's own VAE decodes, as when it is not found (before anything loads)."""
+    from safetensors.torch import save_file
+    from sdcore.models.tiny import create_tiny_bundle
+
+    ae = tmp_path / "models" / "VAE" / "ae.safetensors"
+    ae.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in create_tiny_bundle("flux").vae.state_dict().items()}, str(ae))
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir()
+    base = models / "Stable-diffusion" / "base.safetensors"
+    base.symlink_to(vae_webui / "Stable-diffusion" / "base.safetensors")
+    result = _from_png(models, tmp_path, f", VAE hash: {_sha(ae)[:10]}, VAE: ae.safetensors")
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads_parts[-1] == (str(base), None)
+    assert result.stderr.splitlines()[-1] == (
+        f"warning: the PNG's VAE {ae} is a VAE with 16 latent channels; Stable Diffusion 1.x needs its "
+        "4-channel VAE: the model's own VAE decodes; pass --vae to choose one"
+    )
+
+
+def test_vae_fields_are_written_for_a_vae_file_of_the_a1111_families(vae_webui, tmp_path):
+    """A1111's "VAE hash" (sha256[:10]) and "VAE" (base name with extension) for a VAE file on SD1/SD2/SDXL;
+    nothing for the model's own VAE, a folder, or FLUX.1/SD3/Chroma (Forge writes "Module N" there)."""
+    from sdcore.generate.pnginfo import vae_fields
+
+    vae = vae_webui / "VAE" / "tiny-vae.safetensors"
+    expected = {"VAE hash": _sha(vae)[:10], "VAE": "tiny-vae.safetensors"}
+    for family in ("sd1", "sd2", "sdxl"):
+        assert vae_fields(vae, family) == expected
+        assert list(vae_fields(vae, family)) == ["VAE hash", "VAE"]  # A1111's order
+    for family in ("flux", "sd3", "chroma"):
+        assert vae_fields(vae, family) == {}
+    assert vae_fields(None, "sd1") == {} and vae_fields(vae_webui / "VAE", "sd1") == {}
+
+
+def test_an_image_made_with_vae_comes_back_with_it(vae_webui, tmp_path):
+    """Round trip: ``generate --vae NAME`` writes A1111's VAE fields after "Model"; ``--from-png`` with only the
+    models folder takes that VAE again and makes the same image (and the same infotext)."""
+    import numpy as np
+
+    vae = vae_webui / "VAE" / "tiny-vae.safetensors"
+    base = vae_webui / "Stable-diffusion" / "base.safetensors"
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    common = ["--models-dir", str(vae_webui), "--device", "cpu"]
+    made = _sdcore("a cat", "-m", "base", "--vae", "tiny-vae", "--steps", "1", "--size", "32", "--seed", "3",
+                   *common, "-o", str(first))  # fmt: skip
+    assert made.exit_code == 0, made.output
+    text = Image.open(first).info["parameters"]
+    assert text.splitlines()[1].startswith(
+        f"Steps: 1, Sampler: Euler a, Schedule type: DDIM, CFG scale: 7, Seed: 3, Size: 32x32, Model hash: "
+        f"{_sha(base)[:10]}, Model: base, VAE hash: {_sha(vae)[:10]}, VAE: tiny-vae.safetensors, RNG: CPU, "
+    )
+    result = _sdcore("--from-png", str(first), *common, "-o", str(again))
+    assert result.exit_code == 0, result.output
+    assert f"VAE from the PNG: tiny-vae.safetensors ({_sha(vae)[:10]})" in result.stderr.splitlines()
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert Image.open(again).info["parameters"] == text
+    # the model's own VAE: no VAE fields
+    own = tmp_path / "own.png"
+    made = _sdcore("a cat", "-m", "base", "--steps", "1", "--size", "32", "--seed", "3", *common, "-o", str(own))
+    assert made.exit_code == 0 and "VAE" not in Image.open(own).info["parameters"]
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(own)))

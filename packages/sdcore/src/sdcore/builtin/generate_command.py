@@ -380,7 +380,8 @@ class _GenerateCommand(HintedCommand):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Take every generation parameter from this image's infotext (A1111's PNG Info -> Send to txt2img); "
     "options given here win. PROMPT is then optional, and so is --model: the file below the model folders with "
-    "the image's Model hash (and Model name) is taken.",
+    "the image's Model hash (and Model name) is taken; without --vae, so is the VAE of its VAE hash (and VAE name) "
+    "from the VAE folders, when it names one.",
 )
 @click.option(
     "--style", "styles", multiple=True, help="A1111 style from --styles-file, applied to the prompts (repeatable)."
@@ -533,6 +534,54 @@ def _model_from_png(params: dict[str, Any], recalled: Any, models_dir: Path | No
     params["model"] = str(path)
 
 
+def _vae_from_png(
+    params: dict[str, Any], recalled: Any, models_dir: Path | None, extra: Any, given_vae: str | None
+) -> str | None:
+    """The PNG's VAE (A1111 writes ``VAE: name.safetensors, VAE hash: abcdef1234`` when it decodes with a VAE
+    other than the model's own; its paste sets the ``sd_vae`` setting by that name): without ``--vae``, the file
+    :func:`~sdcore.generate.model_paths.find_png_vae` finds (returned, with a line on stderr), or a warning line
+    (the image is still made, with the model's own VAE), as is one found that does not fit the model (its latent
+    channels: FLUX.1's ae named for an SD1 model); with ``--vae`` (``given_vae``: its file) of another hash or
+    name, a warning naming both, as for the model hash. ``None`` where ``--vae`` stays as it is."""
+    from ..generate.model_paths import find_png_vae, hash_of, is_model_hash
+    from ..models.parts import vae_channel_mismatch
+
+    fields = recalled.parameters.extra
+    name, vae_hash = fields.get("VAE") or None, fields.get("VAE hash") or None
+    if name is None and vae_hash is None:
+        return None
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    shown = f"{name} ({vae_hash})" if name and vae_hash else (name or vae_hash)
+    if params["vae"] is not None:  # given (or set by a ComfyUI graph's VAELoader): it stays; another VAE is said
+        if "vae" not in _given(params) or given_vae is None:
+            return None
+        vae = Path(given_vae)
+        if vae_hash and is_model_hash(vae_hash) and vae.is_file():
+            try:
+                ours = hash_of(vae, vae_hash)
+            except OSError:  # the pre-flight says an unreadable --vae
+                return None
+            if ours != vae_hash.lower():
+                named = f" ({name})" if name else ""
+                say(f"warning: the PNG was made with VAE hash {vae_hash}{named}, --vae has {ours}")
+        elif name and name not in (vae.name, vae.stem):
+            say(f"warning: the PNG was made with VAE {shown}, --vae is {vae}")
+        return None
+    if models_dir is None:
+        say(
+            f"warning: the PNG's VAE {shown} is looked for below --models-dir, and there is no models/ here; the "
+            "model's own VAE decodes: pass --models-dir or --vae"
+        )
+        return None
+    path, line = find_png_vae(name, vae_hash, models_dir, extra, say)
+    mismatch = None if path is None else vae_channel_mismatch(path, model=params["model"])
+    if mismatch is not None:  # the PNG's VAE, but not one this model decodes with: made as without it
+        say(f"warning: the PNG's VAE {path} is {mismatch}: the model's own VAE decodes; pass --vae to choose one")
+        return None
+    say(line)
+    return None if path is None else str(path)
+
+
 def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled: Any = None) -> Any:
     """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
     ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
@@ -555,8 +604,13 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
                             say=lambda line: click.echo(line, err=True))  # fmt: skip
     params["model"] = found.model
     params.update(found.parts)
+    parts = dict(found.parts)
+    if recalled is not None:  # the PNG's "VAE"/"VAE hash" (A1111's): its file without --vae, a warning with another
+        vae = _vae_from_png(params, recalled, models_dir, found.extra, found.parts.get("vae"))
+        if vae is not None:
+            params["vae"] = parts["vae"] = vae
     # each part found is checked as train's pre-flight checks it (there, readable, that part from its header)
-    problems += found.problems + part_file_problems(found.parts)
+    problems += found.problems + part_file_problems(parts)
     for line in found.notes:
         click.echo(f"warning: {line}", err=True)
     return found.extra
@@ -846,7 +900,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     from .. import __version__
     from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT, FILL_GUIDANCE
     from ..generate.pipeline import generate_images, is_flux_control, is_flux_fill, schedule_type_field
-    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash
+    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash, vae_fields
     from ..models.family import default_cfg
 
     params, seed, variation, hires = run.params, run.seed, run.variation, run.hires
@@ -919,11 +973,12 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
+    vae = vae_fields(params["vae"], bundle.family)  # A1111's "VAE hash"/"VAE": --from-png takes that VAE again
     rendered: list[tuple[Any, Path, Any]] = []
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
         # None: not written; a flow family's at the pass's size, not after a hires pass (another size's shift)
         pass_size = (first_size or image.size) if hires is None else None
-        extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler, pass_size)}
+        extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler, pass_size), **vae}
         if variation is not None:  # after "Model", before "Denoising strength" (A1111's order)
             extra.update(variation.infotext_fields(subseeds[index]))
         if params["init_image"] is not None or hires is not None:

@@ -455,12 +455,14 @@ def find_by_hash(
     return None
 
 
-def _infotext_name_matches(name: str, file: Path, rel: str) -> bool:
-    """Whether an infotext's "Model" names ``file`` (``rel`` below its folder): A1111 writes the file name without
-    extension (``name_for_extra``; before 1.6 its ``model_name``, the subfolders joined with ``_``); a ComfyUI
-    image's name is relative to the folder, with or without extension."""
+def _infotext_name_matches(name: str, file: Path, rel: str, base_name: bool = False) -> bool:
+    """Whether an infotext's "Model" or "VAE" names ``file`` (``rel`` below its folder): A1111 writes a checkpoint's
+    file name without extension (``name_for_extra``; before 1.6 its ``model_name``, the subfolders joined with
+    ``_``) and a VAE's with it (``base_name``: ``sd_vae.get_loaded_vae_name``, the file's base name, also of a
+    file in a subfolder); a ComfyUI image's name is relative to the folder, with or without extension (so a
+    checkpoint's ``x.safetensors`` is not ``sub/x.safetensors``)."""
     stem = _stem(rel)
-    return name in (_stem(file.name), stem, rel, stem.replace("/", "_"))
+    return name in (_stem(file.name), stem, rel, stem.replace("/", "_")) or (base_name and name == file.name)
 
 
 def _hash_or_unreadable(file: Path, kind: str) -> str:
@@ -471,6 +473,71 @@ def _hash_or_unreadable(file: Path, kind: str) -> str:
         return f"unreadable: {exc.strerror or exc}"
 
 
+@dataclass(frozen=True)
+class PngFileMatch:
+    """What :func:`match_png_file` found for an infotext's name and hash: ``file`` and its name below its folder
+    (``rel``; ``None`` when nothing was found), the files whose name is the infotext's (``named``: for a "not
+    found" message, or the ambiguous ones without a hash), and the hash looked for (``None`` without one)."""
+
+    file: Path | None
+    rel: str | None
+    named: tuple[tuple[Path, str], ...]
+    wanted: str | None
+
+
+def match_png_file(
+    name: str | None,
+    file_hash: str | None,
+    listing: Sequence[tuple[Path, str]],
+    say: Callable[[str], None] | None = None,
+    what: str = "model hash",
+    base_name: bool = False,
+) -> PngFileMatch:
+    """The file of ``listing`` (:func:`list_model_files`) that an infotext's name and hash pick, the one rule
+    behind ``--from-png``'s checkpoint (:func:`find_png_model`) and VAE (:func:`find_png_vae`): the files whose
+    name is ``name`` (:func:`_infotext_name_matches`), the one whose hash is ``file_hash`` when there is one
+    (:func:`is_model_hash`), else every other file by that hash (:func:`find_by_hash`; ``say``/``what`` for its
+    notice); without a hash the name alone, when it names one file. ``base_name``: a file's base name with its
+    extension names it too (A1111's "VAE"). Nothing found is ``file`` ``None``."""
+    name = _comfy_name(name) if name else None
+    wanted = file_hash.lower() if file_hash and is_model_hash(file_hash) else None
+    named = tuple((file, rel) for file, rel in listing if name and _infotext_name_matches(name, file, rel, base_name))
+    rel_of = {file: rel for file, rel in reversed(listing)}  # a file's first name
+    if wanted is not None:
+        for file, _ in named:
+            try:
+                if hash_of(file, wanted) == wanted:
+                    return PngFileMatch(file, rel_of[file], named, wanted)
+            except OSError:
+                continue
+        found = find_by_hash(wanted, [file for file, _ in listing if file not in dict(named)], say, what)
+        if found is not None:
+            return PngFileMatch(found, rel_of[found], named, wanted)
+    elif name is not None:
+        files = list(dict.fromkeys(file for file, _ in named))
+        if len(files) == 1:
+            return PngFileMatch(files[0], rel_of[files[0]], named, None)
+    return PngFileMatch(None, None, named, wanted)
+
+
+def _folders_text(folders: Sequence[Path]) -> str:
+    """The folders searched, for a "not found" message (and a hint when none of them exists)."""
+    where = ", ".join(str(folder.absolute()) for folder in folders)
+    if all(not folder.is_dir() for folder in folders):
+        where += " (none of which exists: point --models-dir at A1111's or ComfyUI's models folder)"
+    return where
+
+
+def _other_hashes(match: PngFileMatch) -> str:
+    """``; of that name, with another hash: rel (hash), ...`` for a "not found" message, or nothing."""
+    if not match.named or match.wanted is None:
+        return ""
+    wanted = match.wanted
+    return "; of that name, with another hash: " + ", ".join(
+        f"{rel} ({_hash_or_unreadable(file, wanted)})" for file, rel in match.named
+    )
+
+
 def find_png_model(
     model_name: str | None,
     model_hash: str | None,
@@ -479,50 +546,79 @@ def find_png_model(
 ) -> tuple[Path, str]:
     """The checkpoint an image's infotext names (``Model: name``, ``Model hash: abcdef1234``) below ``folders``,
     for ``generate --from-png`` without ``--model``, and the line that says which (``model from the PNG: NAME
-    (hash)``). The files whose name is the "Model" (:func:`_infotext_name_matches`), the one whose hash is the
-    PNG's when it has one; then, if none, every model file by that hash (:func:`find_by_hash`). Without a hash the
-    name alone decides, when it names one file. Anything else is a :class:`~sdcore.errors.ConfigError` naming the
-    hash, the name and the folders searched, and saying to pass ``--model``."""
-    name = _comfy_name(model_name) if model_name else None
-    wanted = model_hash.lower() if model_hash and is_model_hash(model_hash) else None
-    listing = list_model_files(folders)
-    named = [(file, rel) for file, rel in listing if name and _infotext_name_matches(name, file, rel)]
-    rel_of = {file: rel for file, rel in reversed(listing)}  # a file's first name
-    if wanted is not None:
-        for file, _ in named:
-            try:
-                if hash_of(file, wanted) == wanted:
-                    return file, f"model from the PNG: {rel_of[file]} ({wanted})"
-            except OSError:
-                continue
-        found = find_by_hash(wanted, [file for file, _ in listing if file not in dict(named)], say)
-        if found is not None:
-            return found, f"model from the PNG: {rel_of[found]} ({wanted})"
-    elif name is not None:
-        files = list(dict.fromkeys(file for file, _ in named))
-        if len(files) == 1:
-            return files[0], f"model from the PNG: {rel_of[files[0]]} (by its name: the PNG has no Model hash)"
-        if files:
-            listed = ", ".join(str(file) for file in files)
-            raise ConfigError(
-                f"--from-png: the PNG's model {model_name!r} (no Model hash) is the name of {len(files)} model files "
-                f"({listed}); pass --model with the one to use"
-            )
-    if wanted is None and name is None:
+    (hash)``), found by :func:`match_png_file`. Anything else is a :class:`~sdcore.errors.ConfigError` naming
+    the hash, the name and the folders searched, and saying to pass ``--model``."""
+    match = match_png_file(model_name, model_hash, list_model_files(folders), say)
+    wanted = match.wanted
+    if match.file is not None:
+        how = wanted if wanted is not None else "by its name: the PNG has no Model hash"
+        return match.file, f"model from the PNG: {match.rel} ({how})"
+    files = list(dict.fromkeys(file for file, _ in match.named))
+    if wanted is None and len(files) > 1:
+        raise ConfigError(
+            f"--from-png: the PNG's model {model_name!r} (no Model hash) is the name of {len(files)} model files "
+            f"({', '.join(str(file) for file in files)}); pass --model with the one to use"
+        )
+    if wanted is None and not model_name:
         raise ConfigError("--from-png: the PNG names no model (no 'Model hash' nor 'Model' field); pass --model")
     what = " and ".join(
-        part for part in (f"model hash {wanted}" if wanted else "", f"name {model_name!r}" if name else "") if part
+        part
+        for part in (f"model hash {wanted}" if wanted else "", f"name {model_name!r}" if model_name else "")
+        if part
     )
-    where = ", ".join(str(folder.absolute()) for folder in folders)
-    if all(not folder.is_dir() for folder in folders):
-        where += " (none of which exists: point --models-dir at A1111's or ComfyUI's models folder)"
-    other = ""
-    if named and wanted is not None:
-        listed = ", ".join(f"{rel} ({_hash_or_unreadable(file, wanted)})" for file, rel in named)
-        other = f"; of that name, with another hash: {listed}"
     raise ConfigError(
-        f"--from-png: no model file with the PNG's {what} in {where} and their subfolders{other}; pass --model (the "
-        "file's path or name) to choose one"
+        f"--from-png: no model file with the PNG's {what} in {_folders_text(folders)} and their subfolders"
+        f"{_other_hashes(match)}; pass --model (the file's path or name) to choose one"
+    )
+
+
+def vae_files(
+    models_dir: str | os.PathLike[str], extra: ExtraModelPaths | None = None
+) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """The VAE files an infotext's "VAE" may name, as A1111 lists them (``sd_vae.refresh_vae_list``): every model
+    file below the VAE folders (:func:`part_folders`), then A1111's ``NAME.vae.safetensors`` (``.vae.pt``,
+    ``.vae.ckpt``: :data:`~sdcore.models.detect.A1111_VAE_SUFFIXES`) files below the checkpoint folders. Returns
+    the VAE folders, the checkpoint folders and the listing (file, name below its folder)."""
+    from ..models.detect import A1111_VAE_SUFFIXES
+
+    vae_folders = part_folders("vae", models_dir, extra)
+    kind, subdirs = MODEL_FOLDERS[0]
+    checkpoint_folders = (extra or ExtraModelPaths()).order(kind, [Path(models_dir) / name for name in subdirs])
+    beside = [(file, rel) for file, rel in list_model_files(checkpoint_folders)
+              if file.name.lower().endswith(A1111_VAE_SUFFIXES)]  # fmt: skip
+    return vae_folders, checkpoint_folders, list_model_files(vae_folders) + beside
+
+
+def find_png_vae(
+    vae_name: str | None,
+    vae_hash: str | None,
+    models_dir: str | os.PathLike[str],
+    extra: ExtraModelPaths | None = None,
+    say: Callable[[str], None] | None = None,
+) -> tuple[Path | None, str]:
+    """The VAE an image's infotext names (A1111's ``VAE: name.safetensors``, ``VAE hash: abcdef1234``: the file's
+    base name and the start of its sha256) among :func:`vae_files`, for ``generate --from-png`` without ``--vae``,
+    found by :func:`match_png_file` as the checkpoint is, and the line to say: ``VAE from the PNG: NAME (hash)``,
+    or, with ``None``, a warning naming the VAE and the folders searched (the image is still made, with the
+    model's own VAE: it differs from the PNG's only in its decoding)."""
+    vae_folders, checkpoint_folders, listing = vae_files(models_dir, extra)
+    match = match_png_file(vae_name, vae_hash, listing, say, "VAE hash", base_name=True)
+    wanted = match.wanted
+    if match.file is not None:
+        how = wanted if wanted is not None else "by its name: the PNG has no VAE hash"
+        return match.file, f"VAE from the PNG: {match.rel} ({how})"
+    files = list(dict.fromkeys(file for file, _ in match.named))
+    own = "the model's own VAE decodes"
+    if wanted is None and len(files) > 1:
+        return None, (
+            f"warning: the PNG's VAE {vae_name!r} (no VAE hash) is the name of {len(files)} files "
+            f"({', '.join(str(file) for file in files)}); {own}: pass --vae with the one to use"
+        )
+    what = ", ".join(part for part in (repr(vae_name) if vae_name else "", f"hash {wanted}" if wanted else "") if part)
+    return None, (
+        f"warning: the PNG's VAE ({what}) is not in {_folders_text(vae_folders)} and their subfolders, nor beside "
+        f"a checkpoint (NAME.vae.safetensors) in {', '.join(str(f.absolute()) for f in checkpoint_folders)}"
+        f"{_other_hashes(match)}; {own}: pass --vae to choose one"
     )
 
 
@@ -735,16 +831,19 @@ __all__ = [
     "SCAN_NOTICE_BYTES",
     "ExtraFolder",
     "ExtraModelPaths",
+    "PngFileMatch",
     "ResolvedSources",
     "comfy_folder_name",
     "diffusers_folders",
     "find_by_hash",
     "find_png_model",
+    "find_png_vae",
     "hash_of",
     "is_model_hash",
     "list_diffusers_models",
     "list_model_files",
     "load_extra_model_paths",
+    "match_png_file",
     "model_folders",
     "part_folders",
     "read_extra_model_paths",
@@ -753,4 +852,5 @@ __all__ = [
     "resolve_part_names",
     "resolve_sources",
     "split_a1111_title",
+    "vae_files",
 ]

@@ -294,6 +294,27 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return sha256_file(path)
 
 
+#: A1111's fields of the VAE file it decoded with (``processing.py`` ``create_infotext``: "VAE hash", the first 10 hex
+#: digits of the file's sha256, then "VAE", its base name with extension; right after "Model")
+VAE_FIELDS = ("VAE hash", "VAE")
+
+
+def vae_fields(vae: str | os.PathLike[str] | None, family: str) -> dict[str, str]:
+    """A1111's "VAE hash"/"VAE" of the VAE file ``vae`` (``--vae``) for an image of ``family``, so that
+    ``generate --from-png`` finds it again. A1111 writes them only when it decodes with a VAE file
+    (``sd_vae.get_loaded_vae_name``/``_hash``, unset for the model's own VAE), and runs the UNet families
+    (:data:`~sdcore.models.detect.FAMILY_MARKERS`: SD1, SD2, SDXL) with them; Forge 2, which runs FLUX.1 and
+    Chroma, writes no VAE fields (commented out) but ``Module 1: ae`` (the file's stem, no hash) for each of its
+    VAE/text encoder files, and its paste takes an old-form "VAE" as the one such file, which would drop the text
+    encoders: the other families get nothing. A folder or hub id is no file A1111 loads: nothing either."""
+    from ..models.detect import FAMILY_MARKERS
+
+    if vae is None or family not in FAMILY_MARKERS or not Path(vae).is_file():
+        return {}
+    short = model_short_hash(vae)
+    return {VAE_FIELDS[0]: short, VAE_FIELDS[1]: Path(vae).name} if short else {}
+
+
 def model_short_hash(source: str | os.PathLike[str] | None) -> str | None:
     """A1111's "Model hash" (first 10 hex digits of the file's sha256), ``None`` for folders and tiny models."""
     if source is None:
@@ -308,6 +329,7 @@ __all__ = [
     "PARAMETERS_KEY",
     "RNG_SOURCE",
     "SCHEDULE_TYPE",
+    "VAE_FIELDS",
     "GenerationParameters",
     "file_sha256",
     "format_parameters",
@@ -315,4 +337,5 @@ __all__ = [
     "parse_parameters",
     "read_png_parameters",
     "save_png",
+    "vae_fields",
 ]

@@ -15,8 +15,10 @@ sdcore maps each field onto the option that sets it (:attr:`Recalled.values`, ke
 parameter names); options given on the command line win over them. What cannot be applied is said, not
 dropped in silence: an unknown sampler is an error listing sdcore's; a model hash other than ``--model``'s
 is a warning naming both (without ``--model`` the PNG's "Model hash"/"Model" pick the checkpoint:
-:func:`~sdcore.generate.model_paths.find_png_model`); other fields (``ENSD``, ``VAE``, "Schedule type" values sdcore's sampler does not
-run, an ``RNG`` other than sdcore's CPU noise, a "Denoising strength" of an img2img image without
+:func:`~sdcore.generate.model_paths.find_png_model`), and so is a "VAE hash"/"VAE" other than ``--vae``'s (without
+``--vae`` they pick the VAE file, or a warning says it was not found:
+:func:`~sdcore.generate.model_paths.find_png_vae`); other fields (``ENSD``, "Schedule type" values sdcore's sampler
+does not run, an ``RNG`` other than sdcore's CPU noise, a "Denoising strength" of an img2img image without
 ``--init-image``) are listed on one line as ignored (:meth:`Recalled.notes`).
 """
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .pnginfo import RNG_SOURCE, SCHEDULE_TYPE, GenerationParameters, read_png_parameters
+from .pnginfo import RNG_SOURCE, SCHEDULE_TYPE, VAE_FIELDS, GenerationParameters, read_png_parameters
 from .tiling import TILING_FIELD
 from .variation import SEED_RESIZE_FROM, VARIATION_SEED, VARIATION_STRENGTH
 
@@ -51,7 +53,8 @@ _HIRES_FIELDS = (
 #: re-point them: recall_networks)
 _INFORMATIONAL = frozenset({"Version", "Lora hashes", "TI hashes", "Hypernet hashes", "Hypernet strength"})
 #: fields whose value is checked against what sdcore will do (see Recalled.notes)
-_CHECKED = frozenset({SCHEDULE_TYPE, "Hires schedule type", "RNG", DISTILLED_CFG, "Denoising strength", "Hypernet"})
+_CHECKED = frozenset({SCHEDULE_TYPE, "Hires schedule type", "RNG", DISTILLED_CFG, "Denoising strength", "Hypernet",
+                      *VAE_FIELDS})  # fmt: skip
 
 
 @dataclass
@@ -300,4 +303,4 @@ def recall_png(path: str | os.PathLike[str], *, sampler_given: bool = False) -> 
     return recall_parameters(parameters, sampler_given=sampler_given)
 
 
-__all__ = ["DISTILLED_CFG", "Recalled", "recall_parameters", "recall_png"]
+__all__ = ["DISTILLED_CFG", "VAE_FIELDS", "Recalled", "recall_parameters", "recall_png"]

@@ -225,6 +225,29 @@ def _flags(names: list[str]) -> str:
     return ", ".join(flag(name) for name in names)
 
 
+def vae_channel_mismatch(
+    vae: str | os.PathLike[str], family: str | None = None, model: str | None = None
+) -> str | None:
+    """``a VAE with C latent channels; LABEL needs its W-channel VAE`` when the VAE file or folder ``vae`` (its
+    header) does not fit ``family`` (or the family of the file or folder ``model``), else ``None`` (also when
+    either is unknown): an SD1/SDXL VAE for a 16-channel family, FLUX.1's ae for SD1."""
+    from .family import get_family
+
+    try:
+        if family is None:
+            path = Path(model).expanduser() if model else None
+            if path is None or not (path.is_file() or path.is_dir()):
+                return None
+            family = _family_of(path)
+        spec = get_family(family)
+    except (SdcoreError, OSError):  # an unreadable model is the model check's line
+        return None
+    channels, wanted = vae_latent_channels(vae), spec.latent.channels
+    if channels is None or channels == wanted:
+        return None
+    return f"a VAE with {channels} latent channels; {spec.label} needs its {wanted}-channel VAE"
+
+
 def part_problems(model: str, parts: Mapping[str, Any], *, family: str | None = None) -> list[str]:
     """Everything wrong with ``model`` plus ``parts`` before loading: part files that are missing or of the
     wrong kind, parts the model does not take, and parts the model file lacks that nobody gave (one line
@@ -253,12 +276,9 @@ def part_problems(model: str, parts: Mapping[str, Any], *, family: str | None = 
         takes = f"it takes {_flags(list(accepted))}" if accepted else "it takes no separate parts"
         problems.append(f"{_flags(refused)}: not a part of this {label} ({name}) {kind} {model} ({takes})")
     if "vae" in parts and "vae" in accepted:  # an SD1/SDXL VAE (4 channels) for a 16-channel family
-        channels, wanted = vae_latent_channels(parts["vae"]), get_family(name).latent.channels
-        if channels is not None and channels != wanted:
-            problems.append(
-                f"{flag('vae')} {parts['vae']}: a VAE with {channels} latent channels; {get_family(name).label} "
-                f"needs its {wanted}-channel VAE"
-            )
+        mismatch = vae_channel_mismatch(parts["vae"], name)
+        if mismatch is not None:
+            problems.append(f"{flag('vae')} {parts['vae']}: {mismatch}")
     lacking = [part for part in missing if part not in parts]
     if lacking:
         what = ", ".join(PART_LABELS[part] for part in lacking)
@@ -277,5 +297,6 @@ __all__ = [
     "part_header",
     "part_names",
     "part_problems",
+    "vae_channel_mismatch",
     "vae_latent_channels",
 ]

@@ -478,3 +478,20 @@ def test_an_image_made_with_vae_comes_back_with_it(vae_webui, tmp_path):
     made = _sdcore("a cat", "-m", "base", "--steps", "1", "--size", "32", "--seed", "3", *common, "-o", str(own))
     assert made.exit_code == 0 and "VAE" not in Image.open(own).info["parameters"]
     assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(own)))
+
+
+def test_a_typed_vae_of_another_family_is_a_preflight_error(vae_webui, tmp_path, loads_parts):
+    """``--vae`` given a VAE the model cannot decode with: one error line before anything loads (exit 2), as
+    train's pre-flight says it, where it used to fail in the loader (exit 1)."""
+    from safetensors.torch import save_file
+    from sdcore.models.tiny import create_tiny_bundle
+
+    ae = tmp_path / "ae.safetensors"
+    save_file({k: v.contiguous() for k, v in create_tiny_bundle("flux").vae.state_dict().items()}, str(ae))
+    base = vae_webui / "Stable-diffusion" / "base.safetensors"
+    result = _sdcore("a cat", "-m", str(base), "--vae", str(ae), "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2, result.output
+    assert loads_parts == []
+    assert one_error_line(result) == (
+        f"--vae {ae}: a VAE with 16 latent channels; Stable Diffusion 1.x needs its 4-channel VAE"
+    )

@@ -591,7 +591,7 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
     network folders."""
     from ..generate.model_paths import resolve_sources
     from ..models.load import plugin_format_for
-    from ..models.parts import part_file_problems
+    from ..models.parts import flag, part_file_problems, vae_channel_mismatch
 
     for name in part_kwargs(params):  # --vae "" (an unset shell variable): not given, as train and kohya take it
         if params[name] == "":
@@ -609,8 +609,14 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
         vae = _vae_from_png(params, recalled, models_dir, found.extra, found.parts.get("vae"))
         if vae is not None:
             params["vae"] = parts["vae"] = vae
-    # each part found is checked as train's pre-flight checks it (there, readable, that part from its header)
-    problems += found.problems + part_file_problems(parts)
+    # each part found is checked as train's pre-flight checks it (there, readable, that part from its header),
+    # and a --vae of another latent width (FLUX.1's ae for SD1) before the model loads, as train's part_problems
+    file_problems = part_file_problems(parts)
+    problems += found.problems + file_problems
+    if parts.get("vae") and not any(line.startswith(f"{flag('vae')} ") for line in file_problems):
+        mismatch = vae_channel_mismatch(parts["vae"], model=params["model"])
+        if mismatch is not None:
+            problems.append(f"{flag('vae')} {parts['vae']}: {mismatch}")
     for line in found.notes:
         click.echo(f"warning: {line}", err=True)
     return found.extra

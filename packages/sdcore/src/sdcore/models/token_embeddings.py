@@ -21,7 +21,6 @@ import torch (the lookup module lives in :mod:`sdcore.models._token_table`, load
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,25 +51,107 @@ def __getattr__(name: str) -> Any:
 
 
 # --- tokenizer bookkeeping -------------------------------------------------------------------------
+#: the tokenizer attribute holding removed tokens still reserved below active ones (see :func:`remove_tokens`)
+RETIRED_ATTR = "sdcore_retired_tokens"
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` behind a fast (Rust-backed) tokenizer, or None for a pure-Python one."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return backend if backend is not None and hasattr(backend, "get_added_tokens_decoder") else None
+
+
 def add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
-    """Add ``tokens`` to ``tokenizer`` and return their ids; NetworkMismatchError when one is already there."""
-    existing = [t for t in tokens if t in tokenizer.get_vocab()]
+    """Add ``tokens`` to ``tokenizer`` and return their ids; NetworkMismatchError when one is already there.
+
+    A token removed but still reserved (:func:`remove_tokens`) is taken back with its old id."""
+    retired = set(getattr(tokenizer, RETIRED_ATTR, ()))
+    backend = _backend(tokenizer)
+    if backend is not None:
+        # token_to_id asks the added vocabulary and the model for one word; get_vocab() would build a
+        # 49,408-entry dict (about 70 ms for CLIP) per question
+        present = [t for t in tokens if backend.token_to_id(t) is not None]
+    else:
+        vocab = tokenizer.get_vocab()
+        present = [t for t in tokens if t in vocab]
+    existing = [t for t in present if t not in retired]
     if existing:
         raise NetworkMismatchError(f"placeholder token {existing[0]!r} already exists in the tokenizer")
-    tokenizer.add_tokens(tokens)
+    if present:
+        _set_retired(tokenizer, retired - set(present))
+    new = [t for t in tokens if t not in present]
+    if new:
+        tokenizer.add_tokens(new)
     return [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
 
 
-def remove_tokens(tokenizer: Any, tokens: Iterable[str]) -> None:
-    """Remove added tokens again (without renumbering the others)."""
-    drop = set(tokens)
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        from tokenizers import Tokenizer
+def _set_retired(tokenizer: Any, retired: set[str]) -> None:
+    if retired:
+        setattr(tokenizer, RETIRED_ATTR, retired)
+    elif hasattr(tokenizer, RETIRED_ATTR):
+        delattr(tokenizer, RETIRED_ATTR)
 
-        state = json.loads(backend.to_str())
-        state["added_tokens"] = [t for t in state.get("added_tokens", []) if t.get("content") not in drop]
-        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+
+def _rebuilt_backend(backend: Any, keep: list[tuple[int, Any]]) -> Any:
+    """A ``tokenizers.Tokenizer`` with ``backend``'s pipeline and only the added tokens ``keep`` (id, AddedToken).
+
+    ``tokenizers`` has no call that removes an added token. Its own way back, the JSON round trip
+    (``Tokenizer.from_str(to_str())``), re-parses the whole vocabulary and merges (about 0.3 s for CLIP).
+    The model, normalizer, pre-tokenizer, post-processor and decoder are immutable here (nothing in
+    sdcore changes them), so the new tokenizer shares them with the old one and only the added vocabulary is
+    built again, by the same calls the JSON loader makes (special ones with ``add_special_tokens``, in id
+    order), which gives every token the id and flags (special, normalized, lstrip, rstrip, single_word) it had.
+    """
+    from tokenizers import Tokenizer
+
+    fresh = Tokenizer(backend.model)
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        value = getattr(backend, part)
+        if value is not None:
+            setattr(fresh, part, value)
+    if backend.truncation is not None:
+        fresh.enable_truncation(**backend.truncation)
+    if backend.padding is not None:
+        fresh.enable_padding(**backend.padding)
+    fresh.encode_special_tokens = backend.encode_special_tokens
+    for _, token in sorted(keep, key=lambda item: item[0]):
+        if token.special:
+            fresh.add_special_tokens([token])
+        else:
+            fresh.add_tokens([token])
+    return fresh
+
+
+def remove_tokens(tokenizer: Any, tokens: Iterable[str]) -> None:
+    """Remove added tokens again (without renumbering the others).
+
+    A fast tokenizer gets a new backend that shares the old one's model and pipeline and holds the
+    remaining added tokens (:func:`_rebuilt_backend`: a few milliseconds instead of a JSON round trip).
+    ``tokenizers`` numbers added tokens one after another, so tokens removed from below others still
+    active (``A`` removed while a later ``B`` is added) would renumber ``B`` and cut it off from its
+    rows; such tokens stay reserved (their ids and words) until the tokens above them are removed too,
+    when they go together. Removing in reverse order of adding (what every caller here does) is exact at
+    once.
+    """
+    drop = set(tokens)
+    backend = _backend(tokenizer)
+    if backend is not None:
+        retired = set(getattr(tokenizer, RETIRED_ATTR, ())) | drop
+        added = sorted(backend.get_added_tokens_decoder().items(), key=lambda item: item[0])
+        base = backend.get_vocab_size(with_added_tokens=False)  # the tokenizer's own words are never removed
+        cut = len(added)
+        while cut and added[cut - 1][1].content in retired and added[cut - 1][0] >= base:
+            cut -= 1
+        keep = added[:cut]
+        if cut < len(added):
+            fresh = _rebuilt_backend(backend, keep)
+            # every remaining token keeps its id (true by construction; checked because a renumbered token
+            # would silently read another token's row): otherwise the old backend stays, the tokens reserved
+            if all(fresh.token_to_id(token.content) == i for i, token in keep):
+                tokenizer._tokenizer = fresh
+            else:
+                keep = added
+        _set_retired(tokenizer, {token.content for _, token in keep} & retired)
         return
     # slow (pure Python) tokenizers
     for token in drop:

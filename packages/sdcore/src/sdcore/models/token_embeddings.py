@@ -51,8 +51,10 @@ def __getattr__(name: str) -> Any:
 
 
 # --- tokenizer bookkeeping -------------------------------------------------------------------------
-#: the tokenizer attribute holding removed tokens still reserved below active ones (see :func:`remove_tokens`)
-RETIRED_ATTR = "sdcore_retired_tokens"
+#: what stands in for a removed token whose id lies below an active one (:func:`remove_tokens`): an added token
+#: no prompt can spell (sdcore's prompt, caption and style readers refuse NUL characters), so the removed word is
+#: text again while the ids above it stay where their rows are
+_FREE_PREFIX = "\x00sdcore-free-"
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -61,35 +63,24 @@ def _backend(tokenizer: Any) -> Any:
     return backend if backend is not None and hasattr(backend, "get_added_tokens_decoder") else None
 
 
-def add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
-    """Add ``tokens`` to ``tokenizer`` and return their ids; NetworkMismatchError when one is already there.
+def has_token(tokenizer: Any, token: str) -> bool:
+    """Whether ``token`` is one token of ``tokenizer``'s vocabulary (its own words or an added token).
 
-    A token removed but still reserved (:func:`remove_tokens`) is taken back with its old id."""
-    retired = set(getattr(tokenizer, RETIRED_ATTR, ()))
+    A fast tokenizer is asked for the one word (``token_to_id``: the added vocabulary, then the model);
+    ``get_vocab()`` would build a dict of every word (49,408 for CLIP, about 25-70 ms) per question."""
     backend = _backend(tokenizer)
     if backend is not None:
-        # token_to_id asks the added vocabulary and the model for one word; get_vocab() would build a
-        # 49,408-entry dict (about 70 ms for CLIP) per question
-        present = [t for t in tokens if backend.token_to_id(t) is not None]
-    else:
-        vocab = tokenizer.get_vocab()
-        present = [t for t in tokens if t in vocab]
-    existing = [t for t in present if t not in retired]
+        return backend.token_to_id(token) is not None
+    return token in tokenizer.get_vocab()
+
+
+def add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` and return their ids; NetworkMismatchError when one is already there."""
+    existing = [t for t in tokens if has_token(tokenizer, t)]
     if existing:
         raise NetworkMismatchError(f"placeholder token {existing[0]!r} already exists in the tokenizer")
-    if present:
-        _set_retired(tokenizer, retired - set(present))
-    new = [t for t in tokens if t not in present]
-    if new:
-        tokenizer.add_tokens(new)
+    tokenizer.add_tokens(tokens)
     return [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
-
-
-def _set_retired(tokenizer: Any, retired: set[str]) -> None:
-    if retired:
-        setattr(tokenizer, RETIRED_ATTR, retired)
-    elif hasattr(tokenizer, RETIRED_ATTR):
-        delattr(tokenizer, RETIRED_ATTR)
 
 
 def _rebuilt_backend(backend: Any, keep: list[tuple[int, Any]]) -> Any:
@@ -122,36 +113,54 @@ def _rebuilt_backend(backend: Any, keep: list[tuple[int, Any]]) -> Any:
     return fresh
 
 
+def _install_backend(tokenizer: Any, old: Any, fresh: Any) -> None:
+    """Put ``fresh`` behind ``tokenizer`` with what the wrapper had set on ``old`` itself: transformers'
+    CLIPTokenizer replaces the backend's ``decode`` by a closure over that backend (it turns ``</w>`` into
+    spaces), which is made again for ``fresh``; any other attribute is carried over as it is."""
+    extra = dict(getattr(old, "__dict__", {}))
+    rewrap = "decode" in extra and callable(getattr(tokenizer, "_wrap_decode_method_backend_tokenizer", None))
+    if rewrap:
+        del extra["decode"]
+    for name, value in extra.items():
+        setattr(fresh, name, value)
+    tokenizer._tokenizer = fresh
+    if rewrap:
+        tokenizer._wrap_decode_method_backend_tokenizer()
+
+
 def remove_tokens(tokenizer: Any, tokens: Iterable[str]) -> None:
     """Remove added tokens again (without renumbering the others).
 
     A fast tokenizer gets a new backend that shares the old one's model and pipeline and holds the
-    remaining added tokens (:func:`_rebuilt_backend`: a few milliseconds instead of a JSON round trip).
-    ``tokenizers`` numbers added tokens one after another, so tokens removed from below others still
-    active (``A`` removed while a later ``B`` is added) would renumber ``B`` and cut it off from its
-    rows; such tokens stay reserved (their ids and words) until the tokens above them are removed too,
-    when they go together. Removing in reverse order of adding (what every caller here does) is exact at
-    once.
+    remaining added tokens (:func:`_rebuilt_backend`: well under a millisecond instead of a JSON round trip).
+    ``tokenizers`` numbers added tokens one after another, so a token removed from below others still active
+    (``A`` removed while a later ``B`` is added) cannot simply go: ``B`` would be renumbered and cut off from its
+    rows. Its id is kept by a stand-in token no prompt can spell (a NUL character), so ``A``'s word is plain text
+    at once; the stand-ins go when the tokens above them do, and ``len(tokenizer)`` is back to the start. Removing
+    in reverse order of adding (what every caller here does) needs no stand-in.
     """
     drop = set(tokens)
     backend = _backend(tokenizer)
     if backend is not None:
-        retired = set(getattr(tokenizer, RETIRED_ATTR, ())) | drop
+        from tokenizers import AddedToken
+
         added = sorted(backend.get_added_tokens_decoder().items(), key=lambda item: item[0])
         base = backend.get_vocab_size(with_added_tokens=False)  # the tokenizer's own words are never removed
-        cut = len(added)
-        while cut and added[cut - 1][1].content in retired and added[cut - 1][0] >= base:
-            cut -= 1
-        keep = added[:cut]
-        if cut < len(added):
-            fresh = _rebuilt_backend(backend, keep)
-            # every remaining token keeps its id (true by construction; checked because a renumbered token
-            # would silently read another token's row): otherwise the old backend stays, the tokens reserved
-            if all(fresh.token_to_id(token.content) == i for i, token in keep):
-                tokenizer._tokenizer = fresh
-            else:
-                keep = added
-        _set_retired(tokenizer, {token.content for _, token in keep} & retired)
+        if not any(i >= base and token.content in drop for i, token in added):
+            return
+        keep = [
+            (i, AddedToken(f"{_FREE_PREFIX}{i}\x00", special=True, normalized=False))
+            if i >= base and token.content in drop
+            else (i, token)
+            for i, token in added
+        ]
+        while keep and keep[-1][0] >= base and keep[-1][1].content.startswith(_FREE_PREFIX):
+            keep.pop()
+        fresh = _rebuilt_backend(backend, keep)
+        # every remaining token keeps its id (true by construction; checked because a renumbered token would
+        # silently read another token's row): otherwise (an unusual tokenizer file) the old backend stays
+        if all(fresh.token_to_id(token.content) == i for i, token in keep):
+            _install_backend(tokenizer, backend, fresh)
         return
     # slow (pure Python) tokenizers
     for token in drop:
@@ -314,6 +323,7 @@ __all__ = [
     "add_token_rows",
     "add_tokens",
     "extend_input_embeddings",
+    "has_token",
     "init_rows",
     "pool_at_eos",
     "release_input_embeddings",

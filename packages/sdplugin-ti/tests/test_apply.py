@@ -138,10 +138,24 @@ def test_prompt_expansion_rules():
     assert find_names("ugly, BAD-HANDS-5", ["bad-hands", "bad-hands-5"]) == ["bad-hands-5"]
 
 
-def test_placeholder_for_vocabulary_word_is_distinct(make_bundle):
-    tok = make_bundle("sd1").tokenizers
+def test_placeholder_for_vocabulary_word_is_distinct(make_bundle, monkeypatch):
+    bundle = make_bundle("sd1")
+    tok = bundle.tokenizers
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("get_vocab() builds every word: 25-70 ms per call")
+
+    monkeypatch.setattr(type(tok[0]), "get_vocab", refuse)  # one word is asked, not the whole vocabulary
     assert placeholder_tokens("style", 2, tok) == ["style__ti0", "style__ti1"]
     assert placeholder_tokens("My Char", 1, tok) == ["my char"]
+    # an embedding removed is free again, also when removed below a later one (its id is kept, not its word)
+    first = apply_embeddings(bundle, [Embedding("mychar", {SINGLE: _vectors(1, 32, 1)})])
+    assert placeholder_tokens("mychar", 1, tok) == ["mychar__ti0"]  # active: its word is taken
+    second = apply_embeddings(bundle, [Embedding("later", {SINGLE: _vectors(1, 32, 2)})])
+    first.remove()
+    assert placeholder_tokens("mychar", 1, tok) == ["mychar"]
+    second.remove()
+    assert placeholder_tokens("mychar", 1, tok) == ["mychar"]
 
 
 def test_handler_activates_from_prompt_and_negative_and_undoes(make_bundle, tmp_path):

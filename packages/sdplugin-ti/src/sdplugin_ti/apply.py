@@ -39,6 +39,7 @@ from sdcore.models.token_embeddings import (
     add_token_rows,
     add_tokens,
     extend_input_embeddings,
+    has_token,
     init_rows,
     pool_at_eos,
     release_input_embeddings,
@@ -117,8 +118,8 @@ _remove_tokens = remove_tokens
 
 
 def _in_base_vocab(tokenizer: Any, token: str) -> bool:
-    vocab = tokenizer.get_vocab()
-    return token in vocab
+    # one word asked (sdcore's has_token), not get_vocab(): a 49,408-word dict per call, four per SDXL embedding
+    return has_token(tokenizer, token)
 
 
 def placeholder_tokens(name: str, count: int, tokenizers: Sequence[Any] = ()) -> list[str]:

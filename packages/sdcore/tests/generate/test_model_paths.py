@@ -585,3 +585,58 @@ def test_generate_loads_a_diffusers_folder_by_its_name(tmp_path, monkeypatch, ti
                      "--device", "cpu", "-o", str(tmp_path / "o.png"))  # fmt: skip
     assert result.exit_code == 0, result.output
     assert loaded == [str(folder)]
+
+
+def _comfy_graph_png(path: Path, ckpt_name: str) -> Path:
+    """A PNG as ComfyUI's SaveImage writes it (tEXt ``prompt``: the API graph) of its default txt2img workflow."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    sampler = {"seed": 5, "steps": 1, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    graph = {
+        "3": {"class_type": "KSampler", "inputs": {**sampler, "model": ["4", 0], "positive": ["6", 0],
+                                                   "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    }  # fmt: skip
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(graph))
+    Image.new("RGB", (32, 32)).save(path, pnginfo=info)
+    return path
+
+
+def test_a_comfy_graphs_ckpt_name_is_said_found_and_not_found_as_the_pngs(comfy, tmp_path, monkeypatch):
+    """``--from-png`` of a ComfyUI image without ``--model``: the file its ckpt_name finds is said on one line, as
+    an infotext's model is; a ckpt_name no file has is an error saying it is the graph's and to pass --model (the
+    user never typed that name), also where there is no models folder at all."""
+    loaded = _loads(monkeypatch)
+    models = str(comfy / "models")
+    out = tmp_path / "o.png"
+    png = _comfy_graph_png(tmp_path / "comfy.png", "sub/x.safetensors")
+    result = _sdcore("--from-png", str(png), "--models-dir", models, "--device", "cpu", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    found = comfy / "models" / "checkpoints" / "sub" / "x.safetensors"
+    assert loaded == [str(found)]
+    # (the second line: the tiny model's "leading" timesteps are not ComfyUI's "normal" schedule)
+    assert result.stderr.splitlines()[0] == f"model from the PNG: {found} (the graph's ckpt_name sub/x.safetensors)"
+    assert len(result.stderr.splitlines()) == 2
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("the model must not load"))
+    missing = _comfy_graph_png(tmp_path / "missing.png", "sdxl/gone.safetensors")
+    message = _error(_sdcore("--from-png", str(missing), "--models-dir", models, "-o", str(out), "--overwrite"))
+    assert message.startswith(
+        "--from-png: the model the PNG's graph loads (ckpt_name sdxl/gone.safetensors): sdxl/gone.safetensors: no "
+        "such model file or folder"
+    )
+    assert message.endswith("close names: sub/x.safetensors; pass --model (the file's path or name) to choose one")
+    monkeypatch.chdir(tmp_path)  # no models/ here and no --models-dir
+    message = _error(_sdcore("--from-png", str(missing), "-o", str(out), "--overwrite"))
+    assert message == (
+        "--from-png: the model the PNG's graph loads (ckpt_name sdxl/gone.safetensors) is looked for below "
+        "--models-dir, and there is no models/ here; pass --models-dir or --model"
+    )

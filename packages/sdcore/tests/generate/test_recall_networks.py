@@ -249,7 +249,8 @@ def test_addnet_png_applies_its_lora_found_by_the_addnet_hash(cli, sd1, tmp_path
     out = tmp_path / "o.png"
     result = cli("--from-png", str(png), "--cfg", "7", "--lora-dir", str(loras), "-o", str(out))
     assert result.exit_code == 0, result.output
-    assert f"<lora:old_name> -> <lora:mine> (hash {short}, from the PNG's Lora hashes)" in result.stderr
+    # the line names the field the hash came from: this PNG has no "Lora hashes"
+    assert f"<lora:old_name> -> <lora:mine> (hash {short}, from the PNG's AddNet Model 1)" in result.stderr
     assert "ignored" not in result.stderr
     pixels, info = _read(out)
     assert info.prompt == "a cat\n<lora:mine:0.7>"

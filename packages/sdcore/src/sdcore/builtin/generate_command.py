@@ -132,7 +132,7 @@ class _GenerateCommand(HintedCommand):
     "A1111 title (name [abcdef1234]: the hash is checked) or hash, a cached Hub id, "
     "tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:. An existing path wins over a name; a cached Hub "
     "id (org/name) over a name without extension. Required, except with --from-png: the PNG's Model hash/Model "
-    "picks the file below the model folders.",
+    "(a ComfyUI PNG: its graph's ckpt_name) picks the file below the model folders.",
 )
 @click.option("-n", "--negative", default="", help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
@@ -378,10 +378,11 @@ class _GenerateCommand(HintedCommand):
 @click.option(
     "--from-png",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Take every generation parameter from this image's infotext (A1111's PNG Info -> Send to txt2img); "
-    "options given here win. PROMPT is then optional, and so is --model: the file below the model folders with "
-    "the image's Model hash (and Model name) is taken; without --vae, so is the VAE of its VAE hash (and VAE name) "
-    "from the VAE folders, when it names one.",
+    help="Take every generation parameter from this image's infotext (A1111's PNG Info -> Send to txt2img; "
+    "Forge's and sdcore's too) or, without one, from the ComfyUI graph saved in it; options given here win. "
+    "PROMPT is then optional, and so is --model: the file below the model folders with the image's Model hash "
+    "(and Model name), or the graph's ckpt_name, is taken; without --vae, so is the VAE of its VAE hash (and VAE "
+    "name) from the VAE folders, when it names one. LoRAs are found by the PNG's Lora hashes.",
 )
 @click.option(
     "--style", "styles", multiple=True, help="A1111 style from --styles-file, applied to the prompts (repeatable)."
@@ -592,6 +593,7 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
     from ..generate.model_paths import resolve_sources
     from ..models.load import plugin_format_for
     from ..models.parts import flag, part_file_problems, vae_channel_mismatch
+    from ..train.preflight import PreflightError
 
     for name in part_kwargs(params):  # --vae "" (an unset shell variable): not given, as train and kohya take it
         if params[name] == "":
@@ -599,9 +601,19 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
     models_dir = models_dir_given(params["models_dir"], params["extra_model_paths"])
     if params["model"] is None and recalled is not None:  # --from-png without --model (nor a model the PNG names)
         _model_from_png(params, recalled, models_dir)
+    # a ComfyUI graph's ckpt_name (the user typed no --model): its problems and the file it finds are said as such
+    graph_model = recalled.values.get("model") if recalled is not None and _defaulted("model") else None
+    origin = None
+    if graph_model is not None and params["model"] == graph_model:
+        origin = f"--from-png: the model the PNG's graph loads (ckpt_name {graph_model})"
+        if models_dir is None:
+            raise PreflightError([f"{origin} is looked for below --models-dir, and there is no models/ here; pass "
+                                  "--models-dir or --model"])  # fmt: skip
     found = resolve_sources(params["model"], part_kwargs(params), models_dir, params["extra_model_paths"],
                             plugin_format=plugin_format_for(pm, params["model"]) is not None,
-                            say=lambda line: click.echo(line, err=True))  # fmt: skip
+                            say=lambda line: click.echo(line, err=True), model_origin=origin)  # fmt: skip
+    if origin is not None and found.model != params["model"]:
+        click.echo(f"model from the PNG: {found.model} (the graph's ckpt_name {graph_model})", err=True)
     params["model"] = found.model
     params.update(found.parts)
     parts = dict(found.parts)

@@ -797,6 +797,7 @@ def resolve_sources(
     *,
     plugin_format: bool = False,
     say: Callable[[str], None] | None = None,
+    model_origin: str | None = None,
 ) -> ResolvedSources:
     """The model and part names of one run, for ``sdcore generate`` and ``sdcore train`` alike, before anything
     loads: ComfyUI's ``extra_model_paths.yaml`` files read (the root's beside ``models_dir``, then ``extra_files``:
@@ -804,7 +805,9 @@ def resolve_sources(
     format claims it: ``plugin_format``) and each given part (:func:`resolve_part_names`). Every problem is one
     line of ``problems`` (all are said at once; an unresolved model or part keeps its text); ``notes`` are lines
     to show without stopping (the root's file unreadable, a Hub id chosen over a file of its name, an A1111 title's
-    other hash); ``say`` is told before a scan by hash reads many bytes."""
+    other hash); ``say`` is told before a scan by hash reads many bytes. ``model_origin`` says where a ``model``
+    the user did not type comes from (``generate --from-png``'s ComfyUI graph): its problem starts with it and
+    ends saying to pass ``--model``, as the user never wrote that name."""
     notes: list[str] = []
     problems: list[str] = []
     try:
@@ -816,7 +819,10 @@ def resolve_sources(
         try:
             model = resolve_model_name(model, models_dir, extra, notes, say)
         except ConfigError as exc:
-            problems.append(str(exc))
+            if model_origin is None:
+                problems.append(str(exc))
+            else:
+                problems.append(f"{model_origin}: {exc}; pass --model (the file's path or name) to choose one")
     resolved, wrong = resolve_part_names(parts, models_dir, extra)
     return ResolvedSources(model, resolved, extra, problems + wrong, notes)
 

@@ -63,9 +63,17 @@ def addnet_tags(extra: Mapping[str, str]) -> tuple[str, set[str], dict[str, str]
     """The kohya Additional Networks fields as A1111's paste reads them: the ``<lora:name:weight>`` tags to append
     (``""`` when none), the field names that are thereby used (``AddNet Enabled``, each LoRA's Module, Model,
     Weight A, and Weight B when it equals Weight A), and ``name -> hash`` from the ``name(hash)`` models."""
+    tags, used, hashes, _ = _read_addnet(extra)
+    return tags, used, hashes
+
+
+def _read_addnet(extra: Mapping[str, str]) -> tuple[str, set[str], dict[str, str], dict[str, str]]:
+    """:func:`addnet_tags`, and ``name -> field`` (``AddNet Model 1``) for each hash, which the rewrite line
+    names: a PNG without "Lora hashes" would otherwise send its reader looking for a field it does not have."""
     tags: list[str] = []
     used: set[str] = set()
     hashes: dict[str, str] = {}
+    fields: dict[str, str] = {}
     for key, model in extra.items():
         if not key.startswith(_ADDNET_MODEL):
             continue
@@ -79,6 +87,7 @@ def addnet_tags(extra: Mapping[str, str]) -> tuple[str, set[str], dict[str, str]
             name = match.group(1).rstrip()  # "name (hash)": no trailing blank in the tag
             if len(match.group(2)) == 12:  # the extension's old 8-digit (legacy) hashes are no A1111 hash
                 hashes[name] = match.group(2).lower()
+                fields[name] = key
         weight_a, weight_b = f"AddNet Weight A {number}", f"AddNet Weight B {number}"
         multiplier = extra.get(weight_a, "1.0")
         tags.append(f"<lora:{name}:{multiplier}>")
@@ -87,7 +96,7 @@ def addnet_tags(extra: Mapping[str, str]) -> tuple[str, set[str], dict[str, str]
             used.add(weight_b)
     if tags:
         used.add("AddNet Enabled")
-    return "".join(tags), used, hashes
+    return "".join(tags), used, hashes, fields
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -99,9 +108,16 @@ def _same_number(a: str, b: str) -> bool:
 
 def png_lora_hashes(extra: Mapping[str, str]) -> dict[str, str]:
     """``prompt name -> 12-hex hash`` an infotext gives: its "Lora hashes" entries, then its AddNet models'."""
-    _, _, hashes = addnet_tags(extra)
-    hashes.update(parse_lora_hashes(extra.get(LORA_HASHES, "")))
-    return hashes
+    return _hashes_and_fields(extra)[0]
+
+
+def _hashes_and_fields(extra: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """:func:`png_lora_hashes` and the field each hash comes from (``Lora hashes``, ``AddNet Model 1`` ...)."""
+    _, _, hashes, fields = _read_addnet(extra)
+    listed = parse_lora_hashes(extra.get(LORA_HASHES, ""))
+    hashes.update(listed)
+    fields.update(dict.fromkeys(listed, LORA_HASHES))
+    return hashes, fields
 
 
 class _HashFinder:
@@ -154,9 +170,12 @@ class _HashFinder:
         return None
 
 
-def relink_loras(prompt: str, hashes: Mapping[str, str], finder: _HashFinder) -> tuple[str, list[str]]:
+def relink_loras(
+    prompt: str, hashes: Mapping[str, str], finder: _HashFinder, fields: Mapping[str, str] | None = None
+) -> tuple[str, list[str]]:
     """``prompt`` with each ``<lora:NAME...>`` whose NAME has an entry in ``hashes`` pointing at the file with
-    that hash (see the module docstring), and one line per rewrite or per hash no file has."""
+    that hash (see the module docstring), and one line per rewrite or per hash no file has. ``fields`` names
+    the infotext field each name's hash comes from, for that line (default: "Lora hashes")."""
     lines: list[str] = []
 
     def relink(match: re.Match[str]) -> str:
@@ -166,7 +185,8 @@ def relink_loras(prompt: str, hashes: Mapping[str, str], finder: _HashFinder) ->
         written = body.split(":", 1)[0]
         name = written.strip()
         # the field lists names without "," (the entries' separator): "<lora:a,b:1>" is "ab" there
-        short = hashes.get(name, hashes.get(name.replace(",", ""), "")).lower()
+        key = name if name in hashes else name.replace(",", "")
+        short = hashes.get(key, "").lower()
         if not short:
             return match.group(0)
         named = finder.named(name)
@@ -187,7 +207,8 @@ def relink_loras(prompt: str, hashes: Mapping[str, str], finder: _HashFinder) ->
                 "(rename the file); left as written"
             )
             return match.group(0)
-        lines.append(f"<lora:{name}> -> <lora:{new}> (hash {short}, from the PNG's {LORA_HASHES})")
+        field = (fields or {}).get(key, LORA_HASHES)
+        lines.append(f"<lora:{name}> -> <lora:{new}> (hash {short}, from the PNG's {field})")
         return f"<{LORA_TAG}:{new}{body[len(written) :]}>"
 
     return _NETWORK_RE.sub(relink, prompt), lines
@@ -207,7 +228,7 @@ def relink_recalled_loras(
     string names the tags as the PNG writes them. Nothing is hashed when the infotext has no LoRA hashes or no
     LoRA handler is registered."""
     handler = handlers.get(LORA_TAG)
-    hashes = png_lora_hashes(recalled.parameters.extra)
+    hashes, fields = _hashes_and_fields(recalled.parameters.extra)
     if handler is None or not hashes:
         return
     finder = _HashFinder(handler)
@@ -217,7 +238,7 @@ def relink_recalled_loras(
             continue
         said: dict[str, None] = {}
         for cell in cells:
-            cell[name], lines = relink_loras(cell[name], hashes, finder)
+            cell[name], lines = relink_loras(cell[name], hashes, finder, fields)
             said.update(dict.fromkeys(lines))
         for line in said:
             echo(line)

@@ -24,7 +24,7 @@ import click
 
 from ..hinted_command import HintedCommand
 from ..hookspecs import hookimpl
-from .part_options import models_dir_given, models_dir_options, part_kwargs, part_options
+from .part_options import models_dir_given, models_dir_options, option_defaulted, part_kwargs, part_options
 
 _SAMPLER_HELP = (
     "euler_a, euler, dpm++2m, dpm++2m_karras, ddim, lms, heun, pndm, unipc (A1111 names such as 'Euler a' work too)"
@@ -602,7 +602,7 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
     if params["model"] is None and recalled is not None:  # --from-png without --model (nor a model the PNG names)
         _model_from_png(params, recalled, models_dir)
     # a ComfyUI graph's ckpt_name (the user typed no --model): its problems and the file it finds are said as such
-    graph_model = recalled.values.get("model") if recalled is not None and _defaulted("model") else None
+    graph_model = recalled.values.get("model") if recalled is not None and option_defaulted("model") else None
     origin = None
     if graph_model is not None and params["model"] == graph_model:
         origin = f"--from-png: the model the PNG's graph loads (ckpt_name {graph_model})"

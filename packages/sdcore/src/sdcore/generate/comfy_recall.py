@@ -84,6 +84,15 @@ _CLIP_LOADERS = {
 #: what a user passes instead of a loader sdcore does not follow (said in the ignored line)
 _LOADER_HINTS = {"UNETLoader": "--model", "CLIPLoader": "--clip-l/--t5xxl", "DualCLIPLoader": "--clip-l/--t5xxl",
                  "TripleCLIPLoader": "--clip-l/--clip-g/--t5xxl", "VAELoader": "--vae"}  # fmt: skip
+#: a text encoder node's prompt input (sdcore's one prompt), then the inputs said where they differ from it:
+#: CLIPTextEncodeSDXL (nodes.py), CLIPTextEncodeFlux (comfy_extras/nodes_flux.py), CLIPTextEncodeSD3
+#: (comfy_extras/nodes_sd3.py: clip_l, clip_g, t5xxl, empty_padding; an empty text with empty_padding "none"
+#: gives that encoder no tokens, which sdcore's one prompt for all three never does)
+_TEXT_INPUTS = {
+    "CLIPTextEncodeSDXL": ("text_g", "text_l"),
+    "CLIPTextEncodeFlux": ("t5xxl", "clip_l"),
+    "CLIPTextEncodeSD3": ("clip_g", "clip_l", "t5xxl"),
+}
 #: inputs a conditioning node passes on, first found first (ConditioningCombine's first input)
 _CONDITIONING_INPUTS = ("conditioning", "conditioning_1", "conditioning_to")
 #: a "hires fix" graph's upscale between its two samplers (nodes.py; ImageUpscaleWithModel: comfy_extras)
@@ -104,6 +113,153 @@ LATENT_UPSCALE_METHODS = {
 #: truncated to 8 bits (comfy.utils.lanczos), as sdcore's; ``nearest-exact`` picks the pixels sdcore's Nearest
 #: picks but on the decoded floats (said); the others (and upscale models) get Lanczos, said.
 IMAGE_UPSCALE_METHODS = {"lanczos": "Lanczos", "nearest-exact": "Nearest"}
+
+
+#: ComfyUI's model sampling nodes of the flow families (comfy_extras/nodes_model_advanced.py) -> their inputs'
+#: defaults: ModelSamplingFlux sets ``mu = w * h / 256 * (max_shift - base_shift) / (4096 - 256) + b`` (the line
+#: through (256, base_shift) and (4096, max_shift), diffusers' ``calculate_shift`` of the image's tokens);
+#: ModelSamplingSD3 a fixed ``shift`` on 1000 timesteps; ModelSamplingAuraFlow the same with multiplier 1
+FLOW_SAMPLING = {
+    "ModelSamplingFlux": {"max_shift": 1.15, "base_shift": 0.5, "width": 1024, "height": 1024},
+    "ModelSamplingSD3": {"shift": 3.0},
+    "ModelSamplingAuraFlow": {"shift": 1.73},
+}
+#: sdcore's samplers that run the flow scheduler's own (Euler's) sigmas, whose list is compared with ComfyUI's
+_FLOW_EULER_SIGMAS = ("euler", "euler_a", "heun")
+#: ComfyUI's sigma-list error where the steps do not divide its 10000 (FLUX) or 1000 (SD3) entry table
+_SIGMA_TOLERANCE = 1e-3
+
+
+def comfy_flow_sigmas(kind: str, value: float, scheduler: str, steps: int) -> list[float] | None:
+    """The sigmas (before the final 0) ComfyUI's ``scheduler`` gives on a flow model whose model sampling is
+    ``kind``: ``"flux"`` (``ModelSamplingFlux``: ``exp(mu) / (exp(mu) + 1 / t - 1)`` on a 10000-entry table of t,
+    ``value`` is mu), ``"sd3"`` (``ModelSamplingDiscreteFlow``, multiplier 1000: ``shift * t / (1 + (shift - 1) *
+    t)`` on 1000 entries, ``value`` the shift). Schedulers (comfy/samplers.py): ``simple`` takes every
+    ``len / steps``-th table entry from the end; ``normal`` ``linspace`` from the largest to the smallest entry's
+    timestep, ``sgm_uniform`` the same over ``steps + 1`` without the last; ``None`` for the others."""
+    import math
+
+    def sigma(t: float) -> float:
+        if kind == "flux":
+            return math.exp(value) / (math.exp(value) + (1 / t - 1)) if t > 0 else 0.0
+        return value * t / (1 + (value - 1) * t)
+
+    size = 10000 if kind == "flux" else 1000
+    if scheduler == "simple":
+        step = size / steps
+        return [sigma((size - int(x * step)) / size) for x in range(steps)]
+    if scheduler in ("normal", "sgm_uniform"):  # timestep(sigma) is sigma (FLUX) or sigma * 1000 (SD3): t units
+        start, end = sigma(1.0), sigma(1 / size)  # the table's last and first entries, as timesteps in t units
+        count = steps + 1 if scheduler == "sgm_uniform" else steps
+        points = [start + (end - start) * i / (count - 1) for i in range(count)][:steps]
+        return [sigma(t) for t in points]
+    return None
+
+
+def sdcore_flow_sigmas(bundle: Any, size: tuple[int, int], steps: int) -> tuple[list[float], str]:
+    """The sigmas (before the final 0) sdcore's Euler-sigma samplers run on a flow ``bundle`` at ``size``, from
+    the scheduler :func:`~sdcore.generate.flow_samplers.flow_scheduler` builds, set as the family's diffusers
+    pipeline sets it (FLUX.1/Chroma: ``linspace(1, 1/n, n)`` and ``mu``; SD3: its own, ``mu`` only with the
+    dynamic shift); with how it is shifted, said in a note."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from .flow_samplers import flow_scheduler
+
+    config = dict(bundle.noise_scheduler.config)
+    scheduler = flow_scheduler(config, "euler", family=bundle.family)
+    kwargs: dict[str, Any] = {}
+    if config.get("use_dynamic_shifting"):
+        tokens = (int(size[0]) // 16) * (int(size[1]) // 16)
+        kwargs["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                       config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+        how = f"mu {kwargs['mu']:.4g} (the {size[0]}x{size[1]} image's token count)"
+    else:
+        how = f"shift {_shown(float(config.get('shift', 1.0)))}"
+    if bundle.family != "sd3":
+        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    scheduler.set_timesteps(steps, **kwargs)
+    return [float(x) for x in scheduler.sigmas[:-1]], how
+
+
+@dataclass
+class FlowSchedule:
+    """What a flow family's sigmas depend on in a ComfyUI graph, checked once the model is known
+    (:meth:`check`, called by :meth:`~sdcore.generate.recall.Recalled.notes`): the sampler node's ``scheduler``
+    and ``steps``, the ModelSampling* node on its model chain (``None``: the model's own: FLUX.1 dev and Chroma
+    ModelSamplingFlux mu 1.15, schnell a fixed shift 1 (comfy/supported_models.py), SD3 a shift 3), and a hires
+    graph's second-pass size (``hires``, with the first pass's ``size``) and the hires fix sdcore runs."""
+
+    scheduler: str | None
+    steps: int | None
+    sampling: tuple[str, str, dict[str, Any]] | None = None
+    size: tuple[int, int] | None = None
+    hires: tuple[int, int] | None = None
+    hires_fix: Any = None
+
+    def _comfy(self, bundle: Any) -> tuple[str, float, str] | None:
+        """(table kind, mu or shift, what sets it) of the graph on ``bundle``; ``None``: unreadable."""
+        if self.sampling is None:
+            from ..models.flux.variants import embeds_guidance
+
+            if bundle.family == "sd3":
+                return "sd3", 3.0, "SD3's own shift 3"
+            if bundle.family == "flux" and not embeds_guidance(bundle):  # ModelSamplingDiscreteFlow, multiplier 1
+                return "sd3", 1.0, "schnell's own shift 1"
+            return "flux", 1.15, "the model's own mu 1.15, ModelSamplingFlux's 1024x1024"
+        node, kind, values = self.sampling
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
+            return None
+        if kind == "ModelSamplingFlux":
+            slope = (values["max_shift"] - values["base_shift"]) / (4096 - 256)
+            mu = values["width"] * values["height"] / 256 * slope + values["base_shift"] - slope * 256
+            return "flux", mu, f"{kind} {node} at {values['width']}x{values['height']}: mu {mu:.4g}"
+        shift = float(values["shift"])  # AuraFlow's multiplier 1 scales timesteps only: the same sigmas in t
+        return "sd3", shift, f"{kind} {node} shift {_shown(shift)}"
+
+    def check(self, bundle: Any, sampler: str, size: tuple[int, int] | None) -> tuple[list[str], bool]:
+        """Lines for the ignored list, and whether the schedule was checked here (on a flow family: the
+        "Schedule type" label check is then skipped). No line when ComfyUI's sigmas are sdcore's within the
+        table's step; one saying both shifts when they differ (sdcore has no shift option: the model's
+        schedule config and, FLUX.1 dev/Chroma, the image's token count set it)."""
+        said = f"{self.sampling[1]} {self.sampling[0]}" if self.sampling is not None else None
+        if bundle.family_spec.denoiser == "unet":
+            return ([f"{said} (not a flow model)"] if said else []), False
+        lines: list[str] = []
+        size = size or self.size
+        if self.hires is not None and self.size is not None and self.hires_fix is not None:
+            from .hires import FLOW_PATCH
+
+            ours = self.hires_fix.final_size(*self.size, 8 * FLOW_PATCH)
+            if ours != self.hires:  # the flow families' latents have even sides; ComfyUI keeps an odd one
+                lines.append(
+                    f"second pass {self.hires[0]}x{self.hires[1]} (sdcore's {bundle.family} hires fix rounds to "
+                    f"16 pixels: {ours[0]}x{ours[1]})"
+                )
+        comfy = self._comfy(bundle)
+        if self.scheduler is None or not isinstance(self.steps, int) or self.steps < 1 or size is None:
+            return lines + ([f"{said} (unread)"] if said else []), False
+        from .flow_samplers import flow_sampler_id
+
+        try:
+            sid = flow_sampler_id(sampler, bundle.family)
+        except ConfigError:
+            sid = sampler
+        if sid not in _FLOW_EULER_SIGMAS:
+            lines.append(f"scheduler {self.scheduler} (sdcore's {sid} runs its own sigmas)")
+            return lines, True
+        theirs = comfy_flow_sigmas(comfy[0], comfy[1], self.scheduler, self.steps) if comfy is not None else None
+        ours, how = sdcore_flow_sigmas(bundle, size, self.steps)
+        if theirs is None or comfy is None:
+            lines.append(f"scheduler {self.scheduler}" + (f" with {said}" if said else "") +
+                         f" (sdcore's {sid} runs the pipeline's sigmas, {how})")  # fmt: skip
+        elif any(abs(a - b) > _SIGMA_TOLERANCE for a, b in zip(theirs, ours, strict=True)):
+            first = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if abs(a - b) > _SIGMA_TOLERANCE)
+            lines.append(
+                f"scheduler {self.scheduler} with {comfy[2]} (sdcore's {sid} shifts by {how}; no option sets it: "
+                f"sigma {first + 1} is {theirs[first]:.4f} in ComfyUI, {ours[first]:.4f} here)"
+            )
+        return lines, True
 
 
 def _is_link(value: Any) -> TypeGuard[list[Any]]:
@@ -339,16 +495,18 @@ def _conditioning(walk: _Walk, node: str | None) -> _Text:
             walk.used.add(node)
             found.text, found.clip = walk.value(node, "text"), walk.link(node, "clip")
             break
-        if kind in ("CLIPTextEncodeSDXL", "CLIPTextEncodeFlux"):
+        if kind in _TEXT_INPUTS:
             walk.used.add(node)
-            main, other = ("text_g", "text_l") if kind == "CLIPTextEncodeSDXL" else ("t5xxl", "clip_l")
+            main, *others = _TEXT_INPUTS[kind]
             found.text, found.clip = walk.value(node, main), walk.link(node, "clip")
-            second = walk.value(node, other)
             if kind == "CLIPTextEncodeSDXL":
                 keys = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
                 found.sdxl = node, tuple(walk.value(node, k) for k in keys)
-            if second not in (None, "", found.text):
-                walk.notes[node] = f"{kind} {other} {json.dumps(second, ensure_ascii=False)}"
+            differ = [(k, walk.value(node, k)) for k in others if walk.value(node, k) not in (None, found.text)]
+            differ = [(k, v) for k, v in differ if v != "" or kind == "CLIPTextEncodeSD3"]  # SD3: an empty one too
+            if differ:
+                said = ", ".join(f"{k} {json.dumps(v, ensure_ascii=False)}" for k, v in differ)
+                walk.notes[node] = f"{kind} {said}"
             if kind == "CLIPTextEncodeFlux" and found.guidance is None:
                 found.guidance = walk.value(node, "guidance")
             break
@@ -407,12 +565,15 @@ def _chain(walk: _Walk, node: str | None, kind: str, loras: dict[str, _Lora], fo
             found.setdefault("model", walk.value(node, "ckpt_name"))
             return
         elif node_kind in ("ModelSamplingFlux", "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingDiscrete"):
-            shown = ", ".join(f"{k} {_shown(v)}" for k, v in walk.inputs(node).items() if not _is_link(v))
+            shown = ", ".join(f"{k} {_shown(walk.value(node, k))}" for k in walk.inputs(node) if k != "model")
             walk.notes[node] = f"{node_kind} ({shown})" if shown else node_kind
+            if node_kind in FLOW_SAMPLING and "sampling" not in found:  # checked once the family is known
+                found["sampling"] = node
         elif node_kind in _LOADER_HINTS or node_kind in _CLIP_LOADERS:
             files = _CLIP_LOADERS.get(node_kind, ("unet_name", "vae_name"))
-            names = ", ".join(str(walk.value(node, k)) for k in files if walk.value(node, k) is not None)
-            walk.notes[node] = f"{node_kind} ({names}: {_LOADER_HINTS[node_kind]})"
+            names = [walk.value(node, k) for k in files if walk.value(node, k) is not None]
+            walk.notes[node] = f"{node_kind} ({', '.join(map(str, names))}: {_LOADER_HINTS[node_kind]})"
+            found.setdefault("loaders", {})[node] = (node_kind, names)
             return
         else:
             walk.notes.setdefault(node, node_kind)
@@ -735,6 +896,57 @@ def _second_pass(
     return fields
 
 
+#: the generate option of a text encoder file, by a word its ComfyUI name holds (t5xxl_fp16, clip_l, clip_g)
+_ENCODER_WORDS = (("t5", "t5xxl"), ("umt5", "t5xxl"), ("clip_g", "clip_g"), ("clip_l", "clip_l"))
+#: TripleCLIPLoader's inputs in SD3's order (comfy_extras/nodes_sd3.py: clip_l, clip_g, t5xxl) for names
+#: that say none of those words
+_TRIPLE_ORDER = ("clip_l", "clip_g", "t5xxl")
+
+
+def _encoder_option(name: str, kind: str, index: int) -> str | None:
+    """The part option (``clip_l``/``clip_g``/``t5xxl``) a CLIP loader's file goes to: the word its name holds,
+    else TripleCLIPLoader's position; ``None``: cannot tell."""
+    stem = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    found = next((option for word, option in _ENCODER_WORDS if word in stem), None)
+    if found is None and kind == "TripleCLIPLoader":
+        return _TRIPLE_ORDER[index]
+    return found
+
+
+def _loader_values(walk: _Walk, chain: dict[str, Any], recalled: Recalled) -> None:
+    """The separate loaders' files as the options that take them (ComfyUI's FLUX/SD3 graphs: UNETLoader,
+    DualCLIPLoader/TripleCLIPLoader/CLIPLoader, VAELoader): UNETLoader's ``unet_name`` is ``--model`` (a
+    transformer-only file from ``unet/``/``diffusion_models/``, when no checkpoint names the model), the text
+    encoders ``--clip-l``/``--clip-g``/``--t5xxl`` by their names, VAELoader's ``--vae``. They go with the
+    graph's model: ``recalled.model_parts`` says each (as the ignored line would) for the run that gives
+    ``--model`` and so takes none of them. A loader whose files sdcore cannot place stays in the ignored line."""
+    parts: dict[str, Any] = {}
+    for node, (kind, names) in chain.get("loaders", {}).items():
+        if not all(isinstance(name, str) and name for name in names):
+            continue
+        if kind == "UNETLoader":
+            if "model" in recalled.values or not names:
+                continue
+            found = {"model": names[0]}
+        elif kind == "VAELoader":
+            found = {"vae": names[0]}
+        else:
+            found = {}
+            for i, name in enumerate(names):
+                option = _encoder_option(name, kind, i)
+                if option is None or option in found:  # a name that says no encoder, or two of one
+                    break
+                found[option] = name
+            if len(found) != len(names):
+                continue
+        if any(option in parts for option in found):
+            continue
+        parts.update(found)
+        walk.used.add(node)
+        recalled.model_parts[walk.notes.pop(node)] = tuple(o for o in found if o != "model")
+    recalled.values.update(parts)
+
+
 def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[int, int] | None = None) -> Recalled:
     """The ``generate`` options a ComfyUI ``prompt`` graph sets (see the module docstring), as
     :func:`~sdcore.generate.recall.recall_parameters` gives them for an infotext; ``values["model"]`` is the
@@ -750,11 +962,12 @@ def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[in
     walk = _Walk(parse_comfy_graph(text))
     sampler_node, output_path = _choose_sampler(walk)
     walk.used.update(n for n in output_path if walk.type(n) in (*_OUTPUT_NODES, "VAEDecode"))
+    decoded: dict[str, Any] = {}
     for node in output_path:
         if node not in walk.used:
             walk.notes.setdefault(node, walk.type(node))
-        elif walk.type(node) == "VAEDecode":  # a VAELoader is said with its file (--vae takes it)
-            _chain(walk, walk.link(node, "vae"), "vae", {}, {})
+        elif walk.type(node) == "VAEDecode":  # a VAELoader's file is --vae's (_loader_values)
+            _chain(walk, walk.link(node, "vae"), "vae", {}, decoded)
     upscale = _two_pass(walk, sampler_node)
     refiner = _refined(walk, sampler_node) if upscale is None else None
     last = sampler_node
@@ -768,9 +981,17 @@ def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[in
     chain: dict[str, Any] = {}
     _chain(walk, sampling.model, "model", loras, chain)
     _chain(walk, positive.clip, "clip", loras, chain)
+    chain.setdefault("loaders", {}).update(decoded.get("loaders", {}))
     if negative.clip != positive.clip:
         _chain(walk, negative.clip, "clip", {}, {})
 
+    flow = FlowSchedule(sampling.scheduler if isinstance(sampling.scheduler, str) else None, sampling.steps)
+    if isinstance(chain.get("sampling"), str):  # said by FlowSchedule.check where it differs, not here
+        node = chain["sampling"]
+        kind = walk.type(node)
+        flow.sampling = node, kind, {k: walk.value(node, k, v) for k, v in FLOW_SAMPLING[kind].items()}
+        walk.notes.pop(node, None)
+        walk.used.add(node)
     extra: dict[str, str] = {"RNG": RNG_SOURCE}  # ComfyUI's prepare_noise: CPU torch noise of the seed
     steps = sampling.steps if isinstance(sampling.steps, int) else None
     size: tuple[int, int] | None = None
@@ -885,6 +1106,11 @@ def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[in
         recalled.values.pop("prompt")
     if isinstance(chain.get("model"), str):
         recalled.values["model"] = chain["model"]
+    _loader_values(walk, chain, recalled)
+    flow.size = size
+    if upscale is not None and "hires" in recalled.values:
+        flow.hires, flow.hires_fix = upscale.final, recalled.parameters.hires_fix()
+    recalled.flow_schedule = flow.check
     if isinstance(batch, int):
         recalled.values["batch"] = batch
     ignored = list(walk.notes.values())

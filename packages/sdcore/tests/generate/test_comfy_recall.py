@@ -892,3 +892,157 @@ def test_comfy_flux_png_regenerates_the_typed_image(tmp_path):
         assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
         recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
     assert recalled_params == typed_params and recalled_params.seed == 11 and recalled_params.size == (32, 48)
+
+
+def _comfyui_sigmas(kind, value, scheduler, steps):
+    """ComfyUI's sigma list as comfy/samplers.py makes it from comfy/model_sampling.py's float32 table, rewritten
+    step by step from those files (table of ``sigma(arange(1, N + 1) / N * multiplier)``; ``simple`` indexes it
+    from the end; ``normal``/``sgm_uniform`` ``torch.linspace`` between ``timestep(sigma_max)`` and
+    ``timestep(sigma_min)``, then ``sigma(timestep)``), to check the recall's plain-float version against."""
+    import math
+
+    import torch
+
+    n, multiplier = (10000, 1.0) if kind == "flux" else (1000, 1000.0)
+
+    def sigma(timestep):
+        t = timestep / multiplier
+        if kind == "flux":  # flux_time_shift(mu, 1.0, t)
+            return math.exp(value) / (math.exp(value) + (1 / t - 1))
+        return value * t / (1 + (value - 1) * t)  # time_snr_shift
+
+    table = sigma(torch.arange(1, n + 1, 1) / n * multiplier)
+    if scheduler == "simple":
+        ss = len(table) / steps
+        return [float(table[-(1 + int(x * ss))]) for x in range(steps)]
+    start, end = float(table[-1]) * multiplier, float(table[0]) * multiplier
+    count = steps + 1 if scheduler == "sgm_uniform" else steps
+    timesteps = torch.linspace(start, end, count)[:steps]
+    return [float(sigma(ts)) for ts in timesteps]
+
+
+@pytest.mark.parametrize("scheduler", ["simple", "normal", "sgm_uniform"])
+@pytest.mark.parametrize(("kind", "value"), [("flux", 1.15), ("flux", 0.63), ("sd3", 3.0), ("sd3", 1.0)])
+@pytest.mark.parametrize("steps", [1, 4, 20, 30, 49])
+def test_comfy_flow_sigmas_are_comfyuis(kind, value, scheduler, steps):
+    from sdcore.generate.comfy_recall import comfy_flow_sigmas
+
+    ours = comfy_flow_sigmas(kind, value, scheduler, steps)
+    assert ours == pytest.approx(_comfyui_sigmas(kind, value, scheduler, steps), abs=2e-6)
+
+
+def test_comfy_flow_sigma_values():
+    """A few by hand: FLUX.1's mu 1.15 at t = 1, 3/4, 1/2, 1/4 (``simple``, 4 steps: 10000 / 4 divides), SD3's
+    shift 3 at t = 1/2 (0.75)."""
+    from sdcore.generate.comfy_recall import comfy_flow_sigmas
+
+    e = 3.158192909689768  # exp(1.15)
+    assert comfy_flow_sigmas("flux", 1.15, "simple", 4) == pytest.approx(
+        [1.0, e * 0.75 / (e * 0.75 + 0.25), e * 0.5 / (e * 0.5 + 0.5), e * 0.25 / (e * 0.25 + 0.75)], abs=1e-12
+    )
+    assert comfy_flow_sigmas("sd3", 3.0, "simple", 2) == pytest.approx([1.0, 0.75], abs=1e-12)
+    assert comfy_flow_sigmas("flux", 1.15, "beta", 4) is None
+
+
+def test_flux_shift_slack_is_one_table_entry(tiny_bundles):
+    """The simple scheduler reads its t off ComfyUI's 10000-entry table: at 2048x2048 and 49 steps (49 does not
+    divide 10000) the steep shift puts those sigmas 1e-3 from the pipeline's exact t, and that is no difference;
+    a shift 0.01 off (ModelSamplingSD3 3.01, its step) is one, however small."""
+    flux = tiny_bundles("flux")
+    assert _schedule_notes(_flux_graph(2048, 2048, sampling=(2048, 2048), steps=49), flux) == []
+    assert _schedule_notes(_flux_graph(2048, 2048, sampling=(2048, 2048), steps=1), flux) == []
+    sd3 = tiny_bundles("sd3")
+    graph = default_graph(seed=3, steps=28, cfg=4.5, scheduler="normal")
+    graph["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}}
+    graph["20"] = {"class_type": "ModelSamplingSD3", "inputs": {"shift": 3.01, "model": ["4", 0]}}
+    graph["3"]["inputs"]["model"] = ["20", 0]
+    (line,) = _schedule_notes(graph, sd3)
+    assert line.startswith("scheduler normal with ModelSamplingSD3 20 shift 3.01 (sdcore's euler shifts by shift 3"), (
+        line
+    )
+    graph["3"]["inputs"]["steps"] = 1  # normal over one step: torch.linspace's [start], sigma 1: the same
+    assert _schedule_notes(graph, sd3) == []
+    # a shift ComfyUI cannot run (0 divides 0 by 0 at t = 1): no sigmas to compare, said as such, no traceback
+    graph["20"]["inputs"]["shift"] = 0.0
+    assert _schedule_notes(graph, sd3) == [
+        "scheduler normal with ModelSamplingSD3 20 (sdcore's euler runs the pipeline's sigmas, shift 3)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "clip_type", "names", "expected"),
+    [
+        ("DualCLIPLoader", "flux", ["t5xxl_fp8_e4m3fn.safetensors", "clip_l.safetensors"],
+         {"t5xxl": "t5xxl_fp8_e4m3fn.safetensors", "clip_l": "clip_l.safetensors"}),
+        # zer0int's CLIP-L fine-tune says ViT-L; any CLIP-L beside a T5 in a FLUX loader is the CLIP-L
+        ("DualCLIPLoader", "flux", ["ViT-L-14-TEXT-detail-improved-hiT-GmP-TE-only-HF.safetensors", "t5xxl_fp16.safetensors"],
+         {"clip_l": "ViT-L-14-TEXT-detail-improved-hiT-GmP-TE-only-HF.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}),
+        ("DualCLIPLoader", "flux", ["flux\\t5\\google_t5-v1_1-xxl_encoderonly-fp8.safetensors", "my_clip.safetensors"],
+         {"t5xxl": "flux\\t5\\google_t5-v1_1-xxl_encoderonly-fp8.safetensors", "clip_l": "my_clip.safetensors"}),
+        ("DualCLIPLoader", "flux", ["a.safetensors", "b.safetensors"], None),
+        ("DualCLIPLoader", "flux", ["clip_g.safetensors", "t5xxl_fp16.safetensors"], None),  # FLUX takes no CLIP-G
+        ("DualCLIPLoader", "sd3", ["clip_l.safetensors", "clip_g.safetensors"],
+         {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors"}),
+        ("DualCLIPLoader", "sd3", ["clip_l.safetensors", "other.safetensors"], None),  # CLIP-G or T5: cannot tell
+        ("DualCLIPLoader", "sdxl", ["clip_l.safetensors", "clip_g.safetensors"], None),  # sdcore's SDXL: its own
+        ("DualCLIPLoader", None, ["CLIP-L.safetensors", "open_clip_ViT-bigG-14.safetensors"],
+         {"clip_l": "CLIP-L.safetensors", "clip_g": "open_clip_ViT-bigG-14.safetensors"}),
+        ("CLIPLoader", "chroma", ["flan_t5_xxl_TE-only_FP16.safetensors"], {"t5xxl": "flan_t5_xxl_TE-only_FP16.safetensors"}),
+        ("CLIPLoader", "chroma", ["encoder.safetensors"], {"t5xxl": "encoder.safetensors"}),
+        ("CLIPLoader", "stable_diffusion", ["clip_l.safetensors"], None),
+        ("CLIPLoader", "sd3", ["umt5_xxl_fp8.safetensors"], {"t5xxl": "umt5_xxl_fp8.safetensors"}),
+        ("TripleCLIPLoader", None, ["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"],
+         {"clip_g": "clip_g.safetensors", "clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}),
+        ("TripleCLIPLoader", None, ["clip_l.safetensors", "x.safetensors", "t5xxl_fp16.safetensors"],
+         {"clip_l": "clip_l.safetensors", "clip_g": "x.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}),
+        # a word inside another is no word: clip_gmp is not CLIP-G, bit5 not T5
+        ("TripleCLIPLoader", None, ["clip_gmp.safetensors", "bit5.safetensors", "clip_l.safetensors"], None),
+        ("TripleCLIPLoader", None, ["clip_l.safetensors", "clip_l_2.safetensors", "t5xxl.safetensors"], None),
+    ],
+)  # fmt: skip
+def test_encoder_file_names_to_part_options(kind, clip_type, names, expected):
+    from sdcore.generate.comfy_recall import _encoder_options
+
+    assert _encoder_options(kind, clip_type, names) == expected
+
+
+def test_comfy_flux_graph_regenerates_from_the_models_folder_alone(tmp_path):
+    """ComfyUI's FLUX.1 example graph (UNETLoader, DualCLIPLoader, VAELoader) and ``--from-png`` with only
+    ``--models-dir``: the loaders' files are looked up there as ``--model``/``--t5xxl``/``--clip-l``/``--ae``,
+    nothing is said, and the image is the typed one's, pixel-equal."""
+    from comfy_flux_tree import write_flux_tree
+
+    models = write_flux_tree(tmp_path / "ComfyUI" / "models")
+    graph = _flux_graph(32, 48, sampling=(32, 48), steps=2, seed=11)
+    graph["6"]["inputs"]["text"] = "a lighthouse at dusk"
+    png = comfy_png(tmp_path / "comfy.png", graph)
+    common = ["--models-dir", str(models), "--device", "cpu"]
+    result = _invoke(["--from-png", str(png), *common, "-o", str(tmp_path / "recalled.png")])
+    assert result.exit_code == 0, result.output
+    assert not [line for line in result.output.splitlines() if "ignored" in line or "warning" in line], result.output
+    typed = ["a lighthouse at dusk", "--seed", "11", "--steps", "2", "--cfg", "3.5", "--sampler", "euler", "--size",
+             "32x48", "-m", "flux1-dev", "--t5xxl", "t5xxl_fp16", "--clip-l", "clip_l", "--ae", "ae"]  # fmt: skip
+    result = _invoke([*typed, *common, "-o", str(tmp_path / "typed.png")])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "recalled.png") as a, Image.open(tmp_path / "typed.png") as b:
+        pixels = np.asarray(a.convert("RGB"))
+        assert pixels.std() > 0 and np.array_equal(pixels, np.asarray(b.convert("RGB")))
+        recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
+    assert recalled_params == typed_params and recalled_params.size == (32, 48)
+    # a name the folder does not hold is the part option's one-line error, before any model loads
+    graph["11"]["inputs"]["clip_name1"] = "t5xxl_fp8_e4m3fn.safetensors"
+    png = comfy_png(tmp_path / "other.png", graph)
+    message = one_error_line(_invoke(["--from-png", str(png), *common, "-o", str(tmp_path / "x.png")]))
+    assert message.startswith("--t5xxl t5xxl_fp8_e4m3fn.safetensors: no such file or folder"), message
+
+
+def test_flow_schedule_of_an_img2img_is_the_whole_one():
+    """ComfyUI's img2img cuts the last steps of an int(steps / denoise)-step schedule, sdcore's the same
+    --steps: that schedule is the one compared, not the graph's steps."""
+    graph = default_graph(denoise=0.5, steps=20, scheduler="simple")
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"]["latent_image"] = ["11", 0]
+    del graph["5"]
+    recalled = recall_comfy(json.dumps(graph))
+    assert recalled.values["steps"] == 40 and recalled.flow_schedule.__self__.steps == 40

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -126,8 +127,26 @@ FLOW_SAMPLING = {
 }
 #: sdcore's samplers that run the flow scheduler's own (Euler's) sigmas, whose list is compared with ComfyUI's
 _FLOW_EULER_SIGMAS = ("euler", "euler_a", "heun")
-#: ComfyUI's sigma-list error where the steps do not divide its 10000 (FLUX) or 1000 (SD3) entry table
-_SIGMA_TOLERANCE = 1e-3
+#: float32 rounding: ComfyUI's tables and sigmas are float32 tensors, sdcore's pipeline sigmas float64 numpy
+_SIGMA_FLOAT32 = 1e-5
+
+
+def _comfy_sigma(kind: str, value: float) -> Any:
+    """ComfyUI's ``sigma(t)`` (t in [0, 1], the timestep over the multiplier) of a flow model sampling ``kind``:
+    ``"flux"`` ``flux_time_shift(mu, 1, t)``, ``"sd3"`` ``time_snr_shift(shift, t)`` (comfy/model_sampling.py)."""
+    import math
+
+    def sigma(t: float) -> float:
+        if kind == "flux":
+            return math.exp(value) / (math.exp(value) + (1 / t - 1)) if t > 0 else 0.0
+        return value * t / (1 + (value - 1) * t)
+
+    return sigma
+
+
+def _table_size(kind: str) -> int:
+    """Entries of ComfyUI's sigma table: ModelSamplingFlux 10000, ModelSamplingDiscreteFlow 1000."""
+    return 10000 if kind == "flux" else 1000
 
 
 def comfy_flow_sigmas(kind: str, value: float, scheduler: str, steps: int) -> list[float] | None:
@@ -137,23 +156,31 @@ def comfy_flow_sigmas(kind: str, value: float, scheduler: str, steps: int) -> li
     t)`` on 1000 entries, ``value`` the shift). Schedulers (comfy/samplers.py): ``simple`` takes every
     ``len / steps``-th table entry from the end; ``normal`` ``linspace`` from the largest to the smallest entry's
     timestep, ``sgm_uniform`` the same over ``steps + 1`` without the last; ``None`` for the others."""
-    import math
-
-    def sigma(t: float) -> float:
-        if kind == "flux":
-            return math.exp(value) / (math.exp(value) + (1 / t - 1)) if t > 0 else 0.0
-        return value * t / (1 + (value - 1) * t)
-
-    size = 10000 if kind == "flux" else 1000
+    sigma, size = _comfy_sigma(kind, value), _table_size(kind)
     if scheduler == "simple":
         step = size / steps
         return [sigma((size - int(x * step)) / size) for x in range(steps)]
     if scheduler in ("normal", "sgm_uniform"):  # timestep(sigma) is sigma (FLUX) or sigma * 1000 (SD3): t units
         start, end = sigma(1.0), sigma(1 / size)  # the table's last and first entries, as timesteps in t units
         count = steps + 1 if scheduler == "sgm_uniform" else steps
+        if count == 1:  # torch.linspace(start, end, 1) is [start]
+            return [sigma(start)]
         points = [start + (end - start) * i / (count - 1) for i in range(count)][:steps]
         return [sigma(t) for t in points]
     return None
+
+
+def comfy_flow_slack(kind: str, value: float, scheduler: str, steps: int) -> list[float]:
+    """How far each of :func:`comfy_flow_sigmas` may be from the same schedule on exact t, sigma by sigma:
+    ``simple`` reads its t off the table, ``(size - int(x * size / steps)) / size``, at most one entry (1/size)
+    above the pipelines' ``1 - x / steps``, so the slack is the sigma step of that entry (largest where the
+    shift is steep: 2048x2048 at 49 steps is 1e-3 off); ``normal``/``sgm_uniform`` run on the continuous
+    ``sigma(t)``: no slack but float32's."""
+    if scheduler != "simple":
+        return [_SIGMA_FLOAT32] * steps
+    sigma, size = _comfy_sigma(kind, value), _table_size(kind)
+    ts = [(size - int(x * (size / steps))) / size for x in range(steps)]
+    return [sigma(t) - sigma(t - 1 / size) + _SIGMA_FLOAT32 for t in ts]
 
 
 def sdcore_flow_sigmas(bundle: Any, size: tuple[int, int], steps: int) -> tuple[list[float], str]:
@@ -162,17 +189,14 @@ def sdcore_flow_sigmas(bundle: Any, size: tuple[int, int], steps: int) -> tuple[
     pipeline sets it (FLUX.1/Chroma: ``linspace(1, 1/n, n)`` and ``mu``; SD3: its own, ``mu`` only with the
     dynamic shift); with how it is shifted, said in a note."""
     import numpy as np
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    from .flow_samplers import flow_scheduler
+    from .flow_samplers import flow_scheduler, pipeline_mu
 
     config = dict(bundle.noise_scheduler.config)
     scheduler = flow_scheduler(config, "euler", family=bundle.family)
     kwargs: dict[str, Any] = {}
     if config.get("use_dynamic_shifting"):
-        tokens = (int(size[0]) // 16) * (int(size[1]) // 16)
-        kwargs["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                       config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+        kwargs["mu"] = pipeline_mu(config, size)
         how = f"mu {kwargs['mu']:.4g} (the {size[0]}x{size[1]} image's token count)"
     else:
         how = f"shift {_shown(float(config.get('shift', 1.0)))}"
@@ -213,8 +237,12 @@ class FlowSchedule:
         if kind == "ModelSamplingFlux":
             slope = (values["max_shift"] - values["base_shift"]) / (4096 - 256)
             mu = values["width"] * values["height"] / 256 * slope + values["base_shift"] - slope * 256
+            if not -700 < mu < 700:  # exp(mu) overflows (ComfyUI's math.exp too), or NaN: no schedule to compare
+                return None
             return "flux", mu, f"{kind} {node} at {values['width']}x{values['height']}: mu {mu:.4g}"
         shift = float(values["shift"])  # AuraFlow's multiplier 1 scales timesteps only: the same sigmas in t
+        if not 0 < shift < float("inf"):  # shift 0 (the node's minimum) divides 0 by 0 at t = 1; NaN
+            return None
         return "sd3", shift, f"{kind} {node} shift {_shown(shift)}"
 
     def check(self, bundle: Any, sampler: str, size: tuple[int, int] | None) -> tuple[list[str], bool]:
@@ -253,8 +281,16 @@ class FlowSchedule:
         if theirs is None or comfy is None:
             lines.append(f"scheduler {self.scheduler}" + (f" with {said}" if said else "") +
                          f" (sdcore's {sid} runs the pipeline's sigmas, {how})")  # fmt: skip
-        elif any(abs(a - b) > _SIGMA_TOLERANCE for a, b in zip(theirs, ours, strict=True)):
-            first = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if abs(a - b) > _SIGMA_TOLERANCE)
+        elif (
+            differ := [  # beyond what ComfyUI's table and float32 account for (comfy_flow_slack)
+                i
+                for i, (a, b, slack) in enumerate(
+                    zip(theirs, ours, comfy_flow_slack(*comfy[:2], self.scheduler, self.steps), strict=True)
+                )
+                if abs(a - b) > slack
+            ]
+        ):
+            first = differ[0]
             lines.append(
                 f"scheduler {self.scheduler} with {comfy[2]} (sdcore's {sid} shifts by {how}; no option sets it: "
                 f"sigma {first + 1} is {theirs[first]:.4f} in ComfyUI, {ours[first]:.4f} here)"
@@ -896,21 +932,54 @@ def _second_pass(
     return fields
 
 
-#: the generate option of a text encoder file, by a word its ComfyUI name holds (t5xxl_fp16, clip_l, clip_g)
-_ENCODER_WORDS = (("t5", "t5xxl"), ("umt5", "t5xxl"), ("clip_g", "clip_g"), ("clip_l", "clip_l"))
+#: the generate option of a text encoder file, by the words its ComfyUI name holds (lower case, ``-``/``.``/space
+#: read as ``_``): T5 (``t5xxl_fp16``, ``t5xxl_fp8_e4m3fn``, ``flan_t5_xxl``, ``umt5``), CLIP-L (``clip_l``,
+#: ``clipl``, OpenAI's ``ViT-L-14`` fine-tunes), CLIP-G (``clip_g``, ``ViT-bigG-14``); a word must not run on into
+#: another (``clip_gmp`` is not CLIP-G, ``bit5`` not T5)
+_ENCODER_WORDS = (
+    (re.compile(r"(?:^|[^a-z0-9]|um|flan)t5(?![0-9])"), "t5xxl"),
+    (re.compile(r"(?:^|[^a-z0-9])(?:clip_?l|vit_?l)(?![a-z])"), "clip_l"),
+    (re.compile(r"(?:^|[^a-z0-9])(?:clip_?g|vit_?big_?g)(?![a-z])"), "clip_g"),
+)
 #: TripleCLIPLoader's inputs in SD3's order (comfy_extras/nodes_sd3.py: clip_l, clip_g, t5xxl) for names
 #: that say none of those words
 _TRIPLE_ORDER = ("clip_l", "clip_g", "t5xxl")
+#: a CLIP loader's ``type`` (nodes.py) -> the encoders a model of it takes, for the sdcore families with separate
+#: encoder files; a loader of another type (``sdxl``, ``stable_diffusion``: encoders sdcore only reads from the
+#: checkpoint) stays said. TripleCLIPLoader has no type: SD3's.
+_CLIP_TYPES = {"flux": ("clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl"), "chroma": ("t5xxl",)}
 
 
-def _encoder_option(name: str, kind: str, index: int) -> str | None:
-    """The part option (``clip_l``/``clip_g``/``t5xxl``) a CLIP loader's file goes to: the word its name holds,
-    else TripleCLIPLoader's position; ``None``: cannot tell."""
-    stem = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
-    found = next((option for word, option in _ENCODER_WORDS if word in stem), None)
-    if found is None and kind == "TripleCLIPLoader":
-        return _TRIPLE_ORDER[index]
-    return found
+def _encoder_word(name: str) -> str | None:
+    """The part option (``clip_l``/``clip_g``/``t5xxl``) the words of a text encoder file's name say; ``None``:
+    none, or more than one."""
+    stem = re.sub(r"[-. ]", "_", name.replace("\\", "/").rsplit("/", 1)[-1].lower())
+    found = {option for pattern, option in _ENCODER_WORDS if pattern.search(stem)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _encoder_options(kind: str, clip_type: Any, names: list[str]) -> dict[str, str] | None:
+    """The part options a CLIP loader's files go to (option -> file name), ``None`` where sdcore cannot tell:
+    each file by the words of its name (:func:`_encoder_word`); where a name says none, what is left of the
+    loader's type's encoders when one is left (a FLUX ``DualCLIPLoader`` with a T5 file: the other is the
+    CLIP-L, as ComfyUI tells the files by their weights, not their order; a ``chroma`` ``CLIPLoader``: the T5),
+    else TripleCLIPLoader's SD3 order."""
+    untyped = kind == "TripleCLIPLoader" or clip_type is None  # a graph from before the input: by the names
+    taken = _CLIP_TYPES["sd3"] if untyped else _CLIP_TYPES.get(str(clip_type))
+    if taken is None or len(names) > len(taken):
+        return None
+    options = [_encoder_word(name) for name in names]
+    if any(option is not None and option not in taken for option in options):
+        return None
+    left = [option for option in taken if option not in options]
+    unknown = [i for i, option in enumerate(options) if option is None]
+    if unknown and kind == "TripleCLIPLoader" and len(unknown) == len(names):
+        options = list(_TRIPLE_ORDER)
+    elif len(unknown) == 1 and len(left) == 1:
+        options[unknown[0]] = left[0]
+    if None in options or len(set(options)) != len(options):
+        return None
+    return {str(option): name for option, name in zip(options, names, strict=True)}
 
 
 def _loader_values(walk: _Walk, chain: dict[str, Any], recalled: Recalled) -> None:
@@ -931,14 +1000,10 @@ def _loader_values(walk: _Walk, chain: dict[str, Any], recalled: Recalled) -> No
         elif kind == "VAELoader":
             found = {"vae": names[0]}
         else:
-            found = {}
-            for i, name in enumerate(names):
-                option = _encoder_option(name, kind, i)
-                if option is None or option in found:  # a name that says no encoder, or two of one
-                    break
-                found[option] = name
-            if len(found) != len(names):
+            encoders = _encoder_options(kind, walk.value(node, "type"), names)
+            if encoders is None:  # a name that says no encoder, two of one, or a type sdcore reads no file of
                 continue
+            found = dict(encoders)
         if any(option in parts for option in found):
             continue
         parts.update(found)
@@ -1107,7 +1172,7 @@ def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[in
     if isinstance(chain.get("model"), str):
         recalled.values["model"] = chain["model"]
     _loader_values(walk, chain, recalled)
-    flow.size = size
+    flow.size, flow.steps = size, steps  # an img2img's: the int(steps / denoise)-step schedule ComfyUI cuts
     if upscale is not None and "hires" in recalled.values:
         flow.hires, flow.hires_fix = upscale.final, recalled.parameters.hires_fix()
     recalled.flow_schedule = flow.check

@@ -168,7 +168,9 @@ def test_lora_chain_clip_skip_primitive_text_and_vae():
     # the file's stem, as sdcore's LoRA lookup finds it under any subfolder
     assert recalled.values["prompt"] == "a red fox <lora:ink:0.8> <lora:anna:0.5:1> <lora:detail:0:0.3>"
     assert recalled.values["clip_skip"] == 2
-    assert recalled.ignored == ["VAELoader (vae-ft-mse-840000.safetensors: --vae)"]
+    # the VAELoader's file is --vae's (a given --model drops it and says the loader: model_parts)
+    assert recalled.ignored == [] and recalled.values["vae"] == "vae-ft-mse-840000.safetensors"
+    assert recalled.model_parts == {"VAELoader (vae-ft-mse-840000.safetensors: --vae)": ("vae",)}
 
 
 def test_sdxl_and_combine_nodes_are_read_or_said():
@@ -248,15 +250,21 @@ def test_flux_custom_sampler_graph():
         "euler",
     )
     assert (values["seed"], values["size"], values["batch"]) == (219670278747233, (1024, 1024), 1)
-    assert "model" not in values  # no checkpoint: the loaders are said with the options that take their files
+    # no checkpoint: the separate loaders' files are the options that take them (the encoders by their names)
+    assert (values["model"], values["t5xxl"], values["clip_l"], values["vae"]) == (
+        "flux1-dev.safetensors",
+        "t5xxl_fp16.safetensors",
+        "clip_l.safetensors",
+        "ae.safetensors",
+    )
+    assert recalled.model_parts == {  # what a given --model drops, and says
+        "VAELoader (ae.safetensors: --vae)": ("vae",),
+        "UNETLoader (flux1-dev.safetensors: --model)": (),
+        "DualCLIPLoader (t5xxl_fp16.safetensors, clip_l.safetensors: --clip-l/--t5xxl)": ("t5xxl", "clip_l"),
+    }
     assert recalled.cfg_values(distilled=True) == {"cfg": 3.5}  # FluxGuidance: the embedded guidance
     assert recalled.parameters.extra["Schedule type"] == "Simple"
-    assert recalled.ignored == [
-        "VAELoader (ae.safetensors: --vae)",
-        "ModelSamplingFlux (max_shift 1.15, base_shift 0.5, width 1024, height 1024)",
-        "UNETLoader (flux1-dev.safetensors: --model)",
-        "DualCLIPLoader (t5xxl_fp16.safetensors, clip_l.safetensors: --clip-l/--t5xxl)",
-    ]
+    assert recalled.ignored == []  # ModelSamplingFlux is checked against the model's schedule (FlowSchedule)
     # CLIPTextEncodeFlux: t5xxl is the prompt, its guidance the distilled CFG
     graph["6"] = {
         "class_type": "CLIPTextEncodeFlux",
@@ -717,3 +725,324 @@ def test_comfy_pixel_hires_png_regenerates_the_typed_image(tmp_path):
         recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
     assert recalled_params == typed_params
     assert (recalled_params.extra["Hires upscale"], recalled_params.extra["Hires upscaler"]) == ("1.5", "Lanczos")
+
+
+def _flux_graph(width=1024, height=1024, sampling=(1024, 1024), scheduler="simple", steps=20, seed=219670278747233):
+    """ComfyUI's FLUX.1 dev example graph (test_flux_custom_sampler_graph's) at a size; ``sampling``: the
+    ModelSamplingFlux node's width/height (``None``: no such node, the model's own sampling)."""
+    graph = {
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a neon sign", "clip": ["11", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["10", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+        "10": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "11": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5xxl_fp16.safetensors",
+                                                          "clip_name2": "clip_l.safetensors", "type": "flux"}},
+        "12": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "13": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["25", 0], "guider": ["22", 0],
+                                                                 "sampler": ["16", 0], "sigmas": ["17", 0],
+                                                                 "latent_image": ["27", 0]}},
+        "16": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "17": {"class_type": "BasicScheduler", "inputs": {"scheduler": scheduler, "steps": steps, "denoise": 1.0,
+                                                          "model": ["30", 0]}},
+        "22": {"class_type": "BasicGuider", "inputs": {"model": ["30", 0], "conditioning": ["26", 0]}},
+        "25": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "26": {"class_type": "FluxGuidance", "inputs": {"guidance": 3.5, "conditioning": ["6", 0]}},
+        "27": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "30": {"class_type": "ModelSamplingFlux", "inputs": {"max_shift": 1.15, "base_shift": 0.5, "model": ["12", 0]}},
+    }  # fmt: skip
+    if sampling is None:
+        del graph["30"]
+        graph["17"]["inputs"]["model"] = graph["22"]["inputs"]["model"] = ["12", 0]
+    else:
+        graph["30"]["inputs"].update(width=sampling[0], height=sampling[1])
+    return graph
+
+
+def _schedule_notes(graph, bundle, sampler="euler", size=None):
+    recalled = recall_comfy(json.dumps(graph))
+    size = size or recalled.values["size"]
+    notes = recalled.notes(bundle, sampler=sampler, hires_sampler=None, distilled=True, model_hash=None, size=size)
+    return [line.removeprefix("ignored from the PNG (sdcore has no option for them): ") for line in notes]
+
+
+def test_flux_shift_is_checked_against_sdcores(tiny_bundles):
+    """ComfyUI's simple scheduler with ModelSamplingFlux at the image's size is the token-count shift sdcore
+    (diffusers' FluxPipeline) runs at every size: no note; without the node (the model's mu 1.15), or with the
+    node at another size, the sigmas differ below 1024x1024 and one line says both shifts."""
+    flux = tiny_bundles("flux")
+    assert _schedule_notes(_flux_graph(512, 768, sampling=(512, 768)), flux) == []
+    assert _schedule_notes(_flux_graph(1024, 1024, sampling=None), flux) == []
+    assert _schedule_notes(_flux_graph(1024, 1024), flux) == []
+    assert _schedule_notes(_flux_graph(832, 1216, sampling=(832, 1216), steps=30), flux) == []  # 30 !| 10000
+    (line,) = _schedule_notes(_flux_graph(512, 768, sampling=None), flux)
+    assert line == (
+        "scheduler simple with the model's own mu 1.15, ModelSamplingFlux's 1024x1024 (sdcore's euler shifts by "
+        "mu 0.7167 (the 512x768 image's token count); no option sets it: sigma 2 is 0.9836 in ComfyUI, 0.9749 here)"
+    )
+    (line,) = _schedule_notes(_flux_graph(512, 512, sampling=(1024, 1024)), flux)
+    assert line == (
+        "scheduler simple with ModelSamplingFlux 30 at 1024x1024: mu 1.15 (sdcore's euler shifts by mu 0.63 (the "
+        "512x512 image's token count); no option sets it: sigma 2 is 0.9836 in ComfyUI, 0.9727 here)"
+    )
+    assert _schedule_notes(_flux_graph(512, 512, sampling=(512, 512), scheduler="beta"), flux) == [
+        "scheduler beta with ModelSamplingFlux 30 (sdcore's euler runs the pipeline's sigmas, mu 0.63 (the 512x512 "
+        "image's token count))"
+    ]
+    # normal on FLUX: linspace from the table's largest to its smallest t, not the pipeline's linspace(1, 1/n, n)
+    (line,) = _schedule_notes(_flux_graph(512, 512, sampling=(512, 512), scheduler="normal"), flux)
+    assert line.startswith("scheduler normal with ModelSamplingFlux 30 at 512x512"), line
+    # DPM++ 2M makes its own sigmas; the Forge label check ("Simple") is not run on top of this one
+    assert _schedule_notes(_flux_graph(512, 512, sampling=(512, 512)), flux, sampler="dpm++2m") == [
+        "scheduler simple (sdcore's dpm++2m runs its own sigmas)"
+    ]
+
+
+def test_sd3_shift_and_sd1_with_a_flow_node(tiny_bundles):
+    """SD3: ComfyUI's normal scheduler on its shift 3 (the model's, or ModelSamplingSD3 3.0) is diffusers'
+    SD3 schedule, no note; another shift or scheduler is one line. A ModelSampling* flow node on an SD1 model is
+    said, and the SD1 "Schedule type" check still runs."""
+    sd3 = tiny_bundles("sd3")
+    graph = default_graph(seed=3, steps=28, cfg=4.5, scheduler="normal")
+    graph["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 832, "height": 1216, "batch_size": 1}}
+    assert _schedule_notes(graph, sd3) == []
+    graph["20"] = {"class_type": "ModelSamplingSD3", "inputs": {"shift": 3.0, "model": ["4", 0]}}
+    graph["3"]["inputs"]["model"] = ["20", 0]
+    assert _schedule_notes(graph, sd3) == []
+    graph["20"]["inputs"]["shift"] = 6.0
+    (line,) = _schedule_notes(graph, sd3)
+    assert line.startswith("scheduler normal with ModelSamplingSD3 20 shift 6 (sdcore's euler shifts by shift 3; "
+                           "no option sets it: sigma 2 is "), line  # fmt: skip
+    graph["20"]["inputs"]["shift"] = 3.0
+    graph["3"]["inputs"]["scheduler"] = "sgm_uniform"  # linspace over steps + 1: another list
+    (line,) = _schedule_notes(graph, sd3)
+    assert line.startswith("scheduler sgm_uniform with ModelSamplingSD3 20 shift 3 (sdcore's euler"), line
+    assert _schedule_notes(graph, sd3, sampler="dpm++2m") == [
+        "scheduler sgm_uniform (sdcore's dpm++2m runs its own sigmas)"
+    ]
+    graph["3"]["inputs"]["scheduler"] = "normal"
+    assert _schedule_notes(graph, tiny_bundles("sd1")) == ["ModelSamplingSD3 20 (not a flow model)"]
+
+
+def test_flow_hires_sizes_round_to_16(tiny_bundles):
+    """A latent hires graph whose second pass keeps an odd latent (ComfyUI) where sdcore's flow hires fix rounds
+    to 16 pixels: said on a flow model only."""
+    graph = hires_graph(scheduler="simple", sampler_name="euler")
+    graph["3"]["inputs"].update(sampler_name="euler", scheduler="simple")
+    graph["5"]["inputs"].update(width=496, height=496)
+    graph["10"] = {"class_type": "LatentUpscaleBy", "inputs": {"upscale_method": "nearest-exact", "scale_by": 1.5,
+                                                               "samples": ["3", 0]}}  # fmt: skip
+    recalled = recall_comfy(json.dumps(graph))
+    assert recalled.values["hr_scale"] == 1.5
+    notes = _schedule_notes(graph, tiny_bundles("flux"), size=(496, 496))
+    assert "second pass 744x744 (sdcore's flux hires fix rounds to 16 pixels: 736x736)" in notes[0], notes
+    assert not any("second pass" in line for line in _schedule_notes(graph, tiny_bundles("sd1"), size=(496, 496)))
+
+
+def test_sd3_text_node_and_triple_clip_loader():
+    graph = default_graph()
+    graph["11"] = {
+        "class_type": "TripleCLIPLoader",
+        "inputs": {
+            "clip_name1": "clip_l.safetensors",
+            "clip_name2": "clip_g.safetensors",
+            "clip_name3": "t5xxl_fp8_e4m3fn.safetensors",
+        },
+    }
+    graph["6"] = {"class_type": "CLIPTextEncodeSD3", "inputs": {"clip": ["11", 0], "clip_l": "a fox",
+                  "clip_g": "a fox", "t5xxl": "a fox", "empty_padding": "none"}}  # fmt: skip
+    graph["7"] = {"class_type": "CLIPTextEncodeSD3", "inputs": {"clip": ["11", 0], "clip_l": "", "clip_g": "blur",
+                  "t5xxl": "", "empty_padding": "none"}}  # fmt: skip
+    recalled = recall_comfy(json.dumps(graph))
+    assert (recalled.values["prompt"], recalled.values["negative"]) == ("a fox", "blur")
+    assert (recalled.values["clip_l"], recalled.values["clip_g"], recalled.values["t5xxl"]) == (
+        "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp8_e4m3fn.safetensors")  # fmt: skip
+    assert recalled.values["model"] == "v1-5-pruned-emaonly.safetensors"  # the checkpoint, not a loader's
+    assert recalled.ignored == ['CLIPTextEncodeSD3 clip_l "", t5xxl ""']
+    # names that say nothing: TripleCLIPLoader's SD3 order; a DualCLIPLoader's are left said
+    graph["11"]["inputs"].update(clip_name1="a.safetensors", clip_name2="b.safetensors", clip_name3="c.safetensors")
+    values = recall_comfy(json.dumps(graph)).values
+    assert (values["clip_l"], values["clip_g"], values["t5xxl"]) == ("a.safetensors", "b.safetensors", "c.safetensors")
+    graph["11"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "a.safetensors", "clip_name2": "b.st"}}
+    recalled = recall_comfy(json.dumps(graph))
+    assert (
+        "clip_l" not in recalled.values and "DualCLIPLoader (a.safetensors, b.st: --clip-l/--t5xxl)" in recalled.ignored
+    )
+
+
+def test_comfy_flux_png_regenerates_the_typed_image(tmp_path):
+    """A FLUX.1 graph (separate loaders, SamplerCustomAdvanced, FluxGuidance, ModelSamplingFlux at the image's
+    size) with --model given: the typed image, pixel-equal; the loaders it drops are said, the shift is not."""
+    graph = _flux_graph(32, 48, sampling=(32, 48), steps=2, seed=11)
+    graph["6"]["inputs"]["text"] = "a lighthouse at dusk"
+    png = comfy_png(tmp_path / "comfy.png", graph)
+    recalled_out, typed_out = tmp_path / "recalled.png", tmp_path / "typed.png"
+    result = _invoke(["-m", "tiny:flux", "--from-png", str(png), "--device", "cpu", "-o", str(recalled_out)])
+    assert result.exit_code == 0, result.output
+    ignored = [line for line in result.output.splitlines() if "ignored" in line]
+    assert ignored == [
+        "ignored from the PNG (sdcore has no option for them): UNETLoader (flux1-dev.safetensors: --model), "
+        "DualCLIPLoader (t5xxl_fp16.safetensors, clip_l.safetensors: --clip-l/--t5xxl), VAELoader "
+        "(ae.safetensors: --vae)"
+    ], result.output
+    assert "warning" not in result.output
+    typed = ["a lighthouse at dusk", "--seed", "11", "--steps", "2", "--cfg", "3.5", "--sampler", "euler"]
+    result = _invoke(["-m", "tiny:flux", *typed, "--size", "32x48", "--device", "cpu", "-o", str(typed_out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(recalled_out) as a, Image.open(typed_out) as b:
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+        recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
+    assert recalled_params == typed_params and recalled_params.seed == 11 and recalled_params.size == (32, 48)
+
+
+def _comfyui_sigmas(kind, value, scheduler, steps):
+    """ComfyUI's sigma list as comfy/samplers.py makes it from comfy/model_sampling.py's float32 table, rewritten
+    step by step from those files (table of ``sigma(arange(1, N + 1) / N * multiplier)``; ``simple`` indexes it
+    from the end; ``normal``/``sgm_uniform`` ``torch.linspace`` between ``timestep(sigma_max)`` and
+    ``timestep(sigma_min)``, then ``sigma(timestep)``), to check the recall's plain-float version against."""
+    import math
+
+    import torch
+
+    n, multiplier = (10000, 1.0) if kind == "flux" else (1000, 1000.0)
+
+    def sigma(timestep):
+        t = timestep / multiplier
+        if kind == "flux":  # flux_time_shift(mu, 1.0, t)
+            return math.exp(value) / (math.exp(value) + (1 / t - 1))
+        return value * t / (1 + (value - 1) * t)  # time_snr_shift
+
+    table = sigma(torch.arange(1, n + 1, 1) / n * multiplier)
+    if scheduler == "simple":
+        ss = len(table) / steps
+        return [float(table[-(1 + int(x * ss))]) for x in range(steps)]
+    start, end = float(table[-1]) * multiplier, float(table[0]) * multiplier
+    count = steps + 1 if scheduler == "sgm_uniform" else steps
+    timesteps = torch.linspace(start, end, count)[:steps]
+    return [float(sigma(ts)) for ts in timesteps]
+
+
+@pytest.mark.parametrize("scheduler", ["simple", "normal", "sgm_uniform"])
+@pytest.mark.parametrize(("kind", "value"), [("flux", 1.15), ("flux", 0.63), ("sd3", 3.0), ("sd3", 1.0)])
+@pytest.mark.parametrize("steps", [1, 4, 20, 30, 49])
+def test_comfy_flow_sigmas_are_comfyuis(kind, value, scheduler, steps):
+    from sdcore.generate.comfy_recall import comfy_flow_sigmas
+
+    ours = comfy_flow_sigmas(kind, value, scheduler, steps)
+    assert ours == pytest.approx(_comfyui_sigmas(kind, value, scheduler, steps), abs=2e-6)
+
+
+def test_comfy_flow_sigma_values():
+    """A few by hand: FLUX.1's mu 1.15 at t = 1, 3/4, 1/2, 1/4 (``simple``, 4 steps: 10000 / 4 divides), SD3's
+    shift 3 at t = 1/2 (0.75)."""
+    from sdcore.generate.comfy_recall import comfy_flow_sigmas
+
+    e = 3.158192909689768  # exp(1.15)
+    assert comfy_flow_sigmas("flux", 1.15, "simple", 4) == pytest.approx(
+        [1.0, e * 0.75 / (e * 0.75 + 0.25), e * 0.5 / (e * 0.5 + 0.5), e * 0.25 / (e * 0.25 + 0.75)], abs=1e-12
+    )
+    assert comfy_flow_sigmas("sd3", 3.0, "simple", 2) == pytest.approx([1.0, 0.75], abs=1e-12)
+    assert comfy_flow_sigmas("flux", 1.15, "beta", 4) is None
+
+
+def test_flux_shift_slack_is_one_table_entry(tiny_bundles):
+    """The simple scheduler reads its t off ComfyUI's 10000-entry table: at 2048x2048 and 49 steps (49 does not
+    divide 10000) the steep shift puts those sigmas 1e-3 from the pipeline's exact t, and that is no difference;
+    a shift 0.01 off (ModelSamplingSD3 3.01, its step) is one, however small."""
+    flux = tiny_bundles("flux")
+    assert _schedule_notes(_flux_graph(2048, 2048, sampling=(2048, 2048), steps=49), flux) == []
+    assert _schedule_notes(_flux_graph(2048, 2048, sampling=(2048, 2048), steps=1), flux) == []
+    sd3 = tiny_bundles("sd3")
+    graph = default_graph(seed=3, steps=28, cfg=4.5, scheduler="normal")
+    graph["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}}
+    graph["20"] = {"class_type": "ModelSamplingSD3", "inputs": {"shift": 3.01, "model": ["4", 0]}}
+    graph["3"]["inputs"]["model"] = ["20", 0]
+    (line,) = _schedule_notes(graph, sd3)
+    assert line.startswith("scheduler normal with ModelSamplingSD3 20 shift 3.01 (sdcore's euler shifts by shift 3"), (
+        line
+    )
+    graph["3"]["inputs"]["steps"] = 1  # normal over one step: torch.linspace's [start], sigma 1: the same
+    assert _schedule_notes(graph, sd3) == []
+    # a shift ComfyUI cannot run (0 divides 0 by 0 at t = 1): no sigmas to compare, said as such, no traceback
+    graph["20"]["inputs"]["shift"] = 0.0
+    assert _schedule_notes(graph, sd3) == [
+        "scheduler normal with ModelSamplingSD3 20 (sdcore's euler runs the pipeline's sigmas, shift 3)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "clip_type", "names", "expected"),
+    [
+        ("DualCLIPLoader", "flux", ["t5xxl_fp8_e4m3fn.safetensors", "clip_l.safetensors"],
+         {"t5xxl": "t5xxl_fp8_e4m3fn.safetensors", "clip_l": "clip_l.safetensors"}),
+        # zer0int's CLIP-L fine-tune says ViT-L; any CLIP-L beside a T5 in a FLUX loader is the CLIP-L
+        ("DualCLIPLoader", "flux", ["ViT-L-14-TEXT-detail-improved-hiT-GmP-TE-only-HF.safetensors", "t5xxl_fp16.safetensors"],
+         {"clip_l": "ViT-L-14-TEXT-detail-improved-hiT-GmP-TE-only-HF.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}),
+        ("DualCLIPLoader", "flux", ["flux\\t5\\google_t5-v1_1-xxl_encoderonly-fp8.safetensors", "my_clip.safetensors"],
+         {"t5xxl": "flux\\t5\\google_t5-v1_1-xxl_encoderonly-fp8.safetensors", "clip_l": "my_clip.safetensors"}),
+        ("DualCLIPLoader", "flux", ["a.safetensors", "b.safetensors"], None),
+        ("DualCLIPLoader", "flux", ["clip_g.safetensors", "t5xxl_fp16.safetensors"], None),  # FLUX takes no CLIP-G
+        ("DualCLIPLoader", "sd3", ["clip_l.safetensors", "clip_g.safetensors"],
+         {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors"}),
+        ("DualCLIPLoader", "sd3", ["clip_l.safetensors", "other.safetensors"], None),  # CLIP-G or T5: cannot tell
+        ("DualCLIPLoader", "sdxl", ["clip_l.safetensors", "clip_g.safetensors"], None),  # sdcore's SDXL: its own
+        ("DualCLIPLoader", None, ["CLIP-L.safetensors", "open_clip_ViT-bigG-14.safetensors"],
+         {"clip_l": "CLIP-L.safetensors", "clip_g": "open_clip_ViT-bigG-14.safetensors"}),
+        ("CLIPLoader", "chroma", ["flan_t5_xxl_TE-only_FP16.safetensors"], {"t5xxl": "flan_t5_xxl_TE-only_FP16.safetensors"}),
+        ("CLIPLoader", "chroma", ["encoder.safetensors"], {"t5xxl": "encoder.safetensors"}),
+        ("CLIPLoader", "stable_diffusion", ["clip_l.safetensors"], None),
+        ("CLIPLoader", "sd3", ["umt5_xxl_fp8.safetensors"], {"t5xxl": "umt5_xxl_fp8.safetensors"}),
+        ("TripleCLIPLoader", None, ["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"],
+         {"clip_g": "clip_g.safetensors", "clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}),
+        ("TripleCLIPLoader", None, ["clip_l.safetensors", "x.safetensors", "t5xxl_fp16.safetensors"],
+         {"clip_l": "clip_l.safetensors", "clip_g": "x.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}),
+        # a word inside another is no word: clip_gmp is not CLIP-G, bit5 not T5
+        ("TripleCLIPLoader", None, ["clip_gmp.safetensors", "bit5.safetensors", "clip_l.safetensors"], None),
+        ("TripleCLIPLoader", None, ["clip_l.safetensors", "clip_l_2.safetensors", "t5xxl.safetensors"], None),
+    ],
+)  # fmt: skip
+def test_encoder_file_names_to_part_options(kind, clip_type, names, expected):
+    from sdcore.generate.comfy_recall import _encoder_options
+
+    assert _encoder_options(kind, clip_type, names) == expected
+
+
+def test_comfy_flux_graph_regenerates_from_the_models_folder_alone(tmp_path):
+    """ComfyUI's FLUX.1 example graph (UNETLoader, DualCLIPLoader, VAELoader) and ``--from-png`` with only
+    ``--models-dir``: the loaders' files are looked up there as ``--model``/``--t5xxl``/``--clip-l``/``--ae``,
+    nothing is said, and the image is the typed one's, pixel-equal."""
+    from comfy_flux_tree import write_flux_tree
+
+    models = write_flux_tree(tmp_path / "ComfyUI" / "models")
+    graph = _flux_graph(32, 48, sampling=(32, 48), steps=2, seed=11)
+    graph["6"]["inputs"]["text"] = "a lighthouse at dusk"
+    png = comfy_png(tmp_path / "comfy.png", graph)
+    common = ["--models-dir", str(models), "--device", "cpu"]
+    result = _invoke(["--from-png", str(png), *common, "-o", str(tmp_path / "recalled.png")])
+    assert result.exit_code == 0, result.output
+    assert not [line for line in result.output.splitlines() if "ignored" in line or "warning" in line], result.output
+    typed = ["a lighthouse at dusk", "--seed", "11", "--steps", "2", "--cfg", "3.5", "--sampler", "euler", "--size",
+             "32x48", "-m", "flux1-dev", "--t5xxl", "t5xxl_fp16", "--clip-l", "clip_l", "--ae", "ae"]  # fmt: skip
+    result = _invoke([*typed, *common, "-o", str(tmp_path / "typed.png")])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "recalled.png") as a, Image.open(tmp_path / "typed.png") as b:
+        pixels = np.asarray(a.convert("RGB"))
+        assert pixels.std() > 0 and np.array_equal(pixels, np.asarray(b.convert("RGB")))
+        recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
+    assert recalled_params == typed_params and recalled_params.size == (32, 48)
+    # a name the folder does not hold is the part option's one-line error, before any model loads
+    graph["11"]["inputs"]["clip_name1"] = "t5xxl_fp8_e4m3fn.safetensors"
+    png = comfy_png(tmp_path / "other.png", graph)
+    message = one_error_line(_invoke(["--from-png", str(png), *common, "-o", str(tmp_path / "x.png")]))
+    assert message.startswith("--t5xxl t5xxl_fp8_e4m3fn.safetensors: no such file or folder"), message
+
+
+def test_flow_schedule_of_an_img2img_is_the_whole_one():
+    """ComfyUI's img2img cuts the last steps of an int(steps / denoise)-step schedule, sdcore's the same
+    --steps: that schedule is the one compared, not the graph's steps."""
+    graph = default_graph(denoise=0.5, steps=20, scheduler="simple")
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"]["latent_image"] = ["11", 0]
+    del graph["5"]
+    recalled = recall_comfy(json.dumps(graph))
+    assert recalled.values["steps"] == 40 and recalled.flow_schedule.__self__.steps == 40

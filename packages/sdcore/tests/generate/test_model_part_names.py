@@ -11,6 +11,7 @@ import pytest
 import torch
 from cli_errors import one_error_line
 from click.testing import CliRunner
+from comfy_flux_tree import save_tensors, write_flux_tree
 from PIL import Image
 from sdcore.builtin import generate_command
 from sdcore.errors import ConfigError
@@ -32,12 +33,7 @@ def _sdcore(*args: str):
 _error = one_error_line  # exit 2, one Error: line, no traceback
 
 
-def _save(tensors, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(path))
-    return path
+_save = save_tensors
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +41,7 @@ def comfy(tmp_path_factory):
     """A ComfyUI tree with a tiny FLUX.1 dev in the files its users have: the BFL transformer alone in
     ``diffusion_models/``, ``vae/ae.safetensors``, ``text_encoders/t5xxl_fp16.safetensors`` and the CLIP-L in the
     legacy ``clip/`` folder."""
-    from sdcore.models.flux.adapter import FluxAdapter
-    from sdcore.models.flux.save import flux_state
-    from sdcore.models.t5 import t5_file_tensors
-
-    dev = FluxAdapter().create_tiny(variant="dev", seed=0)
-    state = flux_state(dev, "comfy")
-    models = tmp_path_factory.mktemp("tree") / "ComfyUI" / "models"
-    prefix = "model.diffusion_model."
-    _save({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
-          models / "diffusion_models" / "flux1-dev.safetensors")  # fmt: skip
-    _save({k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}, models / "vae" / "ae.safetensors")
-    clip = {k[len("text_encoders.clip_l.transformer.") :]: v for k, v in state.items() if "clip_l" in k}
-    _save(clip, models / "clip" / "clip_l.safetensors")
-    _save(t5_file_tensors(dev.text_encoders[1]), models / "text_encoders" / "t5xxl_fp16.safetensors")
-    return models
+    return write_flux_tree(tmp_path_factory.mktemp("tree") / "ComfyUI" / "models")
 
 
 def _spy(monkeypatch) -> list[tuple[str, dict]]:

@@ -1309,6 +1309,10 @@ def _recall(params: dict[str, Any]) -> Any:
         skip = set() if hires else {"hires", *_HIRES_OPTIONS}
         if params["no_slg"]:  # the image's Skip Layer Guidance fields are left out
             skip.update(("slg_layers", *_SLG_OPTIONS))
+        if "model" in given:  # a ComfyUI graph's loader files go with its model, not with the one given
+            for line, options in recalled.model_parts.items():
+                skip.update(options)
+                recalled.ignored.append(line)
         for name, value in recalled.values.items():
             if name not in given and name not in skip:
                 params[name] = value

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -84,6 +85,15 @@ _CLIP_LOADERS = {
 #: what a user passes instead of a loader sdcore does not follow (said in the ignored line)
 _LOADER_HINTS = {"UNETLoader": "--model", "CLIPLoader": "--clip-l/--t5xxl", "DualCLIPLoader": "--clip-l/--t5xxl",
                  "TripleCLIPLoader": "--clip-l/--clip-g/--t5xxl", "VAELoader": "--vae"}  # fmt: skip
+#: a text encoder node's prompt input (sdcore's one prompt), then the inputs said where they differ from it:
+#: CLIPTextEncodeSDXL (nodes.py), CLIPTextEncodeFlux (comfy_extras/nodes_flux.py), CLIPTextEncodeSD3
+#: (comfy_extras/nodes_sd3.py: clip_l, clip_g, t5xxl, empty_padding; an empty text with empty_padding "none"
+#: gives that encoder no tokens, which sdcore's one prompt for all three never does)
+_TEXT_INPUTS = {
+    "CLIPTextEncodeSDXL": ("text_g", "text_l"),
+    "CLIPTextEncodeFlux": ("t5xxl", "clip_l"),
+    "CLIPTextEncodeSD3": ("clip_g", "clip_l", "t5xxl"),
+}
 #: inputs a conditioning node passes on, first found first (ConditioningCombine's first input)
 _CONDITIONING_INPUTS = ("conditioning", "conditioning_1", "conditioning_to")
 #: a "hires fix" graph's upscale between its two samplers (nodes.py; ImageUpscaleWithModel: comfy_extras)
@@ -104,6 +114,188 @@ LATENT_UPSCALE_METHODS = {
 #: truncated to 8 bits (comfy.utils.lanczos), as sdcore's; ``nearest-exact`` picks the pixels sdcore's Nearest
 #: picks but on the decoded floats (said); the others (and upscale models) get Lanczos, said.
 IMAGE_UPSCALE_METHODS = {"lanczos": "Lanczos", "nearest-exact": "Nearest"}
+
+
+#: ComfyUI's model sampling nodes of the flow families (comfy_extras/nodes_model_advanced.py) -> their inputs'
+#: defaults: ModelSamplingFlux sets ``mu = w * h / 256 * (max_shift - base_shift) / (4096 - 256) + b`` (the line
+#: through (256, base_shift) and (4096, max_shift), diffusers' ``calculate_shift`` of the image's tokens);
+#: ModelSamplingSD3 a fixed ``shift`` on 1000 timesteps; ModelSamplingAuraFlow the same with multiplier 1
+FLOW_SAMPLING = {
+    "ModelSamplingFlux": {"max_shift": 1.15, "base_shift": 0.5, "width": 1024, "height": 1024},
+    "ModelSamplingSD3": {"shift": 3.0},
+    "ModelSamplingAuraFlow": {"shift": 1.73},
+}
+#: sdcore's samplers that run the flow scheduler's own (Euler's) sigmas, whose list is compared with ComfyUI's
+_FLOW_EULER_SIGMAS = ("euler", "euler_a", "heun")
+#: float32 rounding: ComfyUI's tables and sigmas are float32 tensors, sdcore's pipeline sigmas float64 numpy
+_SIGMA_FLOAT32 = 1e-5
+
+
+def _comfy_sigma(kind: str, value: float) -> Any:
+    """ComfyUI's ``sigma(t)`` (t in [0, 1], the timestep over the multiplier) of a flow model sampling ``kind``:
+    ``"flux"`` ``flux_time_shift(mu, 1, t)``, ``"sd3"`` ``time_snr_shift(shift, t)`` (comfy/model_sampling.py)."""
+    import math
+
+    def sigma(t: float) -> float:
+        if kind == "flux":
+            return math.exp(value) / (math.exp(value) + (1 / t - 1)) if t > 0 else 0.0
+        return value * t / (1 + (value - 1) * t)
+
+    return sigma
+
+
+def _table_size(kind: str) -> int:
+    """Entries of ComfyUI's sigma table: ModelSamplingFlux 10000, ModelSamplingDiscreteFlow 1000."""
+    return 10000 if kind == "flux" else 1000
+
+
+def comfy_flow_sigmas(kind: str, value: float, scheduler: str, steps: int) -> list[float] | None:
+    """The sigmas (before the final 0) ComfyUI's ``scheduler`` gives on a flow model whose model sampling is
+    ``kind``: ``"flux"`` (``ModelSamplingFlux``: ``exp(mu) / (exp(mu) + 1 / t - 1)`` on a 10000-entry table of t,
+    ``value`` is mu), ``"sd3"`` (``ModelSamplingDiscreteFlow``, multiplier 1000: ``shift * t / (1 + (shift - 1) *
+    t)`` on 1000 entries, ``value`` the shift). Schedulers (comfy/samplers.py): ``simple`` takes every
+    ``len / steps``-th table entry from the end; ``normal`` ``linspace`` from the largest to the smallest entry's
+    timestep, ``sgm_uniform`` the same over ``steps + 1`` without the last; ``None`` for the others."""
+    sigma, size = _comfy_sigma(kind, value), _table_size(kind)
+    if scheduler == "simple":
+        step = size / steps
+        return [sigma((size - int(x * step)) / size) for x in range(steps)]
+    if scheduler in ("normal", "sgm_uniform"):  # timestep(sigma) is sigma (FLUX) or sigma * 1000 (SD3): t units
+        start, end = sigma(1.0), sigma(1 / size)  # the table's last and first entries, as timesteps in t units
+        count = steps + 1 if scheduler == "sgm_uniform" else steps
+        if count == 1:  # torch.linspace(start, end, 1) is [start]
+            return [sigma(start)]
+        points = [start + (end - start) * i / (count - 1) for i in range(count)][:steps]
+        return [sigma(t) for t in points]
+    return None
+
+
+def comfy_flow_slack(kind: str, value: float, scheduler: str, steps: int) -> list[float]:
+    """How far each of :func:`comfy_flow_sigmas` may be from the same schedule on exact t, sigma by sigma:
+    ``simple`` reads its t off the table, ``(size - int(x * size / steps)) / size``, at most one entry (1/size)
+    above the pipelines' ``1 - x / steps``, so the slack is the sigma step of that entry (largest where the
+    shift is steep: 2048x2048 at 49 steps is 1e-3 off); ``normal``/``sgm_uniform`` run on the continuous
+    ``sigma(t)``: no slack but float32's."""
+    if scheduler != "simple":
+        return [_SIGMA_FLOAT32] * steps
+    sigma, size = _comfy_sigma(kind, value), _table_size(kind)
+    ts = [(size - int(x * (size / steps))) / size for x in range(steps)]
+    return [sigma(t) - sigma(t - 1 / size) + _SIGMA_FLOAT32 for t in ts]
+
+
+def sdcore_flow_sigmas(bundle: Any, size: tuple[int, int], steps: int) -> tuple[list[float], str]:
+    """The sigmas (before the final 0) sdcore's Euler-sigma samplers run on a flow ``bundle`` at ``size``, from
+    the scheduler :func:`~sdcore.generate.flow_samplers.flow_scheduler` builds, set as the family's diffusers
+    pipeline sets it (FLUX.1/Chroma: ``linspace(1, 1/n, n)`` and ``mu``; SD3: its own, ``mu`` only with the
+    dynamic shift); with how it is shifted, said in a note."""
+    import numpy as np
+
+    from .flow_samplers import flow_scheduler, pipeline_mu
+
+    config = dict(bundle.noise_scheduler.config)
+    scheduler = flow_scheduler(config, "euler", family=bundle.family)
+    kwargs: dict[str, Any] = {}
+    if config.get("use_dynamic_shifting"):
+        kwargs["mu"] = pipeline_mu(config, size)
+        how = f"mu {kwargs['mu']:.4g} (the {size[0]}x{size[1]} image's token count)"
+    else:
+        how = f"shift {_shown(float(config.get('shift', 1.0)))}"
+    if bundle.family != "sd3":
+        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    scheduler.set_timesteps(steps, **kwargs)
+    return [float(x) for x in scheduler.sigmas[:-1]], how
+
+
+@dataclass
+class FlowSchedule:
+    """What a flow family's sigmas depend on in a ComfyUI graph, checked once the model is known
+    (:meth:`check`, called by :meth:`~sdcore.generate.recall.Recalled.notes`): the sampler node's ``scheduler``
+    and ``steps``, the ModelSampling* node on its model chain (``None``: the model's own: FLUX.1 dev and Chroma
+    ModelSamplingFlux mu 1.15, schnell a fixed shift 1 (comfy/supported_models.py), SD3 a shift 3), and a hires
+    graph's second-pass size (``hires``, with the first pass's ``size``) and the hires fix sdcore runs."""
+
+    scheduler: str | None
+    steps: int | None
+    sampling: tuple[str, str, dict[str, Any]] | None = None
+    size: tuple[int, int] | None = None
+    hires: tuple[int, int] | None = None
+    hires_fix: Any = None
+
+    def _comfy(self, bundle: Any) -> tuple[str, float, str] | None:
+        """(table kind, mu or shift, what sets it) of the graph on ``bundle``; ``None``: unreadable."""
+        if self.sampling is None:
+            from ..models.flux.variants import embeds_guidance
+
+            if bundle.family == "sd3":
+                return "sd3", 3.0, "SD3's own shift 3"
+            if bundle.family == "flux" and not embeds_guidance(bundle):  # ModelSamplingDiscreteFlow, multiplier 1
+                return "sd3", 1.0, "schnell's own shift 1"
+            return "flux", 1.15, "the model's own mu 1.15, ModelSamplingFlux's 1024x1024"
+        node, kind, values = self.sampling
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
+            return None
+        if kind == "ModelSamplingFlux":
+            slope = (values["max_shift"] - values["base_shift"]) / (4096 - 256)
+            mu = values["width"] * values["height"] / 256 * slope + values["base_shift"] - slope * 256
+            if not -700 < mu < 700:  # exp(mu) overflows (ComfyUI's math.exp too), or NaN: no schedule to compare
+                return None
+            return "flux", mu, f"{kind} {node} at {values['width']}x{values['height']}: mu {mu:.4g}"
+        shift = float(values["shift"])  # AuraFlow's multiplier 1 scales timesteps only: the same sigmas in t
+        if not 0 < shift < float("inf"):  # shift 0 (the node's minimum) divides 0 by 0 at t = 1; NaN
+            return None
+        return "sd3", shift, f"{kind} {node} shift {_shown(shift)}"
+
+    def check(self, bundle: Any, sampler: str, size: tuple[int, int] | None) -> tuple[list[str], bool]:
+        """Lines for the ignored list, and whether the schedule was checked here (on a flow family: the
+        "Schedule type" label check is then skipped). No line when ComfyUI's sigmas are sdcore's within the
+        table's step; one saying both shifts when they differ (sdcore has no shift option: the model's
+        schedule config and, FLUX.1 dev/Chroma, the image's token count set it)."""
+        said = f"{self.sampling[1]} {self.sampling[0]}" if self.sampling is not None else None
+        if bundle.family_spec.denoiser == "unet":
+            return ([f"{said} (not a flow model)"] if said else []), False
+        lines: list[str] = []
+        size = size or self.size
+        if self.hires is not None and self.size is not None and self.hires_fix is not None:
+            from .hires import FLOW_PATCH
+
+            ours = self.hires_fix.final_size(*self.size, 8 * FLOW_PATCH)
+            if ours != self.hires:  # the flow families' latents have even sides; ComfyUI keeps an odd one
+                lines.append(
+                    f"second pass {self.hires[0]}x{self.hires[1]} (sdcore's {bundle.family} hires fix rounds to "
+                    f"16 pixels: {ours[0]}x{ours[1]})"
+                )
+        comfy = self._comfy(bundle)
+        if self.scheduler is None or not isinstance(self.steps, int) or self.steps < 1 or size is None:
+            return lines + ([f"{said} (unread)"] if said else []), False
+        from .flow_samplers import flow_sampler_id
+
+        try:
+            sid = flow_sampler_id(sampler, bundle.family)
+        except ConfigError:
+            sid = sampler
+        if sid not in _FLOW_EULER_SIGMAS:
+            lines.append(f"scheduler {self.scheduler} (sdcore's {sid} runs its own sigmas)")
+            return lines, True
+        theirs = comfy_flow_sigmas(comfy[0], comfy[1], self.scheduler, self.steps) if comfy is not None else None
+        ours, how = sdcore_flow_sigmas(bundle, size, self.steps)
+        if theirs is None or comfy is None:
+            lines.append(f"scheduler {self.scheduler}" + (f" with {said}" if said else "") +
+                         f" (sdcore's {sid} runs the pipeline's sigmas, {how})")  # fmt: skip
+        elif (
+            differ := [  # beyond what ComfyUI's table and float32 account for (comfy_flow_slack)
+                i
+                for i, (a, b, slack) in enumerate(
+                    zip(theirs, ours, comfy_flow_slack(*comfy[:2], self.scheduler, self.steps), strict=True)
+                )
+                if abs(a - b) > slack
+            ]
+        ):
+            first = differ[0]
+            lines.append(
+                f"scheduler {self.scheduler} with {comfy[2]} (sdcore's {sid} shifts by {how}; no option sets it: "
+                f"sigma {first + 1} is {theirs[first]:.4f} in ComfyUI, {ours[first]:.4f} here)"
+            )
+        return lines, True
 
 
 def _is_link(value: Any) -> TypeGuard[list[Any]]:
@@ -339,16 +531,18 @@ def _conditioning(walk: _Walk, node: str | None) -> _Text:
             walk.used.add(node)
             found.text, found.clip = walk.value(node, "text"), walk.link(node, "clip")
             break
-        if kind in ("CLIPTextEncodeSDXL", "CLIPTextEncodeFlux"):
+        if kind in _TEXT_INPUTS:
             walk.used.add(node)
-            main, other = ("text_g", "text_l") if kind == "CLIPTextEncodeSDXL" else ("t5xxl", "clip_l")
+            main, *others = _TEXT_INPUTS[kind]
             found.text, found.clip = walk.value(node, main), walk.link(node, "clip")
-            second = walk.value(node, other)
             if kind == "CLIPTextEncodeSDXL":
                 keys = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
                 found.sdxl = node, tuple(walk.value(node, k) for k in keys)
-            if second not in (None, "", found.text):
-                walk.notes[node] = f"{kind} {other} {json.dumps(second, ensure_ascii=False)}"
+            differ = [(k, walk.value(node, k)) for k in others if walk.value(node, k) not in (None, found.text)]
+            differ = [(k, v) for k, v in differ if v != "" or kind == "CLIPTextEncodeSD3"]  # SD3: an empty one too
+            if differ:
+                said = ", ".join(f"{k} {json.dumps(v, ensure_ascii=False)}" for k, v in differ)
+                walk.notes[node] = f"{kind} {said}"
             if kind == "CLIPTextEncodeFlux" and found.guidance is None:
                 found.guidance = walk.value(node, "guidance")
             break
@@ -407,12 +601,15 @@ def _chain(walk: _Walk, node: str | None, kind: str, loras: dict[str, _Lora], fo
             found.setdefault("model", walk.value(node, "ckpt_name"))
             return
         elif node_kind in ("ModelSamplingFlux", "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingDiscrete"):
-            shown = ", ".join(f"{k} {_shown(v)}" for k, v in walk.inputs(node).items() if not _is_link(v))
+            shown = ", ".join(f"{k} {_shown(walk.value(node, k))}" for k in walk.inputs(node) if k != "model")
             walk.notes[node] = f"{node_kind} ({shown})" if shown else node_kind
+            if node_kind in FLOW_SAMPLING and "sampling" not in found:  # checked once the family is known
+                found["sampling"] = node
         elif node_kind in _LOADER_HINTS or node_kind in _CLIP_LOADERS:
             files = _CLIP_LOADERS.get(node_kind, ("unet_name", "vae_name"))
-            names = ", ".join(str(walk.value(node, k)) for k in files if walk.value(node, k) is not None)
-            walk.notes[node] = f"{node_kind} ({names}: {_LOADER_HINTS[node_kind]})"
+            names = [walk.value(node, k) for k in files if walk.value(node, k) is not None]
+            walk.notes[node] = f"{node_kind} ({', '.join(map(str, names))}: {_LOADER_HINTS[node_kind]})"
+            found.setdefault("loaders", {})[node] = (node_kind, names)
             return
         else:
             walk.notes.setdefault(node, node_kind)
@@ -735,6 +932,86 @@ def _second_pass(
     return fields
 
 
+#: the generate option of a text encoder file, by the words its ComfyUI name holds (lower case, ``-``/``.``/space
+#: read as ``_``): T5 (``t5xxl_fp16``, ``t5xxl_fp8_e4m3fn``, ``flan_t5_xxl``, ``umt5``), CLIP-L (``clip_l``,
+#: ``clipl``, OpenAI's ``ViT-L-14`` fine-tunes), CLIP-G (``clip_g``, ``ViT-bigG-14``); a word must not run on into
+#: another (``clip_gmp`` is not CLIP-G, ``bit5`` not T5)
+_ENCODER_WORDS = (
+    (re.compile(r"(?:^|[^a-z0-9]|um|flan)t5(?![0-9])"), "t5xxl"),
+    (re.compile(r"(?:^|[^a-z0-9])(?:clip_?l|vit_?l)(?![a-z])"), "clip_l"),
+    (re.compile(r"(?:^|[^a-z0-9])(?:clip_?g|vit_?big_?g)(?![a-z])"), "clip_g"),
+)
+#: TripleCLIPLoader's inputs in SD3's order (comfy_extras/nodes_sd3.py: clip_l, clip_g, t5xxl) for names
+#: that say none of those words
+_TRIPLE_ORDER = ("clip_l", "clip_g", "t5xxl")
+#: a CLIP loader's ``type`` (nodes.py) -> the encoders a model of it takes, for the sdcore families with separate
+#: encoder files; a loader of another type (``sdxl``, ``stable_diffusion``: encoders sdcore only reads from the
+#: checkpoint) stays said. TripleCLIPLoader has no type: SD3's.
+_CLIP_TYPES = {"flux": ("clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl"), "chroma": ("t5xxl",)}
+
+
+def _encoder_word(name: str) -> str | None:
+    """The part option (``clip_l``/``clip_g``/``t5xxl``) the words of a text encoder file's name say; ``None``:
+    none, or more than one."""
+    stem = re.sub(r"[-. ]", "_", name.replace("\\", "/").rsplit("/", 1)[-1].lower())
+    found = {option for pattern, option in _ENCODER_WORDS if pattern.search(stem)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _encoder_options(kind: str, clip_type: Any, names: list[str]) -> dict[str, str] | None:
+    """The part options a CLIP loader's files go to (option -> file name), ``None`` where sdcore cannot tell:
+    each file by the words of its name (:func:`_encoder_word`); where a name says none, what is left of the
+    loader's type's encoders when one is left (a FLUX ``DualCLIPLoader`` with a T5 file: the other is the
+    CLIP-L, as ComfyUI tells the files by their weights, not their order; a ``chroma`` ``CLIPLoader``: the T5),
+    else TripleCLIPLoader's SD3 order."""
+    untyped = kind == "TripleCLIPLoader" or clip_type is None  # a graph from before the input: by the names
+    taken = _CLIP_TYPES["sd3"] if untyped else _CLIP_TYPES.get(str(clip_type))
+    if taken is None or len(names) > len(taken):
+        return None
+    options = [_encoder_word(name) for name in names]
+    if any(option is not None and option not in taken for option in options):
+        return None
+    left = [option for option in taken if option not in options]
+    unknown = [i for i, option in enumerate(options) if option is None]
+    if unknown and kind == "TripleCLIPLoader" and len(unknown) == len(names):
+        options = list(_TRIPLE_ORDER)
+    elif len(unknown) == 1 and len(left) == 1:
+        options[unknown[0]] = left[0]
+    if None in options or len(set(options)) != len(options):
+        return None
+    return {str(option): name for option, name in zip(options, names, strict=True)}
+
+
+def _loader_values(walk: _Walk, chain: dict[str, Any], recalled: Recalled) -> None:
+    """The separate loaders' files as the options that take them (ComfyUI's FLUX/SD3 graphs: UNETLoader,
+    DualCLIPLoader/TripleCLIPLoader/CLIPLoader, VAELoader): UNETLoader's ``unet_name`` is ``--model`` (a
+    transformer-only file from ``unet/``/``diffusion_models/``, when no checkpoint names the model), the text
+    encoders ``--clip-l``/``--clip-g``/``--t5xxl`` by their names, VAELoader's ``--vae``. They go with the
+    graph's model: ``recalled.model_parts`` says each (as the ignored line would) for the run that gives
+    ``--model`` and so takes none of them. A loader whose files sdcore cannot place stays in the ignored line."""
+    parts: dict[str, Any] = {}
+    for node, (kind, names) in chain.get("loaders", {}).items():
+        if not all(isinstance(name, str) and name for name in names):
+            continue
+        if kind == "UNETLoader":
+            if "model" in recalled.values or not names:
+                continue
+            found = {"model": names[0]}
+        elif kind == "VAELoader":
+            found = {"vae": names[0]}
+        else:
+            encoders = _encoder_options(kind, walk.value(node, "type"), names)
+            if encoders is None:  # a name that says no encoder, two of one, or a type sdcore reads no file of
+                continue
+            found = dict(encoders)
+        if any(option in parts for option in found):
+            continue
+        parts.update(found)
+        walk.used.add(node)
+        recalled.model_parts[walk.notes.pop(node)] = tuple(o for o in found if o != "model")
+    recalled.values.update(parts)
+
+
 def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[int, int] | None = None) -> Recalled:
     """The ``generate`` options a ComfyUI ``prompt`` graph sets (see the module docstring), as
     :func:`~sdcore.generate.recall.recall_parameters` gives them for an infotext; ``values["model"]`` is the
@@ -750,11 +1027,12 @@ def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[in
     walk = _Walk(parse_comfy_graph(text))
     sampler_node, output_path = _choose_sampler(walk)
     walk.used.update(n for n in output_path if walk.type(n) in (*_OUTPUT_NODES, "VAEDecode"))
+    decoded: dict[str, Any] = {}
     for node in output_path:
         if node not in walk.used:
             walk.notes.setdefault(node, walk.type(node))
-        elif walk.type(node) == "VAEDecode":  # a VAELoader is said with its file (--vae takes it)
-            _chain(walk, walk.link(node, "vae"), "vae", {}, {})
+        elif walk.type(node) == "VAEDecode":  # a VAELoader's file is --vae's (_loader_values)
+            _chain(walk, walk.link(node, "vae"), "vae", {}, decoded)
     upscale = _two_pass(walk, sampler_node)
     refiner = _refined(walk, sampler_node) if upscale is None else None
     last = sampler_node
@@ -768,9 +1046,17 @@ def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[in
     chain: dict[str, Any] = {}
     _chain(walk, sampling.model, "model", loras, chain)
     _chain(walk, positive.clip, "clip", loras, chain)
+    chain.setdefault("loaders", {}).update(decoded.get("loaders", {}))
     if negative.clip != positive.clip:
         _chain(walk, negative.clip, "clip", {}, {})
 
+    flow = FlowSchedule(sampling.scheduler if isinstance(sampling.scheduler, str) else None, sampling.steps)
+    if isinstance(chain.get("sampling"), str):  # said by FlowSchedule.check where it differs, not here
+        node = chain["sampling"]
+        kind = walk.type(node)
+        flow.sampling = node, kind, {k: walk.value(node, k, v) for k, v in FLOW_SAMPLING[kind].items()}
+        walk.notes.pop(node, None)
+        walk.used.add(node)
     extra: dict[str, str] = {"RNG": RNG_SOURCE}  # ComfyUI's prepare_noise: CPU torch noise of the seed
     steps = sampling.steps if isinstance(sampling.steps, int) else None
     size: tuple[int, int] | None = None
@@ -885,6 +1171,11 @@ def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[in
         recalled.values.pop("prompt")
     if isinstance(chain.get("model"), str):
         recalled.values["model"] = chain["model"]
+    _loader_values(walk, chain, recalled)
+    flow.size, flow.steps = size, steps  # an img2img's: the int(steps / denoise)-step schedule ComfyUI cuts
+    if upscale is not None and "hires" in recalled.values:
+        flow.hires, flow.hires_fix = upscale.final, recalled.parameters.hires_fix()
+    recalled.flow_schedule = flow.check
     if isinstance(batch, int):
         recalled.values["batch"] = batch
     ignored = list(walk.notes.values())

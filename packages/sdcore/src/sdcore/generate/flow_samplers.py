@@ -269,6 +269,17 @@ _EULER_SIGMAS = ("euler", "euler_a", "heun")
 FORGE_FLUX_MU, FORGE_FIXED_MU, FORGE_SD3_SHIFT = 1.15, 1.0, 3.0
 
 
+def pipeline_mu(config: Mapping[str, Any], size: tuple[int, int]) -> float:
+    """The ``mu`` diffusers' FLUX.1/Chroma pipelines give a ``use_dynamic_shifting`` scheduler at ``size``
+    (width, height): ``calculate_shift`` of the image's 2x2-packed latent tokens, ``(w // 16) * (h // 16)``, on
+    the scheduler config's line from (base_image_seq_len, base_shift) to (max_image_seq_len, max_shift)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    tokens = (int(size[0]) // 16) * (int(size[1]) // 16)
+    return float(calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15)))  # fmt: skip
+
+
 def forge_schedule_type(bundle: Any, sampler: str, size: tuple[int, int]) -> str | None:
     """Forge's "Schedule type" label (modules/sd_schedulers.py) for the sigmas ``sampler`` runs on a flow
     ``bundle`` at ``size`` (width, height), ``None`` where no Forge schedule gives them.
@@ -297,11 +308,7 @@ def forge_schedule_type(bundle: Any, sampler: str, size: tuple[int, int]) -> str
 
     forge_mu = FORGE_FLUX_MU if bundle.family == "flux" and embeds_guidance(bundle) else FORGE_FIXED_MU
     if dynamic:  # FluxPipeline/ChromaPipeline: mu from the image's 2x2-packed latent tokens
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        tokens = (int(size[0]) // 16) * (int(size[1]) // 16)
-        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+        mu = pipeline_mu(config, size)
     else:  # a fixed shift s is exp(mu) with mu = log(s)
         mu = math.log(float(config.get("shift", 1.0)))
     return "Simple" if math.isclose(mu, forge_mu, abs_tol=1e-9) else None
@@ -313,6 +320,7 @@ __all__ = [
     "flow_sampler_id",
     "flow_scheduler",
     "forge_schedule_type",
+    "pipeline_mu",
     "run_pipeline",
     "sampler_noise",
 ]

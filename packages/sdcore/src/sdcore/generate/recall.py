@@ -34,6 +34,8 @@ from .tiling import TILING_FIELD
 from .variation import SEED_RESIZE_FROM, VARIATION_SEED, VARIATION_STRENGTH
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..models.bundle import ModelBundle
 
 DISTILLED_CFG = "Distilled CFG Scale"
@@ -72,6 +74,12 @@ class Recalled:
     strength: float | None = None
     img2img_strength: float | None = None
     ignored: list[str] = field(default_factory=list)
+    #: a ComfyUI graph's flow-family schedule check (``comfy_recall.FlowSchedule.check``): its lines, and whether
+    #: it replaces the "Schedule type" check (on a flow family)
+    flow_schedule: Callable[[ModelBundle, str, tuple[int, int] | None], tuple[list[str], bool]] | None = None
+    #: a ComfyUI graph's separate loaders mapped into ``values`` (its ignored-line text -> the part options set):
+    #: they go with the graph's model, so a given ``--model`` drops them and the line is said instead
+    model_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def cfg_values(self, distilled: bool) -> dict[str, float]:
         """``cfg``/``true_cfg_scale`` values: on a guidance-distilled family (FLUX.1) "CFG scale" is the true
@@ -137,7 +145,9 @@ class Recalled:
             )
         ignored = list(self.ignored)
         schedule = extra.get(SCHEDULE_TYPE)
-        if schedule is not None and not _schedule_matches(bundle, sampler, schedule, size):
+        flow_lines, checked = self.flow_schedule(bundle, sampler, size) if self.flow_schedule else ([], False)
+        ignored += flow_lines
+        if schedule is not None and not checked and not _schedule_matches(bundle, sampler, schedule, size):
             ignored.append(f"{SCHEDULE_TYPE}: {schedule} ({_own_schedule(bundle, sampler, schedule)})")
         hires_schedule = extra.get("Hires schedule type")
         hires_sampler = hires_sampler or sampler

@@ -1032,8 +1032,11 @@ def test_comfy_flux_graph_regenerates_from_the_models_folder_alone(tmp_path):
     # a name the folder does not hold is the part option's one-line error, before any model loads
     graph["11"]["inputs"]["clip_name1"] = "t5xxl_fp8_e4m3fn.safetensors"
     png = comfy_png(tmp_path / "other.png", graph)
-    message = one_error_line(_invoke(["--from-png", str(png), *common, "-o", str(tmp_path / "x.png")]))
-    assert message.startswith("--t5xxl t5xxl_fp8_e4m3fn.safetensors: no such file or folder"), message
+    result = _invoke(["--from-png", str(png), *common, "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    said, error = result.output.splitlines()
+    assert said.startswith("model from the PNG: ") and said.endswith("(the graph's unet_name flux1-dev.safetensors)")
+    assert error.startswith("Error: --t5xxl t5xxl_fp8_e4m3fn.safetensors: no such file or folder"), error
 
 
 def test_flow_schedule_of_an_img2img_is_the_whole_one():

@@ -381,7 +381,7 @@ class _GenerateCommand(HintedCommand):
     help="Take every generation parameter from this image's infotext (A1111's PNG Info -> Send to txt2img; "
     "Forge's and sdcore's too) or, without one, from the ComfyUI graph saved in it; options given here win. "
     "PROMPT is then optional, and so is --model: the file below the model folders with the image's Model hash "
-    "(and Model name), or the graph's ckpt_name, is taken; without --vae, so is the VAE of its VAE hash (and VAE "
+    "(and Model name), or the graph's ckpt_name (UNETLoader's unet_name), is taken; without --vae, so is the VAE of its VAE hash (and VAE "
     "name) from the VAE folders, when it names one. LoRAs are found by the PNG's Lora hashes.",
 )
 @click.option(
@@ -605,7 +605,7 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
     graph_model = recalled.values.get("model") if recalled is not None and option_defaulted("model") else None
     origin = None
     if graph_model is not None and params["model"] == graph_model:
-        origin = f"--from-png: the model the PNG's graph loads (ckpt_name {graph_model})"
+        origin = f"--from-png: the model the PNG's graph loads ({recalled.model_input} {graph_model})"
         if models_dir is None:
             raise PreflightError([f"{origin} is looked for below --models-dir, and there is no models/ here; pass "
                                   "--models-dir or --model"])  # fmt: skip
@@ -613,7 +613,7 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
                             plugin_format=plugin_format_for(pm, params["model"]) is not None,
                             say=lambda line: click.echo(line, err=True), model_origin=origin)  # fmt: skip
     if origin is not None and found.model != params["model"]:
-        click.echo(f"model from the PNG: {found.model} (the graph's ckpt_name {graph_model})", err=True)
+        click.echo(f"model from the PNG: {found.model} (the graph's {recalled.model_input} {graph_model})", err=True)
     params["model"] = found.model
     params.update(found.parts)
     parts = dict(found.parts)

@@ -997,6 +997,7 @@ def _loader_values(walk: _Walk, chain: dict[str, Any], recalled: Recalled) -> No
             if "model" in recalled.values or not names:
                 continue
             found = {"model": names[0]}
+            recalled.model_input = "unet_name"
         elif kind == "VAELoader":
             found = {"vae": names[0]}
         else:

@@ -80,6 +80,9 @@ class Recalled:
     #: a ComfyUI graph's separate loaders mapped into ``values`` (its ignored-line text -> the part options set):
     #: they go with the graph's model, so a given ``--model`` drops them and the line is said instead
     model_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the ComfyUI loader input ``values["model"]`` came from (``ckpt_name``, or UNETLoader's ``unet_name``), for
+    #: the lines that say where the model was taken from
+    model_input: str = "ckpt_name"
 
     def cfg_values(self, distilled: bool) -> dict[str, float]:
         """``cfg``/``true_cfg_scale`` values: on a guidance-distilled family (FLUX.1) "CFG scale" is the true

@@ -56,3 +56,23 @@ def sd2(tiny_bundles):
 @pytest.fixture(scope="session")
 def sdxl(tiny_bundles):
     return tiny_bundles("sdxl")
+
+
+@pytest.fixture
+def lora_cli(sd1, monkeypatch):
+    """Run ``sdcore generate`` on the session's tiny SD1 with the LoRA plugin (the loader is tested elsewhere)."""
+    import types
+
+    from click.testing import CliRunner
+    from lora_plugin import lora_pm
+    from sdcore.builtin import generate_command
+    from sdcore.builtin.generate_command import generate
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: sd1)
+
+    def run(*args):
+        return CliRunner().invoke(
+            generate, ["-m", "tiny:sd1", "--device", "cpu", *args], obj=types.SimpleNamespace(pm=lora_pm())
+        )
+
+    return run

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sdcore
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from sdcore.builtin import generate_command
-from sdcore.builtin.generate_command import generate
 from sdcore.generate.pnginfo import parse_parameters, save_png
 from sdcore.generate.recall import recall_parameters
 from sdcore.generate.recall_networks import addnet_tags, parse_lora_hashes, png_lora_hashes
@@ -28,25 +25,6 @@ ADDNET = (
     "AddNet Module 3: LoRA, AddNet Weight A 1: 0.25, AddNet Weight A 2: 0.5, AddNet Weight A 3: 0.1, "
     "AddNet Weight B 1: 0.25, AddNet Weight B 2: 0.7, AddNet Weight B 3: 0.1"
 )
-
-
-def _pm():
-    import sdplugin_lora.plugin
-    from sdcore.plugins import get_plugin_manager
-
-    return get_plugin_manager(builtins=False, entrypoints=False, extra=[sdplugin_lora.plugin])
-
-
-@pytest.fixture
-def cli(sd1, monkeypatch):
-    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: sd1)
-
-    def run(*args):
-        return CliRunner().invoke(
-            generate, ["-m", "tiny:sd1", "--device", "cpu", *args], obj=types.SimpleNamespace(pm=_pm())
-        )
-
-    return run
 
 
 def _lora(sd1, path, seed):
@@ -136,7 +114,7 @@ def test_addnet_fields_become_tags_as_a1111_appends_them():
     ]
 
 
-def test_a_renamed_lora_is_found_by_its_hash_and_the_image_is_the_same(cli, sd1, tmp_path, monkeypatch):
+def test_a_renamed_lora_is_found_by_its_hash_and_the_image_is_the_same(lora_cli, sd1, tmp_path, monkeypatch):
     loras = tmp_path / "Lora"
     _lora(sd1, loras / "style.safetensors", 3)
     first = tmp_path / "first.png"
@@ -150,7 +128,7 @@ def test_a_renamed_lora_is_found_by_its_hash_and_the_image_is_the_same(cli, sd1,
         "--hr-prompt",
         "a dog <lora:style:0.5>",
     )
-    result = cli("a cat <lora:style:0.8>", *BASE, *hires, "--lora-dir", str(loras), "-o", str(first))
+    result = lora_cli("a cat <lora:style:0.8>", *BASE, *hires, "--lora-dir", str(loras), "-o", str(first))
     assert result.exit_code == 0, result.output
     pixels, info = _read(first)
     short = network_short_hash(loras / "style.safetensors")
@@ -163,7 +141,7 @@ def test_a_renamed_lora_is_found_by_its_hash_and_the_image_is_the_same(cli, sd1,
     # the files the search hashes (generation's own "Lora hashes" go through the plugin's import, not counted)
     monkeypatch.setattr(hashes, "network_short_hash", lambda path: calls.append(path.name) or network_short_hash(path))
     again = tmp_path / "again.png"
-    result = cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(again))
+    result = lora_cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(again))
     assert result.exit_code == 0, result.output
     line = f"<lora:style> -> <lora:renamed> (hash {short}, from the PNG's Lora hashes)"
     assert result.stderr.splitlines().count(line) == 2  # the prompt's tag and the hires prompt's
@@ -175,7 +153,7 @@ def test_a_renamed_lora_is_found_by_its_hash_and_the_image_is_the_same(cli, sd1,
     assert sorted(calls) == ["other.safetensors", "renamed.safetensors"]  # each file once, for both prompts
 
     # a PROMPT given on the command line is the user's: left as typed (and its missing LoRA is the usual error)
-    result = cli(
+    result = lora_cli(
         "a cat <lora:style:0.8>", "--from-png", str(first), "--lora-dir", str(loras), "-o", str(tmp_path / "x.png")
     )
     assert isinstance(result.exception, sdcore.ConfigError) and "'style' not found" in str(result.exception)
@@ -184,38 +162,38 @@ def test_a_renamed_lora_is_found_by_its_hash_and_the_image_is_the_same(cli, sd1,
     # the name found with the PNG's hash: nothing else is hashed, nothing rewritten
     calls.clear()
     third = tmp_path / "third.png"
-    assert cli("a cat <lora:renamed:0.8>", *BASE, "--lora-dir", str(loras), "-o", str(third)).exit_code == 0
+    assert lora_cli("a cat <lora:renamed:0.8>", *BASE, "--lora-dir", str(loras), "-o", str(third)).exit_code == 0
     calls.clear()
-    result = cli("--from-png", str(third), "--lora-dir", str(loras), "-o", str(tmp_path / "fourth.png"))
+    result = lora_cli("--from-png", str(third), "--lora-dir", str(loras), "-o", str(tmp_path / "fourth.png"))
     assert result.exit_code == 0, result.output
     assert calls == ["renamed.safetensors"]  # lazily: the named file has the PNG's hash, no other file is read
     assert "->" not in result.stderr
 
 
-def test_a_retrained_lora_gives_way_to_the_file_with_the_pngs_hash(cli, sd1, tmp_path):
+def test_a_retrained_lora_gives_way_to_the_file_with_the_pngs_hash(lora_cli, sd1, tmp_path):
     # A1111 rewrites every tag whose hash a file has, even when the name still names a (different) file
     loras = tmp_path / "Lora"
     _lora(sd1, loras / "style.safetensors", 3)
     first = tmp_path / "first.png"
-    assert cli("a cat <lora:style:1>", *BASE, "--lora-dir", str(loras), "-o", str(first)).exit_code == 0
+    assert lora_cli("a cat <lora:style:1>", *BASE, "--lora-dir", str(loras), "-o", str(first)).exit_code == 0
     pixels, _ = _read(first)
     (loras / "style.safetensors").rename(loras / "style_v1.safetensors")
     _lora(sd1, loras / "style.safetensors", 9)  # retrained under the old name
     again = tmp_path / "again.png"
-    result = cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(again))
+    result = lora_cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(again))
     assert result.exit_code == 0, result.output
     assert "<lora:style> -> <lora:style_v1>" in result.stderr
     assert np.array_equal(pixels, _read(again)[0])
 
 
-def test_a_hash_no_file_has_leaves_the_tag(cli, sd1, tmp_path, monkeypatch):
+def test_a_hash_no_file_has_leaves_the_tag(lora_cli, sd1, tmp_path, monkeypatch):
     loras = tmp_path / "Lora"
     _lora(sd1, loras / "style.safetensors", 3)
     png = tmp_path / "a1111.png"
     save_png(Image.new("RGB", (8, 8)), png, "a cat <lora:gone:1>\nSteps: 1, Seed: 1, Size: 32x32, RNG: CPU, "
              'Lora hashes: "gone: 0123456789ab"')  # fmt: skip
     monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
-    result = cli("--from-png", str(png), "--lora-dir", str(loras), "-o", str(tmp_path / "o.png"))
+    result = lora_cli("--from-png", str(png), "--lora-dir", str(loras), "-o", str(tmp_path / "o.png"))
     assert isinstance(result.exception, sdcore.ConfigError)
     assert "lora 'gone' not found" in str(result.exception) and "available: style" in str(result.exception)
     assert "->" not in result.stderr
@@ -226,7 +204,7 @@ def test_a_hash_no_file_has_leaves_the_tag(cli, sd1, tmp_path, monkeypatch):
     save_png(Image.new("RGB", (8, 8)), png, "a cat <lora:style:1>\nSteps: 1, Seed: 1, Size: 32x32, RNG: CPU, "
              'Lora hashes: "style: 0123456789ab"')  # fmt: skip
     out = tmp_path / "o.png"
-    result = cli("--from-png", str(png), "--lora-dir", str(loras), "-o", str(out))
+    result = lora_cli("--from-png", str(png), "--lora-dir", str(loras), "-o", str(out))
     assert result.exit_code == 0, result.output
     own = network_short_hash(loras / "style.safetensors")
     assert result.stderr.splitlines() == [
@@ -236,18 +214,18 @@ def test_a_hash_no_file_has_leaves_the_tag(cli, sd1, tmp_path, monkeypatch):
     assert _read(out)[1].prompt == "a cat <lora:style:1>"
 
 
-def test_addnet_png_applies_its_lora_found_by_the_addnet_hash(cli, sd1, tmp_path):
+def test_addnet_png_applies_its_lora_found_by_the_addnet_hash(lora_cli, sd1, tmp_path):
     loras = tmp_path / "Lora"
     path = _lora(sd1, loras / "mine.safetensors", 5)
     short = network_short_hash(path)
     made = tmp_path / "made.png"
-    assert cli("a cat\n<lora:mine:0.7>", *BASE, "--lora-dir", str(loras), "-o", str(made)).exit_code == 0
+    assert lora_cli("a cat\n<lora:mine:0.7>", *BASE, "--lora-dir", str(loras), "-o", str(made)).exit_code == 0
     png = tmp_path / "addnet.png"
     save_png(Image.new("RGB", (8, 8)), png, "a cat\nSteps: 1, Sampler: Euler a, Seed: 7, Size: 32x32, RNG: CPU, "
              f"AddNet Enabled: True, AddNet Module 1: LoRA, AddNet Model 1: old_name({short}), "
              "AddNet Weight A 1: 0.7, AddNet Weight B 1: 0.7")  # fmt: skip
     out = tmp_path / "o.png"
-    result = cli("--from-png", str(png), "--cfg", "7", "--lora-dir", str(loras), "-o", str(out))
+    result = lora_cli("--from-png", str(png), "--cfg", "7", "--lora-dir", str(loras), "-o", str(out))
     assert result.exit_code == 0, result.output
     # the line names the field the hash came from: this PNG has no "Lora hashes"
     assert f"<lora:old_name> -> <lora:mine> (hash {short}, from the PNG's AddNet Model 1)" in result.stderr
@@ -257,18 +235,18 @@ def test_addnet_png_applies_its_lora_found_by_the_addnet_hash(cli, sd1, tmp_path
     assert np.array_equal(pixels, _read(made)[0])
 
 
-def test_prompt_sr_searches_the_pngs_prompt_as_written_and_each_cell_is_relinked(cli, sd1, tmp_path):
+def test_prompt_sr_searches_the_pngs_prompt_as_written_and_each_cell_is_relinked(lora_cli, sd1, tmp_path):
     # the trainer's epoch comparison on a recalled image: S/R names the tag the PNG shows (what `sdcore pnginfo`
     # prints), even when its hash now finds the LoRA under another name; each cell's prompt is relinked after it
     loras = tmp_path / "Lora"
     _lora(sd1, loras / "style.safetensors", 3)
     first = tmp_path / "first.png"
-    assert cli("a cat <lora:style:1>", *BASE, "--lora-dir", str(loras), "-o", str(first)).exit_code == 0
+    assert lora_cli("a cat <lora:style:1>", *BASE, "--lora-dir", str(loras), "-o", str(first)).exit_code == 0
     (loras / "style.safetensors").rename(loras / "style_v1.safetensors")
     _lora(sd1, loras / "style.safetensors", 9)  # retrained under the old name
     _lora(sd1, loras / "style-000004.safetensors", 4)  # an epoch: no entry in the PNG's Lora hashes
     grid = tmp_path / "grid.png"
-    result = cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(grid),
+    result = lora_cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(grid),
                  "--x-type", "Prompt S/R", "--x-values", "<lora:style:1>,<lora:style:0.5>,<lora:style-000004:1>")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines().count("<lora:style> -> <lora:style_v1> (hash " + network_short_hash(
@@ -306,19 +284,21 @@ def test_the_new_tag_names_the_file_by_the_first_text_that_resolves_to_it_and_ne
     ]
 
 
-def test_nothing_is_hashed_without_the_pngs_lora_hashes_or_when_the_prompts_are_typed(cli, sd1, tmp_path, monkeypatch):
+def test_nothing_is_hashed_without_the_pngs_lora_hashes_or_when_the_prompts_are_typed(
+    lora_cli, sd1, tmp_path, monkeypatch
+):
     loras = tmp_path / "Lora"
     _lora(sd1, loras / "style.safetensors", 3)
     calls = []
     monkeypatch.setattr(hashes, "network_short_hash", lambda path: calls.append(path.name) or network_short_hash(path))
     png = tmp_path / "a1111.png"
     save_png(Image.new("RGB", (8, 8)), png, "a cat <lora:style:1>\nSteps: 1, Seed: 1, Size: 32x32, RNG: CPU")
-    result = cli("--from-png", str(png), "--lora-dir", str(loras), "-o", str(tmp_path / "o.png"))
+    result = lora_cli("--from-png", str(png), "--lora-dir", str(loras), "-o", str(tmp_path / "o.png"))
     assert result.exit_code == 0, result.output
     assert calls == [] and _read(tmp_path / "o.png")[1].prompt == "a cat <lora:style:1>"
     save_png(Image.new("RGB", (8, 8)), png, "a cat <lora:style:1>\nSteps: 1, Seed: 1, Size: 32x32, RNG: CPU, "
              'Lora hashes: "style: 0123456789ab"')  # fmt: skip
-    result = cli(
+    result = lora_cli(
         "a dog <lora:style:1>", "--from-png", str(png), "--lora-dir", str(loras), "-o", str(tmp_path / "p.png")
     )
     assert result.exit_code == 0, result.output

@@ -14,6 +14,7 @@ import pytest
 import sdcore
 import torch
 from click.testing import CliRunner
+from lora_plugin import lora_pm
 from PIL import Image, ImageDraw, ImageFont
 from sdcore.builtin import generate_command
 from sdcore.builtin.generate_command import generate
@@ -21,26 +22,6 @@ from sdcore.generate.pipeline import generate_images
 from sdcore.generate.pnginfo import parse_parameters
 from sdcore.generate.session import session_from_plugin_manager
 from sdcore.generate.xyz_plot import build_plot, parse_values, split_values
-
-
-def _pm():
-    import sdplugin_lora.plugin
-    from sdcore.plugins import get_plugin_manager
-
-    return get_plugin_manager(builtins=False, entrypoints=False, extra=[sdplugin_lora.plugin])
-
-
-@pytest.fixture
-def cli(sd1, monkeypatch):
-    """Run ``sdcore generate`` on the session's tiny SD1 (the loader itself is tested elsewhere)."""
-    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: sd1)
-
-    def run(*args):
-        return CliRunner().invoke(
-            generate, ["-m", "tiny:sd1", "--device", "cpu", *args], obj=types.SimpleNamespace(pm=_pm())
-        )
-
-    return run
 
 
 def _pixels(image):
@@ -84,10 +65,10 @@ def test_axis_problems_are_collected():
     assert plot.x.labels == ["CFG Scale: 5.0", "CFG Scale: 7.0", "CFG Scale: 9.0"] and plot.y.labels == [""]
 
 
-def test_cells_equal_single_runs_and_the_grid_follows_a1111s_layout(cli, sd1, tmp_path):
+def test_cells_equal_single_runs_and_the_grid_follows_a1111s_layout(lora_cli, sd1, tmp_path):
     out = tmp_path / "grid.png"
     args = ["a cat", "-n", "ugly", "--size", "64x64", "--sampler", "euler", "--seed", "5", "-o", str(out)]
-    result = cli(*args, "--x-type", "Seed", "--x-values", "3,-1", "--y-type", "Steps", "--y-values", "1-2")
+    result = lora_cli(*args, "--x-type", "Seed", "--x-values", "3,-1", "--y-type", "Steps", "--y-values", "1-2")
     assert result.exit_code == 0, result.output
     cells = [tmp_path / f"grid-{i}.png" for i in range(4)]
     assert result.stdout.split() == [*map(str, cells), str(out)]
@@ -135,7 +116,7 @@ def test_cells_equal_single_runs_and_the_grid_follows_a1111s_layout(cli, sd1, tm
     assert (grid_pixels[pad_top:, :pad_left] < 128).any()  # row labels drawn
 
 
-def test_prompt_sr_over_lora_epochs_and_z_grids_side_by_side(cli, sd1, tmp_path):
+def test_prompt_sr_over_lora_epochs_and_z_grids_side_by_side(lora_cli, sd1, tmp_path):
     from sdplugin_lora.format import network_metadata, save_lora
     from sdplugin_lora.naming import ModuleIndex
     from sdplugin_lora.network import LoraNetwork
@@ -156,13 +137,13 @@ def test_prompt_sr_over_lora_epochs_and_z_grids_side_by_side(cli, sd1, tmp_path)
         )
     out = tmp_path / "epochs.png"
     values = "<lora:ep-000004:1>,<lora:ep-000008:1>"
-    result = cli(
+    result = lora_cli(
         "castle <lora:ep-000004:1>",
         *("--steps", "1", "--size", "32x32", "--lora-dir", str(lora_dir), "-o", str(out)),
         *("--x-type", "Prompt S/R", "--x-values", values, "--z-type", "Seed", "--z-values", "1,2"),
     )
     assert result.exit_code == 0, result.output
-    session = session_from_plugin_manager(_pm(), {"lora_dir": lora_dir})
+    session = session_from_plugin_manager(lora_pm(), {"lora_dir": lora_dir})
     cells = []
     for index, (tag, seed) in enumerate([(t, s) for s in (1, 2) for t in values.split(",")]):
         with Image.open(tmp_path / f"epochs-{index}.png") as image:
@@ -194,7 +175,7 @@ def test_plot_problems_before_the_model_loads(tmp_path, monkeypatch):
 
     def run(*args):
         return CliRunner().invoke(
-            generate, ["-m", "tiny:sd1", *args, "-o", str(tmp_path / "g.png")], obj=types.SimpleNamespace(pm=_pm())
+            generate, ["-m", "tiny:sd1", *args, "-o", str(tmp_path / "g.png")], obj=types.SimpleNamespace(pm=lora_pm())
         )
 
     result = run("a cat", "--x-type", "Steps", "--x-values", "1-x", "--y-type", "Seedz", "--y-values", "1")
@@ -223,7 +204,7 @@ def test_plot_outputs_are_not_replaced_without_overwrite(tmp_path, monkeypatch):
     result = CliRunner().invoke(
         generate,
         ["-m", "tiny:sd1", "a", "--x-type", "Seed", "--x-values", "1,2", "-o", str(tmp_path / "g.png")],
-        obj=types.SimpleNamespace(pm=_pm()),
+        obj=types.SimpleNamespace(pm=lora_pm()),
     )
     assert isinstance(result.exception, sdcore.ConfigError) and str(tmp_path / "g-1.png") in str(result.exception)
     assert (tmp_path / "g-1.png").read_bytes() == b"earlier"
@@ -233,7 +214,7 @@ def _refused(tmp_path, monkeypatch, *args):
     """The ConfigError of ``sdcore generate`` with ``args``, checked before any model loads."""
     monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
     result = CliRunner().invoke(
-        generate, ["-m", "tiny:sd1", *args, "-o", str(tmp_path / "g.png")], obj=types.SimpleNamespace(pm=_pm())
+        generate, ["-m", "tiny:sd1", *args, "-o", str(tmp_path / "g.png")], obj=types.SimpleNamespace(pm=lora_pm())
     )
     assert isinstance(result.exception, sdcore.ConfigError), result.output
     return str(result.exception)
@@ -297,21 +278,21 @@ def test_the_from_png_image_is_never_an_output(tmp_path, monkeypatch):
         result = CliRunner().invoke(
             generate,
             ["-m", "tiny:sd1", "--from-png", str(source), "--overwrite", *args],
-            obj=types.SimpleNamespace(pm=_pm()),
+            obj=types.SimpleNamespace(pm=lora_pm()),
         )
         assert isinstance(result.exception, sdcore.ConfigError), result.output
         assert f"-o {source} is the input {source}" in str(result.exception)
     assert source.read_bytes() == before
 
 
-def test_prompt_sr_searches_the_prompt_before_the_styles_join_it(cli, tmp_path):
+def test_prompt_sr_searches_the_prompt_before_the_styles_join_it(lora_cli, tmp_path):
     # A1111's Prompt S/R changes p.prompt before process_images (scripts/xyz_grid.py apply_prompt), which joins
     # the styles only then (modules/processing.py setup_prompts: apply_styles_to_prompt): a style's text is
     # neither searched nor replaced
     (tmp_path / "styles.csv").write_text('name,prompt,negative_prompt\nears,"{prompt}, cat ears",cat\n')
     style = ["--style", "ears", "--styles-file", str(tmp_path / "styles.csv"), "--steps", "1", "--size", "32x32"]
     out = tmp_path / "g.png"
-    result = cli("a cat", *style, "-o", str(out), "--x-type", "Prompt S/R", "--x-values", "cat,dog")
+    result = lora_cli("a cat", *style, "-o", str(out), "--x-type", "Prompt S/R", "--x-values", "cat,dog")
     assert result.exit_code == 0, result.output
     prompts = []
     for index in range(2):
@@ -320,7 +301,9 @@ def test_prompt_sr_searches_the_prompt_before_the_styles_join_it(cli, tmp_path):
         prompts.append((info.prompt, info.negative_prompt))
     assert prompts == [("a cat, cat ears", "cat"), ("a dog, cat ears", "cat")]
     # a search string only the style holds is not found (A1111's message)
-    result = cli("a cat", *style, "-o", str(tmp_path / "h.png"), "--x-type", "Prompt S/R", "--x-values", "ears,paws")
+    result = lora_cli(
+        "a cat", *style, "-o", str(tmp_path / "h.png"), "--x-type", "Prompt S/R", "--x-values", "ears,paws"
+    )
     assert "Prompt S/R did not find ears in prompt or negative prompt." in str(result.exception)
 
 

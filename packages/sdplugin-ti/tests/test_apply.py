@@ -61,39 +61,6 @@ def test_same_hidden_states_as_diffusers_loader(make_bundle, tmp_path, family, s
     assert torch.equal(encode_prompts(bundle, [PROMPT]).hidden_states, reference)
 
 
-def test_sdxl_clip_l_and_clip_g_match_diffusers(make_bundle, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
-    bundle = make_bundle("sdxl")
-    emb = Embedding("mychar", {CLIP_L: _vectors(2, 32, 1), CLIP_G: _vectors(2, 64, 2)})
-    path = save_embedding(emb, tmp_path / "mychar.safetensors")
-    pipe = StableDiffusionXLPipeline(
-        vae=bundle.vae,
-        text_encoder=copy.deepcopy(bundle.text_encoders[0]),
-        text_encoder_2=copy.deepcopy(bundle.text_encoders[1]),
-        tokenizer=bundled_clip_tokenizer(),
-        tokenizer_2=bundled_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN),
-        unet=bundle.unet,
-        scheduler=bundle.noise_scheduler,
-    )
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    tokens = ["mychar", "mychar_1"]
-    pipe.load_textual_inversion(state[CLIP_L], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(
-        state[CLIP_G], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-    )
-    theirs, _, theirs_pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
-
-    handle = apply_embeddings(bundle, [load_embedding(path)])
-    cond = encode_prompts(bundle, [handle.expand(PROMPT)])
-    torch.testing.assert_close(cond.hidden_states, theirs, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cond.pooled, theirs_pooled, rtol=1e-5, atol=1e-5)
-    handle.remove()
-    assert all(len(t) == 49408 for t in bundle.tokenizers)
-
-
 def test_width_mismatch_names_expected_and_found(make_bundle):
     sd1 = make_bundle("sd1")
     with pytest.raises(

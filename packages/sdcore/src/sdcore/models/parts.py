@@ -15,7 +15,7 @@ Which parts a model takes, and which its file lacks, is the family's knowledge: 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,65 @@ def vae_channel_mismatch(
     return f"a VAE with {channels} latent channels; {spec.label} needs its {wanted}-channel VAE"
 
 
+def model_part_slots(model: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(parts the model file or folder takes, parts it lacks): its family adapter's ``part_slots``; ``((), ())``
+    for a family without one or a model that cannot be read here (its own check says why)."""
+    from .family import family_adapter, get_family
+
+    path = Path(model).expanduser()
+    if not (path.is_file() or path.is_dir()):
+        return (), ()
+    try:
+        adapter = family_adapter(get_family(_family_of(path)))
+        slots = getattr(adapter, "part_slots", None)
+        return slots(path) if slots is not None else ((), ())
+    except (SdcoreError, OSError):
+        return (), ()
+
+
+#: CLIP-L's width (``final_layer_norm``): a CLIP file of another width, for a model that takes both CLIPs, is
+#: CLIP-G (OpenCLIP bigG's 1280)
+_CLIP_L_WIDTH = 768
+
+
+def module_parts(files: Sequence[Path], accepted: Collection[str]) -> tuple[dict[str, Path], list[Path]]:
+    """Which part (option name) each of ``files`` is, from its header (:func:`parts_in`, the pre-flight's probe
+    tensors), among the parts the model takes (``accepted``; all of them when empty): Forge's "Module N" files,
+    which its loader sorts by their tensors, not by their order. A CLIP file is CLIP-L or CLIP-G: the only one
+    the model takes, else, of two CLIP files, the narrower is CLIP-L, and one alone is CLIP-L at CLIP-L's width
+    (768). Returns the parts found and the files that are none of them (or a part already taken)."""
+    found: dict[str, Path] = {}
+    clips: list[tuple[int, Path]] = []
+    left: list[Path] = []
+    for file in files:
+        try:
+            keys, shape = part_header(file)
+        except (SdcoreError, OSError):
+            left.append(file)
+            continue
+        kinds = [kind for kind in parts_in(keys) if not accepted or kind in accepted]
+        if set(kinds) >= {"clip_l", "clip_g"}:
+            norm = next(key for key in keys if key.endswith(_PROBES["clip_l"][0]))
+            clips.append((shape(norm)[0], file))
+        elif kinds and kinds[0] not in found:
+            found[kinds[0]] = file
+        else:
+            left.append(file)
+    clips.sort(key=lambda pair: pair[0])
+    if len(clips) == 1:
+        width, file = clips[0]
+        clips_named = [("clip_l" if width == _CLIP_L_WIDTH else "clip_g", file)]
+    else:
+        clips_named = list(zip(("clip_l", "clip_g"), (file for _w, file in clips), strict=False))
+        left += [file for _w, file in clips[2:]]
+    for kind, file in clips_named:
+        if kind in found:
+            left.append(file)
+        else:
+            found[kind] = file
+    return found, left
+
+
 def part_problems(model: str, parts: Mapping[str, Any], *, family: str | None = None) -> list[str]:
     """Everything wrong with ``model`` plus ``parts`` before loading: part files that are missing or of the
     wrong kind, parts the model does not take, and parts the model file lacks that nobody gave (one line
@@ -292,6 +351,8 @@ __all__ = [
     "flag",
     "given_parts",
     "load_vae_like",
+    "model_part_slots",
+    "module_parts",
     "part_file_problems",
     "part_folder_config",
     "part_header",

@@ -589,13 +589,21 @@ def _modules_from_png(
     its VAE and text encoder files): each file found below the VAE and text encoder folders
     (:func:`~sdcore.generate.model_paths.find_png_module`), its part told by its header
     (:func:`~sdcore.models.parts.module_parts`, as Forge's loader sorts them by their tensors), for each part
-    option not given (a given one stays). One not found is a warning line (the model's own part is used), or,
+    option not given (a given one stays); on a family without separate parts (SD1/SD2/SDXL, whose VAE Forge lists
+    as a module too) the VAE only. One not found is a warning line (the model's own part is used), or,
     where the model lacks a part nobody gives, a pre-flight problem naming the PNG's modules. An old-form "VAE"
     field is, for Forge's paste, the whole module list: the Module fields are then not read (the VAE is
     :func:`_vae_from_png`'s). Returns the parts to set (option name -> file)."""
     from ..generate.model_paths import find_png_module
     from ..generate.pnginfo import MODULE_PARTS, png_modules
-    from ..models.parts import PART_LABELS, flag, model_part_slots, module_parts, vae_channel_mismatch
+    from ..models.parts import (
+        PART_LABELS,
+        flag,
+        model_clip_widths,
+        model_part_slots,
+        module_parts,
+        vae_channel_mismatch,
+    )
 
     fields = recalled.parameters.extra
     modules = png_modules(fields)
@@ -617,10 +625,14 @@ def _modules_from_png(
         else:
             found_files[file] = (key, what)
     accepted, lacking = model_part_slots(params["model"])
-    parts, left = module_parts(list(found_files), accepted)
+    # a family without separate parts (SD1/SD2/SDXL) takes a --vae: Forge lists an SD model's VAE as a module too
+    parts, left = module_parts(list(found_files), accepted or ("vae",), *model_clip_widths(params["model"]))
     for file in left:
         key, rel = found_files[file]
-        say(f"warning: the PNG's {key} {rel} is none of the parts this model takes, or one named twice: left out")
+        say(
+            f"warning: the PNG's {key} {rel} is none of the parts this model takes (a CLIP: not of its CLIP-L's or "
+            "CLIP-G's width), or one named twice: left out"
+        )
     chosen: dict[str, str] = {}
     for part, file in parts.items():
         key, rel = found_files[file]

@@ -194,19 +194,22 @@ def test_clip_kind_by_the_widths_the_model_expects():
 @pytest.fixture(scope="module")
 def sd3_files(tmp_path_factory):
     """The tiny SD3 (CLIP-L 32 wide, CLIP-G 64) as files: the MMDiT alone, the MMDiT with CLIP-L only, and
-    CLIP-L / CLIP-G / T5 / VAE files in the layout of SAI's separate files."""
+    CLIP-L / CLIP-G / T5 / VAE files in the layout of SAI's separate files, and its diffusers folder."""
     from safetensors.torch import load_file
     from sdcore.models.load import load_model
 
     root = tmp_path_factory.mktemp("sd3-parts")
-    full = load_file(str(load_model("tiny:sd3").save(root / "full.safetensors")))
+    bundle = load_model("tiny:sd3")
+    full = load_file(str(bundle.save(root / "full.safetensors")))
 
     def part(prefix, name):
         return _save({k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}, root / name)
 
+    bundle.save(root / "folder", format="diffusers")
     mmdit = {k: v for k, v in full.items() if k.startswith("model.diffusion_model.")}
     clip_l_prefix = "text_encoders.clip_l.transformer."
     return {
+        "folder": root / "folder",
         "bare": _save(mmdit, root / "mmdit.safetensors"),
         "with_l": _save(
             {**mmdit, **{k: v for k, v in full.items() if k.startswith(clip_l_prefix)}},
@@ -252,5 +255,7 @@ def test_module_parts_by_header_and_width_whatever_their_order(sd3_files, flux):
         {"clip_l": f["clip_g"], "t5xxl": flux["t5xxl"]},
         [],
     )
+    # a folder has its parts (SD3's takes none); a family without part slots (SD1) is None: it takes a --vae only
+    assert model_part_slots(f["folder"]) == ((), ()) and model_part_slots("tiny:sd1") is None
     assert module_parts([flux["ae"], flux["clip_l"]], ()) == ({}, [flux["ae"], flux["clip_l"]])
     assert module_parts([flux["ae"], flux["clip_l"]], ("vae",)) == ({"vae": flux["ae"]}, [flux["clip_l"]])

@@ -624,9 +624,9 @@ def _modules_from_png(
             missing.append((key, name, what))
         else:
             found_files[file] = (key, what)
-    accepted, lacking = model_part_slots(params["model"])
-    # a family without separate parts (SD1/SD2/SDXL) takes a --vae: Forge lists an SD model's VAE as a module too
-    parts, left = module_parts(list(found_files), accepted or ("vae",), *model_clip_widths(params["model"]))
+    # a family without part slots (SD1/SD2/SDXL) takes a --vae: Forge lists an SD model's VAE as a module too
+    accepted, lacking = model_part_slots(params["model"]) or (("vae",), ())
+    parts, left = module_parts(list(found_files), accepted, *model_clip_widths(params["model"]))
     for file in left:
         key, rel = found_files[file]
         say(

@@ -263,10 +263,11 @@ def _adapter_hook(model: str | os.PathLike[str], name: str, default: Any) -> Any
         return default
 
 
-def model_part_slots(model: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(parts the model file or folder takes, parts it lacks): its family adapter's ``part_slots``; ``((), ())``
-    for a family without one (SD1/SD2/SDXL take no separate parts) or a model that cannot be read here."""
-    slots: tuple[tuple[str, ...], tuple[str, ...]] = _adapter_hook(model, "part_slots", ((), ()))
+def model_part_slots(model: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(parts the model file or folder takes, parts it lacks): its family adapter's ``part_slots`` (``((), ())``:
+    a folder that has its parts); ``None`` for a family without one (SD1/SD2/SDXL take a ``--vae`` only) or a
+    model that cannot be read here."""
+    slots: tuple[tuple[str, ...], tuple[str, ...]] | None = _adapter_hook(model, "part_slots", None)
     return slots
 
 

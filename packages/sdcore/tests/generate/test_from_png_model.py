@@ -495,3 +495,20 @@ def test_a_typed_vae_of_another_family_is_a_preflight_error(vae_webui, tmp_path,
     assert one_error_line(result) == (
         f"--vae {ae}: a VAE with 16 latent channels; Stable Diffusion 1.x needs its 4-channel VAE"
     )
+
+
+def test_a_forge_sd_image_names_its_vae_as_module_1(vae_webui, tmp_path, loads_parts):
+    """Forge 2 lists an SD model's VAE in its "VAE / Text Encoder" list too (the "sd" preset shows it): ``Module
+    1: tiny-vae`` is the VAE; an SD model takes no text encoder file, so another module is said and left out."""
+    (vae_webui / "text_encoder").mkdir(exist_ok=True)
+    _save_vae(8, vae_webui / "text_encoder" / "not-a-clip.safetensors")  # a VAE again: a second VAE module
+    result = _from_png(vae_webui, tmp_path, ", Version: f2.0.1, Module 1: tiny-vae")
+    assert isinstance(result.exception, _Stop), result.output
+    assert loads_parts[-1][1] == str(vae_webui / "VAE" / "tiny-vae.safetensors")
+    assert "VAE from the PNG: tiny-vae.safetensors (Module 1)" in result.stderr.splitlines()
+    result = _from_png(vae_webui, tmp_path, ", Module 1: tiny-vae, Module 2: not-a-clip")
+    assert loads_parts[-1][1] == str(vae_webui / "VAE" / "tiny-vae.safetensors")
+    assert any(
+        line.startswith("warning: the PNG's Module 2 not-a-clip.safetensors is none of the parts this model takes")
+        for line in result.stderr.splitlines()
+    ), result.stderr

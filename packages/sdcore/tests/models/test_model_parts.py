@@ -176,3 +176,86 @@ def test_layout_of_a_file_plus_parts_counts_the_models_parameters(flux, tmp_path
     for name, module in meta_bundle(layout_of_bundle(sd3)).components().items():
         if hasattr(module, "parameters"):
             assert _parameters(planned.components()[name]) == _parameters(module), name
+
+
+def test_clip_kind_by_the_widths_the_model_expects():
+    """A CLIP file is CLIP-L or CLIP-G by the width the model expects of each; with only the two widths' sum (an
+    SD3 MMDiT alone: its pooled input, 768 + 1280), CLIP-L is the narrower half; without either, Forge's 768/1280
+    (backend/loader.py); a width the model takes for neither is None."""
+    from sdcore.models.parts import clip_kind
+
+    assert [clip_kind(w, {}, 2048) for w in (768, 1280, 1024)] == ["clip_l", "clip_g", None]
+    assert [clip_kind(w, {}, 96) for w in (32, 64, 48)] == ["clip_l", "clip_g", None]  # the tiny SD3's 32 + 64
+    tiny = {"clip_l": 32, "clip_g": 64}
+    assert [clip_kind(w, tiny, 96) for w in (32, 64, 768, 16)] == ["clip_l", "clip_g", None, None]
+    assert [clip_kind(w, {}, None) for w in (768, 1280, 32)] == ["clip_l", "clip_g", None]
+
+
+@pytest.fixture(scope="module")
+def sd3_files(tmp_path_factory):
+    """The tiny SD3 (CLIP-L 32 wide, CLIP-G 64) as files: the MMDiT alone, the MMDiT with CLIP-L only, and
+    CLIP-L / CLIP-G / T5 / VAE files in the layout of SAI's separate files, and its diffusers folder."""
+    from safetensors.torch import load_file
+    from sdcore.models.load import load_model
+
+    root = tmp_path_factory.mktemp("sd3-parts")
+    bundle = load_model("tiny:sd3")
+    full = load_file(str(bundle.save(root / "full.safetensors")))
+
+    def part(prefix, name):
+        return _save({k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}, root / name)
+
+    bundle.save(root / "folder", format="diffusers")
+    mmdit = {k: v for k, v in full.items() if k.startswith("model.diffusion_model.")}
+    clip_l_prefix = "text_encoders.clip_l.transformer."
+    return {
+        "folder": root / "folder",
+        "bare": _save(mmdit, root / "mmdit.safetensors"),
+        "with_l": _save(
+            {**mmdit, **{k: v for k, v in full.items() if k.startswith(clip_l_prefix)}},
+            root / "mmdit-clip-l.safetensors",
+        ),
+        "clip_l": part(clip_l_prefix, "clip_l.safetensors"),
+        "clip_g": part("text_encoders.clip_g.transformer.", "clip_g.safetensors"),
+        "t5xxl": part("text_encoders.t5xxl.transformer.", "t5xxl.safetensors"),
+        "vae": part("first_stage_model.", "vae.safetensors"),
+    }
+
+
+def test_sd3_clip_widths_from_the_file(sd3_files, flux):
+    """The SD3 MMDiT's pooled input is the two CLIPs' widths together (tiny: 32 + 64); a CLIP the file holds says
+    its width, and the other's is the rest; a family without CLIP-G says nothing."""
+    from sdcore.models.parts import model_clip_widths
+
+    assert model_clip_widths(sd3_files["bare"]) == ({}, 96)
+    assert model_clip_widths(sd3_files["with_l"]) == ({"clip_l": 32, "clip_g": 64}, 96)
+    assert model_clip_widths(flux["model"]) == ({}, None)
+    assert model_clip_widths("tiny:sd3") == ({}, None)
+
+
+def test_module_parts_by_header_and_width_whatever_their_order(sd3_files, flux):
+    """Forge's modules in any order: each file's part from its tensors; an SD3 CLIP alone is told by its width (the
+    tiny CLIP-L alone was CLIP-G under a fixed 768 rule); a part named twice, or one the model does not take, is
+    left; an SD model (no part slots) takes its VAE only."""
+    from sdcore.models.parts import model_clip_widths, model_part_slots, module_parts
+
+    f = sd3_files
+    accepted, lacking = model_part_slots(f["bare"])
+    assert set(lacking) == {"clip_l", "clip_g", "t5xxl", "vae"}
+    widths = model_clip_widths(f["bare"])
+    files = [f["t5xxl"], f["clip_g"], f["vae"], f["clip_l"]]
+    assert module_parts(files, accepted, *widths) == (
+        {"t5xxl": f["t5xxl"], "clip_g": f["clip_g"], "vae": f["vae"], "clip_l": f["clip_l"]}, [])  # fmt: skip
+    assert module_parts([f["clip_l"]], accepted, *widths) == ({"clip_l": f["clip_l"]}, [])
+    assert module_parts([f["clip_g"]], accepted, *model_clip_widths(f["with_l"])) == ({"clip_g": f["clip_g"]}, [])
+    assert module_parts([f["clip_l"], f["clip_l"]], accepted, *widths) == ({"clip_l": f["clip_l"]}, [f["clip_l"]])
+    # FLUX.1 takes CLIP-L alone: the SD3 CLIP-G file is its only CLIP; a FLUX.1 AE is a VAE to an SD model too
+    flux_takes, _ = model_part_slots(flux["model"])
+    assert module_parts([f["clip_g"], flux["t5xxl"]], flux_takes) == (
+        {"clip_l": f["clip_g"], "t5xxl": flux["t5xxl"]},
+        [],
+    )
+    # a folder has its parts (SD3's takes none); a family without part slots (SD1) is None: it takes a --vae only
+    assert model_part_slots(f["folder"]) == ((), ()) and model_part_slots("tiny:sd1") is None
+    assert module_parts([flux["ae"], flux["clip_l"]], ()) == ({}, [flux["ae"], flux["clip_l"]])
+    assert module_parts([flux["ae"], flux["clip_l"]], ("vae",)) == ({"vae": flux["ae"]}, [flux["clip_l"]])

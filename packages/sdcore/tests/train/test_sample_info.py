@@ -73,3 +73,38 @@ def test_sample_infotext_says_the_schedule_a1111_19_needs(tmp_path):
         text = image.info["parameters"]
     assert "Sampler: DPM++ 2M, Schedule type: SGM Uniform, CFG scale" in text
     assert parse_parameters(text).sampler == "dpm++2m"
+
+
+def test_sample_infotext_names_the_part_files_as_generate_does(tmp_path):
+    """A separate --vae on SD1: A1111's "VAE hash"/"VAE" right after "Model"; FLUX.1's part files: Forge's "Module
+    N" last, as ``sdcore generate`` writes them for the same parts (pnginfo's vae_fields/module_fields)."""
+    import dataclasses
+    import hashlib
+
+    from sdcore import __version__
+    from sdcore.train.sample_info import sample_infotexts
+    from sdcore.train.sample_prompts import generation_calls, parse_prompt_line
+
+    vae, clip_l, t5 = (tmp_path / f"{name}.safetensors" for name in ("my-vae", "clip_l", "t5xxl_fp16"))
+    for path in (vae, clip_l, t5):
+        path.write_bytes(path.name.encode())
+    short = hashlib.sha256(vae.read_bytes()).hexdigest()[:10]
+    o = contract_options(ConvOutMethod, tmp_path, {"seed": 5})
+    calls = generation_calls([parse_prompt_line("a red thing")], 5)
+    defaults = {"steps": 2, "width": 64, "height": 64, "sampler": "euler", "cfg": 7.0}
+    image = Image.new("RGB", (64, 64))
+
+    sd1 = sample_infotexts(dataclasses.replace(o, vae=str(vae)), 3, calls, defaults, [image], {},
+                           bundle=create_tiny_bundle("sd1"))  # fmt: skip
+    assert sd1[0].splitlines()[1] == (
+        f'Steps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Model: "tiny:sd1", VAE hash: {short}, '
+        f"VAE: my-vae.safetensors, RNG: CPU, Training step: 3, Version: sdcore {__version__}"
+    )
+    flux = dataclasses.replace(o, model="tiny:flux", vae=str(vae), clip_l=str(clip_l), t5xxl=str(t5))
+    text = sample_infotexts(flux, 3, calls, defaults, [image], {}, distilled=True,
+                            bundle=create_tiny_bundle("flux"))[0]  # fmt: skip
+    assert "VAE hash" not in text
+    assert text.splitlines()[1].endswith(
+        f", Training step: 3, Version: sdcore {__version__}, Module 1: my-vae, Module 2: clip_l, Module 3: t5xxl_fp16"
+    )
+    assert parse_parameters(text).extra["Module 3"] == "t5xxl_fp16"

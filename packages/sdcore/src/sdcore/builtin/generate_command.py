@@ -583,6 +583,82 @@ def _vae_from_png(
     return None if path is None else str(path)
 
 
+def _modules_from_png(
+    params: dict[str, Any], recalled: Any, models_dir: Path | None, extra: Any, problems: list[str]
+) -> dict[str, str]:
+    """The PNG's Forge "Module N" fields (``Module 1: ae, Module 2: clip_l, Module 3: t5xxl_fp16``: the stems of
+    its VAE and text encoder files): each file found below the VAE and text encoder folders
+    (:func:`~sdcore.generate.model_paths.find_png_module`), its part told by its header
+    (:func:`~sdcore.models.parts.module_parts`, as Forge's loader sorts them by their tensors), for each part
+    option not given (a given one stays); on a family without separate parts (SD1/SD2/SDXL, whose VAE Forge lists
+    as a module too) the VAE only. One not found is a warning line (the model's own part is used), or,
+    where the model lacks a part nobody gives, a pre-flight problem naming the PNG's modules. An old-form "VAE"
+    field is, for Forge's paste, the whole module list: the Module fields are then not read (the VAE is
+    :func:`_vae_from_png`'s). Returns the parts to set (option name -> file)."""
+    from ..generate.model_paths import find_png_module
+    from ..generate.pnginfo import MODULE_PARTS, png_modules
+    from ..models.parts import (
+        PART_LABELS,
+        flag,
+        model_clip_widths,
+        model_part_slots,
+        module_parts,
+        vae_channel_mismatch,
+    )
+
+    fields = recalled.parameters.extra
+    modules = png_modules(fields)
+    if not modules:
+        return {}
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    if fields.get("VAE"):
+        say("warning: the PNG's Module fields are not read: its VAE field is the module list (Forge's paste)")
+        return {}
+    found_files: dict[Path, tuple[str, str]] = {}
+    missing: list[tuple[str, str, str]] = []
+    for key, name in modules:
+        if models_dir is None:
+            missing.append((key, name, "is looked for below --models-dir, and there is no models/ here"))
+            continue
+        file, what = find_png_module(name, models_dir, extra)
+        if file is None:
+            missing.append((key, name, what))
+        else:
+            found_files[file] = (key, what)
+    # a family without part slots (SD1/SD2/SDXL) takes a --vae: Forge lists an SD model's VAE as a module too
+    accepted, lacking = model_part_slots(params["model"]) or (("vae",), ())
+    parts, left = module_parts(list(found_files), accepted, *model_clip_widths(params["model"]))
+    for file in left:
+        key, rel = found_files[file]
+        say(
+            f"warning: the PNG's {key} {rel} is none of the parts this model takes (a CLIP: not of its CLIP-L's or "
+            "CLIP-G's width), or one named twice: left out"
+        )
+    chosen: dict[str, str] = {}
+    for part, file in parts.items():
+        key, rel = found_files[file]
+        if params.get(part) is not None:  # given (or set by a ComfyUI graph): it stays
+            continue
+        mismatch = vae_channel_mismatch(file, model=params["model"]) if part == "vae" else None
+        if mismatch is not None:
+            say(f"warning: the PNG's {key} {file} is {mismatch}: the model's own VAE decodes; pass {flag(part)}")
+            continue
+        say(f"{PART_LABELS[part]} from the PNG: {rel} ({key})")
+        chosen[part] = str(file)
+    flags = "/".join(flag(part) for part in MODULE_PARTS)
+    still = [part for part in lacking if part in MODULE_PARTS and params.get(part) is None and part not in chosen]
+    if missing and still:  # the model cannot load without them: said before anything loads
+        named = "; ".join(f"the PNG's {key} {name!r} {what}" for key, name, what in missing)
+        give = " ".join(f"{flag(part)} <file or folder>" for part in still)
+        problems.append(
+            f"{params['model']} has no {', '.join(PART_LABELS[part] for part in still)}: {named}; pass {give}"
+        )
+    else:
+        for key, name, what in missing:
+            say(f"warning: the PNG's {key} {name!r} {what}: the model's own part is used; pass {flags} to choose one")
+    return chosen
+
+
 def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled: Any = None) -> Any:
     """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
     ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
@@ -621,6 +697,9 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
         vae = _vae_from_png(params, recalled, models_dir, found.extra, found.parts.get("vae"))
         if vae is not None:
             params["vae"] = parts["vae"] = vae
+        modules = _modules_from_png(params, recalled, models_dir, found.extra, problems)  # Forge's "Module N"
+        params.update(modules)
+        parts.update(modules)
     # each part found is checked as train's pre-flight checks it (there, readable, that part from its header),
     # and a --vae of another latent width (FLUX.1's ae for SD1) before the model loads, as train's part_problems
     file_problems = part_file_problems(parts)
@@ -918,7 +997,14 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     from .. import __version__
     from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT, FILL_GUIDANCE
     from ..generate.pipeline import generate_images, is_flux_control, is_flux_fill, schedule_type_field
-    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash, vae_fields
+    from ..generate.pnginfo import (
+        RNG_SOURCE,
+        SCHEDULE_TYPE,
+        format_parameters,
+        model_short_hash,
+        module_fields,
+        vae_fields,
+    )
     from ..models.family import default_cfg
 
     params, seed, variation, hires = run.params, run.seed, run.variation, run.hires
@@ -992,6 +1078,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
     vae = vae_fields(params["vae"], bundle.family)  # A1111's "VAE hash"/"VAE": --from-png takes that VAE again
+    modules = module_fields(params, bundle.family)  # Forge's "Module N" of the flow families' part files
     rendered: list[tuple[Any, Path, Any]] = []
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
         # None: not written; a flow family's at the pass's size, not after a hires pass (another size's shift)
@@ -1034,7 +1121,8 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
         extra.update(infos[index] if index < len(infos) else {})
 
         def text(more: dict[str, Any], extra: dict[str, Any] = extra, index: int = index) -> str:
-            fields = {**extra, **more, "Version": f"sdcore {__version__}"}  # A1111: extra params, then Version
+            # A1111: extra params, then Version; Forge: its "Module N" last
+            fields = {**extra, **more, "Version": f"sdcore {__version__}", **modules}
             return format_parameters(
                 params["prompt"],
                 params["negative"],

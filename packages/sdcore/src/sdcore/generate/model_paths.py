@@ -622,6 +622,37 @@ def find_png_vae(
     )
 
 
+def module_files(
+    models_dir: str | os.PathLike[str], extra: ExtraModelPaths | None = None
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files a Forge "Module N" may name: every model file below the VAE and text encoder folders
+    (:func:`part_folders`: Forge's ``VAE/`` and ``text_encoder/`` among them, which its ``module_list`` walks).
+    Returns the folders (each once) and the listing (file, name below its folder)."""
+    folders: list[Path] = []
+    for part in ("vae", "clip_l"):  # every text encoder part has clip_l's folders
+        for folder in part_folders(part, models_dir, extra):
+            if not any(folder == known or _same(folder, known) for known in folders):
+                folders.append(folder)
+    return folders, list_model_files(folders)
+
+
+def find_png_module(
+    name: str, models_dir: str | os.PathLike[str], extra: ExtraModelPaths | None = None
+) -> tuple[Path | None, str]:
+    """The file a Forge "Module N" field names (its stem, no hash: Forge's paste takes the file of its
+    ``module_list`` whose name without extension it is) among :func:`module_files`, found by
+    :func:`match_png_file`, and its name below its folder; ``None`` with why not (not there, or the name of
+    several files)."""
+    folders, listing = module_files(models_dir, extra)
+    match = match_png_file(name, None, listing, base_name=True)
+    if match.file is not None:
+        return match.file, match.rel or match.file.name
+    files = list(dict.fromkeys(file for file, _ in match.named))
+    if len(files) > 1:
+        return None, f"is the name of {len(files)} files ({', '.join(str(file) for file in files)})"
+    return None, f"is not in {_folders_text(folders)} and their subfolders"
+
+
 def resolve_model_name(
     text: str,
     models_dir: str | os.PathLike[str] | None,
@@ -843,6 +874,7 @@ __all__ = [
     "diffusers_folders",
     "find_by_hash",
     "find_png_model",
+    "find_png_module",
     "find_png_vae",
     "hash_of",
     "is_model_hash",
@@ -851,6 +883,7 @@ __all__ = [
     "load_extra_model_paths",
     "match_png_file",
     "model_folders",
+    "module_files",
     "part_folders",
     "read_extra_model_paths",
     "resolve_model_name",

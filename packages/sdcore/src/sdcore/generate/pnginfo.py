@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -306,13 +307,49 @@ def vae_fields(vae: str | os.PathLike[str] | None, family: str) -> dict[str, str
     (:data:`~sdcore.models.detect.FAMILY_MARKERS`: SD1, SD2, SDXL) with them; Forge 2, which runs FLUX.1 and
     Chroma, writes no VAE fields (commented out) but ``Module 1: ae`` (the file's stem, no hash) for each of its
     VAE/text encoder files, and its paste takes an old-form "VAE" as the one such file, which would drop the text
-    encoders: the other families get nothing. A folder or hub id is no file A1111 loads: nothing either."""
+    encoders: the other families get Forge's "Module N" (:func:`module_fields`). A folder or hub id is no file A1111 loads: nothing either."""
     from ..models.detect import FAMILY_MARKERS
 
     if vae is None or family not in FAMILY_MARKERS or not Path(vae).is_file():
         return {}
     short = model_short_hash(vae)
     return {VAE_FIELDS[0]: short, VAE_FIELDS[1]: Path(vae).name} if short else {}
+
+
+#: the parts Forge 2 lists as "Module N" (its "VAE / Text Encoder" files: ``processing.py`` ``create_infotext``
+#: writes ``Module 1: ae`` ... the file's stem, no hash, for each of ``forge_additional_modules`` in the order the
+#: user picked them, as the last fields, after "Version"); sdcore writes them in this order, the one Forge's
+#: FLUX.1 images mostly show (``Module 1: ae, Module 2: clip_l, Module 3: t5xxl_fp16``)
+MODULE_PARTS = ("vae", "clip_l", "clip_g", "t5xxl")
+_MODULE_FIELD = re.compile(r"Module (\d+)")
+
+
+def is_module_field(key: str) -> bool:
+    """Whether ``key`` is one of Forge's "Module N" fields."""
+    return _MODULE_FIELD.fullmatch(key) is not None
+
+
+def module_fields(parts: Mapping[str, Any], family: str) -> dict[str, str]:
+    """Forge's "Module 1".."Module N" for the part files given separately (``--vae``/``--ae``, ``--clip-l``,
+    ``--clip-g``, ``--t5xxl``: ``parts``, ``load_model`` keywords to paths) of an image of ``family``, so that
+    ``generate --from-png`` (and Forge's paste, which looks each stem up in its ``VAE/`` and ``text_encoder/``
+    folders) takes them again. The UNet families (SD1, SD2, SDXL) get A1111's VAE fields instead
+    (:func:`vae_fields`: A1111 reads no Module fields); a folder or hub id is no file Forge lists: left out."""
+    from ..models.detect import FAMILY_MARKERS
+
+    if family in FAMILY_MARKERS:
+        return {}
+    stems = [Path(str(parts[name])).stem for name in MODULE_PARTS
+             if parts.get(name) and Path(str(parts[name])).is_file()]  # fmt: skip
+    return {f"Module {i}": stem for i, stem in enumerate(stems, 1)}
+
+
+def png_modules(fields: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The "Module N" fields of an infotext's ``fields`` as (field name, file stem), by N (Forge's paste reads
+    them in the infotext's order, which is N's)."""
+    found = [(int(m.group(1)), key, value) for key, value in fields.items()
+             if (m := _MODULE_FIELD.fullmatch(key)) is not None and value]  # fmt: skip
+    return [(key, value) for _n, key, value in sorted(found)]
 
 
 def model_short_hash(source: str | os.PathLike[str] | None) -> str | None:
@@ -326,6 +363,7 @@ def model_short_hash(source: str | os.PathLike[str] | None) -> str | None:
 
 
 __all__ = [
+    "MODULE_PARTS",
     "PARAMETERS_KEY",
     "RNG_SOURCE",
     "SCHEDULE_TYPE",
@@ -333,8 +371,11 @@ __all__ = [
     "GenerationParameters",
     "file_sha256",
     "format_parameters",
+    "is_module_field",
     "model_short_hash",
+    "module_fields",
     "parse_parameters",
+    "png_modules",
     "read_png_parameters",
     "save_png",
     "vae_fields",

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .pnginfo import RNG_SOURCE, SCHEDULE_TYPE, VAE_FIELDS, GenerationParameters, read_png_parameters
+from .pnginfo import (
+    RNG_SOURCE,
+    SCHEDULE_TYPE,
+    VAE_FIELDS,
+    GenerationParameters,
+    is_module_field,
+    read_png_parameters,
+)
 from .tiling import TILING_FIELD
 from .variation import SEED_RESIZE_FROM, VARIATION_SEED, VARIATION_STRENGTH
 
@@ -287,7 +294,10 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
         used.update(_HIRES_FIELDS)
     if extra.get("Hires checkpoint", "Use same checkpoint") == "Use same checkpoint":
         used.add("Hires checkpoint")
-    recalled.ignored = [f"{key}: {value}" for key, value in extra.items() if key not in used]
+    # Forge's "Module N": the part files, taken by generate (builtin/generate_command.py _modules_from_png)
+    recalled.ignored = [
+        f"{key}: {value}" for key, value in extra.items() if key not in used and not is_module_field(key)
+    ]
     return recalled
 
 

@@ -15,7 +15,7 @@ Which parts a model takes, and which its file lacks, is the family's knowledge: 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,89 @@ def vae_channel_mismatch(
     return f"a VAE with {channels} latent channels; {spec.label} needs its {wanted}-channel VAE"
 
 
+def _adapter_hook(model: str | os.PathLike[str], name: str, default: Any) -> Any:
+    """The model file or folder's family adapter's optional ``name(path)``; ``default`` for a family without it, a
+    tiny model or a model that cannot be read here (its own check says why)."""
+    from .family import family_adapter, get_family
+
+    path = Path(model).expanduser()
+    if not (path.is_file() or path.is_dir()):
+        return default
+    try:
+        hook = getattr(family_adapter(get_family(_family_of(path))), name, None)
+        return hook(path) if hook is not None else default
+    except (SdcoreError, OSError):
+        return default
+
+
+def model_part_slots(model: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(parts the model file or folder takes, parts it lacks): its family adapter's ``part_slots`` (``((), ())``:
+    a folder that has its parts); ``None`` for a family without one (SD1/SD2/SDXL take a ``--vae`` only) or a
+    model that cannot be read here."""
+    slots: tuple[tuple[str, ...], tuple[str, ...]] | None = _adapter_hook(model, "part_slots", None)
+    return slots
+
+
+def model_clip_widths(model: str | os.PathLike[str]) -> tuple[dict[str, int], int | None]:
+    """(the hidden width of each CLIP part the model expects, where its file tells it; the two CLIPs' widths
+    together, from the denoiser's pooled input): the family adapter's optional ``clip_widths`` (SD3, which takes
+    CLIP-L and CLIP-G); ``({}, None)`` without one."""
+    widths: tuple[dict[str, int], int | None] = _adapter_hook(model, "clip_widths", ({}, None))
+    return widths
+
+
+#: Forge's rule (backend/loader.py ``replace_state_dict``: a CLIP file's ``layer_norm1`` width), for a model that
+#: does not say its CLIPs' widths: CLIP-L is 768 wide, CLIP-G (OpenCLIP bigG) 1280
+_FORGE_CLIP_WIDTHS = {768: "clip_l", 1280: "clip_g"}
+
+
+def clip_kind(width: int, widths: Mapping[str, int], total: int | None) -> str | None:
+    """Whether a CLIP file ``width`` wide is CLIP-L or CLIP-G for a model that takes both: the one whose expected
+    width (``widths``, :func:`model_clip_widths`) it is; else, with the two widths' sum ``total`` only (a model
+    holding neither CLIP), CLIP-L below half of it and CLIP-G above (CLIP-L is the narrower of every SD3's pair:
+    768 and 1280); else Forge's fixed widths. ``None``: a width the model takes for neither."""
+    matching = [kind for kind in ("clip_l", "clip_g") if widths.get(kind) == width]
+    if len(matching) == 1:
+        return matching[0]
+    if widths:  # the model says a width and this is not it
+        return None
+    if total:
+        return "clip_l" if 2 * width < total else "clip_g" if 2 * width > total else None
+    return _FORGE_CLIP_WIDTHS.get(width)
+
+
+def module_parts(
+    files: Sequence[Path],
+    accepted: Collection[str],
+    widths: Mapping[str, int] | None = None,
+    total: int | None = None,
+) -> tuple[dict[str, Path], list[Path]]:
+    """Which part (option name) each of ``files`` is, from its header (:func:`parts_in`, the pre-flight's probe
+    tensors), among the parts the model takes (``accepted``: none, none is taken): Forge's "Module N" files,
+    which its loader sorts by their tensors, not by their order. A CLIP file is CLIP-L or CLIP-G: the only one
+    the model takes, else by its width (:func:`clip_kind` with the model's ``widths`` and ``total``,
+    :func:`model_clip_widths`). Returns the parts found and the files that are none of them (or a part already
+    taken by an earlier file)."""
+    found: dict[str, Path] = {}
+    left: list[Path] = []
+    for file in files:
+        try:
+            keys, shape = part_header(file)
+        except (SdcoreError, OSError):
+            left.append(file)
+            continue
+        kinds = [kind for kind in parts_in(keys) if kind in accepted]
+        kind: str | None = kinds[0] if kinds else None
+        if set(kinds) >= {"clip_l", "clip_g"}:
+            norm = next(key for key in keys if key.endswith(_PROBES["clip_l"][0]))
+            kind = clip_kind(shape(norm)[0], widths or {}, total)
+        if kind is None or kind in found:
+            left.append(file)
+        else:
+            found[kind] = file
+    return found, left
+
+
 def part_problems(model: str, parts: Mapping[str, Any], *, family: str | None = None) -> list[str]:
     """Everything wrong with ``model`` plus ``parts`` before loading: part files that are missing or of the
     wrong kind, parts the model does not take, and parts the model file lacks that nobody gave (one line
@@ -289,9 +372,13 @@ def part_problems(model: str, parts: Mapping[str, Any], *, family: str | None = 
 
 __all__ = [
     "PART_LABELS",
+    "clip_kind",
     "flag",
     "given_parts",
     "load_vae_like",
+    "model_clip_widths",
+    "model_part_slots",
+    "module_parts",
     "part_file_problems",
     "part_folder_config",
     "part_header",

@@ -44,10 +44,13 @@ def sample_infotexts(
     sample (``--i``) adds sdcore's "Inpaint image" (the file's name) and "Inpaint mask" (``wobbly ellipse``, drawn
     from the Seed; a OneTrainer one the mask file's name): it is a txt2img on that conditioning, so none of A1111's img2img/inpaint fields (denoising
     strength, mask blur, masked content) apply. A control-LoRA run's sample adds "Control image" (its ``--cn`` file's
-    name), as ``sdcore generate --control-image`` writes it."""
+    name), as ``sdcore generate --control-image`` writes it. A separate ``--vae`` file on SD1/SD2/SDXL adds A1111's
+    "VAE hash"/"VAE", and the part files of the flow families Forge's "Module N", as ``sdcore generate`` writes
+    them for the same parts (so ``generate --from-png`` takes them again)."""
     from .. import __version__
-    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters
+    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, module_fields, vae_fields
     from ..models.flux.variants import embeds_guidance
+    from ..models.parts import given_parts
     from .sample_prompts import generation_arguments
 
     try:
@@ -74,11 +77,15 @@ def sample_infotexts(
     from ..models.flux.variants import is_flux_control
 
     control = getattr(bundle, "family", None) == "flux" and is_flux_control(bundle)  # a control-LoRA run's --cn
+    family = getattr(bundle, "family", None)
+    vae = vae_fields(o.vae, family) if family else {}  # right after "Model", as generate writes them
+    modules = module_fields(given_parts(o), family) if family else {}  # Forge's: last, after "Version"
     texts = []
     for (prompt_text, negative, seed, arguments, sample), image in zip(per_image, images, strict=False):
         fields: dict[str, Any] = {}
         if bundle is not None:
             fields[SCHEDULE_TYPE] = schedule_type_field(bundle, str(arguments["sampler"]))
+        fields.update(vae)
         if bundle is not None and getattr(bundle, "inpainting", False):
             # an SD inpainting UNet renders on A1111's image conditioning at the default weight 1, and A1111
             # writes the weight whenever that conditioning is used (txt2img too), before "Clip skip"
@@ -100,6 +107,7 @@ def sample_infotexts(
             fields["Distilled CFG Scale"] = float(arguments.get("cfg", 7.0))
         fields["Training step"] = step
         fields["Version"] = f"sdcore {__version__}"
+        fields.update(modules)
         texts.append(
             format_parameters(
                 prompt_text,

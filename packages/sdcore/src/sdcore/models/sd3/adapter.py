@@ -133,6 +133,29 @@ class Sd3Adapter:
         _configs, missing, _per_weight = sd3_file_configs(path)
         return PART_OPTIONS, tuple(missing)
 
+    def clip_widths(self, path: str | os.PathLike[str]) -> tuple[dict[str, int], int | None]:
+        """(hidden width of CLIP-L and CLIP-G as the file expects them, the two together) from its header: a
+        CLIP the file holds says its own; the MMDiT's pooled input (``pooled_projection_dim``) is both CLIPs'
+        pooled vectors side by side (768 + 1280 = 2048; the tiny model's 32 + 64), so with one CLIP held the
+        other is the rest. A separate "Module N" CLIP file is told CLIP-L or CLIP-G by it
+        (:func:`~sdcore.models.parts.clip_kind`); a folder has its own CLIPs: ``({}, None)``."""
+        from pathlib import Path
+
+        from .load import ENCODER_SLOTS, sd3_file_configs
+
+        if Path(path).is_dir():
+            return {}, None
+        configs, _missing, _per_weight = sd3_file_configs(path)
+        clips = [name for name, kind, _prefix in ENCODER_SLOTS if kind.startswith("clip")]
+        encoders = zip(ENCODER_SLOTS, configs["text_encoders"], strict=True)
+        widths = {name: int(te["hidden_size"]) for (name, _k, _p), te in encoders if name in clips and te is not None}
+        pooled = configs["transformer"].get("pooled_projection_dim")
+        total = int(pooled) if pooled else None
+        if total and len(widths) == 1:
+            width, other = next(iter(widths.values())), next(c for c in clips if c not in widths)
+            widths[other] = total - width
+        return widths, total
+
     def save(
         self, bundle: ModelBundle, path: str | os.PathLike[str], *, format: str = "single-file", **options: Any
     ) -> Any:

@@ -1029,14 +1029,24 @@ def test_comfy_flux_graph_regenerates_from_the_models_folder_alone(tmp_path):
         assert pixels.std() > 0 and np.array_equal(pixels, np.asarray(b.convert("RGB")))
         recalled_params, typed_params = parse_parameters(a.info["parameters"]), parse_parameters(b.info["parameters"])
     assert recalled_params == typed_params and recalled_params.size == (32, 48)
-    # a name the folder does not hold is the part option's one-line error, before any model loads
+    # a name the folder does not hold is the part option's one-line error, before any model loads; the user typed
+    # no --t5xxl: the error names the graph's loader first and ends saying to pass the option, as the model's does
     graph["11"]["inputs"]["clip_name1"] = "t5xxl_fp8_e4m3fn.safetensors"
     png = comfy_png(tmp_path / "other.png", graph)
     result = _invoke(["--from-png", str(png), *common, "-o", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     said, error = result.output.splitlines()
     assert said.startswith("model from the PNG: ") and said.endswith("(the graph's unet_name flux1-dev.safetensors)")
-    assert error.startswith("Error: --t5xxl t5xxl_fp8_e4m3fn.safetensors: no such file or folder"), error
+    assert error.startswith(
+        "Error: --from-png: a file the PNG's graph loads (DualCLIPLoader (t5xxl_fp8_e4m3fn.safetensors, "
+        "clip_l.safetensors: --clip-l/--t5xxl)): --t5xxl t5xxl_fp8_e4m3fn.safetensors: no such file or folder"
+    ), error
+    assert error.endswith("; pass --t5xxl (the file's path or name) to choose one"), error
+    # typed, the same name's error is the option's own, without the graph
+    result = _invoke(["--from-png", str(png), *common, "--t5xxl", "t5xxl_fp8_e4m3fn", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and result.output.splitlines()[-1].startswith(
+        "Error: --t5xxl t5xxl_fp8_e4m3fn: no such file or folder"
+    ), result.output
 
 
 def test_flow_schedule_of_an_img2img_is_the_whole_one():

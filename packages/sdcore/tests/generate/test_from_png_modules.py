@@ -164,6 +164,17 @@ def test_a_module_not_found_is_a_warning_or_the_missing_part_error(forge, tmp_pa
     parts = _parts(forge)
     del parts["t5xxl"]
     assert loads == [(str(forge / "Stable-diffusion" / "flux1-full.safetensors"), parts)]
+    # the transformer alone with --t5xxl given: the warning says the option given stands in, not the model's part
+    loads.clear()
+    given = _sdcore("--from-png", str(png), "--models-dir", str(forge), "--t5xxl", str(forge / "text_encoder" /
+                    "t5xxl_fp16.safetensors"), "-o", str(tmp_path / "g.png"))  # fmt: skip
+    assert isinstance(given.exception, _Stop), given.output
+    warning = [line for line in given.stderr.splitlines() if "t5xxl_fp8_e4m3fn" in line]
+    assert len(warning) == 1 and warning[0].endswith(
+        "and their subfolders: the model's own part, or the --t5xxl given, is used; pass --vae/--clip-l/--clip-g/"
+        "--t5xxl to choose one"
+    ), warning
+    assert loads == [(str(forge / "Stable-diffusion" / "flux1-dev.safetensors"), _parts(forge))]
 
 
 def test_an_old_form_vae_field_is_the_module_list(forge, tmp_path, loads):

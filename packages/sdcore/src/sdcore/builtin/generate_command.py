@@ -591,7 +591,8 @@ def _modules_from_png(
     (:func:`~sdcore.generate.model_paths.find_png_module`), its part told by its header
     (:func:`~sdcore.models.parts.module_parts`, as Forge's loader sorts them by their tensors), for each part
     option not given (a given one stays); on a family without separate parts (SD1/SD2/SDXL, whose VAE Forge lists
-    as a module too) the VAE only. One not found is a warning line (the model's own part is used), or,
+    as a module too) the VAE only. One not found is a warning line (the model's own part, or a part option
+    given, is used), or,
     where the model lacks a part nobody gives, a pre-flight problem naming the PNG's modules. An old-form "VAE"
     field is, for Forge's paste, the whole module list: the Module fields are then not read (the VAE is
     :func:`_vae_from_png`'s). Returns the parts to set (option name -> file)."""
@@ -653,9 +654,15 @@ def _modules_from_png(
         problems.append(
             f"{params['model']} has no {', '.join(PART_LABELS[part] for part in still)}: {named}; pass {give}"
         )
-    else:
+    else:  # a part option given (--t5xxl for a transformer-only file) is what stands in for the one not found
+        given = [flag(part) for part in MODULE_PARTS if params.get(part) is not None]
+        used = (
+            f"the model's own part, or the {'/'.join(given)} given, is used"
+            if given
+            else "the model's own part is used"
+        )
         for key, name, what in missing:
-            say(f"warning: the PNG's {key} {name!r} {what}: the model's own part is used; pass {flags} to choose one")
+            say(f"warning: the PNG's {key} {name!r} {what}: {used}; pass {flags} to choose one")
     return chosen
 
 
@@ -703,7 +710,7 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
     # each part found is checked as train's pre-flight checks it (there, readable, that part from its header),
     # and a --vae of another latent width (FLUX.1's ae for SD1) before the model loads, as train's part_problems
     file_problems = part_file_problems(parts)
-    problems += found.problems + file_problems
+    problems += _graph_part_problems(found.problems + file_problems, params, recalled)
     if parts.get("vae") and not any(line.startswith(f"{flag('vae')} ") for line in file_problems):
         mismatch = vae_channel_mismatch(parts["vae"], model=params["model"])
         if mismatch is not None:
@@ -711,6 +718,27 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
     for line in found.notes:
         click.echo(f"warning: {line}", err=True)
     return found.extra
+
+
+def _graph_part_problems(lines: list[str], params: dict[str, Any], recalled: Any) -> list[str]:
+    """The problems of part options a ComfyUI graph's loaders set (``--t5xxl NAME: no such file ...`` where the user
+    typed no ``--t5xxl``): each starts with the loader that named the file and ends saying to pass the option, as
+    the graph's model's problem does (:func:`~sdcore.generate.model_paths.resolve_sources`' ``model_origin``)."""
+    if recalled is None or not recalled.model_parts:
+        return lines
+    from ..models.parts import flag
+
+    given = _given(params)
+    loaders = {option: line for line, options in recalled.model_parts.items() for option in options
+               if option not in given and params.get(option) is not None}  # fmt: skip
+    said = []
+    for line in lines:
+        option = next((option for option in loaders if line.startswith(f"{flag(option)} ")), None)
+        if option is not None:
+            line = (f"--from-png: a file the PNG's graph loads ({loaders[option]}): {line}; pass {flag(option)} "
+                    "(the file's path or name) to choose one")  # fmt: skip
+        said.append(line)
+    return said
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:

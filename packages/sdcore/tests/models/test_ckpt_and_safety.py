@@ -227,12 +227,16 @@ def test_a_vae_that_is_not_a_torch_file_is_one_line_in_the_preflight_and_at_load
         f"Error: --vae {page}: not a torch file (it is a web page (HTML), not a model: the browser saved a download "
         "page; download the file itself)"
     ]
-    # at load (model info has no pre-flight): the loader's own line
+    # model info checks its part options before loading too (as generate, since it takes names): the same line
     loaded = CliRunner().invoke(cli, ["model", "info", str(tiny_files["sd1"]), "--no-hash", "--vae", str(page)])
-    assert loaded.exit_code == 1, loaded.output
-    assert (
-        loaded.output.strip().splitlines()[-1].startswith(f"Error: {page}: not a torch file (it is a web page (HTML)")
-    )
+    assert loaded.exit_code == 2, loaded.output
+    assert loaded.output.strip().splitlines() == generated.output.strip().splitlines()
+    # and the loader itself, for a caller that skips the pre-flight (the Python API): its own line
+    from sdcore.errors import SdcoreError
+    from sdcore.models.load import load_model
+
+    with pytest.raises(SdcoreError, match=r"page\.vae\.pt: not a torch file \(it is a web page \(HTML\)"):
+        load_model(str(tiny_files["sd1"]), vae=str(page))
 
 
 def test_a_broken_a1111_vae_beside_the_model_is_named_as_such(tiny_files, tmp_path):

@@ -252,6 +252,27 @@ def test_networks_in_linked_folders_are_found(tmp_path):
         )
 
 
+def test_lora_dir_dot_finds_the_lycoris_folder_beside_it_not_inside(tmp_path, monkeypatch):
+    """``--lora-dir .`` run in ``models/Lora`` (the README's form): the LyCORIS folder searched is
+    ``models/LyCORIS``, beside it, as for ``--lora-dir models/Lora``; ``Path(".").parent`` is ``.``, which would
+    have searched ``./LyCORIS`` (already inside the LoRA folder) and missed ``models/LyCORIS``."""
+    from sdplugin_lora.apply import LoraHandler
+
+    models = tmp_path / "models"
+    (models / "Lora" / "LyCORIS").mkdir(parents=True)
+    (models / "LyCORIS").mkdir()
+    (models / "LyCORIS" / "beside.safetensors").write_bytes(b"x")
+    (models / "Lora" / "LyCORIS" / "inside.safetensors").write_bytes(b"x")
+    monkeypatch.chdir(models / "Lora")
+    handler = LoraHandler(".")
+    assert handler.search_folders() == [Path("."), models / "LyCORIS"]
+    assert handler.available() == sorted(
+        [Path("LyCORIS/inside.safetensors"), models / "LyCORIS" / "beside.safetensors"]
+    )
+    monkeypatch.chdir(tmp_path)
+    assert LoraHandler("models/Lora").search_folders() == [Path("models/Lora"), Path("models/LyCORIS")]
+
+
 def test_network_listing_of_a_plain_tree_is_kept(tmp_path):
     """Following links changed nothing for a tree without them: each folder's files in path order (of two hard
     links to one file the first of that order is the candidate, as before), extensions in any case, a file named

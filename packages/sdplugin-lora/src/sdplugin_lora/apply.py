@@ -10,6 +10,7 @@ of only the weights it touched so :meth:`AppliedLoras.remove` restores them bit 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -267,10 +268,15 @@ class LoraHandler(PromptNetworkHandler):
         ``--lyco-dir-backcompat`` (default ``models/LyCORIS``, beside ``models/Lora``) for ``<lora:>`` and
         ``<lyco:>`` alike, where the LyCORIS extension had kept its files. A name in both is an ambiguity error
         naming both files (A1111 silently takes the LyCORIS one, the last it lists), as two same-named files
-        in two subfolders of one folder are."""
+        in two subfolders of one folder are. ``--lora-dir .`` (or ``..``) has its ``LyCORIS`` beside the folder it
+        names, not inside it: ``Path(".").parent`` is ``.`` itself, so such a path is made absolute first
+        (lexically, without following a linked ``Lora`` folder to its target)."""
         folders = super().search_folders()
         if self.directory is not None:
-            sibling = self.directory.parent / "LyCORIS"
+            base = self.directory
+            if base.name in ("", ".", ".."):
+                base = Path(os.path.abspath(base))
+            sibling = base.parent / "LyCORIS"
             if sibling.is_dir() and sibling != self.directory and sibling not in folders:
                 folders.insert(1, sibling)
         return folders

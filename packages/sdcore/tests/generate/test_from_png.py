@@ -160,11 +160,22 @@ def test_a1111_documented_infotext_maps_to_options(sd1):
         legacy_model_hash="abcdef01",
     )
     assert notes[0] == "warning: the PNG was made with model hash 45dee52b, --model has abcdef01"
-    assert notes[1].startswith("ignored from the PNG") and "RNG: GPU" in notes[1] and len(notes) == 2
+    assert notes[1].startswith("ignored from the PNG") and "RNG: not given, A1111's default GPU" in notes[1]
+    assert len(notes) == 2
     same = recalled.notes(
         sd1, sampler="euler_a", hires_sampler=None, distilled=False, model_hash=None, legacy_model_hash="45DEE52B"
     )
     assert len(same) == 1 and "model hash" not in same[0]
+    # a field that is there is quoted as written; sdcore's own source is no note
+    for rng, said in (
+        ("GPU", "RNG: GPU (sdcore draws CPU noise"),
+        ("NV", "RNG: NV (sdcore draws CPU noise"),
+        ("CPU", None),
+    ):
+        given = recall_parameters(parse_parameters(A1111_DOC_EXAMPLE + f", RNG: {rng}"))
+        lines = given.notes(sd1, sampler="euler_a", hires_sampler=None, distilled=False, model_hash=None)
+        assert [line for line in lines if "RNG" in line] == ([] if said is None else [lines[-1]])
+        assert said is None or (said in lines[-1] and "not given" not in lines[-1])
 
 
 def test_a1111_19_fields_hires_schedule_and_forge_cfg(sd1):
@@ -254,7 +265,8 @@ def test_from_png_says_what_it_ignores(tmp_path):
     assert lines == [  # the VAE is looked for (test_from_png_model.py); without a models folder it is said
         "warning: the PNG's VAE x.pt is looked for below --models-dir, and there is no models/ here; the model's own "
         "VAE decodes: pass --models-dir or --vae",
-        "ignored from the PNG (sdcore has no option for them): ENSD: 31337, RNG: GPU (sdcore draws CPU noise, A1111's 'CPU' source)",
+        "ignored from the PNG (sdcore has no option for them): ENSD: 31337, RNG: not given, A1111's default GPU noise "
+        "(sdcore draws CPU noise, A1111's 'CPU' source)",
     ]
     _, params = _pixels(out)
     assert (params.prompt, params.steps, params.sampler, params.cfg, params.seed) == ("a cat", 1, "euler", 6.0, 3)

@@ -205,9 +205,9 @@ def test_an_ambiguous_part_name_lists_the_files(tmp_path):
 
 def test_networks_in_linked_folders_are_found(tmp_path):
     """``<lora:x>`` in a linked subfolder of ``loras/`` (ComfyUI and A1111 follow such links; ``Path.rglob``
-    before Python 3.13 does not), and in a linked LyCORIS folder beside it."""
+    before Python 3.13 does not), and in a linked LyCORIS folder beside it (all paths in one sorted list)."""
     from sdcore.generate.networks import PromptNetworkHandler
-    from sdplugin_lora.apply import LycoHandler
+    from sdplugin_lora.apply import LoraHandler, LycoHandler
 
     shared = tmp_path / "elsewhere"
     (shared / "styles").mkdir(parents=True)
@@ -225,10 +225,34 @@ def test_networks_in_linked_folders_are_found(tmp_path):
     (lyco_shared / "loha.safetensors").write_bytes(b"x")
     (tmp_path / "models" / "LyCORIS").mkdir()
     (tmp_path / "models" / "LyCORIS" / "mine").symlink_to(lyco_shared, target_is_directory=True)
-    assert LycoHandler(loras).available() == [
-        loras / "linked" / "styles" / "ink.safetensors",
-        tmp_path / "models" / "LyCORIS" / "mine" / "loha.safetensors",
-    ]
+    for tag_handler in (LoraHandler(loras), LycoHandler(loras)):  # both tags search the LyCORIS folder
+        assert tag_handler.available() == sorted(
+            [
+                loras / "linked" / "styles" / "ink.safetensors",
+                tmp_path / "models" / "LyCORIS" / "mine" / "loha.safetensors",
+            ]
+        )
+
+
+def test_lora_dir_dot_finds_the_lycoris_folder_beside_it_not_inside(tmp_path, monkeypatch):
+    """``--lora-dir .`` run in ``models/Lora`` (the README's form): the LyCORIS folder searched is
+    ``models/LyCORIS``, beside it, as for ``--lora-dir models/Lora``; ``Path(".").parent`` is ``.``, which would
+    have searched ``./LyCORIS`` (already inside the LoRA folder) and missed ``models/LyCORIS``."""
+    from sdplugin_lora.apply import LoraHandler
+
+    models = tmp_path / "models"
+    (models / "Lora" / "LyCORIS").mkdir(parents=True)
+    (models / "LyCORIS").mkdir()
+    (models / "LyCORIS" / "beside.safetensors").write_bytes(b"x")
+    (models / "Lora" / "LyCORIS" / "inside.safetensors").write_bytes(b"x")
+    monkeypatch.chdir(models / "Lora")
+    handler = LoraHandler(".")
+    assert handler.search_folders() == [Path("."), models / "LyCORIS"]
+    assert handler.available() == sorted(
+        [Path("LyCORIS/inside.safetensors"), models / "LyCORIS" / "beside.safetensors"]
+    )
+    monkeypatch.chdir(tmp_path)
+    assert LoraHandler("models/Lora").search_folders() == [Path("models/Lora"), Path("models/LyCORIS")]
 
 
 def test_network_listing_of_a_plain_tree_is_kept(tmp_path):

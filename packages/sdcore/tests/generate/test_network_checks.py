@@ -277,3 +277,39 @@ def test_one_file_under_two_spellings_resolve_keeps_apart_is_one_candidate(tmp_p
         first,
         loop,
     ]
+
+
+def test_lora_tag_finds_the_lycoris_folder_as_a1111_1_5_and_a_name_in_both_is_ambiguous(tmp_path, no_load, sd1):
+    """A1111 1.5+ (extensions-builtin/Lora ``list_available_networks``) lists ``--lora-dir`` then
+    ``--lyco-dir-backcompat`` (default ``models/LyCORIS``) for ``<lora:>`` and its alias ``<lyco:>``: both tags
+    search ``models/Lora`` and ``models/LyCORIS`` here, and "not found" names both folders. A name in both folders
+    is sdcore's ambiguity error (A1111 silently takes the LyCORIS file, the last it lists)."""
+    from sdcore.generate.session import handlers_from_plugin_manager
+
+    models = tmp_path / "models"
+    mine = _lora(sd1, models / "Lora", "mine.safetensors", seed=1)
+    old = _lora(sd1, models / "LyCORIS" / "sub", "oldstyle.safetensors", seed=2)
+    handlers = handlers_from_plugin_manager(_pm(), models_dir=models)
+    for tag in ("lora", "lyco"):
+        handler = handlers[tag]
+        assert isinstance(handler, PromptNetworkHandler)
+        assert handler.search_folders() == [models / "Lora", models / "LyCORIS"]
+        assert handler.find("oldstyle") == old and handler.find("mine") == mine
+    result = _sdcore(tmp_path, "castle <lora:gone:1>", "--models-dir", str(models))
+    assert _error(result) == (
+        f"lora 'gone' not found in {(models / 'Lora').absolute()} and {(models / 'LyCORIS').absolute()} and its "
+        "subfolders; available: mine, oldstyle; point --lora-dir at the folder with your LoRA files (the default "
+        "is the Lora folder of --models-dir, as in A1111)"
+    )
+    twin = _lora(sd1, models / "LyCORIS", "mine.safetensors", seed=3)
+    result = _sdcore(tmp_path, "castle <lora:mine:1>", "--models-dir", str(models))
+    assert _error(result) == (
+        f"lora 'mine' is ambiguous: 2 LoRA files have that name ({mine}, {twin}); "
+        "rename one or give the path of the one you mean"
+    )
+    # ComfyUI's models/loras stays searched, after them
+    comfy = _lora(sd1, models / "loras", "comfy.safetensors", seed=4)
+    handler = handlers_from_plugin_manager(_pm(), models_dir=models)["lora"]
+    assert isinstance(handler, PromptNetworkHandler)
+    assert handler.search_folders() == [models / "Lora", models / "LyCORIS", models / "loras"]
+    assert handler.find("comfy") == comfy

@@ -331,6 +331,34 @@ def test_leading_spacing_is_the_ddim_schedule(sd1):
     np.testing.assert_allclose(scheduler.sigmas.double().numpy(), _a1111_sigmas(bundle, "DDIM", 20), rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["single-file", "diffusers"])
+def test_a_saved_sd1_keeps_euler_as_uniform_and_a_leading_config_stays_ddim(sd1, tmp_path, fmt):
+    """SD1.5's scheduler config names no timestep spacing, so Euler a runs diffusers' ``linspace``, A1111's
+    "Uniform" (its Automatic for Euler a: no field). A model sdcore saved and loads again keeps that: it once
+    wrote DDPM's default ``leading`` out, and Euler a on the reloaded file then ran (and said) "DDIM". A config
+    that asks for ``leading`` (SDXL's folder) keeps it through a save, and Euler a says "DDIM" there, rightly:
+    its sigmas are A1111's DDIM schedule, as Euler's."""
+    import copy
+
+    import numpy as np
+    from sdcore.generate.pipeline import make_scheduler
+    from sdcore.models.load import _noise_scheduler, load_model
+    from sdcore.models.save import save_bundle
+
+    for spacing, schedule in ((None, "Uniform"), ("leading", "DDIM")):
+        bundle = copy.copy(sd1)
+        if spacing:
+            bundle.noise_scheduler = _noise_scheduler({"steps_offset": 1, "timestep_spacing": spacing}, "epsilon")
+        path = tmp_path / f"{spacing}{'.safetensors' if fmt == 'single-file' else ''}"
+        again = load_model(str(save_bundle(bundle, path, format=fmt)))
+        assert _field(again, "euler_a") == (None if schedule == "Uniform" else schedule)
+        for sampler in ("euler_a", "euler"):
+            scheduler = make_scheduler(again, sampler)
+            scheduler.set_timesteps(20)
+            want = _a1111_sigmas(again, schedule, 20)
+            np.testing.assert_allclose(scheduler.sigmas.double().numpy(), want, rtol=1e-2, atol=1e-3)
+
+
 def test_schedule_type_sits_after_the_sampler_and_parses_back():
     text = format_parameters(
         "p", "", 20, "dpm++2m", 7, 1, (64, 64), extra={"RNG": "CPU", "Schedule type": "SGM Uniform"}

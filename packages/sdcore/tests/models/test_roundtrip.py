@@ -274,3 +274,67 @@ def test_two_threads_saving_one_diffusers_folder_at_once_both_succeed(tiny_bundl
         assert json.loads((target / "sdcore_metadata.json").read_text())["writer"] in ("a", "b")
         assert (target / "unet" / "diffusion_pytorch_model.safetensors").is_file()
         assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["single-file", "diffusers"])
+def test_a_saved_noise_schedule_keeps_its_spacing_named_or_not_and_its_training_numbers(tmp_path, fmt):
+    """What a save writes of the noise scheduler and a load makes of it. The training schedule (betas, alphas,
+    prediction type, zero-terminal SNR) comes back exactly. A ``timestep_spacing`` the source config names
+    (``trailing`` for a zero-terminal-SNR v-prediction model, SDXL's ``leading``) is written and read back as
+    named; one it does not name (SD1.5's, an original checkpoint's) is not written, so every sampler still gets
+    its own class's default (diffusers: Euler ``linspace``, DDIM ``leading``), in sdcore and in diffusers reading
+    the folder. A file saved before that (``sdcore.config`` holding DDPM's ``leading`` and listing it in
+    ``_use_default_values``) loads the same way, and so does a prediction-type override."""
+    import json
+
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+    from safetensors import safe_open
+    from sdcore.generate.pipeline import make_scheduler
+    from sdcore.models.load import _noise_scheduler, load_model, override_prediction_type
+    from sdcore.models.tiny import create_tiny_bundle, noise_scheduler_config
+
+    cases = [
+        ("sd1", "epsilon", {}, None),
+        ("sdxl", "epsilon", {"timestep_spacing": "leading"}, "leading"),
+        ("sd2", "v_prediction", {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True}, "trailing"),
+    ]
+    for family, prediction, named, spacing in cases:
+        bundle = create_tiny_bundle(family, prediction_type=prediction)
+        bundle.noise_scheduler = _noise_scheduler({"steps_offset": 1, **named}, prediction)
+        reference = DDPMScheduler(**{**noise_scheduler_config(prediction), **named})
+        path = tmp_path / f"{family}{'.safetensors' if fmt == 'single-file' else ''}"
+        again = load_model(str(bundle.save(path, format=fmt)))
+        scheduler = again.noise_scheduler
+        assert torch.equal(scheduler.alphas_cumprod, reference.alphas_cumprod), family
+        assert torch.equal(scheduler.betas, reference.betas), family
+        assert (scheduler.config.prediction_type, again.prediction_type) == (prediction, prediction)
+        assert scheduler.config.rescale_betas_zero_snr == bool(named.get("rescale_betas_zero_snr"))
+        expected = {"euler": spacing or "linspace", "ddim": spacing or "leading"}
+        assert {s: make_scheduler(again, s).config.timestep_spacing for s in expected} == expected, family
+        if fmt == "diffusers":
+            written = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+            assert written.get("timestep_spacing") == spacing, family
+            from_diffusers = DDPMScheduler.from_pretrained(path / "scheduler")
+            assert EulerDiscreteScheduler.from_config(from_diffusers.config).config.timestep_spacing == (
+                spacing or "linspace"
+            )
+            assert DDIMScheduler.from_config(from_diffusers.config).config.timestep_spacing == (spacing or "leading")
+        else:
+            with safe_open(str(path), "pt") as handle:
+                stored = json.loads(handle.metadata()["sdcore.config"])["scheduler"]
+            assert ("timestep_spacing" in stored.get("_use_default_values", [])) == (spacing is None), family
+    # an SD1 file saved before: DDPM's default written out, and listed as a default
+    old = create_tiny_bundle("sd1")
+    old_config = json.loads(json.dumps(dict(old.noise_scheduler.config)))
+    assert old_config["timestep_spacing"] == "leading" and "timestep_spacing" in old_config["_use_default_values"]
+    assert make_scheduler(create_tiny_bundle("sd1"), "euler").config.timestep_spacing == "linspace"
+    rebuilt = _noise_scheduler(old_config, "epsilon")
+    assert EulerDiscreteScheduler.from_config(rebuilt.config).config.timestep_spacing == "linspace"
+    # kohya's --v_parameterization on a loaded model: the spacing stays unnamed, the trailing one named
+    assert make_scheduler(override_prediction_type(old, "v_prediction"), "euler").config.timestep_spacing == "linspace"
+    named = create_tiny_bundle("sd2")
+    named.noise_scheduler = _noise_scheduler({"timestep_spacing": "trailing"}, "epsilon")
+    assert (
+        make_scheduler(override_prediction_type(named, "v_prediction"), "euler").config.timestep_spacing == "trailing"
+    )

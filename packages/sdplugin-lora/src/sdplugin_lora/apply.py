@@ -10,6 +10,7 @@ of only the weights it touched so :meth:`AppliedLoras.remove` restores them bit 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -261,6 +262,25 @@ class LoraHandler(PromptNetworkHandler):
     resolves_names = True  # activate finds each name: checked before the model loads
     suffixes = (".safetensors", ".pt", ".ckpt", ".bin")
 
+    def search_folders(self) -> list[Path]:
+        """The LoRA folders, with a ``LyCORIS`` folder beside the first one right after it when there is one:
+        A1111 1.5+ (extensions-builtin/Lora ``list_available_networks``) lists ``--lora-dir`` then
+        ``--lyco-dir-backcompat`` (default ``models/LyCORIS``, beside ``models/Lora``) for ``<lora:>`` and
+        ``<lyco:>`` alike, where the LyCORIS extension had kept its files. A name in both is an ambiguity error
+        naming both files (A1111 silently takes the LyCORIS one, the last it lists), as two same-named files
+        in two subfolders of one folder are. ``--lora-dir .`` (or ``..``) has its ``LyCORIS`` beside the folder it
+        names, not inside it: ``Path(".").parent`` is ``.`` itself, so such a path is made absolute first
+        (lexically, without following a linked ``Lora`` folder to its target)."""
+        folders = super().search_folders()
+        if self.directory is not None:
+            base = self.directory
+            if base.name in ("", ".", ".."):
+                base = Path(os.path.abspath(base))
+            sibling = base.parent / "LyCORIS"
+            if sibling.is_dir() and sibling != self.directory and sibling not in folders:
+                folders.insert(1, sibling)
+        return folders
+
     def accepts(self, path: Path) -> bool:
         """A LoRA/LyCORIS file: some key ends like a LoRA part (``lora_up``, ``hada_w1_a``, ``lokr_w1`` ...)."""
         from sdcore.models.peek import peek_file
@@ -347,21 +367,10 @@ class LoraHandler(PromptNetworkHandler):
 
 
 class LycoHandler(LoraHandler):
-    """``<lyco:name:te_weight[:unet_weight]>``, the tag of A1111's LyCORIS extension: the same files
-    and weights as ``<lora:...>`` (A1111 1.5+ treats it as an alias). Files are looked up in the
-    LoRA folder and, as that extension kept them, in a ``LyCORIS`` folder next to it."""
+    """``<lyco:name:te_weight[:unet_weight]>``, the tag of A1111's LyCORIS extension: the same files, folders
+    and weights as ``<lora:...>`` (A1111 1.5+ treats it as an alias)."""
 
     tag = "lyco"
-
-    def available(self) -> list[Path]:
-        found = super().available()
-        if self.directory is not None:
-            sibling = self.directory.parent / "LyCORIS"
-            if sibling.is_dir() and sibling != self.directory:
-                from sdcore.generate.model_paths import list_model_files  # into linked folders too
-
-                found += sorted(p for p, _ in list_model_files([sibling], self.suffixes) if p.is_file())
-        return found
 
 
 def unmatched_report(matches: Iterable[Match]) -> list[str]:

@@ -32,7 +32,7 @@ def sdcore_register_prompt_networks(register: Any) -> None:
         PromptNetworkSpec(
             name="lora",
             tag="lora",
-            handler="sdplugin_lora.apply:LoraHandler",
+            handler="sdplugin_lora.apply:LoraHandler",  # + a LyCORIS folder beside it (search_folders), as A1111
             directory_option="lora_dir",
             default_subdir="Lora",  # A1111's models/Lora
             more_subdirs=("loras",),  # ComfyUI's models/loras

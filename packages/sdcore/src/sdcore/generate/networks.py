@@ -173,14 +173,20 @@ class PromptNetworkHandler:
         # :meth:`activate` (with vectors) or :meth:`check_prompts` (names and shapes only), in prompt order.
         self.extra_embeddings: tuple[BundledEmbedding, ...] = ()
 
+    def search_folders(self) -> list[Path]:
+        """The folders :meth:`available` searches, first one first: :attr:`directory`, then
+        :attr:`more_directories`. A handler whose peer tool also reads a folder the options do not name (A1111's
+        ``models/LyCORIS`` beside ``models/Lora``) adds it here, so the lookup and "not found" both see it."""
+        return [f for f in (self.directory, *self.more_directories) if f is not None]
+
     def available(self) -> list[Path]:
-        """Files this handler could load from its directory and :attr:`more_directories` (recursively, into linked
-        folders as ComfyUI and A1111 follow them: :func:`sdcore.generate.model_paths.list_model_files`), leaving
-        out resumable training states (a folder with ``train_state.json``: its ``trainable.safetensors`` has a
+        """Files this handler could load from its :meth:`search_folders` (recursively, into linked folders as
+        ComfyUI and A1111 follow them: :func:`sdcore.generate.model_paths.list_model_files`), leaving out
+        resumable training states (a folder with ``train_state.json``: its ``trainable.safetensors`` has a
         network's keys but is no network to name in a prompt)."""
         from .model_paths import list_model_files
 
-        folders = [f for f in (self.directory, *self.more_directories) if f is not None]
+        folders = self.search_folders()
         # each folder's files in path order, as the listing was before it followed links: of two hard links to
         # one file (one candidate) the first in that order is kept
         files = _distinct_files(
@@ -242,7 +248,7 @@ class PromptNetworkHandler:
             if missing and self.absent_directories:
                 absent = ", ".join(str(folder.absolute()) for folder in self.absent_directories)
                 missing = f", which does not exist (nor does {absent})"
-            more = "".join(f" and {folder.absolute()}" for folder in self.more_directories)
+            more = "".join(f" and {folder.absolute()}" for folder in self.search_folders() if folder != self.directory)
             where = f"{self.directory.absolute()}{more} and its subfolders{missing}"
         message = f"{label} {', '.join(repr(name) for name in names)} not found in {where}; available: {known}"
         if self.directory_option:

@@ -163,8 +163,10 @@ class Recalled:
         hires_sampler = hires_sampler or sampler
         if hires_schedule is not None and not _schedule_matches(bundle, hires_sampler, hires_schedule):
             ignored.append(f"Hires schedule type: {hires_schedule}")
-        rng = extra.get("RNG", "GPU")  # A1111 leaves the field out for its default GPU source
-        if rng != RNG_SOURCE:
+        rng = extra.get("RNG")  # A1111 leaves the field out for its default GPU source: say that it is absent
+        if rng is None:
+            ignored.append("RNG: not given, A1111's default GPU noise (sdcore draws CPU noise, A1111's 'CPU' source)")
+        elif rng != RNG_SOURCE:
             ignored.append(f"RNG: {rng} (sdcore draws CPU noise, A1111's 'CPU' source)")
         if DISTILLED_CFG in extra and not distilled:
             ignored.append(f"{DISTILLED_CFG}: {extra[DISTILLED_CFG]} (not a guidance-distilled model)")

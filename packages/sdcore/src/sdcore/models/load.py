@@ -265,9 +265,15 @@ def _noise_scheduler(scheduler_config: dict[str, Any], prediction_type: str) -> 
     from .tiny import noise_scheduler_config
 
     base = noise_scheduler_config(prediction_type)
+    # a timestep_spacing the config only holds as DDPMScheduler's default (diffusers lists it in
+    # ``_use_default_values``, which sdcore.config keeps) stays a default: passed explicitly, DDPM's "leading"
+    # would bind every sampler made from it (diffusers' from_config gives Euler its own "linspace" otherwise),
+    # so an SD1 file sdcore saved would sample Euler a on A1111's "DDIM" schedule instead of its "Uniform"
+    # (the other keys' defaults are the same for every scheduler class, or sdcore always passes them)
+    defaulted = {"timestep_spacing"} & set(scheduler_config.get("_use_default_values") or ())
     for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset", "timestep_spacing",
                 "rescale_betas_zero_snr", "trained_betas"):  # fmt: skip
-        if key in scheduler_config:
+        if key in scheduler_config and key not in defaulted:
             base[key] = scheduler_config[key]
     base["prediction_type"] = prediction_type
     return DDPMScheduler(**base)

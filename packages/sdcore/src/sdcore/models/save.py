@@ -49,6 +49,18 @@ def _json_config(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dict(config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
+def _drop_defaulted_spacing(path: Path, config: Any) -> None:
+    """Leave ``timestep_spacing`` out of a written scheduler config when the scheduler only has it as its class's
+    default (diffusers' ``_use_default_values``, which ``save_pretrained`` does not write): SD1.5's own config
+    names no spacing, so diffusers gives each sampler its class's default (Euler: ``linspace``, A1111's
+    "Uniform"); DDPM's ``leading`` written out would put Euler a on A1111's "DDIM" schedule after a reload."""
+    if "timestep_spacing" not in (config.get("_use_default_values") or ()):
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("timestep_spacing", None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def sdcore_config(bundle: ModelBundle) -> dict[str, Any]:
     """Everything needed to rebuild the modules of ``bundle`` (the ``sdcore.config`` metadata entry)."""
     encoders = []
@@ -440,6 +452,7 @@ def write_diffusers(
             if tokenizer is not None:  # a Flux T5 with no tokenizer found (model info of a real file)
                 tokenizer.save_pretrained(str(tmp / name))
         bundle.noise_scheduler.save_pretrained(tmp / "scheduler")
+        _drop_defaulted_spacing(tmp / "scheduler" / "scheduler_config.json", bundle.noise_scheduler.config)
         (tmp / "model_index.json").write_text(json.dumps(_model_index(bundle), indent=2), encoding="utf-8")
         if metadata:
             (tmp / "sdcore_metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")

@@ -306,19 +306,19 @@ def test_nothing_is_hashed_without_the_pngs_lora_hashes_or_when_the_prompts_are_
     assert _read(tmp_path / "p.png")[1].prompt == "a dog <lora:style:1>"
 
 
-def test_a_pngs_lora_hash_finds_a_file_in_the_lycoris_folder(cli, sd1, tmp_path):
+def test_a_pngs_lora_hash_finds_a_file_in_the_lycoris_folder(lora_cli, sd1, tmp_path):
     """The relink searches the folders ``<lora:>`` does: a LoRA moved from ``Lora/`` into ``LyCORIS/`` beside it
     under another name is found by its hash (A1111 1.5+ hashes both folders' files), and the image is the same."""
     loras = tmp_path / "models" / "Lora"
     _lora(sd1, loras / "style.safetensors", 3)
     first = tmp_path / "first.png"
-    assert cli("a cat <lora:style:1>", *BASE, "--lora-dir", str(loras), "-o", str(first)).exit_code == 0
+    assert lora_cli("a cat <lora:style:1>", *BASE, "--lora-dir", str(loras), "-o", str(first)).exit_code == 0
     pixels, _ = _read(first)
     moved = tmp_path / "models" / "LyCORIS" / "style_moved.safetensors"
     moved.parent.mkdir()
     (loras / "style.safetensors").rename(moved)
     again = tmp_path / "again.png"
-    result = cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(again))
+    result = lora_cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(again))
     assert result.exit_code == 0, result.output
     assert "<lora:style> -> <lora:style_moved>" in result.stderr
     assert np.array_equal(pixels, _read(again)[0])

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from load_spy import StoppedAtLoad, stop_at_load
 from PIL import Image
 from sdcore import __version__
-from sdcore.builtin import generate_command
 from sdcore.generate.pnginfo import module_fields, png_modules, save_png
 
 
@@ -53,21 +53,10 @@ def forge(tmp_path_factory):
     return models
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.fixture
 def loads(monkeypatch) -> list[tuple[str, dict]]:
     """What ``generate`` would load (source, part keywords); it stops there."""
-    asked: list[tuple[str, dict]] = []
-
-    def stop(source, pm, **parts):
-        asked.append((source, parts))
-        raise _Stop
-
-    monkeypatch.setattr(generate_command, "_load_bundle", stop)
-    return asked
+    return stop_at_load(monkeypatch)
 
 
 def _png(tmp_path: Path, fields: str) -> Path:
@@ -126,11 +115,11 @@ def test_a_forge_infotext_sets_the_parts_by_their_headers(forge, tmp_path, loads
     png = _png(tmp_path, "Version: f2.0.1v1.10.1-previous-669-gdfdcbab6, Module 1: t5xxl_fp16, Module 2: ae, "
                "Module 3: clip_l")  # fmt: skip
     result = _sdcore("--from-png", str(png), "--models-dir", str(forge), "-o", str(tmp_path / "o.png"))
-    assert isinstance(result.exception, _Stop), result.output
+    assert isinstance(result.exception, StoppedAtLoad), result.output
     assert loads == [(str(forge / "Stable-diffusion" / "flux1-dev.safetensors"), _parts(forge))]
     given = _sdcore("--from-png", str(png), "--models-dir", str(forge), "--t5xxl", _parts(forge)["t5xxl"],
                     "--ae", _parts(forge)["vae"], "-o", str(tmp_path / "o2.png"))  # fmt: skip
-    assert isinstance(given.exception, _Stop), given.output
+    assert isinstance(given.exception, StoppedAtLoad), given.output
     assert loads[1][1] == _parts(forge)
     assert "VAE from the PNG" not in given.stderr and "CLIP-L text encoder from the PNG" in given.stderr
 
@@ -155,7 +144,7 @@ def test_a_module_not_found_is_a_warning_or_the_missing_part_error(forge, tmp_pa
     full = _sdcore(
         "--from-png", str(png), "-m", "flux1-full", "--models-dir", str(forge), "-o", str(tmp_path / "f.png")
     )
-    assert isinstance(full.exception, _Stop), full.output
+    assert isinstance(full.exception, StoppedAtLoad), full.output
     warning = [line for line in full.stderr.splitlines() if "t5xxl_fp8_e4m3fn" in line]
     assert len(warning) == 1 and warning[0].startswith("warning: the PNG's Module 3 't5xxl_fp8_e4m3fn' is not in ")
     assert warning[0].endswith(
@@ -168,7 +157,7 @@ def test_a_module_not_found_is_a_warning_or_the_missing_part_error(forge, tmp_pa
     loads.clear()
     given = _sdcore("--from-png", str(png), "--models-dir", str(forge), "--t5xxl", str(forge / "text_encoder" /
                     "t5xxl_fp16.safetensors"), "-o", str(tmp_path / "g.png"))  # fmt: skip
-    assert isinstance(given.exception, _Stop), given.output
+    assert isinstance(given.exception, StoppedAtLoad), given.output
     warning = [line for line in given.stderr.splitlines() if "t5xxl_fp8_e4m3fn" in line]
     assert len(warning) == 1 and warning[0].endswith(
         "and their subfolders: the model's own part, or the --t5xxl given, is used; pass --vae/--clip-l/--clip-g/"
@@ -183,7 +172,7 @@ def test_an_old_form_vae_field_is_the_module_list(forge, tmp_path, loads):
     result = _sdcore(
         "--from-png", str(png), "-m", "flux1-full", "--models-dir", str(forge), "-o", str(tmp_path / "o.png")
     )
-    assert isinstance(result.exception, _Stop), result.output
+    assert isinstance(result.exception, StoppedAtLoad), result.output
     assert (
         "warning: the PNG's Module fields are not read: its VAE field is the module list (Forge's paste)"
         in result.stderr.splitlines()

@@ -12,6 +12,7 @@ import torch
 from cli_errors import one_error_line
 from click.testing import CliRunner
 from comfy_flux_tree import save_tensors, write_flux_tree
+from load_spy import StoppedAtLoad, stop_at_load
 from PIL import Image
 from sdcore.builtin import generate_command
 from sdcore.errors import ConfigError
@@ -55,22 +56,6 @@ def _spy(monkeypatch) -> list[tuple[str, dict]]:
 
     monkeypatch.setattr(generate_command, "_load_bundle", spy)
     return loaded
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_at_load(monkeypatch) -> list[tuple[str, dict]]:
-    """What would load, without loading it."""
-    asked: list[tuple[str, dict]] = []
-
-    def stop(source, pm, **parts):
-        asked.append((source, parts))
-        raise _Stop
-
-    monkeypatch.setattr(generate_command, "_load_bundle", stop)
-    return asked
 
 
 @pytest.fixture
@@ -142,11 +127,11 @@ def test_the_yaml_vae_and_clip_folders_are_searched(comfy, tmp_path, monkeypatch
     assert part_folders("clip_g", comfy, extra)[-1] == shared / "encoders"
     for name in ("other_ae", "flux/other_ae", "flux/other_ae.safetensors"):
         assert resolve_part_name("vae", name, comfy, extra) == str(own_vae), name
-    asked = _stop_at_load(monkeypatch)
+    asked = stop_at_load(monkeypatch)
     result = _sdcore("-m", "flux1-dev", "--ae", "other_ae", "--t5xxl", "t5xxl_fp16", "--clip-l", "clip_l",
                      "--models-dir", str(comfy), "--extra-model-paths", str(yaml), "a ring",
                      "-o", str(tmp_path / "o.png"))  # fmt: skip
-    assert isinstance(result.exception, _Stop), result.output
+    assert isinstance(result.exception, StoppedAtLoad), result.output
     assert asked[0][1]["vae"] == str(own_vae)
 
 
@@ -297,10 +282,10 @@ def test_vae_folders_that_are_one_folder_are_searched_once(tmp_path):
 def test_an_empty_part_option_is_not_given(comfy, tmp_path, monkeypatch):
     """``--ae ""`` (a script's unset variable) is no part, as train's ``given_parts`` and kohya's ``if args.vae``
     take an empty value, not the current folder read as a VAE folder."""
-    asked = _stop_at_load(monkeypatch)
+    asked = stop_at_load(monkeypatch)
     result = _sdcore("-m", "flux1-dev", "--ae", "", "--t5xxl", "t5xxl_fp16", "--clip-l", "clip_l",
                      "--models-dir", str(comfy), "a ring", "-o", str(tmp_path / "o.png"))  # fmt: skip
-    assert isinstance(result.exception, _Stop), result.output
+    assert isinstance(result.exception, StoppedAtLoad), result.output
     assert asked == [(str(comfy / "diffusion_models" / "flux1-dev.safetensors"),
                       {"clip_l": str(comfy / "clip" / "clip_l.safetensors"),
                        "t5xxl": str(comfy / "text_encoders" / "t5xxl_fp16.safetensors")})]  # fmt: skip

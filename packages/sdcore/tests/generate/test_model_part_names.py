@@ -167,7 +167,18 @@ def test_missing_and_ambiguous_names_are_refused_before_loading(comfy, tmp_path,
     # a path that is not there: refused before the load, as before (then by click's path check)
     message = _error(_sdcore("-m", "flux1-dev", "--ae", "./ae.safetensors", "--models-dir", str(comfy), "a",
                              "-o", out))  # fmt: skip
-    assert message == "--vae ./ae.safetensors: no such file or folder (the VAE)"
+    transformer = comfy / "diffusion_models" / "flux1-dev.safetensors"
+    assert message == (  # with the parts the transformer-only file lacks and nobody gave: every problem at once
+        "--vae ./ae.safetensors: no such file or folder (the VAE); "
+        f"{transformer} has no CLIP-L text encoder, T5-XXL text encoder: pass --clip-l <file or folder> --t5xxl "
+        "<file or folder>"
+    )
+    # those lacking parts alone: the same pre-flight line (train's), not the loader's later error (exit 1)
+    message = _error(_sdcore("-m", "flux1-dev", "--t5xxl", "t5xxl_fp16", "--models-dir", str(comfy), "a", "-o", out))
+    assert (
+        message
+        == f"{transformer} has no CLIP-L text encoder, VAE: pass --clip-l <file or folder> --vae <file or folder>"
+    )
 
 
 def test_an_ambiguous_part_name_lists_the_files(tmp_path):
@@ -283,9 +294,16 @@ def test_an_empty_part_option_is_not_given(comfy, tmp_path, monkeypatch):
     """``--ae ""`` (a script's unset variable) is no part, as train's ``given_parts`` and kohya's ``if args.vae``
     take an empty value, not the current folder read as a VAE folder."""
     asked = stop_at_load(monkeypatch)
-    result = _sdcore("-m", "flux1-dev", "--ae", "", "--t5xxl", "t5xxl_fp16", "--clip-l", "clip_l",
-                     "--models-dir", str(comfy), "a ring", "-o", str(tmp_path / "o.png"))  # fmt: skip
+    args = ["-m", "flux1-dev", "--t5xxl", "t5xxl_fp16", "--clip-l", "clip_l", "--models-dir", str(comfy), "a ring"]
+    result = _sdcore(*args, "--ae", "", "-o", str(tmp_path / "o.png"))
+    # not given: the transformer-only file then lacks its VAE (said before loading), not "--vae .: not a VAE"
+    transformer = comfy / "diffusion_models" / "flux1-dev.safetensors"
+    assert _error(result) == f"{transformer} has no VAE: pass --vae <file or folder>"
+    assert asked == []
+    # a checkpoint with its own VAE: --ae "" leaves it to that one (the part keywords name no VAE)
+    from sdcore.models.load import load_model
+
+    full = load_model("tiny:flux").save(tmp_path / "flux1-full.safetensors")
+    result = _sdcore("-m", str(full), "--ae", "", "--models-dir", str(comfy), "a ring", "-o", str(tmp_path / "o.png"))
     assert isinstance(result.exception, StoppedAtLoad), result.output
-    assert asked == [(str(comfy / "diffusion_models" / "flux1-dev.safetensors"),
-                      {"clip_l": str(comfy / "clip" / "clip_l.safetensors"),
-                       "t5xxl": str(comfy / "text_encoders" / "t5xxl_fp16.safetensors")})]  # fmt: skip
+    assert asked == [(str(full), {})]

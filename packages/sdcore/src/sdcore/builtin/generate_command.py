@@ -715,9 +715,30 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
         mismatch = vae_channel_mismatch(parts["vae"], model=params["model"])
         if mismatch is not None:
             problems.append(f"{flag('vae')} {parts['vae']}: {mismatch}")
+    problems += _lacking_part_problems(params, problems)
     for line in found.notes:
         click.echo(f"warning: {line}", err=True)
     return found.extra
+
+
+def _lacking_part_problems(params: dict[str, Any], problems: list[str]) -> list[str]:
+    """A model file without a part it needs that no option gives (a transformer-only FLUX.1 file without
+    ``--clip-l``/``--t5xxl``/``--ae``): one line with the other problems, before anything loads, in the words of
+    train's pre-flight (:func:`~sdcore.models.parts.part_problems`), where the loader stopped later (exit 1).
+    Nothing when the PNG's modules already said it, for a model that is not a file or folder here (``tiny:``, a Hub
+    id, a missing file: the model's own line), or for a family whose adapter declares no part slots (SD1/SD2/SDXL)."""
+    from ..models.parts import PART_LABELS, flag, model_part_slots
+
+    model = str(params["model"])
+    path = Path(model).expanduser()
+    if any(line.startswith(f"{model} has no ") for line in problems) or not (path.is_file() or path.is_dir()):
+        return []
+    slots = model_part_slots(model)
+    lacking = [part for part in (slots[1] if slots else ()) if params.get(part) is None]
+    if not lacking:
+        return []
+    give = " ".join(f"{flag(part)} <file or folder>" for part in lacking)
+    return [f"{model} has no {', '.join(PART_LABELS[part] for part in lacking)}: pass {give}"]
 
 
 def _graph_part_problems(lines: list[str], params: dict[str, Any], recalled: Any) -> list[str]:

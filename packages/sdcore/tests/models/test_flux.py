@@ -540,7 +540,11 @@ def test_cli_parts_in_separate_files(dev, pipeline_folder, tmp_path):
     assert result.exit_code == 0 and png.is_file(), result.output
     missing = runner.invoke(cli, ["generate", "--model", str(bfl), "a ring", "--steps", "1", "-o", str(tmp_path / "y.png"),
                                   "--models-dir", str(tmp_path)])  # fmt: skip
-    assert missing.exit_code != 0 and "clip_l=" in missing.output and "Traceback" not in missing.output
+    assert missing.exit_code == 2 and "Traceback" not in missing.output  # the pre-flight, before anything loads
+    assert missing.output.splitlines() == [
+        f"Error: {bfl} has no CLIP-L text encoder, T5-XXL text encoder, VAE: pass --clip-l <file or folder> "
+        "--t5xxl <file or folder> --vae <file or folder>"
+    ]
 
 
 def test_real_t5_without_a_tokenizer(dev, tmp_path, monkeypatch):

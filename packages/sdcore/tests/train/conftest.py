@@ -61,3 +61,17 @@ def flux_like():
     )  # fmt: skip
     with toy_transformer_bundle("toy-flux", transformer, like=FLUX, context_tokens=64) as bundle:
         yield layout_of_bundle(bundle), bundle
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: proves a check ran before loading (the pre-flight's promise)."""
+    import sdcore.models.load as load_module
+    import sdcore.train.loop as loop
+
+    def fail(*args, **kwargs):
+        pytest.fail("a model was loaded before the pre-flight stopped the run")
+
+    monkeypatch.setattr(loop, "load_bundle", fail)
+    monkeypatch.setattr(load_module, "load_model", fail)
+    monkeypatch.setattr(load_module, "read_tiny", fail)

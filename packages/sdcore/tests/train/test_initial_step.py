@@ -282,18 +282,6 @@ def test_initial_step_must_be_below_the_step_limit(tmp_path, kw, expected):
         assert len(found) == 1 and found[0].startswith(expected), report.problems
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import sdcore.models.load as load_module
-    import sdcore.train.loop as loop
-
-    def fail(*args, **kwargs):
-        pytest.fail("a model was loaded before the pre-flight stopped the run")
-
-    monkeypatch.setattr(loop, "load_bundle", fail)
-    monkeypatch.setattr(load_module, "load_model", fail)
-
-
 def test_cli_reports_every_problem_with_exit_2_before_loading(tmp_path, no_model_load):
     o = _opts(tmp_path, "cli")
     command = build_train_command(MethodSpec(name="convout", summary="t", method="runtime_methods:ConvOutMethod"))

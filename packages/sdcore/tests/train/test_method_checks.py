@@ -37,19 +37,6 @@ class BrokenCheck(ConvOutMethod):
         raise ConfigError("the zebra check could not read the dataset")
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import sdcore.models.load as load_module
-    import sdcore.train.loop as loop
-
-    def fail(*args: Any, **kwargs: Any) -> None:
-        pytest.fail("a model was loaded before the pre-flight stopped the run")
-
-    monkeypatch.setattr(loop, "load_bundle", fail)
-    monkeypatch.setattr(load_module, "load_model", fail)
-    monkeypatch.setattr(load_module, "read_tiny", fail)
-
-
 def test_dataset_problems_stop_the_run_with_the_others_before_any_model_loads(tmp_path, no_model_load):
     from sdcore.train.loop import train
     from sdcore.train.preflight import PreflightError

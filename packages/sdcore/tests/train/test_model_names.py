@@ -37,18 +37,6 @@ def webui(tmp_path_factory):
     return models
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import sdcore.models.load as load_module
-    import sdcore.train.loop as loop
-
-    def fail(*args, **kwargs):
-        pytest.fail("a model was loaded before the pre-flight stopped the run")
-
-    monkeypatch.setattr(loop, "load_bundle", fail)
-    monkeypatch.setattr(load_module, "load_model", fail)
-
-
 def test_a_run_loads_the_named_model_and_vae(webui, tmp_path, monkeypatch):
     import sdcore.train.loop as loop
 

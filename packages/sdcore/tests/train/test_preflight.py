@@ -38,20 +38,6 @@ def _command():
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    """Any model load fails the test: proves a check ran before loading."""
-    import sdcore.models.load as load_module
-    import sdcore.train.loop as loop
-
-    def fail(*args, **kwargs):
-        pytest.fail("a model was loaded before the pre-flight stopped the run")
-
-    monkeypatch.setattr(loop, "load_bundle", fail)
-    monkeypatch.setattr(load_module, "load_model", fail)
-    monkeypatch.setattr(load_module, "read_tiny", fail)
-
-
-@pytest.fixture
 def read_only(tmp_path, monkeypatch):
     """A read-only folder. Root writes anywhere, so for root the probe write inside it is made to
     fail as the kernel would for anyone else (EACCES); other users get the real chmod."""

@@ -15,12 +15,7 @@ from sdcore.train.preflight import option_problems
 from sdcore.train.sampling import render_samples
 
 
-def test_tags_in_sample_prompts_stop_the_run_in_the_preflight_not_at_the_first_sample(tmp_path, monkeypatch):
-    import sdcore.models.load as load_module
-    import sdcore.train.loop as loop
-
-    for module, name in ((loop, "load_bundle"), (load_module, "load_model"), (load_module, "read_tiny")):
-        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a model was loaded"))
+def test_tags_in_sample_prompts_stop_the_run_in_the_preflight_not_at_the_first_sample(tmp_path, no_model_load):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat <lora:style:0.8> --n ugly <hypernet:x:1>\na dog\na bird <lora::1>\n")
     o = contract_options(ConvOutMethod, tmp_path, {"sample_prompts": str(prompts), "sample_every": 2})

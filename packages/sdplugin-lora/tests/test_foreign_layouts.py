@@ -22,17 +22,17 @@ from test_dit import _flux, _flux_pipeline, _index, _tiny_encoders, _weights
 RANK = 3
 
 
-def _xlabs_state(*, prefix: str = "", seed: int = 0) -> dict[str, torch.Tensor]:
-    """An x-flux LoRA for the tiny FLUX.1 (width 16, MLP 64, two double and two single blocks), shaped as
+def _xlabs_state(*, prefix: str = "", seed: int = 0, dim: int = 16, mlp: int = 64) -> dict[str, torch.Tensor]:
+    """An x-flux LoRA for a tiny FLUX.1 (default width 16, MLP 64; two double and two single blocks), shaped as
     x-flux's processors make them: qkv ``[3 * dim]`` rows, the single blocks' proj reading ``dim + mlp`` inputs."""
     gen = torch.Generator().manual_seed(seed)
     shapes = {}
     for i in range(2):
         for stream in ("1", "2"):
-            shapes[f"double_blocks.{i}.processor.qkv_lora{stream}"] = (48, 16)
-            shapes[f"double_blocks.{i}.processor.proj_lora{stream}"] = (16, 16)
-        shapes[f"single_blocks.{i}.processor.qkv_lora"] = (48, 16)
-        shapes[f"single_blocks.{i}.processor.proj_lora"] = (16, 80)
+            shapes[f"double_blocks.{i}.processor.qkv_lora{stream}"] = (3 * dim, dim)
+            shapes[f"double_blocks.{i}.processor.proj_lora{stream}"] = (dim, dim)
+        shapes[f"single_blocks.{i}.processor.qkv_lora"] = (3 * dim, dim)
+        shapes[f"single_blocks.{i}.processor.proj_lora"] = (dim, dim + mlp)
     state = {}
     for name, (out, inp) in shapes.items():
         state[f"{prefix}{name}.down.weight"] = torch.randn(RANK, inp, generator=gen) * 0.3
@@ -117,6 +117,43 @@ def test_xlabs_flux_lora_applies_as_diffusers_fuses_it(merge, prefix, tmp_path):
     applied.remove()
     for key, value in _weights(model).items():
         assert torch.equal(value, before[key]), key
+
+
+def test_xlabs_lora_on_chroma_applies_as_diffusers_chroma_pipeline_fuses_it(tmp_path):
+    """Chroma keeps FLUX.1's block layout (diffusers' ChromaPipeline reads LoRAs with the Flux reader, ComfyUI's
+    Chroma is a Flux model): an x-flux file applies to it the same way, q/k/v rows of ``linear1`` only."""
+    from diffusers import ChromaPipeline
+    from sdcore.models.load import load_model
+    from sdplugin_lora.apply import LoraSpec, apply_loras
+    from sdplugin_lora.format import read_lora
+
+    bundle = load_model("tiny:chroma")
+    model = bundle.transformer
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    mlp = model.single_transformer_blocks[0].proj_mlp.out_features
+    assert (model.config.num_layers, model.config.num_single_layers) == (2, 2) and dim != 16  # not the Flux shapes
+    state = _xlabs_state(seed=5, dim=dim, mlp=mlp)
+    path = tmp_path / "xlabs_chroma.safetensors"
+    save_file(state, str(path))
+
+    reference = copy.deepcopy(model)
+    before = _weights(reference)
+    pipe = ChromaPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=reference)
+    pipe.load_lora_weights({k: v.clone() for k, v in state.items()})
+    pipe.fuse_lora(lora_scale=0.7)
+    want = _weights(reference)
+    formula = _xlabs_formula(state, before, 0.7)
+    changed = sorted(k for k in want if not torch.equal(want[k], before[k]))
+    assert len(changed) == 2 * 8 + 2 * 4 and "single_transformer_blocks.1.proj_mlp.weight" not in changed
+    for key in want:
+        assert (want[key] - formula[key]).abs().max() <= 1e-5, key
+
+    applied = apply_loras(bundle, [LoraSpec(read_lora(path), 0.7)], merge=True, strict=True)
+    got = _weights(model)
+    for key in want:
+        assert (got[key] - want[key]).abs().max() <= 1e-5, key
+    applied.remove()
+    assert all(torch.equal(v, before[k]) for k, v in _weights(model).items())
 
 
 def test_xlabs_keys_are_lora_keys_and_comfyui_linear1_qkv_is_the_same_module():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from sdcore.models.bundled_embeddings import BundledEmbedding, bundled_embedding
 from sdcore.models.hashes import sshs_hashes
 
 from .adapters import VARIANTS, GloraVariant, Variant, variant_of
-from .naming import ModuleIndex, Target
+from .naming import ModuleIndex, Target, flatten
 
 if TYPE_CHECKING:
     from .dit import KohyaModule
@@ -184,7 +184,8 @@ def parse_state_dict(
     unknown: list[str] = []
     embeddings: list[str] = []
     norm_scales: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
+    for raw_key, tensor in state.items():
+        key = xlabs_key(raw_key) or raw_key  # XLabs' x-flux names -> BFL's (ComfyUI's spelling)
         if is_bundle_key(key):
             embeddings.append(key)
             continue
@@ -257,9 +258,74 @@ def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
 
 def is_lora_key(key: str) -> bool:
     """Whether a tensor name is a LoRA/LyCORIS part (``.alpha``/``.scale`` alone do not count)."""
-    if _OFT_PART.match(key):
+    if _OFT_PART.match(key) or xlabs_key(key) is not None:
         return True
     return any(key.endswith(suffix) for suffix, part in _SUFFIXES if part not in ("alpha", "scale"))
+
+
+#: XLabs' x-flux trainer (``DoubleStreamBlockLoraProcessor``/``SingleStreamBlockLoraProcessor``): one ``LoRALinearLayer``
+#: (``down``/``up`` Linears, no alpha saved: scale 1) per BFL Linear it adds to, keyed by the block's processor
+_XLABS = re.compile(
+    r"^(?:diffusion_model\.)?(double_blocks|single_blocks)\.(\d+)\.processor\.(qkv|proj)_lora([12]?)\.(down|up)\.weight$"
+)
+#: (blocks, lora, stream) -> the BFL module it adds to, as x-flux's processors apply them: ``qkv_lora1``/``proj_lora1``
+#: on the image stream's ``img_attn.qkv``/``img_attn.proj``, ``..._lora2`` on the text stream's; in a single block
+#: ``qkv_lora`` adds to the q/k/v rows of ``linear1`` only (not its MLP rows: ComfyUI's ``linear1_qkv``) and
+#: ``proj_lora`` to ``linear2``, which diffusers' ``_convert_xlabs_flux_lora_to_diffusers`` and ComfyUI's
+#: ``convert_uso_lora`` map alike
+_XLABS_MODULES = {
+    ("double_blocks", "qkv", "1"): "img_attn.qkv",
+    ("double_blocks", "proj", "1"): "img_attn.proj",
+    ("double_blocks", "qkv", "2"): "txt_attn.qkv",
+    ("double_blocks", "proj", "2"): "txt_attn.proj",
+    ("single_blocks", "qkv", ""): "linear1_qkv",
+    ("single_blocks", "proj", ""): "linear2",
+}
+
+
+def xlabs_key(key: str) -> str | None:
+    """An XLabs FLUX.1 LoRA key (``double_blocks.0.processor.qkv_lora1.down.weight``) by BFL's dotted name, as
+    ComfyUI converts it (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight``); ``None`` for any other
+    key. The files hold no alpha and x-flux applies ``up(down(x))`` unscaled, so the missing alpha (= rank) is
+    exact; diffusers and ComfyUI agree on that."""
+    found = _XLABS.match(key)
+    if found is None:
+        return None
+    blocks, index, kind, stream, part = found.groups()
+    module = _XLABS_MODULES.get((blocks, kind, stream))
+    return None if module is None else f"diffusion_model.{blocks}.{index}.{module}.lora_{part}.weight"
+
+
+#: layouts no loader maps onto a model sdcore has: (what the keys look like, the layout and why it cannot apply)
+_UNMAPPABLE: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(r"^lora_prior_(unet|te)_"),
+        "a Stable Cascade LoRA (lora_prior_unet_/lora_prior_te_ keys: ComfyUI's names of Stable Cascade's prior); "
+        "sdcore has no Stable Cascade model to apply it to",
+    ),
+    (
+        re.compile(r"(^|\.)(double|single)_blocks\.\d+\.processor\.ip_adapter_"),
+        "an XLabs IP-Adapter for FLUX.1 (processor.ip_adapter_* keys): image-prompt attention layers, not a LoRA; "
+        "neither diffusers' load_lora_weights nor ComfyUI's LoRA loader applies it",
+    ),
+    (
+        re.compile(r"(^|\.)(double|single)_blocks\.\d+\.processor\."),
+        "an XLabs (x-flux) FLUX.1 file with processor keys other than qkv_lora1/2, proj_lora1/2 (double blocks) and "
+        "qkv_lora, proj_lora (single blocks), the only ones diffusers and ComfyUI map to FLUX.1's Linears",
+    ),
+)
+
+
+def unmappable_layout(keys: Iterable[str]) -> str | None:
+    """The layout of a file whose keys no loader maps onto a model sdcore has (its first such key and why), ``None``
+    when every key is of a known layout or merely unknown (those are listed as unmatched when applied)."""
+    for key in keys:
+        if xlabs_key(key) is not None:
+            continue
+        for pattern, layout in _UNMAPPABLE:
+            if pattern.search(key):
+                return f"{layout} (key {key})"
+    return None
 
 
 def read_lora(path: str | Path) -> LoraFile:
@@ -288,6 +354,9 @@ def read_lora(path: str | Path) -> LoraFile:
             raise ModelFormatError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
         state = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
         metadata = {}
+    layout = unmappable_layout(state)
+    if layout is not None:
+        raise ModelFormatError(f"{path}: {layout}")
     lora = parse_state_dict(state, metadata, path)
     if not lora.modules:
         raise ModelFormatError(f"{path}: no LoRA modules found (first keys: {', '.join(list(state)[:5])})")
@@ -453,7 +522,22 @@ def _normalise_dotted(path: str) -> str:
     return path
 
 
+#: ComfyUI's text encoders (``text_encoders.<name>.transformer.<path>``, its generic key form) -> the kohya prefixes
+#: that name the same encoder in sdcore's index: CLIP-L is ``lora_te`` alone (SD1) or ``lora_te1``, SD2's OpenCLIP-H
+#: ``lora_te``, CLIP-G ``lora_te2``, T5-XXL ``lora_te3`` (ComfyUI's own mapping of OneTrainer's names)
+_COMFY_ENCODERS = {"clip_l": ("lora_te1", "lora_te"), "clip_h": ("lora_te",), "clip_g": ("lora_te2",),
+                   "t5xxl": ("lora_te3",)}  # fmt: skip
+
+
 def resolve_key(index: ModuleIndex, key: str) -> Target | None:
+    if key.startswith("text_encoders."):
+        encoder, _, path = key[len("text_encoders.") :].partition(".")
+        path = path.removeprefix("transformer.")
+        for prefix in _COMFY_ENCODERS.get(encoder, ()):
+            found = index.resolve(flatten(prefix, path))
+            if found is not None:
+                return found
+        return None
     if key.startswith(("lora_unet_", "lora_te", "lora_transformer_")):
         return index.resolve(key)
     if key.startswith("oft_unet_"):  # kohya networks.oft
@@ -462,7 +546,9 @@ def resolve_key(index: ModuleIndex, key: str) -> Target | None:
         return index.resolve("lora_unet_" + key[len("lycoris_") :])
     component, path = _strip_component(key)
     found = index.resolve_path(component, _normalise_dotted(path))
-    if found is None and index.kohya and component in ("unet", "transformer"):  # SAI/BFL paths, dotted
+    if found is None and component in ("unet", "transformer"):
+        # dotted SAI/BFL paths, and ComfyUI's generic ``diffusion_model.<ldm path>`` of an SD1/SD2/SDXL UNet
+        # (``input_blocks.4.1...``): flattened, they are kohya's SGM names, aliases of every UNet module
         found = index.resolve("lora_unet_" + path.replace(".", "_"))
     return found
 
@@ -906,4 +992,6 @@ __all__ = [
     "sshs_hashes",
     "stringify",
     "tag_frequency",
+    "unmappable_layout",
+    "xlabs_key",
 ]

@@ -404,7 +404,20 @@ class ModuleIndex:
         """SD3/Flux: a kohya (SAI/BFL) module name that stacks several diffusers modules or
         orders their rows otherwise (``None`` for plain names, which :meth:`resolve` handles)."""
         module = self.kohya.get(name)
+        if module is None and name.endswith("_linear1_qkv"):
+            return self._linear1_qkv(name)
         return module if module is not None and not module.direct else None
+
+    def _linear1_qkv(self, name: str) -> KohyaModule | None:
+        """FLUX.1's single-block ``linear1`` less its MLP rows: the q/k/v rows that XLabs' ``qkv_lora`` adds to,
+        under ComfyUI's name for them (``single_blocks.<i>.linear1_qkv``); no trainer writes it, so it is built
+        from ``linear1``'s module when a file names it, not kept in :attr:`kohya`."""
+        from .dit import KohyaModule
+
+        linear1 = self.kohya.get(name.removesuffix("_qkv"))
+        if linear1 is None or len(linear1.parts) != 4:  # to_q, to_k, to_v, proj_mlp
+            return None
+        return KohyaModule(name, linear1.parts[:3], default=False)
 
     def name_of(self, component: str, path: str) -> str:
         """Module path -> canonical kohya name (``KeyError`` when the module is not patchable)."""

@@ -102,7 +102,9 @@ def test_gui_ia3_prodigy_preset_dry_runs(tmp_path):
                 output_dir=str(tmp_path / "out"), logging_dir="", max_resolution="64,64")  # fmt: skip
     config = tmp_path / "ia3.json"
     config.write_text(json.dumps(data))
-    args = ["train", "lora", "--config", str(config), "--dry-run"]
+    # the preset names no mixed_precision: the GUI's widget runs fp16 (a CUDA GPU's); no here, on the CPU
+    args = ["train", "lora", "--config", str(config), "--dry-run", "--mixed-precision", "no"]
     result = CliRunner().invoke(build_cli(get_plugin_manager()), args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    assert "the kohya_ss GUI's own values (its widgets' defaults): enable_bucket True" in result.output
     assert "network_dropout 0.3, scale_weight_norms 1 with algo=ia3" in result.output

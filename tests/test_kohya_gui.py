@@ -617,3 +617,38 @@ def test_a_bare_lora_config_runs_at_the_lora_tabs_rates_and_network(tmp_path):
     o = load_options(LoraOptions, _write(tmp_path, _gui(enable_bucket=False, max_bucket_reso=None,
                                                         save_every_n_epochs=0)), notes=[])  # fmt: skip
     assert (o.buckets, o.max_bucket_reso, o.save_every_epochs) == (False, 2048, None)
+
+
+def test_widget_values_follow_the_guis_change_handlers(tmp_path):
+    """Loading a config runs the widgets' change handlers after filling them: class_basic_training.py
+    lr_scheduler_changed sets the warmup to 0 for "constant" (sd-scripts refuses a constant warmup), and
+    common_gui.py color_aug_changed unticks cache_latents (kohya refuses cached latents with color_aug)."""
+    notes: list[str] = []
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "lr_scheduler": "constant"}), notes=notes)
+    assert (o.lr_scheduler, o.lr_warmup_steps) == ("constant", 0)
+    assert "lr_warmup 0" in notes[0] and not any("constant_with_warmup" in n for n in notes), notes
+    # the widget's 10 % stays for every other schedule
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "lr_scheduler": "linear"}), notes=[])
+    assert (o.lr_scheduler, o.lr_warmup_steps) == ("linear", 0.1)
+    notes = []
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "color_aug": True}), notes=notes)
+    assert (o.color_aug, o.cache_latents) == (True, False)
+    assert "cache_latents False" in notes[0], notes
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "color_aug": False}), notes=[])
+    assert o.cache_latents is True
+
+
+def test_the_guis_fp16_says_what_to_do_without_a_gpu(tmp_path):
+    """mixed_precision left out runs at the Accelerate launch widget's fp16, which needs a CUDA GPU: the note
+    names the flag and the key that change it; a file that names mixed_precision gets no such line."""
+    notes: list[str] = []
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard"}), notes=notes)
+    assert o.mixed_precision == "fp16"
+    assert notes[0].endswith(
+        "; mixed_precision fp16 needs a CUDA GPU: without one give --mixed-precision no (or bf16), "
+        'or set "mixed_precision" in the file'
+    ), notes
+    o = load_options(LoraOptions, _write(tmp_path, _gui(mixed_precision="bf16")), notes=(notes := []))
+    assert o.mixed_precision == "bf16" and not any("CUDA" in n for n in notes), notes
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard"}), {"mixed_precision": "no"}, notes=[])
+    assert o.mixed_precision == "no"  # the command line wins over the widget's value

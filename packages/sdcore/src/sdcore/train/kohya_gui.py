@@ -382,13 +382,27 @@ def _lora_tab(items: dict[str, Any], family: str, where: str, notes: list[str], 
 
 def _widget_values(items: dict[str, Any], notes: list[str]) -> None:
     """The LoRA tab's widget values for the fields ``items`` leaves out or sets to null (:data:`_LORA_WIDGETS`),
-    as the GUI fills them when it loads the config; said in one note."""
+    as a freshly started GUI fills them when it loads the config; said in one note. The load also runs the
+    widgets' change handlers, which overrule a filled value: class_basic_training.py ``lr_scheduler_changed``
+    sets the warmup to 0 for the constant schedule (sd-scripts refuses a warmup there), and common_gui.py
+    ``color_aug_changed`` unticks cache_latents (a colour-augmented image has no fixed latent)."""
     missing = [key for key in _LORA_WIDGETS if items.get(key) is None]
+    widgets = dict(_LORA_WIDGETS)
+    if _text(items.get("lr_scheduler") or widgets["lr_scheduler"]) == "constant":
+        widgets["lr_warmup"] = 0
+    if _on(items.get("color_aug")):
+        widgets["cache_latents"] = False
     for key in missing:
-        items[key] = _LORA_WIDGETS[key]
+        items[key] = widgets[key]
     if missing:
-        given = ", ".join(f"{key} {_LORA_WIDGETS[key]!r}" for key in missing)
-        notes.append(f"not in the file, so the kohya_ss GUI's own values (its widgets' defaults): {given}")
+        given = ", ".join(f"{key} {widgets[key]!r}" for key in missing)
+        note = f"not in the file, so the kohya_ss GUI's own values (its widgets' defaults): {given}"
+        if "mixed_precision" in missing:
+            note += (
+                "; mixed_precision fp16 needs a CUDA GPU: without one give --mixed-precision no (or bf16), "
+                'or set "mixed_precision" in the file'
+            )
+        notes.append(note)
 
 
 def _noise_fields(items: dict[str, Any]) -> None:

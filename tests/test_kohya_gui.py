@@ -553,3 +553,102 @@ def test_gui_flux_preset_min_snr_gamma_is_skipped_on_flow_models_as_kohya_skips_
         None, None, False, 0.0
     )  # fmt: skip
     assert any(n.startswith("min_snr_gamma 7: kohya's") and "ignored" in n for n in notes), notes
+
+
+#: class_basic_training.py / class_advanced_training.py / class_source_model.py / class_accelerate_launch.py
+#: (bmaltais/kohya_ss 45088f0): the widgets' values a LoRA-tab config that leaves the field out (or null) keeps
+#: (lora_gui.py open_configuration: ``json_value if json_value is not None else value``)
+WIDGETS = {"max_resolution": "512,512", "enable_bucket": True, "max_bucket_reso": 2048, "bucket_no_upscale": True,
+           "caption_extension": ".txt", "mixed_precision": "fp16", "save_precision": "fp16"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [n for n in _presets() if n.startswith("lora/")])
+def test_lora_presets_leave_out_fields_at_the_guis_widget_values(name, tmp_path):
+    """Most presets leave out max_bucket_reso (sd-scripts 1024, the GUI 2048); iA3-Prodigy-sd15 leaves out the
+    resolution, buckets, caption extension and precisions too: the run is the GUI's, not sd-scripts' defaults."""
+    data = _paths_moved_here(json.loads((PRESETS / name).read_text()))
+    notes: list[str] = []
+    o = load_options(LoraOptions, _write(tmp_path, data, Path(name).name), notes=notes)
+    gui = {key: data[key] if data.get(key) is not None else value for key, value in WIDGETS.items()}
+    width, height = (int(v) for v in str(gui["max_resolution"]).split(","))
+    if width == height:
+        assert (o.resolution, o.resolution_size) == (width, None)
+    else:
+        assert o.resolution_size == (width, height)
+    assert (o.buckets, o.max_bucket_reso, o.bucket_no_upscale) == (
+        bool(gui["enable_bucket"]), int(gui["max_bucket_reso"]), bool(gui["bucket_no_upscale"])
+    )  # fmt: skip
+    assert o.mixed_precision == gui["mixed_precision"]
+    assert o.save_dtype == gui["save_precision"]
+    if gui["caption_extension"]:  # "" is left out of the GUI's TOML: sd-scripts' own ".caption"
+        assert o.caption_extension == gui["caption_extension"]
+    left_out = [key for key in WIDGETS if data.get(key) is None]
+    widget_notes = [n for n in notes if n.startswith("not in the file, so the kohya_ss GUI's own values")]
+    assert len(widget_notes) == (1 if left_out else 0), notes
+    assert all(f"{key} " in widget_notes[0] for key in left_out)
+
+
+def test_ia3_prodigy_preset_gets_the_lora_tabs_widget_values(tmp_path):
+    """presets/lora/iA3-Prodigy-sd15.json names 28 fields; the GUI runs the rest at its widgets' values."""
+    notes: list[str] = []
+    o = load_options(LoraOptions, PRESETS / "lora" / "iA3-Prodigy-sd15.json", notes=notes)
+    assert (o.resolution, o.buckets, o.max_bucket_reso, o.bucket_no_upscale, o.min_bucket_reso, o.bucket_step) == (
+        512, True, 2048, True, 256, 64
+    )  # fmt: skip
+    assert (o.mixed_precision, o.save_dtype, o.caption_extension, o.cache_latents) == ("fp16", "fp16", ".txt", True)
+    # the file's own values stay: Prodigy at lr 1, constant, no warmup, save every 10 epochs, GUI 1600 steps
+    assert (o.optimizer, o.lr, o.unet_lr, o.te_lr, o.lr_scheduler, o.lr_warmup_steps) == (
+        "prodigy", 1.0, 1.0, 1.0, "constant", 0
+    )  # fmt: skip
+    assert (o.save_every_epochs, o.max_steps, o.rank, o.alpha, o.algo) == (10, 1600, 1024, 1024.0, "ia3")
+    assert (o.noise_offset, o.adaptive_noise_scale, o.caption_dropout, o.keep_tokens, o.seed) == (
+        0.05, 0.005, 0.5, 1, 31337
+    )  # fmt: skip
+
+
+def test_a_bare_lora_config_runs_at_the_lora_tabs_rates_and_network(tmp_path):
+    """lora_gui.py: learning_rate_value 0.0001, lr_scheduler_value "cosine", lr_warmup_value 10 (%),
+    DEFAULT_TEXT_ENCODER_LR = DEFAULT_UNET_LR = 0.0001, network_dim 8, network_alpha 1; class_basic_training.py
+    save_every_n_epochs 1."""
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "optimizer": "AdamW"}), notes=[])
+    assert (o.lr, o.unet_lr, o.te_lr, o.lr_scheduler, o.lr_warmup_steps) == (1e-4, 1e-4, 1e-4, "cosine", 0.1)
+    assert (o.rank, o.alpha, o.save_every_epochs, o.max_steps) == (8, 1.0, 1, 1600)
+    # a field the file gives, even "" or 0, is the file's (only a missing or null one takes the widget's)
+    o = load_options(LoraOptions, _write(tmp_path, _gui(enable_bucket=False, max_bucket_reso=None,
+                                                        save_every_n_epochs=0)), notes=[])  # fmt: skip
+    assert (o.buckets, o.max_bucket_reso, o.save_every_epochs) == (False, 2048, None)
+
+
+def test_widget_values_follow_the_guis_change_handlers(tmp_path):
+    """Loading a config runs the widgets' change handlers after filling them: class_basic_training.py
+    lr_scheduler_changed sets the warmup to 0 for "constant" (sd-scripts refuses a constant warmup), and
+    common_gui.py color_aug_changed unticks cache_latents (kohya refuses cached latents with color_aug)."""
+    notes: list[str] = []
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "lr_scheduler": "constant"}), notes=notes)
+    assert (o.lr_scheduler, o.lr_warmup_steps) == ("constant", 0)
+    assert "lr_warmup 0" in notes[0] and not any("constant_with_warmup" in n for n in notes), notes
+    # the widget's 10 % stays for every other schedule
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "lr_scheduler": "linear"}), notes=[])
+    assert (o.lr_scheduler, o.lr_warmup_steps) == ("linear", 0.1)
+    notes = []
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "color_aug": True}), notes=notes)
+    assert (o.color_aug, o.cache_latents) == (True, False)
+    assert "cache_latents False" in notes[0], notes
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard", "color_aug": False}), notes=[])
+    assert o.cache_latents is True
+
+
+def test_the_guis_fp16_says_what_to_do_without_a_gpu(tmp_path):
+    """mixed_precision left out runs at the Accelerate launch widget's fp16, which needs a CUDA GPU: the note
+    names the flag and the key that change it; a file that names mixed_precision gets no such line."""
+    notes: list[str] = []
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard"}), notes=notes)
+    assert o.mixed_precision == "fp16"
+    assert notes[0].endswith(
+        "; mixed_precision fp16 needs a CUDA GPU: without one give --mixed-precision no (or bf16), "
+        'or set "mixed_precision" in the file'
+    ), notes
+    o = load_options(LoraOptions, _write(tmp_path, _gui(mixed_precision="bf16")), notes=(notes := []))
+    assert o.mixed_precision == "bf16" and not any("CUDA" in n for n in notes), notes
+    o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard"}), {"mixed_precision": "no"}, notes=[])
+    assert o.mixed_precision == "no"  # the command line wins over the widget's value

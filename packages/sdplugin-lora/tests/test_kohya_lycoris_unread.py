@@ -90,8 +90,9 @@ def test_sdcore_flags_keep_the_refusal():
         LoraMethod(LoraOptions(algo="ia3", dropout=0.3, scale_weight_norms=1.0)).validate()
 
 
-def test_gui_ia3_prodigy_preset_dry_runs(tmp_path):
+def test_gui_ia3_prodigy_preset_dry_runs(tmp_path, monkeypatch):
     """The kohya_ss GUI preset iA3-Prodigy-sd15 (network_dropout 0.3, scale_weight_norms 1) was refused."""
+    import torch
     from sdcore.cli import build_cli
     from sdcore.plugins import get_plugin_manager
 
@@ -102,7 +103,16 @@ def test_gui_ia3_prodigy_preset_dry_runs(tmp_path):
                 output_dir=str(tmp_path / "out"), logging_dir="", max_resolution="64,64")  # fmt: skip
     config = tmp_path / "ia3.json"
     config.write_text(json.dumps(data))
+    # the preset names no mixed_precision: the GUI's widget runs fp16, which a machine without CUDA refuses
+    # before any model loads, the note before saying what to give
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = ["train", "lora", "--config", str(config), "--dry-run"]
     result = CliRunner().invoke(build_cli(get_plugin_manager()), args, catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert "without one give --mixed-precision no (or bf16)" in result.output
+    assert "--mixed-precision fp16 needs a CUDA GPU" in result.output and "model: tiny:sd1" not in result.output
+    args.extend(["--mixed-precision", "no"])
+    result = CliRunner().invoke(build_cli(get_plugin_manager()), args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    assert "the kohya_ss GUI's own values (its widgets' defaults): enable_bucket True" in result.output
     assert "network_dropout 0.3, scale_weight_norms 1 with algo=ia3" in result.output

@@ -174,6 +174,19 @@ _NETWORK_DEFAULTS: dict[str, Any] = {
     "factor": -1, "use_cp": False, "decompose_both": False, "train_norm": False, "constrain": 0.0, "rescaled": False,
     "unit": 1, "train_on_input": True,
 }  # fmt: skip
+#: the LoRA tab's values for the training fields a config leaves out. The GUI loads a config into its widgets
+#: (lora_gui.py open_configuration: a field that is missing or null keeps the widget's value) and launches
+#: from the widgets, so a preset that names few fields (presets/lora/iA3-Prodigy-sd15.json) runs at these,
+#: not at sd-scripts' defaults: class_basic_training.py (with lora_gui.py's learning_rate_value 0.0001,
+#: lr_scheduler_value "cosine", lr_warmup_value 10 %), class_advanced_training.py, class_source_model.py,
+#: class_accelerate_launch.py and lora_gui.py's rate and network widgets (bmaltais/kohya_ss 45088f0). Only
+#: the widgets whose value differs from sd-scripts' default (or sdcore's) for the run are listed.
+_LORA_WIDGETS: dict[str, Any] = {
+    "max_resolution": "512,512", "enable_bucket": True, "max_bucket_reso": 2048, "bucket_no_upscale": True,
+    "cache_latents": True, "caption_extension": ".txt", "save_every_n_epochs": 1, "learning_rate": 0.0001,
+    "lr_scheduler": "cosine", "lr_warmup": 10, "save_precision": "fp16", "mixed_precision": "fp16",
+    "text_encoder_lr": 0.0001, "unet_lr": 0.0001, "network_dim": 8, "network_alpha": 1,
+}  # fmt: skip
 #: networks.lora's block-wise fields (Standard, Kohya LoCon, LoRA-FA, Kohya DyLoRA pass those that are set)
 _BLOCK_FIELDS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
                  "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout")  # fmt: skip
@@ -365,6 +378,31 @@ def _lora_tab(items: dict[str, Any], family: str, where: str, notes: list[str], 
         notes.append("stop_text_encoder_training is ignored for LoRA (as the GUI does)")
     items.pop("stop_text_encoder_training", None)
     notes.append(f"read as a kohya_ss GUI preset (LoRA_type {lora_type})")
+
+
+def _widget_values(items: dict[str, Any], notes: list[str]) -> None:
+    """The LoRA tab's widget values for the fields ``items`` leaves out or sets to null (:data:`_LORA_WIDGETS`),
+    as a freshly started GUI fills them when it loads the config; said in one note. The load also runs the
+    widgets' change handlers, which overrule a filled value: class_basic_training.py ``lr_scheduler_changed``
+    sets the warmup to 0 for the constant schedule (sd-scripts refuses a warmup there), and common_gui.py
+    ``color_aug_changed`` unticks cache_latents (a colour-augmented image has no fixed latent)."""
+    missing = [key for key in _LORA_WIDGETS if items.get(key) is None]
+    widgets = dict(_LORA_WIDGETS)
+    if _text(items.get("lr_scheduler") or widgets["lr_scheduler"]) == "constant":
+        widgets["lr_warmup"] = 0
+    if _on(items.get("color_aug")):
+        widgets["cache_latents"] = False
+    for key in missing:
+        items[key] = widgets[key]
+    if missing:
+        given = ", ".join(f"{key} {widgets[key]!r}" for key in missing)
+        note = f"not in the file, so the kohya_ss GUI's own values (its widgets' defaults): {given}"
+        if "mixed_precision" in missing:
+            note += (
+                "; mixed_precision fp16 needs a CUDA GPU: without one give --mixed-precision no (or bf16), "
+                'or set "mixed_precision" in the file'
+            )
+        notes.append(note)
 
 
 def _noise_fields(items: dict[str, Any]) -> None:
@@ -561,6 +599,7 @@ def gui_preset(
         problems.append(f"{where}: a kohya_ss GUI {tab} config: run it with `sdcore train {method}`")
     family = _family(items, where, problems)
     if tab == "lora":
+        _widget_values(items, notes)
         _lora_tab(items, family, where, notes, problems)
     else:
         for key in _NETWORK_FIELDS & items.keys():

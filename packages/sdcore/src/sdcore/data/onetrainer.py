@@ -235,9 +235,14 @@ def resolve_path(raw: str, base: Path) -> Path:
     return candidate
 
 
+#: ``TrainConfig``'s ``concept_file_name`` default (relative to OneTrainer's folder)
+DEFAULT_CONCEPT_FILE = "training_concepts/concepts.json"
+
+
 def concepts_of(path: str | os.PathLike[str]) -> tuple[list[Any], Path]:
     """The raw concept list of a concepts file (a JSON list) or a training preset (a JSON object with
-    ``concepts``, else ``concept_file_name``), and the file the list came from."""
+    ``concepts``, else ``concept_file_name``, OneTrainer's default when a preset leaves both out), and the file the
+    list came from."""
     path = Path(path)
     data = _read_json(path)
     if isinstance(data, list):
@@ -247,6 +252,16 @@ def concepts_of(path: str | os.PathLike[str]) -> tuple[list[Any], Path]:
     if isinstance(data.get("concepts"), list):
         return data["concepts"], path
     name = data.get("concept_file_name")
+    if name is None and "training_method" in data and "model_type" in data:
+        # a preset leaves it out (none of OneTrainer's built-in ones sets it): TrainConfig's default applies
+        name = DEFAULT_CONCEPT_FILE
+        concepts_file = resolve_path(name, path)
+        if not concepts_file.is_file():
+            raise DataError(
+                f"{path}: gives neither 'concepts' nor 'concept_file_name', and OneTrainer's default {name} is not "
+                f"in the working directory, {path.parent.parent} or {path.parent}: add 'concept_file_name' (or give "
+                "--data)"
+            )
     if not isinstance(name, str) or not name:
         raise DataError(
             f"{path}: a JSON dataset is OneTrainer's concepts file (a list of concepts) or a training preset "

@@ -38,7 +38,6 @@ _FINE_TUNE = {"batch_size": 4, "output_model_destination": "models/model.safeten
               "vae": {"weight_dtype": "FLOAT_32"}}  # fmt: skip
 _HALF = {"weight_dtype": "FLOAT_16"}
 _SD3_TE = {"train": False, "weight_dtype": "FLOAT_16"}
-_INPAINT_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"  # not read: the reader peeks local files only
 
 
 def _chroma(kind: str, transformer: dict[str, Any], text_encoder: str) -> dict[str, Any]:
@@ -70,19 +69,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "vae": {"weight_dtype": "FLOAT_32"}, "unet": _HALF, "text_encoder": _HALF},
     "#sd 1.5 embedding": {**_EMBEDDING, "base_model_name": "tiny:sd1", "model_type": "STABLE_DIFFUSION_15",
                           "resolution": "512"},
-    "#sd 1.5 inpaint masked": {**_FINE_TUNE, "base_model_name": _INPAINT_MODEL, "masked_training": True,
+    "#sd 1.5 inpaint masked": {**_FINE_TUNE, "base_model_name": "tiny:sd1-inpainting", "masked_training": True,
                                "model_type": "STABLE_DIFFUSION_15_INPAINTING", "normalize_masked_area_loss": True},
-    "#sd 1.5 inpaint": {**_FINE_TUNE, "base_model_name": _INPAINT_MODEL,
+    "#sd 1.5 inpaint": {**_FINE_TUNE, "base_model_name": "tiny:sd1-inpainting",
                         "model_type": "STABLE_DIFFUSION_15_INPAINTING"},
     "#sd 1.5 masked": {**_FINE_TUNE, "base_model_name": "tiny:sd1", "masked_training": True,
                        "max_noising_strength": 0.8, "model_type": "STABLE_DIFFUSION_15",
                        "normalize_masked_area_loss": True},
     "#sd 1.5": {**_FINE_TUNE, "base_model_name": "tiny:sd1", "model_type": "STABLE_DIFFUSION_15",
                 "unet": {"train": True}},
-    "#sd 2.0 inpaint LoRA": {**_SD_LORA, "base_model_name": "sd2-community/stable-diffusion-2-inpainting",
+    "#sd 2.0 inpaint LoRA": {**_SD_LORA, "base_model_name": "tiny:sd2-inpainting",
                              "model_type": "STABLE_DIFFUSION_20_INPAINTING", "vae": _HALF, "unet": _HALF,
                              "text_encoder": _HALF},
-    "#sd 2.0 inpaint": {**_FINE_TUNE, "base_model_name": "sd2-community/stable-diffusion-2-inpainting",
+    "#sd 2.0 inpaint": {**_FINE_TUNE, "base_model_name": "tiny:sd2-inpainting",
                         "model_type": "STABLE_DIFFUSION_20_INPAINTING"},
     "#sd 2.1 LoRA": {**_SD_LORA, "base_model_name": "tiny:sd2", "model_type": "STABLE_DIFFUSION_21", "vae": _HALF,
                      "unet": _HALF, "text_encoder": _HALF},
@@ -94,7 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "text_encoder_2": {"train": False, **_HALF}, "vae": {"weight_dtype": "FLOAT_32"}},
     "#sdxl 1.0 embedding": {**_EMBEDDING, "base_model_name": "tiny:sdxl", "model_type": "STABLE_DIFFUSION_XL_10_BASE",
                             "resolution": "1024", "text_encoder_2": _HALF},
-    "#sdxl 1.0 inpaint LoRA": {**_SD_LORA, "base_model_name": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+    "#sdxl 1.0 inpaint LoRA": {**_SD_LORA, "base_model_name": "tiny:sdxl-inpainting",
                                "model_type": "STABLE_DIFFUSION_XL_10_BASE_INPAINTING", "resolution": "1024",
                                "text_encoder": {"train": False, **_HALF}, "text_encoder_2": {"train": False, **_HALF},
                                "unet": _HALF, "vae": {"weight_dtype": "FLOAT_32"}},
@@ -214,10 +213,24 @@ EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {
 }  # fmt: skip
 
 
+#: ``optimizer_util.OPTIMIZER_DEFAULT_PARAMETERS`` of the two optimizers the presets train with: the UI's defaults,
+#: which ``change_optimizer`` loads into the ``optimizer`` table (under the chosen optimizer's ``optimizer_defaults``
+#: entry) when a config or preset is loaded
+UI_OPTIMIZER_DEFAULTS = {
+    "ADAMW": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False, "foreach": False,
+              "maximize": False, "capturable": False, "differentiable": False, "fused": True,
+              "stochastic_rounding": False, "fused_back_pass": False},
+    "ADAFACTOR": {"eps": 1e-30, "eps2": 1e-3, "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
+                  "weight_decay": 0.0, "scale_parameter": False, "relative_step": False, "warmup_init": False,
+                  "stochastic_rounding": True, "fused_back_pass": False},
+}  # fmt: skip
+
+
 def saved(preset: dict[str, Any]) -> dict[str, Any]:
     """The config OneTrainer's UI saves after loading ``preset``: every field of ``TrainConfig`` and of each nested
-    table, each table with its ``__version`` (0; the TrainConfig's is 11), and the chosen optimizer's entry of
-    ``optimizer_defaults`` loaded into the ``optimizer`` table (``change_optimizer``)."""
+    table, each table with its ``__version`` (0; the TrainConfig's is 11), and the ``optimizer`` table as
+    ``change_optimizer`` loads it: the UI's defaults of the chosen optimizer, its ``optimizer_defaults`` entry over
+    them."""
     from sdcore.train import onetrainer_config as ot
 
     config: dict[str, Any] = {"__version": ot.CONFIG_VERSION, **copy.deepcopy(ot.DEFAULTS)}
@@ -236,8 +249,8 @@ def saved(preset: dict[str, Any]) -> dict[str, Any]:
                for name, entry in preset.get("optimizer_defaults", {}).items()}  # fmt: skip
     config["optimizer_defaults"] = entries
     chosen = config["optimizer"]["optimizer"]
-    if chosen in entries:
-        config["optimizer"] = copy.deepcopy(entries[chosen])
+    config["optimizer"] = {**config["optimizer"], **UI_OPTIMIZER_DEFAULTS[chosen],
+                           **{k: v for k, v in entries.get(chosen, {}).items() if k != "__version"}}  # fmt: skip
     return config
 
 
@@ -313,6 +326,24 @@ def test_optimizer_and_optimizer_defaults_that_disagree_are_one_problem_each(tmp
     assert "optimizer.weight_decay 0.1: optimizer_defaults.ADAFACTOR.weight_decay says 0.0" in problems[1]
 
 
+@pytest.mark.parametrize("build", [lambda p: {**p, "optimizer": {"optimizer": "ADAFACTOR", "fused_back_pass": False}},
+                                   saved], ids=["preset", "saved"])  # fmt: skip
+def test_an_optimizer_field_written_at_its_default_is_not_overridden_by_optimizer_defaults(tmp_path, build):
+    """A hand-edited ``"fused_back_pass": false`` (scripts/train.py trains with it) against the entry's true: the
+    entry fills only the fields the ``optimizer`` object leaves out, so this is the ambiguity, not a silent true."""
+    from sdcore.errors import ConfigError
+
+    config = build(copy.deepcopy(PRESETS["#chroma Finetune 24GB"]))
+    config["optimizer"]["fused_back_pass"] = False
+    with pytest.raises(ConfigError) as info:
+        _options(tmp_path, config, "dreambooth")
+    (problem,) = [p for p in info.value.problems if "optimizer_defaults" in p]
+    assert problem.endswith(
+        "optimizer.fused_back_pass False: optimizer_defaults.ADAFACTOR.fused_back_pass says True: OneTrainer's UI "
+        "trains with the latter, its scripts/train.py with the former; make them agree"
+    )
+
+
 def test_sdxl_fine_tune_bf16_weights_under_fp16_say_the_master_copy(tmp_path):
     notes: list[str] = []
     _options(tmp_path, PRESETS["#sdxl 1.0"], "dreambooth", notes)
@@ -363,3 +394,19 @@ def test_a_preset_without_concepts_reads_onetrainers_default_concepts_file(tmp_p
     assert result.exit_code != 0
     assert "gives neither 'concepts' nor 'concept_file_name', and OneTrainer's default " \
            "training_concepts/concepts.json is not in the working directory" in result.output  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "model", "why"), [
+    ("#sd 1.5 inpaint", "tiny:sd1", "is not an inpainting model (no mask input)"),
+    ("#sd 1.5", "tiny:sd1-inpainting", "is an inpainting model: use its _INPAINTING/FILL type"),
+])  # fmt: skip
+def test_an_inpainting_preset_needs_an_inpainting_model_and_a_plain_one_a_plain_model(tmp_path, name, model, why):
+    """The inpainting presets above run on ``tiny:sd1-inpainting`` (9 input channels, read from the layout before
+    anything loads); the wrong kind of model is one line naming model_type, as OneTrainer would fail at its first
+    step on the shape."""
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _options(tmp_path, {**PRESETS[name], "base_model_name": model}, "dreambooth")
+    (problem,) = [p for p in info.value.problems if "model_type" in p]
+    assert problem.endswith(f"base_model_name {model} {why}")

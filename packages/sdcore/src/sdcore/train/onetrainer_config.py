@@ -1378,12 +1378,18 @@ def _optimizer(r: _Reader) -> None:
 def _ui_optimizer(r: _Reader, table: dict[str, Any]) -> dict[str, Any]:
     """The optimizer settings OneTrainer's UI trains with. ``optimizer_defaults`` keeps the UI's settings per
     optimizer; loading a config or preset in the UI replaces the ``optimizer`` table by the chosen optimizer's
-    entry there (``optimizer_util.change_optimizer``), and editing them keeps both in step
+    entry there, over the UI's own defaults for it (``optimizer_util.change_optimizer``,
+    ``OPTIMIZER_DEFAULT_PARAMETERS``: for ADAMW and ADAFACTOR the same weights as ``create.py``'s fallbacks
+    sdcore applies, AdamW's ``fused``/``stochastic_rounding`` aside), and closing its optimizer window keeps both in step
     (``update_optimizer_config``), so in a config the UI saved they agree. The built-in presets give only the
-    entry (the Chroma fine-tunes' Adafactor with ``fused_back_pass``): its values fill the fields the table
-    leaves at their defaults. A field both give differently is ambiguous (the UI trains with the entry's,
-    ``scripts/train.py``, which ignores ``optimizer_defaults``, with the table's): one problem line each."""
+    entry (the Chroma fine-tunes' Adafactor with ``fused_back_pass``): its values fill the fields the
+    ``optimizer`` object leaves out (not those it gives, even at their default value: a hand-edited
+    ``"fused_back_pass": false`` is not turned back on). A field both give differently is ambiguous (the UI
+    trains with the entry's, ``scripts/train.py``, which ignores ``optimizer_defaults``, with the table's): one
+    problem line each."""
     raw = r.data.get("optimizer_defaults")
+    written = r.data.get("optimizer")
+    given = set(written) if isinstance(written, dict) else set()
     name = _text(table["optimizer"])
     if raw in (None, {}):
         return table
@@ -1397,10 +1403,10 @@ def _ui_optimizer(r: _Reader, table: dict[str, Any]) -> dict[str, Any]:
         return table
     saved = r.table_value(f"optimizer_defaults.{name}", entry, OPTIMIZER_DEFAULTS)
     merged, taken = dict(table), []
-    for key, default in OPTIMIZER_DEFAULTS.items():
+    for key in OPTIMIZER_DEFAULTS:
         if key == "optimizer" or same_value(saved[key], table[key]):
             continue
-        if same_value(table[key], default):
+        if key not in given:
             merged[key] = saved[key]
             taken.append(f"{key}={saved[key]!r}")
         else:

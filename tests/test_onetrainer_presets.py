@@ -389,11 +389,23 @@ def test_a_preset_without_concepts_reads_onetrainers_default_concepts_file(tmp_p
     assert result.exit_code == 0, result.output
     assert "2 training images" in result.output and "result: models/embedding.pt" in result.output
 
+    # a built-in preset lies in training_presets/<model>/: run from elsewhere, OneTrainer's folder is found above it
+    builtin = root / "training_presets" / "SD1.5" / "#sd 1.5 embedding.json"
+    builtin.parent.mkdir(parents=True)
+    builtin.write_text(json.dumps(preset), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = sd_cli(["train", "ti", "--config", str(builtin), "--dry-run"], pm=pm)
+    assert result.exit_code == 0, result.output
+    assert "2 training images" in result.output
+    assert (f"concept_file_name: not given, OneTrainer's default training_concepts/concepts.json: the concepts of "
+            f"{root / 'training_concepts' / 'concepts.json'} (unless --data is given)") in result.output  # fmt: skip
+
     (root / "training_concepts" / "concepts.json").unlink()
-    result = sd_cli(["train", "ti", "--config", "preset.json", "--dry-run"], pm=pm)
+    result = sd_cli(["train", "ti", "--config", str(builtin), "--dry-run"], pm=pm)
     assert result.exit_code != 0
-    assert "gives neither 'concepts' nor 'concept_file_name', and OneTrainer's default " \
-           "training_concepts/concepts.json is not in the working directory" in result.output  # fmt: skip
+    assert (f"gives neither 'concepts' nor 'concept_file_name', and OneTrainer's default "
+            f"training_concepts/concepts.json is not in {tmp_path}, {root}, {builtin.parent.parent}, "
+            f"{builtin.parent} (the working directory first)") in " ".join(result.output.split())  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "model", "why"), [

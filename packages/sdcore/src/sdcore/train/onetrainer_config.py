@@ -575,10 +575,25 @@ def translate_config(
     if method == "dreambooth":
         _fine_tune_weights(r, parts, family)
     _ema(r, fields)
+    _default_concepts(r, path)
     _saves_and_samples(r, family, path)
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
+
+
+def _default_concepts(r: _Reader, path: str | os.PathLike[str]) -> None:
+    """A config that names no concepts (every built-in preset) trains on ``TrainConfig``'s default
+    ``training_concepts/concepts.json`` (:func:`sdcore.data.onetrainer.concepts_of`), found in one of several
+    folders: a note says which file that is, since it is not in the config."""
+    if isinstance(r.data.get("concepts"), list) or "concept_file_name" in r.data:
+        return
+    from ..data.onetrainer import DEFAULT_CONCEPT_FILE, resolve_path
+
+    found = resolve_path(DEFAULT_CONCEPT_FILE, Path(path))
+    if found.is_file():
+        r.note(f"concept_file_name: not given, OneTrainer's default {DEFAULT_CONCEPT_FILE}: the concepts of {found} "
+               "(unless --data is given)")  # fmt: skip
 
 
 def _legacy_weight_dtype(r: _Reader, parts: dict[str, dict[str, Any]]) -> None:

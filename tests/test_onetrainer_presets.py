@@ -422,3 +422,43 @@ def test_an_inpainting_preset_needs_an_inpainting_model_and_a_plain_one_a_plain_
         _options(tmp_path, {**PRESETS[name], "base_model_name": model}, "dreambooth")
     (problem,) = [p for p in info.value.problems if "model_type" in p]
     assert problem.endswith(f"base_model_name {model} {why}")
+
+
+@pytest.mark.parametrize(("destination", "elsewhere"), [
+    ("models/embedding.safetensors", ""),
+    ("models/embedding.pt", "; OneTrainer writes that file as models/embedding.pt"),
+    ("models/embedding.bin", "; OneTrainer writes that file as models/embedding.bin"),
+])  # fmt: skip
+def test_embedding_output_is_the_pt_name_with_the_safetensors_beside_it(tmp_path, destination, elsewhere):
+    """OneTrainer's EmbeddingSaverMixin writes safetensors data to output_model_destination, whatever its suffix;
+    sdcore's TI writes A1111's .pt (always) and the --format safetensors copy beside it."""
+    notes: list[str] = []
+    config = {**PRESETS["#sd 1.5 embedding"], "output_model_destination": destination}
+    options = _options(tmp_path, config, "ti", notes)
+    assert (options.output, options.format, options.name) == ("models/embedding.pt", "safetensors", "embedding")
+    (note,) = [n for n in notes if "output_model_format" in n]
+    assert note.endswith("output_model_format SAFETENSORS: the embedding is written to models/embedding.safetensors "
+                         f"and, beside it, as A1111's embedding.pt{elsewhere}")  # fmt: skip
+
+
+def test_the_embedding_preset_trains_and_writes_onetrainers_file(tmp_path, sd_cli, pm, monkeypatch):
+    """A few real steps of "#sd 1.5 embedding" (made small: 64 px, 1 epoch, fp32): the safetensors file lands where
+    OneTrainer's output_model_destination says, with the .pt beside it holding the same vector."""
+    import torch
+    from safetensors.torch import load_file
+
+    _tiny_images(tmp_path / "images")
+    config = {**PRESETS["#sd 1.5 embedding"], "resolution": "64", "epochs": 1, "train_dtype": "FLOAT_32",
+              "sample_after_unit": "NEVER", "concepts": [{"name": "c", "path": "images"}]}  # fmt: skip
+    (tmp_path / "preset.json").write_text(json.dumps(config), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = sd_cli(["train", "ti", "--config", "preset.json", "--no-progress"], pm=pm)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    written = sorted(p.name for p in (tmp_path / "models").iterdir() if p.is_file())
+    assert written == ["embedding.pt", "embedding.safetensors"]
+    tensors = load_file(str(tmp_path / "models" / "embedding.safetensors"))
+    (vector,) = tensors.values()
+    assert vector.shape == (1, 32)  # one vector ("*") of tiny:sd1's 32-wide CLIP
+    pt = torch.load(tmp_path / "models" / "embedding.pt", weights_only=False)
+    (trained,) = pt["string_to_param"].values()
+    assert torch.equal(trained.detach().cpu().float(), vector.float())

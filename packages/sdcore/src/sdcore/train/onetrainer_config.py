@@ -843,11 +843,14 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
     elif fmt == "SAFETENSORS":
         v["format"] = "safetensors"
         # sdcore's TI output names A1111's .pt, always written, with the --format copy beside it
+        # (OneTrainer's EmbeddingSaverMixin writes safetensors data to the destination, whatever its suffix)
         destination = Path(v["output"])
-        if destination.suffix.lower() in (".safetensors", ".pt"):
+        if destination.suffix.lower() in (".safetensors", ".pt", ".bin", ".ckpt"):
             v["output"] = str(destination.with_suffix(".pt"))
-            r.note(f"output_model_format SAFETENSORS: the embedding is written to {destination.with_suffix('.safetensors')}"
-                   f" (OneTrainer's file) and, beside it, as A1111's {destination.with_suffix('.pt').name}")  # fmt: skip
+            written = destination.with_suffix(".safetensors")
+            elsewhere = "" if written == destination else f"; OneTrainer writes that file as {destination}"
+            r.note(f"output_model_format SAFETENSORS: the embedding is written to {written} and, beside it, as "
+                   f"A1111's {destination.with_suffix('.pt').name}{elsewhere}")  # fmt: skip
         else:
             r.note("output_model_format SAFETENSORS: the embedding is written as .safetensors and A1111's .pt")
     else:

@@ -462,3 +462,13 @@ def test_the_embedding_preset_trains_and_writes_onetrainers_file(tmp_path, sd_cl
     pt = torch.load(tmp_path / "models" / "embedding.pt", weights_only=False)
     (trained,) = pt["string_to_param"].values()
     assert torch.equal(trained.detach().cpu().float(), vector.float())
+
+
+def test_fused_back_pass_on_an_optimizer_onetrainer_does_not_fuse_has_no_effect(tmp_path):
+    """Optimizer.supports_fused_back_pass: OneTrainer ignores the flag for LION (it steps after backward)."""
+    notes: list[str] = []
+    config = {**PRESETS["#sdxl 1.0 LoRA"], "optimizer": {"optimizer": "LION", "fused_back_pass": True}}
+    options = _options(tmp_path, config, "lora", notes)
+    assert options.optimizer == "lion" and options.fused_backward_pass is False
+    assert any(n.endswith("optimizer.fused_back_pass: accepted, no effect with LION (OneTrainer steps it after "
+                          "backward: Optimizer.supports_fused_back_pass)") for n in notes)  # fmt: skip

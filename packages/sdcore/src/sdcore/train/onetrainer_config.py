@@ -334,6 +334,9 @@ OPTIMIZER_REFUSALS = {
     for name in ("CAME", "CAME_8BIT")
 }
 #: optimizers OneTrainer runs without an LR schedule (``Optimizer.is_schedule_free``)
+#: the optimizers of :data:`OPTIMIZERS` OneTrainer steps in backward with ``fused_back_pass``
+#: (``Optimizer.supports_fused_back_pass``); it ignores the flag for every other one
+FUSED_BACK_PASS_OPTIMIZERS = ("ADAFACTOR", "ADAM", "ADAMW", "PRODIGY_PLUS_SCHEDULE_FREE")
 SCHEDULE_FREE = ("SCHEDULE_FREE_ADAMW", "SCHEDULE_FREE_SGD", "PRODIGY_PLUS_SCHEDULE_FREE")
 #: optimizer fields OneTrainer reads for every optimizer that change speed or memory only
 OPTIMIZER_NOTED = {"foreach": "speed", "fused": "speed", "compile": "compilation", "log_every": "logging",
@@ -1378,7 +1381,10 @@ def _optimizer(r: _Reader) -> None:
     v["optimizer_args"] = _args_text(args)
     family = FAMILIES.get(_text(r.get("model_type")), "")
     clip = r.get("clip_grad_norm")
-    if table["fused_back_pass"] and name != "PRODIGY_PLUS_SCHEDULE_FREE":
+    if table["fused_back_pass"] and name not in FUSED_BACK_PASS_OPTIMIZERS:
+        r.note(f"optimizer.fused_back_pass: accepted, no effect with {name} (OneTrainer steps it after backward: "
+               "Optimizer.supports_fused_back_pass)")  # fmt: skip
+    elif table["fused_back_pass"] and name != "PRODIGY_PLUS_SCHEDULE_FREE":
         from .fused import KOHYA_FAMILIES
 
         if family in KOHYA_FAMILIES or not clip:

@@ -190,7 +190,8 @@ def test_sdxl_embedding(tmp_path):
     assert (o.name, o.placeholder) == ("emb", "sksemb")  # the file stem names it, the captions say the placeholder
     assert (o.vectors, o.init_text, o.lr) == (4, "a cat", 1e-3)  # embedding_learning_rate wins
     assert o.template == "filewords"  # OneTrainer trains on the captions, which hold the placeholder
-    assert (o.format, o.output, o.epochs) == ("safetensors", "models/emb.safetensors", 8)
+    # sdcore's TI output names A1111's .pt, the --format copy models/emb.safetensors (OneTrainer's file) beside it
+    assert (o.format, o.output, o.epochs) == ("safetensors", "models/emb.pt", 8)
 
 
 def test_ema_modes_become_the_runtime_ema(tmp_path):

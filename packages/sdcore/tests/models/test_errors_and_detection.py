@@ -255,6 +255,29 @@ def test_inpainting_roundtrip(tmp_path):
     assert load_model(folder).family_label == "sd1-inpainting"
 
 
+@pytest.mark.parametrize("spec", ["tiny:sd1-inpainting", "tiny:sd2:inpainting", "tiny:sdxl-inpainting", "tiny:sd1"])
+def test_the_layout_of_a_tiny_name_is_the_model_it_loads(spec):
+    """The pre-flight's layout reader reads ``tiny:`` names as the loader does (both spellings of the variant),
+    so an inpainting tiny model is one before it loads (the inpainting checks read ``layout.inpainting``)."""
+    from sdcore.models.layout import meta_bundle, peek_family, read_layout
+
+    layout, bundle = read_layout(spec), load_model(spec)
+    assert (layout.family, layout.inpainting) == (bundle.family, bundle.inpainting)
+    assert layout.inpainting is spec.endswith("inpainting")
+    assert layout.configs["unet"]["in_channels"] == bundle.unet.config.in_channels == (9 if layout.inpainting else 4)
+    assert meta_bundle(layout).unet.conv_in.weight.shape == bundle.unet.conv_in.weight.shape
+    assert peek_family(spec) == bundle.family
+
+
+def test_an_unknown_tiny_variant_is_refused_by_the_layout_reader_as_by_the_loader():
+    from sdcore.models.layout import read_layout
+
+    with pytest.raises(ModelFormatError, match=r"^tiny:sd1-foo: unknown variant 'foo' of sd1; the one there is: "):
+        read_layout("tiny:sd1-foo")
+    with pytest.raises(SdcoreError, match="unknown variant 'foo' of sd1"):
+        load_model("tiny:sd1-foo")
+
+
 def test_an_a1111_vae_beside_the_file_is_named_by_the_preflight(tiny_files, tmp_path):
     from sdcore.models.detect import sidecar_vae
     from sdcore.models.layout import read_layout

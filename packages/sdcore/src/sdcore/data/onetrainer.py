@@ -222,22 +222,47 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: cannot read: {exc}") from None
 
 
+#: OneTrainer's folders of configs and concepts (its built-in presets lie one level deeper, in
+#: ``training_presets/<model>/``): the folder holding one of them is OneTrainer's own
+ONETRAINER_FOLDERS = ("training_presets", "training_configs", "training_concepts", "training_samples")
+
+
+def search_roots(base: Path) -> list[Path]:
+    """Where :func:`resolve_path` looks, in order: the working directory; OneTrainer's folder when ``base``
+    lies under one of its :data:`ONETRAINER_FOLDERS` (any depth: ``training_presets/SD1.5/#sd 1.5.json``);
+    the folder above ``base``'s (a config saved in ``training_presets/`` or ``training_configs/``, a
+    ``training_concepts/`` file); ``base``'s folder."""
+    roots = [Path.cwd()]
+    for folder in base.absolute().parents:
+        if folder.name in ONETRAINER_FOLDERS:
+            roots.append(folder.parent)
+            break
+    for root in (base.parent.parent, base.parent):
+        if all(root.absolute() != seen.absolute() for seen in roots):
+            roots.append(root)
+    return roots
+
+
 def resolve_path(raw: str, base: Path) -> Path:
-    """OneTrainer resolves relative paths from its own folder (its working directory); sdcore tries
-    the working directory first, then the folder above the file's (``training_concepts/``'s parent,
-    OneTrainer's root), then the file's folder."""
+    """OneTrainer resolves relative paths from its working directory, its own folder (its launch scripts
+    change to it); sdcore looks in :func:`search_roots` of the file naming the path, the first that has it."""
     candidate = Path(raw).expanduser()
     if candidate.is_absolute():
         return candidate
-    for root in (Path.cwd(), base.parent.parent, base.parent):
+    for root in search_roots(base):
         if (root / candidate).exists():
             return root / candidate
     return candidate
 
 
+#: ``TrainConfig``'s ``concept_file_name`` default (relative to OneTrainer's folder)
+DEFAULT_CONCEPT_FILE = "training_concepts/concepts.json"
+
+
 def concepts_of(path: str | os.PathLike[str]) -> tuple[list[Any], Path]:
     """The raw concept list of a concepts file (a JSON list) or a training preset (a JSON object with
-    ``concepts``, else ``concept_file_name``), and the file the list came from."""
+    ``concepts``, else ``concept_file_name``, OneTrainer's default when a preset leaves both out), and the file the
+    list came from."""
     path = Path(path)
     data = _read_json(path)
     if isinstance(data, list):
@@ -247,6 +272,16 @@ def concepts_of(path: str | os.PathLike[str]) -> tuple[list[Any], Path]:
     if isinstance(data.get("concepts"), list):
         return data["concepts"], path
     name = data.get("concept_file_name")
+    if name is None and "training_method" in data and "model_type" in data:
+        # a preset leaves it out (none of OneTrainer's built-in ones sets it): TrainConfig's default applies
+        name = DEFAULT_CONCEPT_FILE
+        concepts_file = resolve_path(name, path)
+        if not concepts_file.is_file():
+            where = ", ".join(str(root) for root in search_roots(path))
+            raise DataError(
+                f"{path}: gives neither 'concepts' nor 'concept_file_name', and OneTrainer's default {name} is not "
+                f"in {where} (the working directory first): add 'concept_file_name' (or give --data)"
+            )
     if not isinstance(name, str) or not name:
         raise DataError(
             f"{path}: a JSON dataset is OneTrainer's concepts file (a list of concepts) or a training preset "

@@ -54,20 +54,20 @@ def _bytes_per_weight(header: dict[str, Any]) -> float:
 
 def _tiny_layout(spec: str) -> ModelLayout:
     from .family import family_adapter, get_family
-    from .load import tiny_family
+    from .load import tiny_spec
     from .sd_unet import SdUnetAdapter
-    from .tiny import tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
+    from .tiny import tiny_sd_inpainting, tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
 
-    name = spec.split(":", 1)[1] if ":" in spec else spec
     try:
-        name, variant = tiny_family(name)  # tiny:flux-schnell -> flux, variant schnell
+        name, options = tiny_spec(spec)  # tiny:flux-schnell, tiny:sd3:sd3.5-medium: the loader's reading
         family = get_family(name)
         adapter = family_adapter(family)
         if not isinstance(adapter, SdUnetAdapter):  # another family's tiny model: build it (it is tiny)
-            layout = layout_of_bundle(adapter.create_tiny(**variant))
+            layout = layout_of_bundle(adapter.create_tiny(**options))
             layout.source, layout.source_format = spec, "tiny"
             return layout
-        unet = tiny_unet_config(name)
+        inpainting = tiny_sd_inpainting(name, options.get("variant"))  # tiny:sd1-inpainting: 9 input channels
+        unet = tiny_unet_config(name, inpainting=inpainting)
     except (ValueError, SdcoreError) as exc:
         raise ModelFormatError(f"{spec}: {exc}") from None
     encoders = []
@@ -76,7 +76,7 @@ def _tiny_layout(spec: str) -> ModelLayout:
         te["_class_name"] = "CLIPTextModelWithProjection" if encoder.kind == "clip-g" else "CLIPTextModel"
         encoders.append(te)
     configs = {"unet": unet, "vae": tiny_vae_config(name), "text_encoders": encoders, "scheduler": {}}
-    return ModelLayout(spec, name, family.default_prediction_type, configs, "tiny")
+    return ModelLayout(spec, name, family.default_prediction_type, configs, "tiny", inpainting=inpainting)
 
 
 class LayoutUnavailableError(SdcoreError):
@@ -232,13 +232,13 @@ def peek_family(path_or_hub_id: str | os.PathLike[str]) -> str | None:
     the family need before anything loads. None when that cannot be told without loading (a pickle
     file) or the source is unreadable (the loader and the pre-flight say why)."""
     from .detect import detect_family
-    from .load import sniff_tiny, tiny_family
+    from .load import sniff_tiny, tiny_spec
     from .source import CheckpointSource
 
     text = os.fspath(path_or_hub_id)
     try:
         if sniff_tiny(text):
-            return get_family(tiny_family(text.split(":", 1)[1])[0]).name
+            return get_family(tiny_spec(text)[0]).name
         path = Path(text).expanduser()
         if path.is_file():
             if path.suffix.lower() not in (".safetensors", ".sft"):

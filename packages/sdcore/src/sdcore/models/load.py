@@ -622,17 +622,25 @@ def tiny_family(name: str) -> tuple[str, dict[str, Any]]:
     return (base, {"variant": variant}) if base in known else (name, {})
 
 
+def tiny_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """The family and ``create_tiny`` options of a ``tiny:`` source: ``tiny:<family>[:<variant>]``
+    (``tiny:sd3:sd3.5-medium``) or ``tiny:<family>-<variant>`` (``tiny:flux-schnell``, ``tiny:sd1-inpainting``).
+    The loader and the layout reader both read the name here, so they agree on what it builds."""
+    family = spec.split(":", 1)[1] if ":" in spec else spec
+    family, _sep, variant = family.partition(":")
+    name, options = tiny_family(family)
+    if variant:
+        options["variant"] = variant
+    return name, options
+
+
 def read_tiny(
     spec: str, *, prediction_type: str | None = None, dtype: Any = None, device: Any = None, **_: Any
 ) -> ModelBundle:
     from .family import family_adapter
 
-    family = spec.split(":", 1)[1] if ":" in spec else spec
-    family, _sep, variant = family.partition(":")  # tiny:<family>[:<variant>], e.g. tiny:sd3:sd3.5-medium
     try:
-        name, options = tiny_family(family)  # tiny:flux-schnell names the variant too
-        if variant:
-            options["variant"] = variant
+        name, options = tiny_spec(spec)
         if prediction_type is not None:
             options["prediction_type"] = prediction_type
         bundle = family_adapter(name).create_tiny(**options)

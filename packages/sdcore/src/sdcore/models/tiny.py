@@ -19,11 +19,11 @@ OPENCLIP_KINDS = ("openclip-h", "clip-g")
 TINY_TEXT_WIDTH = {"sd1": 32, "sd2": 32, "sdxl": (32, 64)}
 
 
-def tiny_unet_config(family: str) -> dict[str, Any]:
-    """A diffusers UNet2DConditionModel config shaped like ``family``."""
+def tiny_unet_config(family: str, *, inpainting: bool = False) -> dict[str, Any]:
+    """A diffusers UNet2DConditionModel config shaped like ``family`` (``inpainting``: 9 input channels)."""
     common: dict[str, Any] = {
         "sample_size": 8,
-        "in_channels": 4,
+        "in_channels": 9 if inpainting else 4,
         "out_channels": 4,
         "layers_per_block": 1,
         "norm_num_groups": 8,
@@ -117,6 +117,16 @@ def noise_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
     }
 
 
+def tiny_sd_inpainting(family: str, variant: str | None) -> bool:
+    """Whether a tiny SD1/SD2/SDXL ``variant`` is the inpainting one (its UNet's ``conv_in`` takes 9 channels:
+    the noisy latents, the mask and the masked image's latents); None is the plain model, anything else a
+    :class:`~sdcore.errors.ConfigError`. The builder and the layout reader (``sdcore.models.layout``) both ask
+    here, so the pre-flight sees the model that loads."""
+    if variant not in (None, "inpainting"):
+        raise ConfigError(f"unknown variant {variant!r} of {family}; the one there is: inpainting")
+    return variant == "inpainting"
+
+
 def create_tiny_bundle(
     family: str = "sd1", *, seed: int = 0, prediction_type: str | None = None, variant: str | None = None
 ) -> ModelBundle:
@@ -136,8 +146,7 @@ def create_tiny_bundle(
         if prediction_type is not None:
             options["prediction_type"] = prediction_type
         return family_adapter(family).create_tiny(**options)
-    if variant not in (None, "inpainting"):
-        raise ConfigError(f"unknown variant {variant!r} of {family}; the one there is: inpainting")
+    inpainting = tiny_sd_inpainting(family, variant)
 
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -145,12 +154,11 @@ def create_tiny_bundle(
 
     from .tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer
 
-    inpainting = variant == "inpainting"
     prediction = prediction_type or get_family(family).default_prediction_type
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**{**tiny_unet_config(family), **({"in_channels": 9} if inpainting else {})})
+        unet = UNet2DConditionModel(**tiny_unet_config(family, inpainting=inpainting))
         vae = AutoencoderKL(**tiny_vae_config(family))
         encoders: list[Any] = []
         tokenizers: list[Any] = []

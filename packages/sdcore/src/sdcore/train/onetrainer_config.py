@@ -334,6 +334,9 @@ OPTIMIZER_REFUSALS = {
     for name in ("CAME", "CAME_8BIT")
 }
 #: optimizers OneTrainer runs without an LR schedule (``Optimizer.is_schedule_free``)
+#: the optimizers of :data:`OPTIMIZERS` OneTrainer steps in backward with ``fused_back_pass``
+#: (``Optimizer.supports_fused_back_pass``); it ignores the flag for every other one
+FUSED_BACK_PASS_OPTIMIZERS = ("ADAFACTOR", "ADAM", "ADAMW", "PRODIGY_PLUS_SCHEDULE_FREE")
 SCHEDULE_FREE = ("SCHEDULE_FREE_ADAMW", "SCHEDULE_FREE_SGD", "PRODIGY_PLUS_SCHEDULE_FREE")
 #: optimizer fields OneTrainer reads for every optimizer that change speed or memory only
 OPTIMIZER_NOTED = {"foreach": "speed", "fused": "speed", "compile": "compilation", "log_every": "logging",
@@ -358,7 +361,7 @@ NOTED: dict[str, str] = {
     "clear_cache_before_training": "sdcore checks its cache against the images and settings",
     "sample_image_format": "sdcore writes PNG samples", "sample_video_format": "no video",
     "sample_audio_format": "no audio", "non_ema_sampling": "samples", "save_filename_prefix": "output naming",
-    "optimizer_defaults": "the UI's remembered settings per optimizer", "validation": "sdcore validates on "
+    "validation": "sdcore validates on "
     "VALIDATION concepts (--validate-every-n-steps/-epochs)", "validate_after": "validation schedule",
     "validate_after_unit": "validation schedule", "vb_loss_strength": "used by OneTrainer for learned-variance "
     "models only", "text_encoder_sequence_length": "sdcore uses the family's token length",
@@ -405,7 +408,7 @@ HANDLED = frozenset(
      "lokr_dim", "lokr_decompose_factor", "lokr_decompose_both", "lokr_use_tucker", "sample_definition_file_name", "samples", "sample_after",
      "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
      "huber_delta", "lora_decompose_norm_epsilon", "learning_rate_scaler", "masked_training", *MASK_FIELDS,
-     "custom_conditioning_image"}
+     "custom_conditioning_image", "optimizer_defaults"}
 )  # fmt: skip
 _NESTED = frozenset({*PARTS, "optimizer", "embedding", "quantization", "cloud", "secrets"})
 #: OneTrainer's top-level ``weight_dtype`` before config version 10 (its built-in Chroma presets still carry it):
@@ -451,6 +454,8 @@ class _Reader:
 
     def __init__(self, data: dict[str, Any], where: str, out: JobTranslation) -> None:
         self.data, self.where, self.out = data, where, out
+        #: the optimizer settings the run uses (``optimizer`` with the UI's ``optimizer_defaults``), once read
+        self.optimizer: dict[str, Any] = dict(OPTIMIZER_DEFAULTS)
 
     def get(self, key: str) -> Any:
         return self.data.get(key, DEFAULTS.get(key))
@@ -466,8 +471,10 @@ class _Reader:
         return self.table_value(key, raw, defaults)
 
     def table_value(self, key: str, raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-        """A nested object given as a value (a list item) over its defaults; unknown names are problems."""
-        unknown = [f"{k!r}{nearest_field(str(k), defaults)}" for k in raw if k not in defaults]
+        """A nested object given as a value (a list item) over its defaults; unknown names are problems.
+        ``__version`` is each nested config class's own version (``BaseConfig.to_dict`` writes it into every
+        table of a config the UI saves, 0 for all of them): not a field."""
+        unknown = [f"{k!r}{nearest_field(str(k), defaults)}" for k in raw if k not in defaults and k != "__version"]
         if unknown:
             self.out.problems.append(f"{self.where}: unknown OneTrainer field(s) in {key}: {', '.join(unknown)}")
         return {**defaults, **{k: v for k, v in raw.items() if k in defaults}}
@@ -568,11 +575,28 @@ def translate_config(
                  "parameters; sdcore trains all of them (leave it empty)")  # fmt: skip
     if method == "ti":
         _embedding(r)
+    if method == "dreambooth":
+        _fine_tune_weights(r, parts, family)
     _ema(r, fields)
+    _default_concepts(r, path)
     _saves_and_samples(r, family, path)
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
+
+
+def _default_concepts(r: _Reader, path: str | os.PathLike[str]) -> None:
+    """A config that names no concepts (every built-in preset) trains on ``TrainConfig``'s default
+    ``training_concepts/concepts.json`` (:func:`sdcore.data.onetrainer.concepts_of`), found in one of several
+    folders: a note says which file that is, since it is not in the config."""
+    if isinstance(r.data.get("concepts"), list) or "concept_file_name" in r.data:
+        return
+    from ..data.onetrainer import DEFAULT_CONCEPT_FILE, resolve_path
+
+    found = resolve_path(DEFAULT_CONCEPT_FILE, Path(path))
+    if found.is_file():
+        r.note(f"concept_file_name: not given, OneTrainer's default {DEFAULT_CONCEPT_FILE}: the concepts of {found} "
+               "(unless --data is given)")  # fmt: skip
 
 
 def _legacy_weight_dtype(r: _Reader, parts: dict[str, dict[str, Any]]) -> None:
@@ -595,6 +619,55 @@ def _legacy_weight_dtype(r: _Reader, parts: dict[str, dict[str, Any]]) -> None:
     else:
         r.note(f"weight_dtype {value} (OneTrainer's field before config version 10): no effect, every part "
                "gives its own weight_dtype (as in OneTrainer)")  # fmt: skip
+
+
+#: a trained part's half-precision ``weight_dtype`` -> (the ``train_dtype`` precision it needs, sdcore's option)
+HALF_WEIGHTS = {"BFLOAT_16": ("bf16", "full_bf16"), "FLOAT_16": ("fp16", "full_fp16")}
+
+
+def _fine_tune_weights(r: _Reader, parts: dict[str, dict[str, Any]], family: str) -> None:
+    """The ``weight_dtype`` of the parts a FINE_TUNE trains. OneTrainer loads each part in its weight_dtype
+    and its optimizer updates those tensors (no float32 master copy; ``create.py`` patches Adafactor and
+    AdamW to round bf16 updates stochastically with ``optimizer.stochastic_rounding``): with one half type
+    for every trained part and the train_dtype of the same type, sdcore's ``--full-bf16``/``--full-fp16``.
+    Otherwise sdcore keeps a float32 master copy (more memory, finer updates), said in a note."""
+    v = r.out.values
+    names = FAMILY_PARTS[family]
+    trained = [names[0], *(n for n in names[1:] if n.startswith("text_encoder") and parts[n]["train"])]
+    dtypes = {n: _text(parts[n]["weight_dtype"]) for n in trained}
+    half = {n: d for n, d in dtypes.items() if d in HALF_WEIGHTS}
+    if not half:
+        return
+    shown = ", ".join(f"{n}.weight_dtype {d}" for n, d in half.items())
+    kinds = set(dtypes.values())
+    dtype = next(iter(half.values()))
+    precision, option = HALF_WEIGHTS[dtype]
+    if len(kinds) > 1 or v.get("mixed_precision") != precision:
+        why = (
+            "the trained parts differ in weight_dtype"
+            if len(kinds) > 1
+            else f"train_dtype {_text(r.get('train_dtype'))} is not {dtype}"
+        )
+        r.note(
+            f"{shown}: OneTrainer updates these weights in that type itself; sdcore trains them through a float32 "
+            f"master copy (more memory, finer updates) since {why} (--{option.replace('_', '-')} needs one type "
+            "for all and the matching train_dtype)"
+        )
+        return
+    v[option] = True
+    note = f"{shown}: trained in that type itself, no float32 master copy (--{option.replace('_', '-')}, as OneTrainer)"
+    table = r.optimizer
+    stochastic = (
+        dtype == "BFLOAT_16"
+        and table["stochastic_rounding"]
+        and _text(table["optimizer"]) in ("ADAFACTOR", "ADAMW", "ADAM")
+    )
+    if stochastic and not (v.get("optimizer") == "adafactor" and v.get("fused_backward_pass")):
+        note += (
+            "; OneTrainer rounds each bf16 update stochastically (optimizer.stochastic_rounding), sdcore does so "
+            "for Adafactor with fused_back_pass only (kohya's) and rounds to nearest otherwise"
+        )
+    r.note(note)
 
 
 def _custom_conditioning(r: _Reader, *, inpainting: bool) -> None:
@@ -772,7 +845,17 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
             r.refuse("output_model_format", fmt, "sdcore writes a single-file model or a diffusers folder")
     elif fmt == "SAFETENSORS":
         v["format"] = "safetensors"
-        r.note("output_model_format SAFETENSORS: the embedding is written as .safetensors and A1111's .pt")
+        # sdcore's TI output names A1111's .pt, always written, with the --format copy beside it
+        # (OneTrainer's EmbeddingSaverMixin writes safetensors data to the destination, whatever its suffix)
+        destination = Path(v["output"])
+        if destination.suffix.lower() in (".safetensors", ".pt", ".bin", ".ckpt"):
+            v["output"] = str(destination.with_suffix(".pt"))
+            written = destination.with_suffix(".safetensors")
+            elsewhere = "" if written == destination else f"; OneTrainer writes that file as {destination}"
+            r.note(f"output_model_format SAFETENSORS: the embedding is written to {written} and, beside it, as "
+                   f"A1111's {destination.with_suffix('.pt').name}{elsewhere}")  # fmt: skip
+        else:
+            r.note("output_model_format SAFETENSORS: the embedding is written as .safetensors and A1111's .pt")
     else:
         r.refuse("output_model_format", fmt, "sdcore writes embeddings as SAFETENSORS (and A1111's .pt)")
     # data: the concepts (in the config or its concept_file_name) are read by sdcore.data.onetrainer
@@ -878,7 +961,7 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
                 dtype,
                 "sdcore stores frozen weights in float8, nf4 or int8 (Linear layers) or a float type",
             )
-        elif dtype != "FLOAT_32":
+        elif dtype != "FLOAT_32" and not (method == "dreambooth" and (name == denoiser_name or part["train"])):
             r.note(f"{name}.weight_dtype {dtype}: sdcore keeps frozen weights in the training precision")
         if name == "vae":
             if part["model_name"]:
@@ -1260,7 +1343,7 @@ def _args_text(args: dict[str, Any]) -> str:
 def _optimizer(r: _Reader) -> None:
     """The optimizer with every argument ``create.py`` gives it (a field left at None takes create.py's value)."""
     v = r.out.values
-    table = r.table("optimizer", OPTIMIZER_DEFAULTS)
+    table = r.optimizer = _ui_optimizer(r, r.table("optimizer", OPTIMIZER_DEFAULTS))
     name = _text(table["optimizer"])
     if name not in OPTIMIZERS:
         why = OPTIMIZER_REFUSALS.get(name, "")
@@ -1296,11 +1379,68 @@ def _optimizer(r: _Reader) -> None:
                    "relative_step (its own rate); sdcore reports it with the adafactor schedule")  # fmt: skip
     v["optimizer"] = optimizer
     v["optimizer_args"] = _args_text(args)
-    if table["fused_back_pass"] and name != "PRODIGY_PLUS_SCHEDULE_FREE":
-        v["fused_backward_pass"] = True
+    family = FAMILIES.get(_text(r.get("model_type")), "")
+    clip = r.get("clip_grad_norm")
+    if table["fused_back_pass"] and name not in FUSED_BACK_PASS_OPTIMIZERS:
+        r.note(f"optimizer.fused_back_pass: accepted, no effect with {name} (OneTrainer steps it after backward: "
+               "Optimizer.supports_fused_back_pass)")  # fmt: skip
+    elif table["fused_back_pass"] and name != "PRODIGY_PLUS_SCHEDULE_FREE":
+        from .fused import KOHYA_FAMILIES
+
+        if family in KOHYA_FAMILIES or not clip:
+            # GenericTrainer.__apply_fused_back_pass: each tensor steps in backward, clipped by its own norm
+            v["fused_backward_pass"] = True
+        else:  # sdcore keeps kohya's meaning there: its scripts clip all gradients together (fused_family_problems)
+            r.note(f"optimizer.fused_back_pass: sdcore steps after backward on {family} with clip_grad_norm {clip} "
+                   "(all gradients clipped together; OneTrainer clips each tensor by its own norm as it steps it "
+                   "in backward): more memory, the same weights with clip_grad_norm null")  # fmt: skip
     for key, why in OPTIMIZER_NOTED.items():
         if not same_value(table[key], OPTIMIZER_DEFAULTS[key]):
             r.note(f"optimizer.{key}: accepted, no effect on the result here ({why})")
+
+
+def _ui_optimizer(r: _Reader, table: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer settings OneTrainer's UI trains with. ``optimizer_defaults`` keeps the UI's settings per
+    optimizer; loading a config or preset in the UI replaces the ``optimizer`` table by the chosen optimizer's
+    entry there, over the UI's own defaults for it (``optimizer_util.change_optimizer``,
+    ``OPTIMIZER_DEFAULT_PARAMETERS``: for ADAMW and ADAFACTOR the same weights as ``create.py``'s fallbacks
+    sdcore applies, AdamW's ``fused``/``stochastic_rounding`` aside), and closing its optimizer window keeps both in step
+    (``update_optimizer_config``), so in a config the UI saved they agree. The built-in presets give only the
+    entry (the Chroma fine-tunes' Adafactor with ``fused_back_pass``): its values fill the fields the
+    ``optimizer`` object leaves out (not those it gives, even at their default value: a hand-edited
+    ``"fused_back_pass": false`` is not turned back on). A field both give differently is ambiguous (the UI
+    trains with the entry's, ``scripts/train.py``, which ignores ``optimizer_defaults``, with the table's): one
+    problem line each."""
+    raw = r.data.get("optimizer_defaults")
+    written = r.data.get("optimizer")
+    given = set(written) if isinstance(written, dict) else set()
+    name = _text(table["optimizer"])
+    if raw in (None, {}):
+        return table
+    if not isinstance(raw, dict):
+        r.refuse("optimizer_defaults", raw, "must be an object of optimizer settings by optimizer name")
+        return table
+    entry = raw.get(name)
+    if not isinstance(entry, dict):
+        r.note("optimizer_defaults: accepted, no effect on the result here (the UI's remembered settings of "
+               "optimizers other than the chosen one)")  # fmt: skip
+        return table
+    saved = r.table_value(f"optimizer_defaults.{name}", entry, OPTIMIZER_DEFAULTS)
+    merged, taken = dict(table), []
+    for key in OPTIMIZER_DEFAULTS:
+        if key == "optimizer" or same_value(saved[key], table[key]):
+            continue
+        if key not in given:
+            merged[key] = saved[key]
+            taken.append(f"{key}={saved[key]!r}")
+        else:
+            r.refuse(f"optimizer.{key}", table[key], f"optimizer_defaults.{name}.{key} says {saved[key]!r}: "
+                     "OneTrainer's UI trains with the latter, its scripts/train.py with the former; make them "
+                     "agree")  # fmt: skip
+    if taken:
+        r.note(f"optimizer_defaults.{name}: {', '.join(taken)} (the settings OneTrainer's UI loads for the chosen "
+               "optimizer; its scripts/train.py would ignore them)")  # fmt: skip
+    return merged
 
 
 def _noise(r: _Reader, family: str) -> None:

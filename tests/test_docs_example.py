@@ -78,7 +78,10 @@ def test_example_installs_and_shows_up(tmp_path):
             "--output", str(tmp_path / "out.safetensors"), "--max-steps", "1", "--no-progress",
         )  # fmt: skip
         assert refused.returncode == 2, refused.stderr
-        assert refused.stderr.strip().splitlines()[-1] == f"Error: hello trains a UNet's output layer; a {family} model has none"
+        assert (
+            refused.stderr.strip().splitlines()[-1]
+            == f"Error: hello trains a UNet's output layer; a {family} model has none"
+        )
         assert "Traceback" not in refused.stderr and not (tmp_path / "out.safetensors").exists()
 
 

@@ -20,7 +20,10 @@ def create(name: str, summary: str, packages: Path = ROOT / "packages") -> Path:
     (target / "src" / "sdplugin_NAME").rename(target / "src" / f"sdplugin_{name}")
     for path in target.rglob("*"):
         if path.is_file() and path.suffix in {".py", ".toml", ".md"}:
-            text = path.read_text(encoding="utf-8").replace("NAME", name).replace("SUMMARY", summary)
+            text = path.read_text(encoding="utf-8")
+            # the README's paragraph on using the template is not the new plugin's
+            text = re.sub(r"<!-- template -->.*?<!-- /template -->\n\n", "", text, flags=re.S)
+            text = text.replace("NAME", name).replace("SUMMARY", summary)
             path.write_text(text, encoding="utf-8")
     return target
 

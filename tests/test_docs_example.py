@@ -68,6 +68,21 @@ def test_example_installs_and_shows_up(tmp_path):
     method_help = sdcore("train", "hello", "--help")
     assert method_help.returncode == 0, method_help.stderr
     assert "--bias-scale" in method_help.stdout and "--max-steps" in method_help.stdout
+    # the example's family_problems: a model without a UNet is a pre-flight line (exit 2), not prepare's traceback
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    make_tiny_dataset(tmp_path / "data")
+    for family in ("sd3",):  # flux: the same line, a second model (7 s) for nothing more
+        refused = sdcore(
+            "train", "hello", "--model", f"tiny:{family}", "--data", str(tmp_path / "data"),
+            "--output", str(tmp_path / "out.safetensors"), "--max-steps", "1", "--no-progress",
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr
+        assert (
+            refused.stderr.strip().splitlines()[-1]
+            == f"Error: hello trains a UNet's output layer; a {family} model has none"
+        )
+        assert "Traceback" not in refused.stderr and not (tmp_path / "out.safetensors").exists()
 
 
 def test_broken_plugin_does_not_break_help(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sdcore.io import atomic_save
 from sdcore.models.bundle import ModelBundle
+from sdcore.models.family import get_family
 from sdcore.options import option
 from sdcore.train.method import SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
@@ -21,6 +22,11 @@ class HelloOptions(TrainOptions):
 class HelloMethod(TrainingMethod[HelloOptions]):
     name = "hello"
     options_class = HelloOptions
+
+    def family_problems(self, family: str) -> list[str]:
+        if get_family(family).denoiser != "unet":  # SD3, Flux: a transformer, which has no conv_out
+            return [f"hello trains a UNet's output layer; a {family} model has none"]
+        return []
 
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         for module in bundle.components().values():

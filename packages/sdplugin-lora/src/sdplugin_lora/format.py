@@ -160,6 +160,9 @@ class LoraFile:
     #: the embeddings bundled in the file (``bundle_emb.*``, OneTrainer's pivotal tuning), read by sdcore's one
     #: parser; the LoRA loader applies none of them: ``sdcore generate`` offers them to the embedding handler
     bundled: list[BundledEmbedding] = field(default_factory=list)
+    #: ``"xlabs"`` when the file's modules are XLabs x-flux keys (read under ComfyUI's names), else ``""``: what sdcore
+    #: writes from it gets kohya's names (:func:`sdplugin_lora.bfl_names.for_writing`)
+    layout: str = ""
 
     @property
     def label(self) -> str:
@@ -216,7 +219,10 @@ def parse_state_dict(
             unknown.extend(f"{key}.{part}" for part in tensors)
     _peft_alphas(modules, (metadata or {}).get("lora_adapter_metadata"))
     bundled = bundled_embeddings({key: state[key] for key in embeddings}, source=path)
-    return LoraFile(modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings), norm_scales, bundled)
+    layout = "xlabs" if any(xlabs_key(key) is not None for key in state) else ""
+    return LoraFile(
+        modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings), norm_scales, bundled, layout
+    )
 
 
 #: BFL's names of FLUX.1's attention RMSNorms (``<block>.img_attn.norm.query_norm``), whose ``scale`` a control LoRA
@@ -296,40 +302,61 @@ def xlabs_key(key: str) -> str | None:
     return None if module is None else f"diffusion_model.{blocks}.{index}.{module}.lora_{part}.weight"
 
 
-#: layouts no loader maps onto a model sdcore has: (what the keys look like, the layout and why it cannot apply)
-_UNMAPPABLE: tuple[tuple[re.Pattern[str], str], ...] = (
+#: layouts no loader maps onto a model sdcore has: (what the keys look like, the layout, why it cannot apply)
+_UNMAPPABLE: tuple[tuple[re.Pattern[str], str, str], ...] = (
     (
         re.compile(r"^lora_prior_(unet|te)_"),
-        "a Stable Cascade LoRA (lora_prior_unet_/lora_prior_te_ keys: ComfyUI's names of Stable Cascade's prior); "
+        "a Stable Cascade LoRA (lora_prior_unet_/lora_prior_te_ keys: ComfyUI's names of Stable Cascade's prior)",
         "sdcore has no Stable Cascade model to apply it to",
     ),
     (
         re.compile(r"(^|\.)(double|single)_blocks\.\d+\.processor\.ip_adapter_"),
-        "an XLabs IP-Adapter for FLUX.1 (processor.ip_adapter_* keys): image-prompt attention layers, not a LoRA; "
+        "an XLabs IP-Adapter for FLUX.1 (processor.ip_adapter_* keys): image-prompt attention layers, not a LoRA",
         "neither diffusers' load_lora_weights nor ComfyUI's LoRA loader applies it",
     ),
     (
         re.compile(r"(^|\.)(double|single)_blocks\.\d+\.processor\."),
         "an XLabs (x-flux) FLUX.1 file with processor keys other than qkv_lora1/2, proj_lora1/2 (double blocks) and "
-        "qkv_lora, proj_lora (single blocks), the only ones diffusers and ComfyUI map to FLUX.1's Linears",
+        "qkv_lora, proj_lora (single blocks)",
+        "diffusers and ComfyUI map only those to FLUX.1's Linears",
     ),
 )
 
 
-def unmappable_layout(keys: Iterable[str]) -> str | None:
-    """The layout of a file whose keys no loader maps onto a model sdcore has (its first such key and why), ``None``
-    when every key is of a known layout or merely unknown (those are listed as unmatched when applied)."""
+@dataclass(frozen=True)
+class Unmappable:
+    """A file of a layout no loader maps onto a model sdcore has: the layout's name, why it cannot be applied, and
+    the first key that tells."""
+
+    layout: str
+    why: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.layout}; {self.why} (key {self.key})"
+
+
+def unmappable(keys: Iterable[str]) -> Unmappable | None:
+    """The layout of a file whose keys no loader maps onto a model sdcore has (:class:`Unmappable`), ``None`` when
+    every key is of a known layout or merely unknown (those are listed as unmatched when applied)."""
     for key in keys:
         if xlabs_key(key) is not None:
             continue
-        for pattern, layout in _UNMAPPABLE:
+        for pattern, layout, why in _UNMAPPABLE:
             if pattern.search(key):
-                return f"{layout} (key {key})"
+                return Unmappable(layout, why, key)
     return None
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read a ``.safetensors`` (preferred) or pickle-based ``.pt/.ckpt/.bin`` LoRA safely."""
+def unmappable_layout(keys: Iterable[str]) -> str | None:
+    """:func:`unmappable` as the one line ``read_lora`` refuses the file with (``None`` when it is mappable)."""
+    found = unmappable(keys)
+    return None if found is None else str(found)
+
+
+def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of a ``.safetensors`` (preferred) or pickle-based ``.pt/.ckpt/.bin`` file,
+    read safely, whatever their keys (``ModelFormatError`` for a missing or unreadable file)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: LoRA file not found")
@@ -354,6 +381,14 @@ def read_lora(path: str | Path) -> LoraFile:
             raise ModelFormatError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
         state = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
         metadata = {}
+    return state, metadata
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA file (:func:`read_state`); a layout no loader maps (:func:`unmappable`) or a file without LoRA
+    modules is a one-line ``ModelFormatError``."""
+    path = Path(path)
+    state, metadata = read_state(path)
     layout = unmappable_layout(state)
     if layout is not None:
         raise ModelFormatError(f"{path}: {layout}")
@@ -975,6 +1010,7 @@ __all__ = [
     "LoraFile",
     "Match",
     "ModuleWeights",
+    "Unmappable",
     "check_family",
     "control_lora_problem",
     "detect_family",
@@ -987,11 +1023,13 @@ __all__ = [
     "network_metadata",
     "parse_state_dict",
     "read_lora",
+    "read_state",
     "resolve_key",
     "save_lora",
     "sshs_hashes",
     "stringify",
     "tag_frequency",
+    "unmappable",
     "unmappable_layout",
     "xlabs_key",
 ]

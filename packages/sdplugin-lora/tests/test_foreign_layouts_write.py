@@ -27,6 +27,10 @@ _TINY_KOHYA = {
 }
 
 
+#: a rank-2 LoHa of a tiny FLUX.1 single block's linear1 (112 x 16)
+LOHA_SHAPES = (("hada_w1_a", (112, 2)), ("hada_w1_b", (2, 16)), ("hada_w2_a", (112, 2)), ("hada_w2_b", (2, 16)))
+
+
 def _cli(*args: str) -> None:
     from sdplugin_lora.commands import lora_group
 
@@ -292,3 +296,84 @@ def test_info_of_an_xlabs_lora_names_no_refused_layout(tmp_path):
     save_file(_xlabs_state(), str(path))
     info = lora_info(path)
     assert info["layout"] is None and info["cannot_apply"] is None and info["ranks"] == {3: 12}
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "hooks"])
+def test_applying_linear1_qkv_and_linear1_of_one_block_adds_both(merge):
+    """ComfyUI patches ``linear1_qkv`` (the q/k/v rows, an offset patch) and ``linear1`` (the whole weight) of one
+    block both, so the layer gets the sum; sdcore applies the file as it is (no rewrite) to the same weights, merged or
+    as hooks, whatever the order or scales of the two modules."""
+    from sdplugin_lora.apply import LoraSpec, apply_loras
+    from sdplugin_lora.format import parse_state_dict
+
+    gen = torch.Generator().manual_seed(11)
+    qkv, full = "diffusion_model.single_blocks.1.linear1_qkv", "lora_unet_single_blocks_1_linear1"
+    state = {
+        f"{full}.lora_down.weight": torch.randn(3, 16, generator=gen),
+        f"{full}.lora_up.weight": torch.randn(112, 3, generator=gen),
+        f"{full}.alpha": torch.tensor(6.0),
+        f"{qkv}.lora_down.weight": torch.randn(2, 16, generator=gen),
+        f"{qkv}.lora_up.weight": torch.randn(48, 2, generator=gen),
+        f"{qkv}.alpha": torch.tensor(1.0),
+    }
+    change = torch.cat([state[f"{qkv}.lora_up.weight"] @ state[f"{qkv}.lora_down.weight"] * 0.5, torch.zeros(64, 16)])
+    change += state[f"{full}.lora_up.weight"] @ state[f"{full}.lora_down.weight"] * 2.0
+    model = copy.deepcopy(_flux())
+    before = _weights(model)
+    applied = apply_loras(
+        None, [LoraSpec(parse_state_dict(state), 0.8)], index=_index("flux", model), merge=merge, strict=True
+    )
+    b = "single_transformer_blocks.1"
+    parts = (f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp")
+    x = torch.randn(5, 16, generator=gen)
+    for i, path in enumerate(parts):
+        rows = slice(16 * i, 16 * (i + 1) if i < 3 else 112)
+        layer = model.get_submodule(path)
+        want_weight = before[f"{path}.weight"] + 0.8 * change[rows]
+        got = layer(x) if not merge else x @ _weights(model)[f"{path}.weight"].T + layer.bias
+        torch.testing.assert_close(got, x @ want_weight.T + layer.bias, atol=1e-5, rtol=0)
+    applied.remove()
+    _close(_weights(model), before, atol=0)
+
+
+def test_applying_a_loha_linear1_beside_linear1_qkv_adds_both_and_dora_is_refused():
+    """A LyCORIS (LoHa) ``linear1`` and a ``linear1_qkv`` LoRA add up as their summed difference; a DoRA module on a
+    layer another module of the file adapts (here ``linear2`` under two spellings) is refused in one line: its
+    magnitude is of the weight it gets."""
+    from sdplugin_lora.apply import LoraSpec, apply_loras
+    from sdplugin_lora.format import parse_state_dict
+
+    gen = torch.Generator().manual_seed(12)
+    qkv, full = "diffusion_model.single_blocks.0.linear1_qkv", "lora_unet_single_blocks_0_linear1"
+    state = {
+        f"{qkv}.lora_down.weight": torch.randn(2, 16, generator=gen),
+        f"{qkv}.lora_up.weight": torch.randn(48, 2, generator=gen),
+        **{f"{full}.{n}": torch.randn(*shape, generator=gen) * 0.5 for n, shape in LOHA_SHAPES},
+        f"{full}.alpha": torch.tensor(1.0),
+    }
+    loha = (state[f"{full}.hada_w1_a"] @ state[f"{full}.hada_w1_b"]) * (
+        state[f"{full}.hada_w2_a"] @ state[f"{full}.hada_w2_b"]
+    )
+    change = torch.cat([state[f"{qkv}.lora_up.weight"] @ state[f"{qkv}.lora_down.weight"], torch.zeros(64, 16)])
+    change += loha * 0.5  # alpha 1 / rank 2
+    model = copy.deepcopy(_flux())
+    before = _weights(model)
+    apply_loras(None, [LoraSpec(parse_state_dict(state), 1.0)], index=_index("flux", model), merge=True, strict=True)
+    after = _weights(model)
+    b = "single_transformer_blocks.0"
+    for i, path in enumerate((f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp")):
+        rows = slice(16 * i, 16 * (i + 1) if i < 3 else 112)
+        torch.testing.assert_close(after[f"{path}.weight"], before[f"{path}.weight"] + change[rows], atol=1e-5, rtol=0)
+
+    plain, dora = "diffusion_model.single_blocks.0.linear2", "lora_unet_single_blocks_0_linear2"
+    state = {f"{plain}.lora_down.weight": torch.randn(2, 80, generator=gen),
+             f"{plain}.lora_up.weight": torch.randn(16, 2, generator=gen),
+             f"{dora}.lora_down.weight": torch.randn(2, 80, generator=gen),
+             f"{dora}.lora_up.weight": torch.randn(16, 2, generator=gen),
+             f"{dora}.dora_scale": torch.ones(1, 80)}  # fmt: skip
+    with pytest.raises(NetworkMismatchError) as caught:
+        apply_loras(None, [parse_state_dict(state)], index=_index("flux", _flux()), merge=True)
+    assert str(caught.value) == (
+        f"<in memory>: {plain} and {dora} adapt the same layer and one is DoRA, which sdcore cannot add to another "
+        "module"
+    )

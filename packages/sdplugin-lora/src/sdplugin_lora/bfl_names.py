@@ -17,8 +17,6 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
-
     from .format import LoraFile, ModuleWeights
 
 #: BFL's ``SingleStreamBlock`` ``mlp_ratio`` of FLUX.1 dev/schnell and Chroma: ``linear1`` has ``3 * hidden`` q/k/v
@@ -67,15 +65,15 @@ def widen_linear1_qkv(lora: LoraFile) -> LoraFile:
     the file's own ``linear1`` rows or ``linear2`` inputs of that block when it has them, else FLUX.1's
     ``4 * hidden`` (:data:`FLUX_MLP_RATIO`).
 
-    A file that also has a ``linear1`` module of the same block gets one module for both, stacked exactly as
-    ``lora merge --mode concat`` stacks ranks: ``down = [down_qkv; down_1]``, ``up = [pad(up_qkv) · s_qkv, up_1 ·
+    A file that also has a ``linear1`` module of the same block gets one module for both, the sum ComfyUI applies
+    (:func:`~sdplugin_lora.format.stack_ranks`): ``down = [down_qkv; down_1]``, ``up = [pad(up_qkv) · s_qkv, up_1 ·
     s_1]`` and alpha = the total rank (scale 1), or ``R · s`` when both share the scale ``s`` (factors unscaled).
     Only plain LoRA modules can be padded or stacked: any other kind is refused in one line
     (``NetworkMismatchError``). A file without ``linear1_qkv`` is returned as it is."""
     import torch
     from sdcore.errors import NetworkMismatchError
 
-    from .format import ModuleWeights
+    from .format import ModuleWeights, stack_ranks
 
     singles = {key: found for key in lora.modules if (found := _single(key)) is not None}
     qkv = {block: key for key, (block, leaf) in singles.items() if leaf == "linear1_qkv"}
@@ -112,15 +110,16 @@ def widen_linear1_qkv(lora: LoraFile) -> LoraFile:
             bias = torch.zeros(width, dtype=torch.float32)
             bias[:rows] = weights.tensors["lora_up.bias"].float()
         name = f"lora_unet_single_blocks_{block}_linear1"
+        tensors = {"lora_down.weight": down, "lora_up.weight": padded, "alpha": torch.tensor(weights.alpha)}
+        if bias is not None:
+            tensors["lora_up.bias"] = bias
+        widened = ModuleWeights(tensors, key=name)
         if linear1 is None:
-            tensors = {"lora_down.weight": down, "lora_up.weight": padded, "alpha": torch.tensor(weights.alpha)}
-            if bias is not None:
-                tensors["lora_up.bias"] = bias
-            replaced[key] = (name, ModuleWeights(tensors, key=name))
+            replaced[key] = (name, widened)
             continue
         old = others[(block, "linear1")]
         _plain(lora, old, linear1, f"stacked with {key}, it")
-        replaced[key] = (name, _stack(weights, padded, bias, linear1))
+        replaced[key] = (name, stack_ranks(widened, linear1))
         replaced[old] = ("", linear1)
     modules: dict[str, ModuleWeights] = {}
     for key, weights in lora.modules.items():
@@ -128,32 +127,6 @@ def widen_linear1_qkv(lora: LoraFile) -> LoraFile:
         if name:
             modules[name] = new
     return dataclasses.replace(lora, modules=modules)
-
-
-def _stack(
-    qkv: ModuleWeights, padded: torch.Tensor, bias: torch.Tensor | None, linear1: ModuleWeights
-) -> ModuleWeights:
-    """One LoRA whose change is ``qkv``'s (its ``up`` already ``padded``) plus ``linear1``'s, exactly."""
-    import torch
-
-    from .format import ModuleWeights
-
-    scales = (qkv.scale, linear1.scale)
-    same = abs(scales[0] - scales[1]) <= 1e-12 * max(1.0, abs(scales[0]))
-    total = qkv.rank + linear1.rank
-    fold = (1.0, 1.0) if same else scales
-    down = torch.cat([qkv.down.float().flatten(1), linear1.down.float().flatten(1)])
-    up = torch.cat([padded * fold[0], linear1.up.float().flatten(1) * fold[1]], dim=1)
-    scale = scales[0] if same else 1.0
-    tensors = {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(total * scale)}
-    if bias is not None or "lora_up.bias" in linear1.tensors:  # Σ s_j · b_j, stored at the new scale
-        change = torch.zeros(up.shape[0], dtype=torch.float32)
-        if bias is not None:
-            change += bias * scales[0]
-        if "lora_up.bias" in linear1.tensors:
-            change += linear1.tensors["lora_up.bias"].float() * scales[1]
-        tensors["lora_up.bias"] = change / scale
-    return ModuleWeights(tensors)
 
 
 def kohya_names(lora: LoraFile) -> LoraFile:

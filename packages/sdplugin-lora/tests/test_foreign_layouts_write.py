@@ -377,3 +377,25 @@ def test_applying_a_loha_linear1_beside_linear1_qkv_adds_both_and_dora_is_refuse
         f"<in memory>: {plain} and {dora} adapt the same layer and one is DoRA, which sdcore cannot add to another "
         "module"
     )
+
+
+def test_convert_to_kohya_of_a_peft_file_makes_its_alphas_tensors_and_drops_the_peft_header(tmp_path):
+    """A BFL-named file whose alphas live in diffusers' ``lora_adapter_metadata`` header: the converted file holds
+    them as kohya's ``.alpha`` tensors and no longer that header, from which diffusers would take the old file's
+    config rather than read the kohya one."""
+    import json
+
+    gen = torch.Generator().manual_seed(13)
+    key = "transformer.double_blocks.0.img_attn.qkv"
+    state = {f"{key}.lora_A.weight": torch.randn(2, 16, generator=gen),
+             f"{key}.lora_B.weight": torch.randn(48, 2, generator=gen)}  # fmt: skip
+    source, converted = tmp_path / "peft.safetensors", tmp_path / "kohya.safetensors"
+    header = {"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 4})}
+    save_file(state, str(source), metadata=header)
+    _cli("convert", str(source), "-o", str(converted), "--to", "kohya")
+    got, meta = _read(converted)
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert set(got) == {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"}
+    assert float(got[f"{name}.alpha"]) == 4.0 and meta["ss_network_alpha"] == "4"
+    assert "lora_adapter_metadata" not in meta
+    assert torch.equal(got[f"{name}.lora_up.weight"], state[f"{key}.lora_B.weight"])

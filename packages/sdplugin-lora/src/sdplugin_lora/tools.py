@@ -645,7 +645,9 @@ def flux_to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, st
     renamed = kohya_names(lora)
     tensors = renamed.kohya_state_dict()
     meta = dict(lora.metadata)
-    for key in ("sshs_model_hash", "sshs_legacy_hash"):
+    # the alphas are tensors now; diffusers would build its LoraConfig from a PEFT header (its r, alphas and target
+    # names, all of the old file) instead of reading the kohya file
+    for key in ("sshs_model_hash", "sshs_legacy_hash", "lora_adapter_metadata"):
         meta.pop(key, None)
     family = detect_family(lora)[0] or "flux"
     if "ss_network_module" not in meta:

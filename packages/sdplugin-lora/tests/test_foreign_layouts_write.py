@@ -399,3 +399,29 @@ def test_convert_to_kohya_of_a_peft_file_makes_its_alphas_tensors_and_drops_the_
     assert float(got[f"{name}.alpha"]) == 4.0 and meta["ss_network_alpha"] == "4"
     assert "lora_adapter_metadata" not in meta
     assert torch.equal(got[f"{name}.lora_up.weight"], state[f"{key}.lora_B.weight"])
+
+
+def test_merge_of_an_xlabs_file_and_a_comfyui_named_one_writes_each_layer_once(tmp_path):
+    """The XLabs file is written under kohya's names, the other file names the same FLUX.1 layers under BFL's dotted
+    ones: each layer is one module (ComfyUI keeps only one patch per whole weight), whose change is the sum."""
+    gen = torch.Generator().manual_seed(14)
+    dotted = {
+        "diffusion_model.double_blocks.0.img_attn.qkv": (48, 16),
+        "diffusion_model.single_blocks.1.linear1": (112, 16),
+        "diffusion_model.single_blocks.1.linear2": (16, 80),
+    }
+    comfy = {f"{k}.{n}": torch.randn(*(shape if n == "lora_up.weight" else shape[::-1]), generator=gen)
+             for k, (o, i) in dotted.items() for n, shape in (("lora_up.weight", (o, 2)), ("lora_down.weight", (i, 2)))}  # fmt: skip
+    xlabs, other, merged = tmp_path / "xlabs.safetensors", tmp_path / "comfy.safetensors", tmp_path / "m.safetensors"
+    save_file(_xlabs_state(seed=15), str(xlabs))
+    save_file(comfy, str(other))
+    _cli("merge", f"{xlabs}:0.5", f"{other}:0.25", "-o", str(merged), "--save-dtype", "fp32")
+    state, _ = _read(merged)
+    assert _modules(state) == _TINY_KOHYA  # no dotted name left beside its kohya twin
+    assert state["lora_unet_single_blocks_1_linear1.lora_down.weight"].shape[0] == 3 + 2
+    model = copy.deepcopy(_flux())
+    before = _weights(model)
+    want = {k: before[k] + 0.5 * (v - before[k]) for k, v in _sdcore_merged(xlabs, scale=1.0).items()}
+    for k, v in _sdcore_merged(other, scale=1.0).items():
+        want[k] = want[k] + 0.25 * (v - before[k])
+    _close(_sdcore_merged(merged, scale=1.0), want)

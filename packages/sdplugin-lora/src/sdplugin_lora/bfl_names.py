@@ -39,6 +39,23 @@ def bfl_path(key: str) -> str | None:
     return path.replace(".", "_") if component in ("unet", "transformer") else None
 
 
+def kohya_name(key: str) -> str | None:
+    """kohya's name of a FLUX.1/Chroma transformer Linear a file's key names under kohya's (kept) or BFL's dotted
+    names (``diffusion_model.``/``transformer.``/bare: ``lora_unet_double_blocks_0_img_attn_qkv``), ``None`` for any
+    other key (text encoders, diffusers' paths)."""
+    from .dit import is_bfl_linear
+    from .format import _strip_component
+
+    if key.startswith("lora_unet_"):
+        return key
+    if key.startswith(("lora_te", "text_encoders.")):
+        return None
+    component, path = _strip_component(key)
+    return (
+        "lora_unet_" + path.replace(".", "_") if component in ("unet", "transformer") and is_bfl_linear(path) else None
+    )
+
+
 def _single(key: str) -> tuple[int, str] | None:
     """(block, ``linear1_qkv``/``linear1``/``linear2``) of a FLUX.1 single-block module key, else ``None``."""
     path = bfl_path(key)
@@ -139,8 +156,7 @@ def kohya_names(lora: LoraFile) -> LoraFile:
     name here (text encoders under ComfyUI's or diffusers' names, diffusers' transformer paths)."""
     from sdcore.errors import NetworkMismatchError
 
-    from .dit import is_bfl_linear
-    from .format import _strip_component, detect_family, widened_input
+    from .format import detect_family, widened_input
 
     family, why = detect_family(lora)
     if family not in ("flux", "chroma"):
@@ -160,11 +176,10 @@ def kohya_names(lora: LoraFile) -> LoraFile:
         if key.startswith(("lora_unet_", "lora_te", "oft_unet_")):  # kohya's names already
             modules[key] = weights
             continue
-        component, path = _strip_component(key)
-        if component not in ("unet", "transformer") or not is_bfl_linear(path):
+        name = kohya_name(key)
+        if name is None:
             nameless.append(key)
             continue
-        name = "lora_unet_" + path.replace(".", "_")
         modules[name] = dataclasses.replace(weights, key=name)
     if nameless:
         shown = ", ".join(nameless[:5]) + (f" (+{len(nameless) - 5} more)" if len(nameless) > 5 else "")
@@ -184,4 +199,4 @@ def for_writing(lora: LoraFile) -> LoraFile:
     return kohya_names(lora) if lora.layout == "xlabs" else widen_linear1_qkv(lora)
 
 
-__all__ = ["FLUX_MLP_RATIO", "bfl_path", "for_writing", "kohya_names", "widen_linear1_qkv"]
+__all__ = ["FLUX_MLP_RATIO", "bfl_path", "for_writing", "kohya_name", "kohya_names", "widen_linear1_qkv"]

@@ -21,7 +21,7 @@ from sdcore.errors import ConfigError, NetworkMismatchError
 
 from .adapters import LoraVariant, OftVariant, needs_base, weight_change
 from .algos import FAMILY_LORA_MODULE, PLAIN_LORA_MODULES
-from .bfl_names import for_writing, kohya_names
+from .bfl_names import for_writing, kohya_name, kohya_names
 from .dataset_metadata import datasets_tag_frequency
 from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
@@ -535,17 +535,23 @@ def merge_loras(
                 "apply the file as it is"
             )
     parts: dict[str, list[tuple[LoraFile, str, ModuleWeights, float]]] = {}
+    written: dict[str, str] = {}  # a layer -> the name it is written under: the first file's
     for lora, ratio in loras:
         for name, weights in lora.modules.items():
             if mode == "concat" and (weights.kind != "lora" or weights.is_dora or weights.is_tucker):
                 kind = "DoRA" if weights.is_dora else ("Tucker LoCon" if weights.is_tucker else weights.kind)
                 raise NetworkMismatchError(f"{lora.label}: {name} is {kind}; merge it with --mode svd")
-            parts.setdefault(lora_key(name), []).append((lora, name, weights, ratio))
+            # FLUX.1 under kohya's and BFL's dotted names (an XLabs file written under kohya's beside a ComfyUI one)
+            # is one layer: two modules of it would be one too many for ComfyUI, which keeps one per weight
+            layer = (kohya_name(name) if family in ("flux", "chroma") else None) or lora_key(name)
+            written.setdefault(layer, lora_key(name))
+            parts.setdefault(layer, []).append((lora, name, weights, ratio))
     weights_of: dict[int, dict[str, torch.Tensor]] = {}
     if base is not None and mode == "svd":
         weights_of = {id(lora): base_weights(base, lora) for lora, _ in loras}
     tensors: dict[str, torch.Tensor] = {}
-    for key, group in parts.items():
+    for layer, group in parts.items():
+        key = written[layer]
         if mode == "concat":
             weight_shape = lora_flat_delta(group[0][2])[1]
             if any(LoraVariant.shape(w.tensors) != weight_shape for _, _, w, _ in group[1:]):

@@ -292,7 +292,7 @@ def test_comfyui_flux_clip_l_and_t5xxl_keys(tmp_path):
         (
             "single_blocks.0.processor.ref_qkv_lora_q.down.weight",
             "an XLabs (x-flux) FLUX.1 file with processor keys other than qkv_lora1/2, proj_lora1/2 (double blocks) "
-            "and qkv_lora, proj_lora (single blocks), the only ones diffusers and ComfyUI map to FLUX.1's Linears",
+            "and qkv_lora, proj_lora (single blocks); diffusers and ComfyUI map only those to FLUX.1's Linears",
         ),
     ],
     ids=["cascade", "xlabs-ip-adapter", "xlabs-unknown-processor"],

@@ -73,6 +73,9 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     click.echo(f"file:        {info['file']}")
+    if info["layout"]:  # described all the same; one line says why sdcore applies none of it
+        click.echo(f"layout:      {info['layout']}")
+        click.echo(f"cannot be applied by sdcore: {info['cannot_apply']}")
     click.echo(f"title:       {info['title']}")
     label = f" - {info['family_label']}" if info.get("family_label") else ""
     arch = f", {info['architecture']}" if info.get("architecture") else ""
@@ -288,19 +291,27 @@ def merge_command(
 @click.option(
     "--to",
     "target",
-    type=click.Choice(["comfyui"]),
+    type=click.Choice(["comfyui", "kohya"]),
     required=True,
-    help="comfyui: a kohya OFT file under the names and constraint ComfyUI reads (same merged weights).",
+    help="comfyui: a kohya OFT file under the names and constraint ComfyUI reads (same merged weights). kohya: a "
+    "FLUX.1/Chroma file under BFL's, ComfyUI's or XLabs' (x-flux) names under kohya's lora_unet_ names, the same "
+    "factors with an explicit alpha (XLabs' single-block qkv_lora as linear1 with zero MLP rows).",
 )
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp32", show_default=True)
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 def convert_command(file: str, output: str, target: str, save_dtype: str, overwrite: bool) -> None:
-    """Rewrite FILE for a loader that cannot read it as it is (kohya OFT -> ComfyUI)."""
+    """Rewrite FILE for a loader that cannot read it as it is (kohya OFT -> ComfyUI, XLabs/ComfyUI FLUX.1 -> kohya)."""
     from .format import read_lora, save_lora
-    from .tools import oft_for_comfyui
+    from .tools import flux_to_kohya, oft_for_comfyui
 
     _check_output(output, [file], overwrite)
 
+    if target == "kohya":
+        tensors, meta = flux_to_kohya(read_lora(file))
+        path = save_lora(output, tensors, meta, dtype=save_dtype)
+        modules = len({key.split(".", 1)[0] for key in tensors})  # kohya's names hold no dot
+        click.echo(f"wrote {path}: {modules} modules under kohya's names")
+        return
     tensors, meta = oft_for_comfyui(read_lora(file))
     path = save_lora(output, tensors, meta, dtype=save_dtype)
     click.echo(f"wrote {path}: {len(tensors) // 2} OFT modules for {target}")

@@ -160,6 +160,9 @@ class LoraFile:
     #: the embeddings bundled in the file (``bundle_emb.*``, OneTrainer's pivotal tuning), read by sdcore's one
     #: parser; the LoRA loader applies none of them: ``sdcore generate`` offers them to the embedding handler
     bundled: list[BundledEmbedding] = field(default_factory=list)
+    #: ``"xlabs"`` when the file's modules are XLabs x-flux keys (read under ComfyUI's names), else ``""``: what sdcore
+    #: writes from it gets kohya's names (:func:`sdplugin_lora.bfl_names.for_writing`)
+    layout: str = ""
 
     @property
     def label(self) -> str:
@@ -216,7 +219,10 @@ def parse_state_dict(
             unknown.extend(f"{key}.{part}" for part in tensors)
     _peft_alphas(modules, (metadata or {}).get("lora_adapter_metadata"))
     bundled = bundled_embeddings({key: state[key] for key in embeddings}, source=path)
-    return LoraFile(modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings), norm_scales, bundled)
+    layout = "xlabs" if any(xlabs_key(key) is not None for key in state) else ""
+    return LoraFile(
+        modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings), norm_scales, bundled, layout
+    )
 
 
 #: BFL's names of FLUX.1's attention RMSNorms (``<block>.img_attn.norm.query_norm``), whose ``scale`` a control LoRA
@@ -296,40 +302,61 @@ def xlabs_key(key: str) -> str | None:
     return None if module is None else f"diffusion_model.{blocks}.{index}.{module}.lora_{part}.weight"
 
 
-#: layouts no loader maps onto a model sdcore has: (what the keys look like, the layout and why it cannot apply)
-_UNMAPPABLE: tuple[tuple[re.Pattern[str], str], ...] = (
+#: layouts no loader maps onto a model sdcore has: (what the keys look like, the layout, why it cannot apply)
+_UNMAPPABLE: tuple[tuple[re.Pattern[str], str, str], ...] = (
     (
         re.compile(r"^lora_prior_(unet|te)_"),
-        "a Stable Cascade LoRA (lora_prior_unet_/lora_prior_te_ keys: ComfyUI's names of Stable Cascade's prior); "
+        "a Stable Cascade LoRA (lora_prior_unet_/lora_prior_te_ keys: ComfyUI's names of Stable Cascade's prior)",
         "sdcore has no Stable Cascade model to apply it to",
     ),
     (
         re.compile(r"(^|\.)(double|single)_blocks\.\d+\.processor\.ip_adapter_"),
-        "an XLabs IP-Adapter for FLUX.1 (processor.ip_adapter_* keys): image-prompt attention layers, not a LoRA; "
+        "an XLabs IP-Adapter for FLUX.1 (processor.ip_adapter_* keys): image-prompt attention layers, not a LoRA",
         "neither diffusers' load_lora_weights nor ComfyUI's LoRA loader applies it",
     ),
     (
         re.compile(r"(^|\.)(double|single)_blocks\.\d+\.processor\."),
         "an XLabs (x-flux) FLUX.1 file with processor keys other than qkv_lora1/2, proj_lora1/2 (double blocks) and "
-        "qkv_lora, proj_lora (single blocks), the only ones diffusers and ComfyUI map to FLUX.1's Linears",
+        "qkv_lora, proj_lora (single blocks)",
+        "diffusers and ComfyUI map only those to FLUX.1's Linears",
     ),
 )
 
 
-def unmappable_layout(keys: Iterable[str]) -> str | None:
-    """The layout of a file whose keys no loader maps onto a model sdcore has (its first such key and why), ``None``
-    when every key is of a known layout or merely unknown (those are listed as unmatched when applied)."""
+@dataclass(frozen=True)
+class Unmappable:
+    """A file of a layout no loader maps onto a model sdcore has: the layout's name, why it cannot be applied, and
+    the first key that tells."""
+
+    layout: str
+    why: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.layout}; {self.why} (key {self.key})"
+
+
+def unmappable(keys: Iterable[str]) -> Unmappable | None:
+    """The layout of a file whose keys no loader maps onto a model sdcore has (:class:`Unmappable`), ``None`` when
+    every key is of a known layout or merely unknown (those are listed as unmatched when applied)."""
     for key in keys:
         if xlabs_key(key) is not None:
             continue
-        for pattern, layout in _UNMAPPABLE:
+        for pattern, layout, why in _UNMAPPABLE:
             if pattern.search(key):
-                return f"{layout} (key {key})"
+                return Unmappable(layout, why, key)
     return None
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read a ``.safetensors`` (preferred) or pickle-based ``.pt/.ckpt/.bin`` LoRA safely."""
+def unmappable_layout(keys: Iterable[str]) -> str | None:
+    """:func:`unmappable` as the one line ``read_lora`` refuses the file with (``None`` when it is mappable)."""
+    found = unmappable(keys)
+    return None if found is None else str(found)
+
+
+def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of a ``.safetensors`` (preferred) or pickle-based ``.pt/.ckpt/.bin`` file,
+    read safely, whatever their keys (``ModelFormatError`` for a missing or unreadable file)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: LoRA file not found")
@@ -354,6 +381,14 @@ def read_lora(path: str | Path) -> LoraFile:
             raise ModelFormatError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
         state = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
         metadata = {}
+    return state, metadata
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA file (:func:`read_state`); a layout no loader maps (:func:`unmappable`) or a file without LoRA
+    modules is a one-line ``ModelFormatError``."""
+    path = Path(path)
+    state, metadata = read_state(path)
     layout = unmappable_layout(state)
     if layout is not None:
         raise ModelFormatError(f"{path}: {layout}")
@@ -679,7 +714,20 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
     if index.family == "flux" and (problem := control_lora_problem(lora, _model_input_width(index))) is not None:
         raise NetworkMismatchError(problem)
     matched: dict[str, tuple[Target, ModuleWeights]] = {}
+    sources: dict[str, list[str]] = {}  # target name -> the file's keys that adapt it
     unmatched: list[str] = []
+
+    def add(target: Target, key: str, weights: ModuleWeights) -> None:
+        """Two keys of one file on one layer (ComfyUI's ``linear1_qkv`` beside ``linear1``: an offset patch and a
+        whole one, both applied by ComfyUI) add up, as they do there."""
+        keys = sources.setdefault(target.name, [])
+        keys.append(key)
+        known = matched.get(target.name)
+        if known is not None:
+            where = f"{lora.label}: {' and '.join(keys)}"
+            weights = _add_modules(known[1], weights, tuple(target.module.weight.shape), where)
+        matched[target.name] = (target, weights)
+
     for key, weights in lora.modules.items():
         stack = _kohya_stack(index, key)
         if stack is not None:  # one kohya module over several diffusers modules: split exactly
@@ -688,7 +736,7 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
             for part, part_weights in zip(stack.parts, split_module(key, weights, stack, lora.label), strict=True):
                 part_target = index.resolve_path(index.denoiser, part.path)
                 if part_target is not None:
-                    matched[part_target.name] = (part_target, part_weights)
+                    add(part_target, key, part_weights)
             continue
         target = resolve_key(index, key)
         if target is None:
@@ -707,7 +755,7 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
                     f"{lora.label}: {key} has in/out {widths} but {target.path} is {tuple(shape[:2][::-1])}: "
                     f"this LoRA does not fit the loaded {index.family} model{hint}"
                 )
-        matched[target.name] = (target, weights)
+        add(target, key, weights)
     scales = _match_scales(lora, index, unmatched)
     unmatched.extend(lora.unknown_keys)
     # bundled embeddings (lora.bundled) are no modules: ``sdcore generate`` hands them to the embedding handler
@@ -719,6 +767,58 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
             f"first keys: {', '.join(list(lora.modules)[:5])}"
         )
     return Match(matched, unmatched, scales)
+
+
+def stack_ranks(first: ModuleWeights, second: ModuleWeights) -> ModuleWeights:
+    """One plain LoRA whose change is ``first``'s plus ``second``'s, exactly: ranks stacked (``down = [d1; d2]``,
+    ``up = [u1, u2]``). kohya, ComfyUI and diffusers all scale a module by its alpha over its ``lora_down`` rows, so
+    the stacked module keeps both factors as they are with alpha = ``R · s`` when both have the scale ``s``, and
+    otherwise folds each scale into its ``up`` block with alpha = ``R`` (scale 1). ``lora_up.bias`` (BFL's/PEFT's)
+    is summed at the new scale. Both must be plain Linear LoRAs of one shape (``NetworkMismatchError`` otherwise)."""
+    import torch
+
+    if not (first.plain_lora and second.plain_lora and first.down.dim() == 2 and second.down.dim() == 2):
+        raise NetworkMismatchError("only plain Linear LoRA modules can be stacked")
+    ups = (first.up.float(), second.up.float())
+    downs = (first.down.float(), second.down.float())
+    if ups[0].shape[0] != ups[1].shape[0] or downs[0].shape[1] != downs[1].shape[1]:
+        shapes = [(int(u.shape[0]), int(d.shape[1])) for u, d in zip(ups, downs, strict=True)]
+        raise NetworkMismatchError(f"LoRA modules of different (out, in) shapes {shapes} cannot be stacked")
+    scales = (first.scale, second.scale)
+    same = abs(scales[0] - scales[1]) <= 1e-12 * max(1.0, abs(scales[0]))
+    scale = scales[0] if same else 1.0
+    fold = (1.0, 1.0) if same else scales
+    total = int(downs[0].shape[0] + downs[1].shape[0])
+    tensors = {
+        "lora_down.weight": torch.cat(downs),
+        "lora_up.weight": torch.cat([ups[0] * fold[0], ups[1] * fold[1]], dim=1),
+        "alpha": torch.tensor(total * scale),
+    }
+    biases = [w.tensors["lora_up.bias"].float() * s for w, s in zip((first, second), scales, strict=True)
+              if "lora_up.bias" in w.tensors]  # fmt: skip
+    if biases:
+        tensors["lora_up.bias"] = sum(biases[1:], biases[0]) / scale
+    return ModuleWeights(tensors)
+
+
+def _add_modules(known: ModuleWeights, new: ModuleWeights, shape: tuple[int, ...], where: str) -> ModuleWeights:
+    """One module for two a file holds on the same layer: plain LoRAs stacked (:func:`stack_ranks`), any other
+    additive pair as their summed difference (LyCORIS ``full``); DoRA and OFT change the weight they get, which two
+    modules of one file cannot share (``NetworkMismatchError``)."""
+    if known.plain_lora and new.plain_lora and known.down.dim() == new.down.dim() == 2:
+        return stack_ranks(known, new)
+    for weights in (known, new):
+        variant = weights.variant
+        if weights.is_dora or variant is None or variant.multiplicative or "lora_up.bias" in weights.tensors:
+            kind = "DoRA" if weights.is_dora else weights.kind
+            raise NetworkMismatchError(
+                f"{where} adapt the same layer and one is {kind}, which sdcore cannot add to another module"
+            )
+    diff_b = [w.tensors[k].float() for w in (known, new) for k in ("diff_b", "b_norm") if k in w.tensors]
+    tensors = {"diff": known.delta(shape) + new.delta(shape)}
+    if diff_b:
+        tensors["diff_b"] = sum(diff_b[1:], diff_b[0])
+    return ModuleWeights(tensors)
 
 
 def _match_scales(lora: LoraFile, index: ModuleIndex, unmatched: list[str]) -> dict[str, tuple[Target, torch.Tensor]]:
@@ -975,6 +1075,7 @@ __all__ = [
     "LoraFile",
     "Match",
     "ModuleWeights",
+    "Unmappable",
     "check_family",
     "control_lora_problem",
     "detect_family",
@@ -987,11 +1088,14 @@ __all__ = [
     "network_metadata",
     "parse_state_dict",
     "read_lora",
+    "read_state",
     "resolve_key",
     "save_lora",
     "sshs_hashes",
+    "stack_ranks",
     "stringify",
     "tag_frequency",
+    "unmappable",
     "unmappable_layout",
     "xlabs_key",
 ]

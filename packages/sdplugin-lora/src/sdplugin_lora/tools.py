@@ -21,6 +21,7 @@ from sdcore.errors import ConfigError, NetworkMismatchError
 
 from .adapters import LoraVariant, OftVariant, needs_base, weight_change
 from .algos import FAMILY_LORA_MODULE, PLAIN_LORA_MODULES
+from .bfl_names import for_writing, kohya_name, kohya_names
 from .dataset_metadata import datasets_tag_frequency
 from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
@@ -364,6 +365,8 @@ def resize_lora(
     if dynamic is not None and dynamic_param is None:
         raise ConfigError(f"--dynamic {dynamic} needs --dynamic-param")
     control = in_control_layout(lora)
+    if not control:  # XLabs' files under kohya's names, ComfyUI's linear1_qkv as kohya's linear1
+        lora = for_writing(lora)
     if control and (dora_modules := [name for name, w in lora.modules.items() if w.is_dora]):
         raise NetworkMismatchError(
             f"{lora.label}: {len(dora_modules)} DoRA modules ({', '.join(dora_modules[:3])}) in a FLUX.1 control LoRA, whose layout "
@@ -518,6 +521,8 @@ def merge_loras(
     check_quantile(clamp_quantile)
     check_ratios(loras)
     _warn_bundled_left_out([lora for lora, _ in loras], "the merged LoRA")
+    # XLabs' files under kohya's names, ComfyUI's linear1_qkv as kohya's linear1 (merged with a kohya linear1)
+    loras = [(for_writing(lora), ratio) for lora, ratio in loras]
     families = {family for family in (detect_family(lora)[0] for lora, _ in loras) if family is not None}
     if len(families) > 1:
         raise NetworkMismatchError(f"cannot merge LoRAs of different families: {', '.join(sorted(families))}")
@@ -530,17 +535,23 @@ def merge_loras(
                 "apply the file as it is"
             )
     parts: dict[str, list[tuple[LoraFile, str, ModuleWeights, float]]] = {}
+    written: dict[str, str] = {}  # a layer -> the name it is written under: the first file's
     for lora, ratio in loras:
         for name, weights in lora.modules.items():
             if mode == "concat" and (weights.kind != "lora" or weights.is_dora or weights.is_tucker):
                 kind = "DoRA" if weights.is_dora else ("Tucker LoCon" if weights.is_tucker else weights.kind)
                 raise NetworkMismatchError(f"{lora.label}: {name} is {kind}; merge it with --mode svd")
-            parts.setdefault(lora_key(name), []).append((lora, name, weights, ratio))
+            # FLUX.1 under kohya's and BFL's dotted names (an XLabs file written under kohya's beside a ComfyUI one)
+            # is one layer: two modules of it would be one too many for ComfyUI, which keeps one per weight
+            layer = (kohya_name(name) if family in ("flux", "chroma") else None) or lora_key(name)
+            written.setdefault(layer, lora_key(name))
+            parts.setdefault(layer, []).append((lora, name, weights, ratio))
     weights_of: dict[int, dict[str, torch.Tensor]] = {}
     if base is not None and mode == "svd":
         weights_of = {id(lora): base_weights(base, lora) for lora, _ in loras}
     tensors: dict[str, torch.Tensor] = {}
-    for key, group in parts.items():
+    for layer, group in parts.items():
+        key = written[layer]
         if mode == "concat":
             weight_shape = lora_flat_delta(group[0][2])[1]
             if any(LoraVariant.shape(w.tensors) != weight_shape for _, _, w, _ in group[1:]):
@@ -631,6 +642,39 @@ def oft_for_comfyui(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, meta
 
 
+def flux_to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A FLUX.1/Chroma file under BFL's dotted, ComfyUI's or XLabs' names rewritten under kohya's
+    (:func:`sdplugin_lora.bfl_names.kohya_names`: ``lora_unet_double_blocks_0_img_attn_qkv``, XLabs' single-block
+    ``qkv_lora`` as ``lora_unet_single_blocks_<i>_linear1`` with zero MLP rows), the same factors and an explicit
+    alpha (x-flux's files have none: alpha = rank), so that kohya, Forge, ComfyUI and diffusers all read it. A file
+    without kohya's ``ss_*`` header gets the one ``lora extract`` writes for its family."""
+    renamed = kohya_names(lora)
+    tensors = renamed.kohya_state_dict()
+    meta = dict(lora.metadata)
+    # the alphas are tensors now; diffusers would build its LoraConfig from a PEFT header (its r, alphas and target
+    # names, all of the old file) instead of reading the kohya file
+    for key in ("sshs_model_hash", "sshs_legacy_hash", "lora_adapter_metadata"):
+        meta.pop(key, None)
+    family = detect_family(lora)[0] or "flux"
+    if "ss_network_module" not in meta:
+        ranks = sorted({w.rank for w in renamed.modules.values() if w.rank})
+        alphas = sorted({w.alpha for w in renamed.modules.values() if w.rank})
+        meta = {
+            **network_metadata(
+                family=family,
+                rank=ranks[-1] if ranks else 0,
+                alpha=alphas[0] if len(alphas) == 1 else (ranks[-1] if ranks else 0),
+                network_module=lora_module(family),
+                title=Path(lora.label).stem,
+            ),
+            **meta,
+        }
+    note = "renamed to kohya's FLUX.1 module names with sdcore lora convert --to kohya"
+    comment = meta.get("ss_training_comment", "")
+    meta["ss_training_comment"] = f"{note}; {comment}" if comment and comment != "None" else note
+    return tensors, meta
+
+
 # --- info --------------------------------------------------------------------------------------
 
 
@@ -677,10 +721,21 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     Zero placeholder modules (:func:`zero_placeholder`: the rank-1 all-zero modules a control LoRA carries for
     every Linear it did not train, because diffusers' BFL converter needs every module) count in ``modules``,
     ``parts``, ``kinds`` and ``shapes`` but not in ``ranks``, ``alphas`` or the block dims: ``zero_modules``
-    says how many, so the ranks are what trained."""
-    from .blocks import block_count, block_index
+    says how many, so the ranks are what trained.
 
-    lora = read_lora(path)
+    A file of a layout sdcore cannot apply (:func:`~sdplugin_lora.format.unmappable`: Stable Cascade, XLabs
+    IP-Adapters...) is described as well, with ``layout`` (its name) and ``cannot_apply`` (why, and the key that
+    tells); both are ``None`` for every other file."""
+    from sdcore.errors import ModelFormatError
+
+    from .blocks import block_count, block_index
+    from .format import parse_state_dict, read_state, unmappable
+
+    state, metadata = read_state(path)
+    refused = unmappable(state)  # described all the same: info inspects, it applies nothing
+    lora = parse_state_dict(state, metadata, Path(path))
+    if refused is None and not lora.modules:
+        raise ModelFormatError(f"{path}: no LoRA modules found (first keys: {', '.join(list(state)[:5])})")
     family, why = detect_family(lora)
     parts: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
@@ -718,7 +773,7 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     labels = sorted({_ALGO_LABEL.get(kind, kind) for kind in kinds})
     if labels == ["LoRA"] and shapes["conv3x3"]:
         labels = ["LoCon"]
-    algorithm = "+".join(labels) + (" (DoRA)" if dora else "") + (" (Tucker)" if tucker else "")
+    algorithm = ("+".join(labels) or "none") + (" (DoRA)" if dora else "") + (" (Tucker)" if tucker else "")
     meta = lora.metadata
     tags: list[tuple[str, int]] = []
     raw = meta.get("ss_tag_frequency")
@@ -740,6 +795,9 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     has_blocks = any(block_dims) or any(conv_block_dims)
     return {
         "file": str(path),
+        # a layout sdcore refuses to apply (read_lora's error): its name and why, None for every other file
+        "layout": refused.layout if refused else None,
+        "cannot_apply": f"{refused.why} (key {refused.key})" if refused else None,
         "family": family,
         "family_label": family_label(family),
         "family_from": why,
@@ -823,6 +881,7 @@ __all__ = [
     "dynamic_rank",
     "effective_deltas",
     "extract_lora",
+    "flux_to_kohya",
     "layer_shape",
     "lora_flat_delta",
     "lora_info",

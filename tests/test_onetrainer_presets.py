@@ -158,7 +158,7 @@ CHROMA = {"batch_size": 2, "resolution": 512, "bucket_step": 64, "mixed_precisio
 CHROMA_FINE_TUNE = {**CHROMA, "lr": 1e-5, "save_format": "single-file", "optimizer": "adafactor",
                     "optimizer_args": "eps=1e-30,0.001 clip_threshold=1.0 decay_rate=-0.8 weight_decay=0.0 "
                     "scale_parameter=False relative_step=False warmup_init=False", "full_bf16": True,
-                    "fused_backward_pass": False, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 200.0,
+                    "fused_backward_pass": True, "fused_clip": "per-tensor", "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 200.0,
                     "fp8_base": False}  # fmt: skip
 CHROMA_LORA = {**CHROMA, **ADAMW, "lr": 0.0003, "rank": 16, "alpha": 1.0, "algo": "lora", "key_layout": "diffusers",
                "layer_filter": "attn,ff.net,proj_mlp"}  # fmt: skip
@@ -297,17 +297,24 @@ def test_a_saved_config_has_a_version_in_every_table_and_is_read(tmp_path):
 def test_chroma_fine_tune_takes_the_ui_optimizer_settings_and_trains_bf16_weights(tmp_path):
     notes: list[str] = []
     options = _options(tmp_path, PRESETS["#chroma Finetune 16GB"], "dreambooth", notes)
-    # optimizer_defaults.ADAFACTOR's fused_back_pass is what the UI trains with; on Chroma with clip_grad_norm 1.0
-    # sdcore steps after backward (kohya's meaning of the flag there), said in one note
-    assert options.fused_backward_pass is False and options.full_bf16 is True
+    # optimizer_defaults.ADAFACTOR's fused_back_pass is what the UI trains with: OneTrainer steps each tensor in
+    # backward on Chroma too, clipped by its own norm (clip_grad_norm 1.0): --fused-clip per-tensor, in one note
+    assert options.fused_backward_pass is True and options.fused_clip == "per-tensor" and options.full_bf16 is True
     text = "\n".join(notes)
     assert "optimizer_defaults.ADAFACTOR: clip_threshold=1.0, decay_rate=-0.8, eps=1e-30, eps2=0.001, " \
            "fused_back_pass=True, weight_decay=0.0" in text  # fmt: skip
-    assert "optimizer.fused_back_pass: sdcore steps after backward on chroma with clip_grad_norm 1.0" in text
+    assert ("optimizer.fused_back_pass with clip_grad_norm 1.0 on chroma: --fused-clip per-tensor (OneTrainer clips "
+            "each tensor by its own norm as it steps it in backward; sdcore's default follows kohya, whose scripts "
+            "for this family clip all gradients together)") in text  # fmt: skip
     assert "transformer.weight_dtype BFLOAT_16: trained in that type itself" in text
-    # without clipping, stepping in backward is the same on every family: it is kept
+    assert "stochastically" not in text  # fused Adafactor rounds bf16 updates stochastically, as OneTrainer
+    # without clipping the family rule does not matter: kohya's default is kept
     unclipped = _options(tmp_path, {**PRESETS["#chroma Finetune 16GB"], "clip_grad_norm": None}, "dreambooth")
-    assert unclipped.fused_backward_pass is True and unclipped.max_grad_norm == 0.0
+    assert unclipped.fused_backward_pass is True and unclipped.max_grad_norm == 0.0 and unclipped.fused_clip == "kohya"
+    # OneTrainer steps in backward with gradient accumulation too (on the update's last batch): kept, no refusal
+    accumulated = _options(tmp_path, {**PRESETS["#chroma Finetune 16GB"], "gradient_accumulation_steps": 4},
+                           "dreambooth")  # fmt: skip
+    assert accumulated.fused_backward_pass is True and accumulated.gradient_accumulation == 4
 
 
 def test_optimizer_and_optimizer_defaults_that_disagree_are_one_problem_each(tmp_path):

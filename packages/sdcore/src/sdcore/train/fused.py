@@ -25,15 +25,26 @@ What it means, from kohya's ``sdxl_train.py``/``sd3_train.py``/``flux_train.py``
   and rounds it into the bf16 weight stochastically (random low 16 bits added, then truncated). sdcore
   does the same with random bits from a generator keyed by (seed, step, tensor index), so a resumed
   or re-run training rounds the same way.
-- **Families.** kohya steps in backward in ``sdxl_train.py``, ``sd3_train.py`` and ``flux_train.py``;
-  its SD1/SD2 scripts accept the flag and train as usual, with global clipping. sdcore steps in
-  backward on SD1/SD2 too when ``--max-grad-norm 0`` (the weights are then kohya's) and refuses the
-  flag there with clipping on.
-- **Restrictions** (pre-flight, all at once): no gradient accumulation (kohya's assert: the hook would
-  step on a partial gradient), no fp16 mixed precision (the grad scaler needs every gradient before it
-  may skip a step), no multi-process run (the hooks would step on this process's gradient before DDP
-  averages it), and only methods that declare ``steps_in_backward`` (kohya offers it in its full
-  fine-tune scripts; its ``train_network.py`` accepts the flag and ignores it, keeping global clipping).
+- **Families** (``--fused-clip``). kohya steps in backward in ``sdxl_train.py``, ``sd3_train.py`` and
+  ``flux_train.py``; its SD1/SD2 scripts accept the flag and train as usual, with global clipping. With
+  ``--fused-clip kohya`` (the default: kohya command lines and TOMLs) sdcore steps in backward on
+  SD1/SD2 too when ``--max-grad-norm 0`` (the weights are then kohya's) and refuses the flag there
+  with clipping on. OneTrainer (``GenericTrainer.__apply_fused_back_pass``) steps in backward on every
+  family with each tensor clipped by its own norm: ``--fused-clip per-tensor``, which a OneTrainer
+  config sets where it matters.
+- **Gradient accumulation** (OneTrainer's rule; kohya asserts it away): the gradients accumulate over
+  the micro-batches as usual (the hooks do nothing) and the tensors step in the backward of an update's
+  last micro-batch, each on its whole accumulated gradient (clipped by its own norm), so the weights
+  are those of the ordinary accumulated step with per-tensor clipping (without clipping: the same).
+  Every gradient lives until then, so it saves no gradient memory (OneTrainer warns so too; the plan
+  counts them all). A tensor with a gradient from an earlier micro-batch only steps at the end of that
+  backward. Not with ``--blocks-to-swap`` on trained weights (a swapped weight's gradient would have to
+  wait on the CPU).
+- **Restrictions** (pre-flight, all at once): no fp16 mixed precision (the grad scaler needs every
+  gradient before it may skip a step; OneTrainer's per-parameter scaler is not reproduced), no
+  multi-process run (the hooks would step on this process's gradient before DDP averages it), and only
+  methods that declare ``steps_in_backward`` (kohya offers it in its full fine-tune scripts; its
+  ``train_network.py`` accepts the flag and ignores it, keeping global clipping).
 - **Optimizer groups** (``--fused-optimizer-groups N``, kohya's ``sdxl_train.py`` only; its SD3/Flux
   scripts ignore it): kohya splits the tensors, in optimizer order, into groups of ``ceil(count / N)``
   (a new group where the rate changes), gives each group its own optimizer and steps it when the
@@ -74,6 +85,8 @@ if TYPE_CHECKING:
 
 #: optimizers whose per-tensor step in backward gives exactly the ordinary step's weights
 FUSED_OPTIMIZERS = ("adafactor", "adamw", "sgd", "sgdnesterov")
+#: ``--fused-clip``: where per-tensor clipping in backward is accepted (kohya's families, or every one as OneTrainer)
+FUSED_CLIPS = ("kohya", "per-tensor")
 
 
 def _flag(o: TrainOptions) -> str:
@@ -124,11 +137,9 @@ def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = N
             f"{flag} needs an optimizer whose step is per tensor ({', '.join(FUSED_OPTIMIZERS)}; {why}), "
             f"not {o.optimizer}"
         )
-    if o.gradient_accumulation > 1:
-        problems.append(
-            f"{flag} does not work with --gradient-accumulation {o.gradient_accumulation} (a tensor steps as "
-            f"soon as its gradient is ready{'; kohya refuses it too' if plain else ''})"
-        )
+    clip = getattr(o, "fused_clip", "kohya")
+    if clip not in FUSED_CLIPS:
+        problems.append(f"--fused-clip {clip!r}: choose one of {', '.join(FUSED_CLIPS)}")
     if o.mixed_precision == "fp16":
         problems.append(
             f"{flag} does not work with --mixed-precision fp16: the grad scaler must see every gradient before a "
@@ -190,13 +201,15 @@ def fused_family_problems(options: TrainOptions, family: str) -> list[str]:
         ]
     if not steps_in_backward(options) or options.max_grad_norm == 0:
         return []
+    if getattr(options, "fused_clip", "kohya") == "per-tensor":
+        return []  # OneTrainer's rule: every family steps in backward, each tensor clipped by its own norm
     groups = bool(getattr(options, "fused_optimizer_groups", 0))
     if family in (KOHYA_GROUP_FAMILIES if groups else KOHYA_FAMILIES):
         return []
     return [
         f"{_flag(options)} on {family}: kohya's {family} scripts ignore the flag and clip all gradients "
         f"together, while stepping in backward clips each tensor alone; add --max-grad-norm 0 (then the weights "
-        "are the same) or drop the flag"
+        "are the same), --fused-clip per-tensor (OneTrainer's rule) or drop the flag"
     ]
 
 
@@ -206,10 +219,17 @@ def fused_notes(options: TrainOptions) -> list[str]:
         return []
     notes = []
     if options.max_grad_norm > 0:
+        whose = "OneTrainer" if getattr(options, "fused_clip", "kohya") == "per-tensor" else "kohya"
         notes.append(
             f"{_flag(options)}: --max-grad-norm {options.max_grad_norm:g} clips each tensor by its own norm "
-            "(kohya), not all gradients together; a non-finite gradient stops the run after part of the weights "
+            f"({whose}), not all gradients together; a non-finite gradient stops the run after part of the weights "
             "took the step, and the run resumes from the last saved state"
+        )
+    if options.gradient_accumulation > 1:
+        notes.append(
+            f"{_flag(options)} with --gradient-accumulation {options.gradient_accumulation}: the tensors step in "
+            "the backward of each update's last micro-batch (OneTrainer's rule), so every gradient is held until "
+            "then and the pass saves no gradient memory"
         )
     return notes
 
@@ -243,7 +263,9 @@ class StepInBackward:
     (indices into ``params``), each group once its last gradient arrived (or at :meth:`end`).
 
     ``begin(step)`` before each backward, ``end()`` after it; ``bad_norm()`` then tells a non-finite
-    gradient norm; ``remove()`` takes the hooks off (the run's end, or an error).
+    gradient norm; ``remove()`` takes the hooks off (the run's end, or an error). With gradient
+    accumulation, ``begin(step, update=False)`` before the backward of every micro-batch but an update's
+    last: the hooks then leave the gradients to accumulate.
     """
 
     def __init__(
@@ -261,7 +283,9 @@ class StepInBackward:
         self.seed = seed
         self.stochastic_bf16 = stochastic_bf16 and groups is None  # kohya's groups step plainly
         self.step = 0
-        #: between :meth:`begin` and :meth:`end`: the weights are partly stepped
+        #: this backward steps (the last micro-batch of an update); False: gradients accumulate
+        self.update = True
+        #: between :meth:`begin` and :meth:`end` of an update: the weights are partly stepped
         self.in_backward = False
         self._lock = threading.Lock()  # autograd runs one thread per device: one group swap at a time
         self._bad: Any = None
@@ -280,10 +304,13 @@ class StepInBackward:
             self._sizes.append(len(mine))
             self._pending.append([])
         self._handles: list[Any] = []
+        self._hooked: list[torch.Tensor] = []
+        self._fired: set[int] = set()
         for index, p in enumerate(params):
             if id(p) not in self._group:
                 continue  # not the optimizer's (cannot happen with the runtime's groups)
             self._index[id(p)] = index
+            self._hooked.append(p)
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     @property
@@ -291,19 +318,28 @@ class StepInBackward:
         """How many tensors step in backward."""
         return len(self._handles)
 
-    def begin(self, step: int) -> None:
-        """Start the backward of optimizer step ``step`` (0-based; keys the stochastic rounding)."""
+    def begin(self, step: int, update: bool = True) -> None:
+        """Start a backward of optimizer step ``step`` (0-based; keys the stochastic rounding); ``update``
+        False: a micro-batch before the update's last, whose gradients only accumulate."""
         self.step = step
+        self.update = update
         self._bad = None
-        self.in_backward = True
+        self.in_backward = update
+        self._fired.clear()
         for pending in self._pending:
             pending.clear()
 
     def end(self) -> None:
-        """Backward finished: step the groups some tensor of which got no gradient; every tensor has
-        now taken this step (an interrupt before this leaves them mixed)."""
+        """Backward finished: step the tensors whose gradient came from an earlier micro-batch only, and
+        the groups some tensor of which got no gradient; every tensor has now taken this step (an
+        interrupt before this leaves them mixed). Nothing to do after a micro-batch that only accumulates."""
         import torch
 
+        if not self.update:
+            return
+        for p in self._hooked:
+            if p.grad is not None and id(p) not in self._fired:  # accumulated earlier, no gradient this time
+                self._hook(p)
         with self._lock, torch.no_grad():
             for number, pending in enumerate(self._pending):
                 if pending:
@@ -325,9 +361,10 @@ class StepInBackward:
     def _hook(self, p: torch.Tensor) -> None:
         import torch
 
-        if p.grad is None:
+        if p.grad is None or not self.update:  # accumulating: the gradient waits for the update's micro-batch
             return
         with self._lock, torch.no_grad():
+            self._fired.add(id(p))
             if self.max_grad_norm > 0:
                 # kohya: accelerator.clip_grad_norm_(tensor, max_grad_norm), i.e. this tensor's norm alone
                 norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)

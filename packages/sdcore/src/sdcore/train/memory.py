@@ -743,7 +743,10 @@ def _training_encoder_configs(layout: ModelLayout, family: Any, cached: frozense
 def held_gradient_elements(params: ParameterPlan, options: TrainOptions) -> int:
     """Gradient elements alive at the peak: all of them, or with ``--fused-backward-pass`` the largest
     tensor's (each is freed once its tensor stepped, before the next is accumulated), or with
-    ``--fused-optimizer-groups N`` the largest group's (freed when the group steps); see :mod:`.fused`."""
+    ``--fused-optimizer-groups N`` the largest group's (freed when the group steps); see :mod:`.fused`.
+    With gradient accumulation every gradient waits for the update's last micro-batch: all of them."""
+    if options.gradient_accumulation > 1:
+        return params.trainable
     count = getattr(options, "fused_optimizer_groups", 0)
     if count and params.tensors:
         sizes = [n for n, _ in params.tensors]

@@ -235,6 +235,13 @@ def trained_swap_problem(options: Any, count: int) -> str | None:
     with ``--fused_backward_pass``: after backward a swapped weight is back on the CPU, away from its gradient)."""
     from .fused import steps_in_backward
 
+    accumulation = getattr(options, "gradient_accumulation", 1)
+    if getattr(options, "fused_backward_pass", False) and accumulation > 1:
+        return (
+            f"--blocks-to-swap {count} on a full fine-tune with --gradient-accumulation {accumulation}: a swapped "
+            "weight steps in backward on a device copy, and its gradient cannot wait there for the update's last "
+            "micro-batch; use --gradient-accumulation 1 (a larger --batch-size) or swap no trained blocks"
+        )
     if getattr(options, "fused_backward_pass", False):
         return None
     if steps_in_backward(options):

@@ -1387,13 +1387,14 @@ def _optimizer(r: _Reader) -> None:
     elif table["fused_back_pass"] and name != "PRODIGY_PLUS_SCHEDULE_FREE":
         from .fused import KOHYA_FAMILIES
 
-        if family in KOHYA_FAMILIES or not clip:
-            # GenericTrainer.__apply_fused_back_pass: each tensor steps in backward, clipped by its own norm
-            v["fused_backward_pass"] = True
-        else:  # sdcore keeps kohya's meaning there: its scripts clip all gradients together (fused_family_problems)
-            r.note(f"optimizer.fused_back_pass: sdcore steps after backward on {family} with clip_grad_norm {clip} "
-                   "(all gradients clipped together; OneTrainer clips each tensor by its own norm as it steps it "
-                   "in backward): more memory, the same weights with clip_grad_norm null")  # fmt: skip
+        # GenericTrainer.__apply_fused_back_pass: each tensor steps in backward, clipped by its own norm, on every
+        # family, and with gradient_accumulation_steps in the backward of the update's last batch
+        v["fused_backward_pass"] = True
+        if clip and family not in KOHYA_FAMILIES:  # kohya's scripts clip all gradients together there
+            v["fused_clip"] = "per-tensor"
+            r.note(f"optimizer.fused_back_pass with clip_grad_norm {clip} on {family}: --fused-clip per-tensor "
+                   "(OneTrainer clips each tensor by its own norm as it steps it in backward; sdcore's default "
+                   "follows kohya, whose scripts for this family clip all gradients together)")  # fmt: skip
     for key, why in OPTIMIZER_NOTED.items():
         if not same_value(table[key], OPTIMIZER_DEFAULTS[key]):
             r.note(f"optimizer.{key}: accepted, no effect on the result here ({why})")

@@ -17,6 +17,7 @@ from ..data.resolutions import RESOLUTION_DRAWS
 from ..errors import ConfigError
 from ..options import option
 from .ema import EMA_DEVICES, EMA_WARMUPS
+from .fused import FUSED_CLIPS
 from .loss import HUBER_SCHEDULES, SDCORE_LOSS_TYPES, TIMESTEP_LOSS_WEIGHTS
 from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 from .timestep_distributions import TIMESTEP_DISTRIBUTIONS
@@ -513,8 +514,18 @@ class TrainOptions:
         False,
         "Step each trained tensor inside backward as soon as its gradient is ready and free that gradient, so a "
         "full fine-tune never holds every gradient (kohya --fused_backward_pass): the same weights with adafactor, "
-        "adamw, sgd, sgdnesterov; --max-grad-norm clips per tensor (kohya); no --gradient-accumulation, fp16 "
-        "mixed precision or multi-process; methods that train whole models (DreamBooth).",
+        "adamw, sgd, sgdnesterov; --max-grad-norm clips per tensor (kohya; see --fused-clip); with "
+        "--gradient-accumulation the tensors step in the last micro-batch's backward (OneTrainer; every gradient "
+        "is then held); no fp16 mixed precision or multi-process; methods that train whole models (DreamBooth).",
+        group="training",
+    )
+    fused_clip: str = option(
+        "kohya",
+        "Where a fused backward pass may clip each tensor by its own norm (--max-grad-norm above 0): kohya (only on "
+        "the families whose kohya script steps in backward, SDXL/SD3/Flux, SDXL for --fused-optimizer-groups; "
+        "elsewhere kohya clips all gradients together, so the pre-flight asks for --max-grad-norm 0) or per-tensor "
+        "(on every family, as OneTrainer's fused_back_pass; set by a OneTrainer config).",
+        choices=FUSED_CLIPS,
         group="training",
     )
     fused_optimizer_groups: int = option(

@@ -396,29 +396,33 @@ def _step_in_backward(
     fused: StepInBackward,
     on_bad: Callable[[StepOutcome], None],
 ) -> StepOutcome:
-    """One optimizer step whose tensors step inside backward (one micro-batch, one process: the
-    pre-flight refuses the rest). A non-finite loss skips backward, so nothing steps, as in
-    :func:`optimizer_step`; a non-finite per-tensor gradient norm is known only after backward."""
+    """One optimizer step whose tensors step inside backward (one process: the pre-flight refuses more).
+    With several micro-batches (OneTrainer's accumulation) the gradients accumulate as in
+    :func:`optimizer_step` and the tensors step in the backward of the last one. A non-finite loss is
+    seen before its backward, so nothing steps, as in :func:`optimizer_step`; a non-finite per-tensor
+    gradient norm is known only after the last backward."""
     acc, model = placement.accelerator, placement.model
-    (refs,) = group
-    batch = batches.make_batch(refs, step=step)
-    noise, timesteps, input_noise = objective.draw_for(refs, batch)
-    with placement.no_sync(sync=True), acc.autocast():
-        loss = model(batch, noise, timesteps, step, input_noise)
-        value = float(loss.detach())
-        if not math.isfinite(value):  # before backward: no tensor has stepped
-            placement.optimizer.zero_grad(set_to_none=True)
-            on_bad(StepOutcome(value, value))
-        fused.begin(step)
-        if loss.requires_grad:
-            acc.backward(loss)
-        fused.end()
+    step_loss, last = 0.0, len(group) - 1
+    for k, refs in enumerate(group):
+        batch = batches.make_batch(refs, step=step)
+        noise, timesteps, input_noise = objective.draw_for(refs, batch)
+        with objective.strength_scope(batch), placement.no_sync(sync=k == last), acc.autocast():
+            loss = model(batch, noise, timesteps, step, input_noise)
+            value = float(loss.detach())
+            if not math.isfinite(value):  # before backward: no tensor has stepped
+                placement.optimizer.zero_grad(set_to_none=True)
+                on_bad(StepOutcome(value, value))
+            fused.begin(step, update=k == last)
+            if loss.requires_grad:
+                acc.backward(loss / len(group))
+            fused.end()
+        step_loss += value / len(group)
     bad = fused.bad_norm()
     if bad is not None:
         placement.optimizer.zero_grad(set_to_none=True)
-        on_bad(StepOutcome(value, bad, "gradient norm", partly_stepped=True))
+        on_bad(StepOutcome(step_loss, bad, "gradient norm", partly_stepped=True))
     placement.scheduler.step()  # after every tensor stepped at this step's rate (kohya's order)
-    return StepOutcome(value)
+    return StepOutcome(step_loss)
 
 
 def _agree(acc: Any, loss: float, bad: bool) -> tuple[float, bool]:

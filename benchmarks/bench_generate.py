@@ -11,6 +11,9 @@ the model loaded once (each its own copy, as two programs would have it):
 - with a kohya LoRA file: sdcore's ``<lora:name:1>`` (read, merged, generated, restored per call) vs
   diffusers ``load_lora_weights`` + ``fuse_lora`` + generate + ``unfuse_lora`` + ``unload_lora_weights`` per
   image (the same per-call work), and diffusers' steady state with the LoRA fused once (generation alone);
+- several images with one LoRA in one session (``--session-images``, one ``generate_images`` call each): inside
+  ``session.keeping()`` (merged once, as ``sdcore generate`` and A1111 keep it) against a fresh session per image
+  (read, hashed, merged and undone per image, sdcore's behaviour before it kept networks), with their pixels;
 - CLI wall time, startup included: ``sdcore generate ...`` one image vs a ``python -c`` diffusers script
   writing the same PNG.
 
@@ -20,6 +23,7 @@ the model loaded once (each its own copy, as two programs would have it):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import subprocess
@@ -134,11 +138,34 @@ def measure(size: str, sampler: str, args: Any, workdir: Path) -> dict[str, Any]
             pipe.unload_lora_weights()
 
     tagged = f"<lora:{LORA_NAME}-{size}:1> {PROMPT}"
+    count = args.session_images
+    keeping = getattr(session, "keeping", None)  # absent before sdcore kept networks between images
+
+    def ours_session() -> list[Any]:
+        """``count`` images with the same LoRA, one ``generate_images`` call each, in one ``session.keeping()``
+        block (an X/Y/Z plot's cells, an app's loop): merged once, undone once."""
+        with keeping() if keeping is not None else contextlib.nullcontext():
+            return [ours(tagged) for _ in range(count)]
+
+    def ours_fresh_each() -> list[Any]:
+        """The same images with nothing kept between them: each reads, hashes, merges and undoes the file."""
+        images = []
+        for _ in range(count):
+            fresh = session_from_plugin_manager(get_plugin_manager(), {"lora_dir": lora.parent})
+            images.append(generate_images(bundle, [tagged], negative_prompt=NEGATIVE, sampler=sampler,
+                                          networks=fresh, **common)[0])  # fmt: skip
+        return images
+
     rows: dict[str, float] = {}
     rows["sdcore"], _ = time_call(ours, repeat=args.repeat)
     rows["diffusers"], _ = time_call(theirs, repeat=args.repeat)
     rows["sdcore lora"], _ = time_call(lambda: ours(tagged), repeat=args.repeat)
     rows["diffusers lora (load+fuse per image)"], _ = time_call(theirs_lora_per_image, repeat=args.repeat)
+    kept_s, _ = time_call(ours_session, repeat=args.repeat)
+    fresh_s, _ = time_call(ours_fresh_each, repeat=args.repeat)
+    rows[f"sdcore lora, {count} images kept"] = kept_s / count
+    rows[f"sdcore lora, {count} images fresh each"] = fresh_s / count
+    session_diff = max(max_pixel_diff(a, b) for a, b in zip(ours_session(), ours_fresh_each(), strict=True))
     plain_diff = max_pixel_diff(ours(), theirs())
     ours_lora = ours(tagged)
     pipe.load_lora_weights(str(lora), adapter_name=LORA_NAME)
@@ -155,6 +182,10 @@ def measure(size: str, sampler: str, args: Any, workdir: Path) -> dict[str, Any]
         "ratio": rows["sdcore"] / rows["diffusers"],
         "ratio_lora": rows["sdcore lora"] / rows["diffusers lora (load+fuse per image)"],
         "ratio_lora_vs_fused": rows["sdcore lora"] / rows["diffusers lora (fused once)"],
+        "session_images": count,
+        "ratio_kept_vs_fresh": kept_s / fresh_s,
+        "ratio_kept_vs_fused": kept_s / count / rows["diffusers lora (fused once)"],
+        "max_pixel_diff_kept": session_diff,
         "max_pixel_diff": plain_diff,
         "max_pixel_diff_lora": lora_diff,
         "lora_effect": lora_effect,
@@ -230,6 +261,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--repeat", type=int, default=3, help="timed images per figure (median; one warm-up)")
     parser.add_argument("--cli-repeat", type=int, default=2, help="timed CLI runs each (median; one warm-up)")
+    parser.add_argument(
+        "--session-images",
+        type=int,
+        default=4,
+        help="images with the same LoRA in one session (kept merged vs applied per image)",
+    )
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI wall-time comparison")
     parser.add_argument("--workdir", default="/tmp/sdcore-bench-generate")
     args = parser.parse_args(argv)
@@ -264,6 +301,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in results
     ]  # fmt: skip
     print_table(f"seconds per image, {args.steps} steps, CFG {args.cfg}, median of {args.repeat}", rows, header)
+    count = args.session_images
+    session_rows = [
+        (r["size"], r["sampler"], f"{r['seconds'][f'sdcore lora, {count} images kept']:.3f}",
+         f"{r['seconds'][f'sdcore lora, {count} images fresh each']:.3f}", f"{r['ratio_kept_vs_fresh']:.2f}x",
+         f"{r['seconds']['diffusers lora (fused once)']:.3f}", f"{r['ratio_kept_vs_fused']:.2f}x",
+         str(r["max_pixel_diff_kept"]))
+        for r in results
+    ]  # fmt: skip
+    print_table(f"{count} images with one LoRA in one session, seconds per image (median of {args.repeat})",
+                session_rows, ("size", "sampler", "kept s", "fresh each s", "ratio", "d. fused s", "ratio",
+                               "kept vs fresh max|dpx|"))  # fmt: skip
     cli: list[dict[str, Any]] = []
     if not args.no_cli:
         cli = [measure_cli(size, samplers[0], args, workdir) for size in sizes]

@@ -35,11 +35,13 @@ def test_max_pixel_diff_is_the_largest_channel_difference():
 
 def test_a_tiny_two_step_run_gives_diffusers_pixels_with_and_without_the_lora(tmp_path):
     bench = _bench()
-    args = argparse.Namespace(steps=2, cfg=7.0, seed=3, repeat=1)
+    args = argparse.Namespace(steps=2, cfg=7.0, seed=3, repeat=1, session_images=2)
     result = bench.measure("tiny", "dpm++2m", args, tmp_path)
     assert (result["size"], result["sampler"], result["side"]) == ("tiny", "dpm++2m", 64)
     assert set(result["seconds"]) == {"sdcore", "diffusers", "sdcore lora", "diffusers lora (load+fuse per image)",
-                                      "diffusers lora (fused once)"}  # fmt: skip
+                                      "diffusers lora (fused once)", "sdcore lora, 2 images kept",
+                                      "sdcore lora, 2 images fresh each"}  # fmt: skip
+    assert result["session_images"] == 2 and result["max_pixel_diff_kept"] == 0  # kept: the same pixels
     assert all(seconds > 0 for seconds in result["seconds"].values())
     assert result["ratio"] == result["seconds"]["sdcore"] / result["seconds"]["diffusers"]
     assert result["max_pixel_diff"] <= 1  # float rounding at most

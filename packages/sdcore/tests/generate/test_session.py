@@ -300,3 +300,111 @@ def test_lora_files_in_comfyui_loras_folder_are_found(tmp_path):
     (models / "loras").mkdir(parents=True)
     handlers = handlers_from_plugin_manager(get_plugin_manager(), {}, models_dir=models)
     assert handlers["lora"].directory == models / "loras" and handlers["lyco"].directory == models / "loras"
+
+
+# --- networks kept between prompts (NetworkSession.keeping) -----------------------------------
+
+
+class KeyedShift(ShiftUnet):
+    """ShiftUnet that can say two activations are the same (its refs' names and weights), counting its undos."""
+
+    def __init__(self, directory=None):
+        super().__init__(directory)
+        self.undos = 0
+
+    def activation_key(self, refs):
+        return tuple((ref.name, ref.weight) for ref in refs)
+
+    def activate(self, bundle, refs, prompt, negative_prompt):
+        activation = super().activate(bundle, refs, prompt, negative_prompt)
+        undo = activation.undo
+
+        def counted():
+            self.undos += 1
+            undo()
+
+        activation.undo = counted
+        return activation
+
+
+def test_keeping_reuses_the_same_networks_and_undoes_on_change_and_at_the_end(sd1):
+    keyed, rewrite = KeyedShift(), Rewrite()
+    session = NetworkSession({"test": keyed, None: rewrite})
+    original = sd1.unet.conv_out.bias.detach().clone()
+    with session.keeping():
+        for text in ("a mytoken <test:x:1>", "b <test:x:1>", "c <test:x:1.0>"):
+            with session.apply(sd1, text) as applied:
+                assert applied.info == {"Test hashes": "x"}  # the kept activation's infotext, every prompt
+                assert torch.equal(sd1.unet.conv_out.bias, original + 1)
+        assert (len(keyed.calls), keyed.undos) == (1, 0)  # applied once, still applied after the blocks
+        assert applied.prompt == "c " and [p for _, p in rewrite.seen] == ["a mytoken ", "b ", "c "]
+        assert session.kept_key == ((keyed, (("x", 1.0),)),)
+        with session.apply(sd1, "<test:x:2>"):  # another weight: undone, then applied
+            assert torch.equal(sd1.unet.conv_out.bias, original + 2)
+        assert (len(keyed.calls), keyed.undos) == (2, 1)
+        with session.apply(sd1, "no networks"):  # none: the model as it was
+            assert torch.equal(sd1.unet.conv_out.bias, original)
+        assert keyed.undos == 2 and session.kept_key is None
+        with session.apply(sd1, "<test:x:2>"):
+            pass
+    assert torch.equal(sd1.unet.conv_out.bias, original) and keyed.undos == 3  # the block's end undoes
+
+
+def test_keeping_needs_a_key_the_same_model_and_an_untouched_prompt(sd1):
+    plain = ShiftUnet()  # no activation_key: applied and undone around every prompt, as outside keeping
+    session = NetworkSession({"test": plain})
+    original = sd1.unet.conv_out.bias.detach().clone()
+    with session.keeping():
+        for _ in range(2):
+            with session.apply(sd1, "<test:x:1>"):
+                pass
+            assert torch.equal(sd1.unet.conv_out.bias, original)
+    assert len(plain.calls) == 2
+
+    keyed = KeyedShift()
+    session = NetworkSession({"test": keyed})
+    other = types.SimpleNamespace(unet=types.SimpleNamespace(conv_out=torch.nn.Conv2d(1, 4, 1)))
+    other_bias = other.unet.conv_out.bias.detach().clone()
+    with session.keeping():
+        with session.apply(sd1, "<test:x:1>"):
+            pass
+        with session.apply(other, "<test:x:1>"):  # another model object: sd1 is undone first
+            assert torch.equal(sd1.unet.conv_out.bias, original)
+        assert len(keyed.calls) == 2
+        with session.apply(other, "<test:x:1>"), session.apply(other, "<test:y:2>"):  # nested: stacked, not kept
+            assert torch.equal(other.unet.conv_out.bias, other_bias + 3)
+        assert torch.equal(other.unet.conv_out.bias, other_bias + 1) and session.kept_key[0][1] == (("x", 1.0),)
+    assert torch.equal(other.unet.conv_out.bias, other_bias)
+
+    class Rewriting(KeyedShift):
+        def activate(self, bundle, refs, prompt, negative_prompt):
+            activation = super().activate(bundle, refs, prompt, negative_prompt)
+            activation.prompt = prompt + " trigger"
+            return activation
+
+    rewriting = Rewriting()
+    session = NetworkSession({"test": rewriting})
+    with session.keeping():
+        for _ in range(2):
+            with session.apply(sd1, "a <test:x:1>") as applied:
+                assert applied.prompt == "a  trigger"
+    assert (len(rewriting.calls), rewriting.undos) == (2, 2)  # its prompt change could not be replayed: not kept
+
+
+def test_generate_images_leaves_the_model_clean_outside_keeping(sd1):
+    """A training run's samples call generate_images between optimizer steps without a keeping block: each call
+    must undo its networks, or a later undo would restore stale weights over the trained ones."""
+    keyed = KeyedShift()
+    session = NetworkSession({"test": keyed})
+    state = {k: v.clone() for k, v in sd1.unet.state_dict().items()}
+    generate_images(sd1, ["a <test:x:0.5>", "b <test:x:0.5>"], steps=1, seed=2, networks=session)
+    assert (len(keyed.calls), keyed.undos) == (1, 1) and session.kept_key is None
+    first = generate_images(sd1, ["a <test:x:0.5>"], steps=1, seed=2, networks=session)
+    assert (len(keyed.calls), keyed.undos) == (2, 2)
+    assert all(torch.equal(v, state[k]) for k, v in sd1.unet.state_dict().items())
+    with session.keeping():
+        again = generate_images(sd1, ["a <test:x:0.5>"], steps=1, seed=2, networks=session)
+        generate_images(sd1, ["c <test:x:0.5>"], steps=1, seed=5, networks=session)
+        assert (len(keyed.calls), keyed.undos) == (3, 2)
+    assert keyed.undos == 3 and np.array_equal(_arr(first[0]), _arr(again[0]))
+    assert all(torch.equal(v, state[k]) for k, v in sd1.unet.state_dict().items())

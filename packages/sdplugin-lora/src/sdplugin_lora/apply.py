@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
@@ -242,6 +243,12 @@ def _hook_one(target: Target, weights: ModuleWeights, multiplier: float) -> Adap
     return adapter
 
 
+def _file_key(path: Path) -> tuple[str, int, int]:
+    """A file as it is on disk now: its path, size and mtime in ns (a rewrite changes one of the last two)."""
+    info = path.stat()
+    return (str(path), info.st_size, info.st_mtime_ns)
+
+
 _NAME_SYMBOLS = str.maketrans("", "", ":,")
 #: A1111's LoRA tag arguments, in their positional order
 _LORA_ARGS = ("te", "unet", "dyn")
@@ -319,6 +326,49 @@ class LoraHandler(PromptNetworkHandler):
             return None
         return ControlNetwork(path, f"{path.name}: {CONTROL_LORA}")
 
+    #: how many parsed files (with their short hashes) :meth:`read` keeps, least recently used dropped first
+    cache_size: ClassVar[int] = 4
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        super().__init__(directory)
+        self._files: OrderedDict[tuple[str, int, int], tuple[LoraFile, str]] = OrderedDict()
+
+    def read(self, path: Path) -> tuple[LoraFile, str]:
+        """``path`` parsed and its A1111 short hash (``Lora hashes``), from a small LRU cache keyed by the path,
+        the file's size and its mtime in ns, so switching between LoRAs in one session (an X/Y/Z plot, a prompt
+        list) reads and hashes each file once, and a file rewritten since (another mtime or size) is read again,
+        as A1111 re-reads a network whose mtime is newer (Lora/networks.py ``load_networks``). Parsed files are
+        never changed by applying them, so one parse serves every application."""
+        key = _file_key(path)
+        found = self._files.get(key)
+        if found is not None:
+            self._files.move_to_end(key)
+            return found
+        lora = read_lora(path)
+        entry = (lora, network_short_hash(path, lora.metadata))
+        self._files[key] = entry
+        while len(self._files) > self.cache_size:
+            self._files.popitem(last=False)
+        return entry
+
+    def _mode(self) -> str:
+        """``merge`` (the default: no per-step cost) or ``hooks`` (``-O lora_mode=hooks``: weights untouched)."""
+        return "hooks" if str(getattr(self, "options", {}).get("lora_mode", "merge")).lower() == "hooks" else "merge"
+
+    def activation_key(self, refs: Sequence[NetworkRef]) -> Hashable | None:
+        """The merge mode and, per ref, the prompt's name (the infotext's and bundled embeddings' label), the
+        resolved file as it is on disk now (path, size, mtime in ns) and the weights as :meth:`activate` reads
+        them (te, unet, dyn): two prompts with equal keys apply the same LoRAs in the same way. ``None`` when an
+        argument is wrong (then :meth:`activate` says why)."""
+        if not refs or any(self.check_ref(ref) for ref in refs):
+            return None
+        parts: list[Hashable] = []
+        for ref in refs:
+            te_weight = ref.arg(0, "te", 1.0)
+            dyn = _dyn_value(ref)
+            parts.append((ref.name, _file_key(self.find(ref.name)), te_weight, ref.arg(1, "unet", te_weight), dyn))
+        return (self._mode(), tuple(parts))
+
     def activate(self, bundle: Any, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         if not refs:
             return Activation(prompt, negative_prompt)
@@ -330,7 +380,7 @@ class LoraHandler(PromptNetworkHandler):
         offered: list[BundledEmbedding] = []
         for ref in refs:
             path = self.find(ref.name)
-            lora = read_lora(path)
+            lora, short_hash = self.read(path)
             # A1111 registers the bundled embeddings of every LoRA in the prompt, whatever its weights (even 0);
             # its infotext names the LoRA as the prompt wrote it in their "TI hashes" entries
             offered += [replace(emb, network=ref.name) for emb in lora.bundled]
@@ -345,13 +395,13 @@ class LoraHandler(PromptNetworkHandler):
                 )
             specs.append(LoraSpec(lora, te_weight, unet_weight, None if dyn is None else int(dyn)))
             # A1111 (Lora/extra_networks_lora.py): the prompt name without ':' and ',', listed once
-            hashes.setdefault(ref.name.translate(_NAME_SYMBOLS), network_short_hash(path, lora.metadata))
+            hashes.setdefault(ref.name.translate(_NAME_SYMBOLS), short_hash)
             for text in (ref.text,):
                 if text:
                     prompt = prompt.replace(text, "")
                     negative_prompt = negative_prompt.replace(text, "")
         # merged by default (no per-step cost); ``-O lora_mode=hooks`` keeps the weights untouched
-        merge = str(getattr(self, "options", {}).get("lora_mode", "merge")).lower() != "hooks"
+        merge = self._mode() == "merge"
         # a FLUX.1 control LoRA widens dev's img_in for the call: the generation then runs on FluxControlPipeline
         applied = apply_loras(bundle, specs, merge=merge, widen=True)
         info = {"Lora hashes": ", ".join(f"{name}: {short}" for name, short in hashes.items())} if hashes else {}
@@ -363,7 +413,7 @@ class LoraHandler(PromptNetworkHandler):
         path = self.find(name)
         if path.suffix.lower() == ".safetensors":
             return bundled_embeddings(header_shapes(path), source=path, network=name)
-        return [replace(emb, network=name) for emb in read_lora(path).bundled]
+        return [replace(emb, network=name) for emb in self.read(path)[0].bundled]
 
 
 class LycoHandler(LoraHandler):

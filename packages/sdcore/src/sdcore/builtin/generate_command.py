@@ -872,17 +872,19 @@ def _run_generate(
             plot, [run.params for run in runs], params["cfg"], distilled=distilled, family=label, guided=guided
         ):
             raise ConfigError("; ".join(trouble))
-    if plot is None:
-        from ..generate.pnginfo import save_png
+    # a LoRA every image (plot cell) names is merged once and stays merged until the set changes (A1111's rule)
+    with session.keeping():
+        if plot is None:
+            from ..generate.pnginfo import save_png
 
-        for image, path, text in _render(runs[0], bundle, session, adapter, distilled):
-            save_png(image, path, text({}))
-            written.append(Path(path))
-            click.echo(str(path))
-        return
-    if trouble := _flow_sampler_problems(runs, bundle, adapter):  # before the first cell, not at its cell
-        raise ConfigError("; ".join(dict.fromkeys(trouble)))
-    _run_plot(plot, params, runs, written, bundle, session, adapter, distilled)
+            for image, path, text in _render(runs[0], bundle, session, adapter, distilled):
+                save_png(image, path, text({}))
+                written.append(Path(path))
+                click.echo(str(path))
+            return
+        if trouble := _flow_sampler_problems(runs, bundle, adapter):  # before the first cell, not at its cell
+            raise ConfigError("; ".join(dict.fromkeys(trouble)))
+        _run_plot(plot, params, runs, written, bundle, session, adapter, distilled)
 
 
 def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[str]:

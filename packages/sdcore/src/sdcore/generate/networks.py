@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -309,6 +309,20 @@ class PromptNetworkHandler:
         nothing is loaded), else ``None``. ``sdcore generate`` asks before the model loads, so such a network
         without ``--control-image`` is one line then, and a Depth/Canny default guidance can follow its file
         name. The default: no network of this handler does."""
+        return None
+
+    def activation_key(self, refs: Sequence[NetworkRef]) -> Hashable | None:
+        """A value that is equal for two lists of ``refs`` exactly when :meth:`activate` would do the same thing
+        with them to the same model: the same files (as they are on disk now: a file rewritten since must give
+        another key), every argument, every option it reads (:attr:`options`), the same infotext and offered
+        embeddings, and the prompts left as given. ``None`` (the default): never equal.
+
+        With a key, :meth:`sdcore.generate.session.NetworkSession.apply` inside
+        :meth:`~sdcore.generate.session.NetworkSession.keeping` leaves an activation applied after its prompt and
+        reuses it when the next prompt's key is the same, instead of undoing and applying it again (A1111 keeps
+        the networks applied to each layer and redoes them only when the wanted names and weights change:
+        extensions-builtin/Lora networks.py ``network_apply_weights``). May resolve names (and raise what
+        :meth:`activate` would); must not load or apply anything."""
         return None
 
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:

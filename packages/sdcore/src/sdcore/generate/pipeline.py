@@ -379,7 +379,9 @@ def generate_images(
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
     Prompts may carry ``<tag:name:w>`` network tags: with a ``networks`` session they are applied
-    for the prompts that name them and removed afterwards; without one, a tag is an error. The
+    for the prompts that name them and removed afterwards (by the call's end, or by the end of the caller's
+    ``networks.keeping()`` block, which lets the next call reuse them: :meth:`.session.NetworkSession.keeping`);
+    without one, a tag is an error. The
     result depends only on the seed, not on the batch composition or the device's RNG state.
     ``info``, when given, is filled with one dict per image of infotext fields the handlers
     reported (``Lora hashes`` ...). ``true_cfg_scale`` > 1 runs true CFG on a guidance-distilled family
@@ -576,7 +578,9 @@ def generate_images(
     if image_conditioning is not None:
         masked["conditioning_image"] = image_conditioning
     # every noise drawn in float32 on the CPU generators, then the model's dtype (A1111's numbers: .rng)
-    with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling), float32_noise():
+    # networks stay applied from one group (or pass) to the next while the same ones are wanted, and are undone
+    # when the call ends unless the caller holds its own ``session.keeping()``
+    with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling), float32_noise(), session.keeping():
         for indices in groups.values():
             group_info: dict[str, str] = {}
 

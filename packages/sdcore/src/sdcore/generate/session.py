@@ -5,7 +5,10 @@ of untagged handlers (``None``: textual-inversion embeddings, aesthetic gradient
 prompt it parses the tags, refuses tags nobody handles (a silently ignored ``<lora:...>`` is the
 worst kind of bug: the image looks plausible), calls the tagged handlers with their refs, then
 the untagged ones, each seeing the prompt as the previous handler left it, and undoes all of
-them in reverse order when the generation ends, also when it fails.
+them in reverse order when the generation ends, also when it fails. Inside :meth:`NetworkSession.keeping`
+(every ``generate_images`` call, all of ``sdcore generate``) tagged networks whose handler can say that the next
+prompt's are the same (:meth:`~sdcore.generate.networks.PromptNetworkHandler.activation_key`) stay applied from
+one prompt to the next, as A1111 keeps a LoRA merged between images.
 
 Extra generation options (``sdcore generate -O key=value`` and flags that plugins add to the
 command) reach handlers as ``handler.options``.
@@ -69,6 +72,10 @@ class NetworkSession:
         self._live_embeddings: list[Any] = []
         # (network, names) already said to need an embedding handler: said once a session
         self._unapplied_said: set[tuple[str, tuple[str, ...]]] = set()
+        # keeping(): its depth, the networks it left applied, and how many apply(networks=True) blocks are open
+        self._keep_depth = 0
+        self._kept: _Kept | None = None
+        self._open = 0
 
     def _embedding_handlers(self) -> list[PromptNetworkHandler]:
         return [handler for handler in self.untagged if handler.accepts_embeddings]
@@ -224,9 +231,54 @@ class NetworkSession:
         activations.append(activation)
         current.prompt = activation.prompt
         current.negative_prompt = activation.negative_prompt
-        for key, value in activation.info.items():
-            current.info[key] = f"{current.info[key]}, {value}" if key in current.info else value
+        NetworkSession._fold(activation, current)
         return activation
+
+    @contextlib.contextmanager
+    def keeping(self) -> Iterator[NetworkSession]:
+        """While this block runs, the tagged networks a prompt applied stay applied after its :meth:`apply` ends
+        when their handlers give an :meth:`~sdcore.generate.networks.PromptNetworkHandler.activation_key`, and
+        the next :meth:`apply` on the same model object whose networks have the same keys reuses them instead of
+        undoing and applying them again (A1111 keeps a LoRA merged from one image to the next and redoes it only
+        when the wanted networks or weights change). Another set (or none) undoes the kept one first, so every
+        prompt still sees exactly its own networks; so does an error in or under an :meth:`apply`.
+
+        The block's end undoes what is kept, also on an error or Ctrl-C: the model comes back with its own
+        weights bit for bit. Blocks nest; the outermost one's end undoes.
+        :func:`sdcore.generate.pipeline.generate_images` runs inside one (a call's groups and hires passes), and
+        ``sdcore generate`` holds one around all of its images and plot cells; a Python caller rendering several
+        calls with one LoRA can hold one too. Training samples must not (the trained weights change between
+        them, and an undo would restore stale ones): outside a block, every call leaves the model as it was."""
+        self._keep_depth += 1
+        try:
+            yield self
+        finally:
+            self._keep_depth -= 1
+            if self._keep_depth == 0:
+                self.release()
+
+    def release(self) -> None:
+        """Undo the networks :meth:`keeping` left applied (nothing when none is)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            undo_all(kept.activations)
+
+    @property
+    def kept_key(self) -> tuple[Any, ...] | None:
+        """The key of the networks left applied (:meth:`keeping`), ``None`` when none are: for tests and logs."""
+        return None if self._kept is None else self._kept.key
+
+    @staticmethod
+    def _keep_key(steps: Sequence[tuple[PromptNetworkHandler, list[NetworkRef]]]) -> tuple[Any, ...] | None:
+        """The key of one prompt's tagged networks: each handler (itself) with its activation key, in order;
+        ``None`` when a handler gives none."""
+        parts: list[Any] = []
+        for handler, refs in steps:
+            key = handler.activation_key(refs)
+            if key is None:
+                return None
+            parts.append((handler, key))
+        return tuple(parts)
 
     @contextlib.contextmanager
     def apply(
@@ -235,22 +287,43 @@ class NetworkSession:
         """Activate the prompt's networks for the duration of the ``with`` block.
 
         ``networks=False`` runs only the untagged handlers (prompt rewriting): for further prompts
-        of a batch whose networks an outer ``apply`` already activated.
+        of a batch whose networks an outer ``apply`` already activated. Inside :meth:`keeping`, the tagged
+        networks may stay applied after the block (see there); the untagged handlers run, and are undone, per
+        prompt all the same (a LoRA's bundled embeddings included).
         """
         clean, clean_negative, refs = self.parse(prompt, negative_prompt)
         grouped: dict[str, list[NetworkRef]] = {}
         for ref in refs:
             grouped.setdefault(ref.tag, []).append(ref)
-        activations: list[Activation] = []
+        tagged: list[Activation] = []  # undone at the end of the block unless kept
+        untagged: list[Activation] = []
         current = AppliedNetworks(prompt=clean, negative_prompt=clean_negative, refs=refs)
         outer_embeddings = self._live_embeddings
         # embeddings offered by this prompt's networks (or, for a further prompt, by the outer apply's), in order
         offered: list[Any] = [] if networks else list(outer_embeddings)
+        # the kept networks are reused or replaced only by an apply that is not inside another one's block
+        outermost = networks and self._open == 0
+        if networks:
+            self._open += 1
         try:
             tagged_steps = [(self.tagged[tag], tag_refs) for tag, tag_refs in grouped.items()] if networks else []
-            for handler, handler_refs in tagged_steps:
-                activation = self._activate(handler, bundle, handler_refs, current, activations)
-                offered += activation.embeddings
+            key = self._keep_key(tagged_steps) if outermost and (self._keep_depth or self._kept) else None
+            kept = self._kept
+            if outermost and kept is not None and key is not None and kept.bundle is bundle and kept.key == key:
+                for activation in kept.activations:  # the same networks on the same model: as applied before
+                    self._fold(activation, current)
+                    offered += activation.embeddings
+            else:
+                if outermost:
+                    self.release()  # another set (or none) wants the model as it was
+                unchanged = True
+                for handler, handler_refs in tagged_steps:
+                    texts = (current.prompt, current.negative_prompt)
+                    activation = self._activate(handler, bundle, handler_refs, current, tagged)
+                    unchanged = unchanged and texts == (current.prompt, current.negative_prompt)
+                    offered += activation.embeddings
+                if outermost and self._keep_depth and key and unchanged:
+                    self._kept, tagged = _Kept(bundle, key, tagged), []
             if networks:
                 self._live_embeddings = list(offered)
                 if offered and not self._embedding_handlers():
@@ -259,13 +332,37 @@ class NetworkSession:
                 if handler.accepts_embeddings:
                     handler.extra_embeddings = tuple(offered)
                 try:
-                    self._activate(handler, bundle, [], current, activations)
+                    self._activate(handler, bundle, [], current, untagged)
                 finally:
                     handler.extra_embeddings = ()
             yield current
+        except BaseException:
+            undo_all([*tagged, *untagged])
+            tagged = untagged = []
+            if outermost:
+                self.release()  # after an error the model is its own again, whatever the caller does next
+            raise
         finally:
+            if networks:
+                self._open -= 1
             self._live_embeddings = outer_embeddings
-            undo_all(activations)
+            undo_all([*tagged, *untagged])
+
+    @staticmethod
+    def _fold(activation: Activation, current: AppliedNetworks) -> None:
+        """``activation``'s infotext added to ``current`` (a kept one's too: its prompts are left as given, as its
+        key promises)."""
+        for key, value in activation.info.items():
+            current.info[key] = f"{current.info[key]}, {value}" if key in current.info else value
+
+
+@dataclass
+class _Kept:
+    """Tagged activations :meth:`NetworkSession.keeping` left applied: on which model, for which key."""
+
+    bundle: Any
+    key: tuple[Any, ...]
+    activations: list[Activation]
 
 
 def collect_prompt_network_specs(pm: Any) -> list[Any]:

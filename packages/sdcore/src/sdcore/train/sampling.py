@@ -318,6 +318,9 @@ def render_samples(
     calls: list[Any] = []
     defaults: dict[str, Any] = {}
     try:
+        # each generate_images call undoes the networks it applies before it returns: no NetworkSession.keeping()
+        # block here, as the trained weights change between samples and a kept network's undo would restore stale
+        # ones over them
         with torch.no_grad(), trained_weights_compute(bundle, options, device), method.sampling(bundle) as extra:
             calls, defaults, generations = _generations(bundle, options, prompts, extra)
             memo = conditioning

@@ -215,8 +215,9 @@ def test_the_trainers_pt_and_format_copy_are_one_embedding_other_twins_are_ambig
 def test_which_files_in_an_embeddings_folder_are_embeddings(tmp_path):
     """``EmbeddingHandler.accepts`` takes a file by its top-level keys: one tensor per encoder (``clip_l``,
     ``clip_g``, ``t5`` or ComfyUI's ``t5xxl``, by sdcore's one reading of the layout), so Chroma's T5-only file
-    (``t5`` + ``t5xxl``, two keys) is an embedding; a LoRA, a T5 encoder's weights or a two-key file of other names
-    are not, however many keys merely start with an encoder's name."""
+    (``t5`` + ``t5xxl``, two keys) is an embedding, and so are OneTrainer's output vectors alone (``t5_out``...,
+    which OneTrainer loads); a LoRA or a T5 encoder's weights are not, however many keys merely start with an
+    encoder's name."""
     from safetensors.torch import save_file
 
     save_embedding(Embedding("chroma", {"t5": torch.randn(2, 32)}), tmp_path / "chroma.safetensors")
@@ -237,11 +238,11 @@ def test_which_files_in_an_embeddings_folder_are_embeddings(tmp_path):
         "chroma.safetensors": True,
         "comfy.safetensors": True,
         "l.safetensors": False,
-        "outs.safetensors": False,
+        "outs.safetensors": True,  # OneTrainer's output vectors alone: it loads them (zero input vectors)
         "te.safetensors": False,
         "x.pt": True,
     }
-    assert sorted(handler.names()) == ["chroma", "comfy", "x"]
+    assert sorted(handler.names()) == ["chroma", "comfy", "outs", "x"]
 
 
 def test_one_file_reached_through_two_folders_is_one_embedding(tmp_path):

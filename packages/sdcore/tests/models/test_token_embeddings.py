@@ -88,3 +88,28 @@ def test_only_the_encoders_given_rows_get_the_token_and_failures_leave_nothing()
     assert [e.get_input_embeddings() for e in bundle.text_encoders] == originals
     with pytest.raises(NetworkMismatchError, match="1 row tables for a model with 2 text encoders"):
         add_token_rows(bundle, "<new1>", ["<new1>"], [torch.zeros(1, width)])
+
+
+def test_output_rows_replace_their_tokens_positions_and_go_away():
+    """OneTrainer's output-embedding rule: ``out[n, t] = row[ids[n, t]]`` where the id has a row, else as encoded;
+    an encoder without rows returns the very tensor it got."""
+    import torch
+    from sdcore.models.token_embeddings import (
+        add_output_rows,
+        output_rows,
+        remove_output_rows,
+        replace_output_rows,
+    )
+
+    encoder = torch.nn.Linear(1, 1)
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    ids = torch.tensor([[1, 50, 51, 2], [1, 51, 2, 2]])
+    assert replace_output_rows(encoder, ids, hidden) is hidden
+    add_output_rows(encoder, [50, 51], torch.tensor([[9.0, 9.0, 9.0], [-1.0, -2.0, -3.0]]))
+    out = replace_output_rows(encoder, ids, hidden)
+    expected = hidden.clone()
+    expected[0, 1] = torch.tensor([9.0, 9.0, 9.0])
+    expected[0, 2] = expected[1, 1] = torch.tensor([-1.0, -2.0, -3.0])
+    assert torch.equal(out, expected) and not torch.equal(hidden, expected)  # the input is not changed
+    remove_output_rows(encoder, [50, 51])
+    assert output_rows(encoder) == {} and not hasattr(encoder, "sdcore_output_rows")

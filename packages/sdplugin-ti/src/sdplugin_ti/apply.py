@@ -17,6 +17,12 @@ vocabulary, so a one-vector embedding also works in prompts that were never expa
 Which tensor feeds which encoder follows the family: SD1/SD2 the single tensor, SDXL ``clip_l`` and
 ``clip_g``, SD3 ``clip_l``, ``clip_g`` and optionally ``t5``, Flux.1 ``clip_l`` and optionally ``t5``, Chroma
 ``t5`` (OneTrainer's keys). Without a ``t5`` part, T5 gets no tokens and reads the prompt words as text.
+
+OneTrainer's output embeddings (``emp_params_out``, ``clip_l_out``...: :attr:`Embedding.output_vectors`) are
+applied as OneTrainer applies them (``BaseModel._apply_output_embeddings``): the placeholder tokens' input rows are
+zeros, and each encoder's output at their positions is replaced by the stored output vectors, at the layer the family
+reads (:func:`sdcore.models.token_embeddings.add_output_rows`). FLUX.1's CLIP-L gives only a pooled vector, so a
+``clip_l_out`` there has no position to go to (OneTrainer never trains one): it is left out with a warning.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from sdcore.errors import ConfigError, ModelFormatError, NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
-from sdcore.models.bundled_embeddings import PART_BY_KIND
+from sdcore.models.bundled_embeddings import OUTPUT_SUFFIX, PART_BY_KIND
 from sdcore.models.token_embeddings import (
     LEGACY_EOS,
     ExtendedTokenEmbedding,
@@ -57,6 +63,9 @@ if TYPE_CHECKING:
 #: embedding key of each text-encoder kind of the transformer families (SD3/SD3.5, Flux.1, Chroma): sdcore's one table,
 #: shared with the LoRA plugin's pivotal tuning
 _KEY_BY_KIND = PART_BY_KIND
+#: the encoders whose sequence no family's encoding uses (FLUX.1's CLIP-L: its pooled vector only), so an output
+#: vector for them has no position to replace; OneTrainer's FluxModel never makes CLIP-L an output embedding
+_POOLED_ONLY: dict[str, frozenset[str]] = {"flux": frozenset({CLIP_L})}
 #: keys an embedding may leave out beside a CLIP part: T5 then reads the prompt word as plain text (OneTrainer makes
 #: the T5 part optional; kohya and A1111 never train one). Where T5 is the only encoder (Chroma) it is no option:
 #: :func:`optional_keys`
@@ -236,6 +245,10 @@ def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
             fits = False
     if any(key not in keys for key in emb.vectors):
         fits = False  # e.g. clip_g on Flux, t5 on SDXL, clip_l on SD1: made for another family
+    for key, output in emb.output_vectors.items():  # OneTrainer's output vectors: the encoder's width and count
+        source = _source(emb, key)
+        if key not in keys or source is None or tuple(output.shape) != tuple(source.shape):
+            fits = False
     if not fits:
         needed = [(k, w) for k, w in zip(keys, widths, strict=True) if k not in optional]
         may = [(k, w) for k, w in zip(keys, widths, strict=True) if k in optional]
@@ -300,13 +313,34 @@ class EmbeddingHandle:
             rows.remove()
 
 
+def applied_outputs(bundle: ModelBundle, emb: Embedding) -> dict[str, torch.Tensor]:
+    """The output vectors of ``emb`` (OneTrainer's output embedding) that this model's encodings apply, by encoder
+    key: all but those of an encoder used for its pooled vector only (FLUX.1's CLIP-L, :data:`_POOLED_ONLY`)."""
+    skipped = _POOLED_ONLY.get(bundle.family, frozenset())
+    return {key: tensor for key, tensor in emb.output_vectors.items() if key not in skipped}
+
+
+def unapplied_output_warning(bundle: ModelBundle, emb: Embedding) -> str | None:
+    """The warning for output vectors of ``emb`` this model cannot apply, naming the file; ``None`` when all apply."""
+    left = [key for key in emb.output_vectors if key not in applied_outputs(bundle, emb)]
+    if not left:
+        return None
+    parts = ", ".join(f"{key}_out" for key in left)
+    return (
+        f"embedding {emb.name!r} ({emb.source or emb.name}): output embedding: not applied, {parts}: this "
+        f"{bundle.family} model uses that text encoder's pooled vector only, so its output vectors have no position "
+        "to replace (its zero input vectors are used)"
+    )
+
+
 def apply_embeddings(
     bundle: ModelBundle, embeddings: Sequence[Embedding], *, trainable: bool = False
 ) -> EmbeddingHandle:
     """Activate ``embeddings`` in ``bundle``'s tokenizers and text encoders.
 
-    With ``trainable`` the tables are leaf ``nn.Parameter`` s (float32) for an optimizer. All or
-    nothing: on error, whatever was added is removed again.
+    With ``trainable`` the tables are leaf ``nn.Parameter`` s (float32) for an optimizer. An output embedding
+    (:attr:`Embedding.output_vectors`) gets zero input rows and its output vectors (:func:`applied_outputs`) put in
+    the encoders' outputs, as OneTrainer applies it. All or nothing: on error, whatever was added is removed again.
     """
     names = [e.name for e in embeddings]
     if len({n.lower() for n in names}) != len(names):
@@ -326,7 +360,11 @@ def apply_embeddings(
                     raise NetworkMismatchError(
                         f"embedding {emb.name!r}: {key} has {int(source.shape[0])} vectors but {len(tokens)} are used"
                     )
-            rows = add_token_rows(bundle, emb.name, tokens, sources, trainable=trainable)
+            applied = applied_outputs(bundle, emb)
+            outputs = [applied.get(key) for key in keys]
+            # OneTrainer's output embedding: zero input rows where output vectors replace the encoder's output
+            sources = [s if o is None else torch.zeros_like(o) for s, o in zip(sources, outputs, strict=True)]
+            rows = add_token_rows(bundle, emb.name, tokens, sources, trainable=trainable, outputs=outputs)
             handle.rows[emb.name] = rows
             handle.groups.extend(rows.groups)
             handle.tables[emb.name] = {keys[index]: table for index, table in rows.tables.items()}
@@ -389,10 +427,11 @@ class EmbeddingHandler(PromptNetworkHandler):
     kind = "embedding"
 
     def accepts(self, path: Path) -> bool:
-        """An embedding: A1111 ``string_to_param``, kohya ``emb_params``, one tensor per encoder (``clip_l``,
+        """An embedding: A1111 ``string_to_param``, kohya ``emb_params``, OneTrainer's ``emp_params`` (beside an output
+        embedding's ``emp_params_out``; or OneTrainer's ``*_out`` output vectors alone), one tensor per encoder (``clip_l``,
         ``clip_g``, ``t5`` or ComfyUI's ``t5xxl``: SDXL's, SD3's, FLUX.1's, Chroma's T5 alone), a diffusers
         one-tensor dict, or an image (A1111 PNG embeddings are checked when loaded)."""
-        from sdcore.models.embedding_files import EMB_PARAMS, encoder_part_keys
+        from sdcore.models.embedding_files import EMB_PARAMS, OT_EMP_PARAMS, encoder_part_keys, output_part_keys
         from sdcore.models.peek import peek_file
 
         found = peek_file(path)
@@ -401,8 +440,10 @@ class EmbeddingHandler(PromptNetworkHandler):
         if found.top == "image":
             return True
         keys = set(found.keys)
-        if "string_to_param" in keys or EMB_PARAMS in keys or encoder_part_keys(keys):
+        if "string_to_param" in keys or EMB_PARAMS in keys or OT_EMP_PARAMS in keys or encoder_part_keys(keys):
             return True
+        if output_part_keys(keys) and all(key.endswith(OUTPUT_SUFFIX) for key in keys):
+            return True  # output vectors alone: OneTrainer loads them as an output embedding (zero input vectors)
         return found.top == "dict" and len(keys) == 1 and list(found.nested.values()) in ([], ["Tensor"])
 
     def prompt_word(self, path: Path) -> str | None:
@@ -506,7 +547,8 @@ class EmbeddingHandler(PromptNetworkHandler):
         by A1111's rules (``Lora/networks.py`` ``load_networks``): an embedding in the embeddings folders keeps its
         word (the bundled one is skipped with a warning), so does the first LoRA of the prompt that bundles it; one
         that does not fit the model is skipped with a warning (A1111 lists it as skipped); the LoRA's weight does
-        not matter. Words are compared case-insensitively, as every prompt word here is (A1111's tokenizer lower-cases
+        not matter. OneTrainer's output vectors (``<part>_out``) are applied as OneTrainer does (A1111 ignores them;
+        :func:`apply_embeddings`). Words are compared case-insensitively, as every prompt word here is (A1111's tokenizer lower-cases
         the prompt; its clash test compares exact names, yet its folder embedding is found first all the same).
         OneTrainer's newer SD1 files spell the one tensor ``clip_l``: on SD1/SD2 a lone ``clip_l`` is that tensor,
         as A1111 reads a one-tensor dict."""
@@ -526,14 +568,15 @@ class EmbeddingHandler(PromptNetworkHandler):
                 emb = embedding_from_bundled(offered)
                 if keys == [SINGLE] and set(emb.vectors) == {CLIP_L}:
                     emb.vectors = {SINGLE: emb.vectors[CLIP_L]}
+                    if set(emb.output_vectors) == {CLIP_L}:  # OneTrainer's SD1 bundle: clip_l_out
+                        emb.output_vectors = {SINGLE: emb.output_vectors[CLIP_L]}
                 check_fits(bundle, emb)
             except (ModelFormatError, NetworkMismatchError) as exc:
                 self._say(f"{network}: bundled embedding {offered.name!r} skipped: {exc}")
                 continue
-            if offered.output_vectors:
-                parts = ", ".join(offered.output_vectors)
-                self._say(f"{network}: bundled embedding {offered.name!r}: its output vectors ({parts}) are not applied "
-                          "(A1111 does not apply them either); its input vectors are")  # fmt: skip
+            unapplied = unapplied_output_warning(bundle, emb)
+            if unapplied:
+                self._say(f"{network}: bundled {unapplied}")
             out[word] = (emb, network)
         return out
 
@@ -583,6 +626,10 @@ class EmbeddingHandler(PromptNetworkHandler):
             for name in wanted
             if name not in active
         ]
+        for emb in fresh:  # a bundled one was said by bundled(), with its LoRA's name
+            unapplied = unapplied_output_warning(bundle, emb) if emb.name.lower() in files else None
+            if unapplied:
+                self._say(unapplied)
         handle = apply_embeddings(bundle, fresh) if fresh else None
         if handle is not None:
             active.update(handle.tokens)
@@ -614,6 +661,7 @@ __all__ = [
     "EmbeddingHandle",
     "EmbeddingHandler",
     "ExtendedTokenEmbedding",
+    "applied_outputs",
     "apply_embeddings",
     "check_fits",
     "comfy_embedding_words",
@@ -624,6 +672,7 @@ __all__ = [
     "optional_keys",
     "placeholder_tokens",
     "replace_comfy_embeddings",
+    "unapplied_output_warning",
 ]
 
 

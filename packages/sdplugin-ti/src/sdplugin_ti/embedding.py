@@ -40,14 +40,23 @@ class Embedding:
     stored_name: str | None = None
     source: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: OneTrainer's output embedding: per encoder key (as ``vectors``), the ``[n, D]`` vectors that replace the text
+    #: encoder's output at the word's positions (``emp_params_out``, ``clip_l_out``...); empty for a plain embedding
+    output_vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key, tensor in list(self.vectors.items()):
-            if tensor.dim() == 1:
-                self.vectors[key] = tensor.unsqueeze(0)
-            elif tensor.dim() != 2:
-                where = self.source or self.name
-                raise ValueError(f"embedding {where}: tensor {key!r} has shape {tuple(tensor.shape)}, want [n, D]")
+        for table in (self.vectors, self.output_vectors):
+            for key, tensor in list(table.items()):
+                if tensor.dim() == 1:
+                    table[key] = tensor.unsqueeze(0)
+                elif tensor.dim() != 2:
+                    where = self.source or self.name
+                    raise ValueError(f"embedding {where}: tensor {key!r} has shape {tuple(tensor.shape)}, want [n, D]")
+
+    @property
+    def is_output(self) -> bool:
+        """True for OneTrainer's output embedding (it has output vectors)."""
+        return bool(self.output_vectors)
 
     @property
     def is_sdxl(self) -> bool:
@@ -96,7 +105,11 @@ class Embedding:
             text = f"{count} vector{'s' if count != 1 else ''} of width {width}"
             parts.append(text if key == SINGLE else f"{key}: {text}")
         family = self.family_hint
-        return ", ".join(parts) + (f" ({family})" if family else "")
+        text = ", ".join(parts) + (f" ({family})" if family else "")
+        if self.output_vectors:
+            outputs = ", ".join("output" if key == SINGLE else f"{key} output" for key in self.output_vectors)
+            text += f"; an output embedding (OneTrainer: {outputs} vectors)"
+        return text
 
 
 __all__ = ["CLIP_G", "CLIP_L", "ENCODER_KEYS", "SINGLE", "T5", "T5_ALIAS", "Embedding"]

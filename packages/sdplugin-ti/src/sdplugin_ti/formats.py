@@ -1,6 +1,7 @@
-"""Reading and writing embedding files: A1111 ``.pt``, ``.safetensors`` (kohya ``emb_params`` or
-one key per text encoder: SDXL's ``clip_l``/``clip_g``, SD3's and Flux's with OneTrainer's ``t5``),
-diffusers ``.bin`` and A1111 PNG embeddings.
+"""Reading and writing embedding files: A1111 ``.pt``, ``.safetensors`` (kohya ``emb_params``, OneTrainer's
+``emp_params``, or one key per text encoder: SDXL's ``clip_l``/``clip_g``, SD3's and Flux's with OneTrainer's
+``t5``), diffusers ``.bin`` and A1111 PNG embeddings. OneTrainer's output embeddings (``emp_params_out``,
+``clip_l_out``... beside zero input vectors) are read into :attr:`Embedding.output_vectors`.
 
 Pickle files are opened with ``torch.load(weights_only=True)``: a file that wants to build any
 object outside torch's tensor allow-list is refused with :class:`UnsafeFileError` before anything
@@ -15,7 +16,16 @@ from typing import Any
 
 from sdcore.errors import ModelFormatError
 from sdcore.io import atomic_path
-from sdcore.models.embedding_files import EMB_PARAMS, ENCODER_KEYS, T5, T5_ALIAS, encoder_part_keys
+from sdcore.models.bundled_embeddings import OUTPUT_SUFFIX
+from sdcore.models.embedding_files import (
+    EMB_PARAMS,
+    ENCODER_KEYS,
+    OT_EMP_PARAMS,
+    T5,
+    T5_ALIAS,
+    encoder_part_keys,
+    output_part_keys,
+)
 
 from .embedding import SINGLE, Embedding
 
@@ -68,18 +78,40 @@ def embedding_from_dict(data: Any, name: str, *, source: Path | None = None) -> 
             stored_name=_str_or_none(data.get("name")),
             source=source,
         )
-    parts = encoder_part_keys(key for key in data if isinstance(key, str))  # sdcore's reading of the layout
-    if parts:  # clip_l/clip_g/t5 (ComfyUI's t5xxl as t5); T5 alone is Chroma's one encoder
+    names = [key for key in data if isinstance(key, str)]
+    outputs = {part: _as_tensor(data[key], f"{where} [{key}]") for part, key in output_part_keys(names).items()}
+    parts = encoder_part_keys(names)  # sdcore's reading of the layout
+    # clip_l/clip_g/t5 (ComfyUI's t5xxl as t5; T5 alone is Chroma's one encoder), or output vectors alone, which
+    # OneTrainer loads as an output embedding (zero input vectors)
+    if parts or (outputs and OT_EMP_PARAMS not in data and EMB_PARAMS not in data):
         vectors = {part: _as_tensor(data[key], f"{where} [{key}]") for part, key in parts.items()}
-        return Embedding(name=name, vectors=vectors, source=source, stored_name=_str_or_none(data.get("name")))
-    if EMB_PARAMS in data:
-        return Embedding(name=name, vectors={SINGLE: _as_tensor(data[EMB_PARAMS], where)}, source=source)
+        return Embedding(
+            name=name,
+            vectors=_with_inputs(vectors, outputs),
+            source=source,
+            stored_name=_str_or_none(data.get("name")),
+            output_vectors=outputs,
+        )
+    for key in (EMB_PARAMS, OT_EMP_PARAMS):  # kohya's key, OneTrainer's (with emp_params_out: an output embedding)
+        if key in data:
+            vectors = {SINGLE: _as_tensor(data[key], where)}
+            return Embedding(name=name, vectors=vectors, source=source, output_vectors=outputs)
     tensors = {k: v for k, v in data.items() if not isinstance(v, (str, int, float, type(None)))}
     if len(tensors) == 1:  # diffusers {token: tensor}
         token, value = next(iter(tensors.items()))
         return Embedding(name=name, vectors={SINGLE: _as_tensor(value, where)}, source=source, stored_name=str(token))
     keys = ", ".join(map(str, list(data)[:8])) or "none"
     raise ModelFormatError(f"{where}: unknown embedding layout (keys: {keys})")
+
+
+def _with_inputs(vectors: dict[str, Any], outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """``vectors`` with zeros for an output part whose input part is missing (OneTrainer writes zeros there and sets
+    zeros when it loads an output embedding, whatever it holds), in text-encoder order."""
+    import torch
+
+    merged = {**{part: torch.zeros_like(tensor) for part, tensor in outputs.items()}, **vectors}
+    order = (SINGLE, *ENCODER_KEYS)  # text-encoder order, as a file without output vectors reads
+    return dict(sorted(merged.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -134,21 +166,33 @@ def _load_safetensors(path: Path, name: str) -> Embedding:
 def embedding_from_bundled(bundled: Any) -> Embedding:
     """A :class:`sdcore.models.bundled_embeddings.BundledEmbedding` (read by sdcore's one parser of ``bundle_emb.*``
     keys) as an :class:`Embedding`: ``string_to_param.*`` is the single tensor, ``clip_l``/``clip_g``/``t5`` (or
-    ComfyUI's ``t5xxl``) the per-encoder ones; OneTrainer's output vectors (``*_out``) are left out (A1111 ignores
-    them too). ModelFormatError for a part no model here has (``llama``, ``gemma``: OneTrainer's other families)."""
+    ComfyUI's ``t5xxl``) the per-encoder ones; OneTrainer's output vectors (``*_out``: A1111 ignores them) go to :attr:`Embedding.output_vectors` (``clip_l_out`` -> ``clip_l``). ModelFormatError for a part no
+    model here has (``llama``, ``gemma``: OneTrainer's other families)."""
     where = str(bundled.source or "LoRA file")
-    vectors: dict[str, Any] = {}
-    chosen = encoder_part_keys(bundled.vectors)  # with both t5 and t5xxl, t5 is read, as from a file
-    for part, tensor in bundled.vectors.items():
-        key = T5 if part == T5_ALIAS else part
-        if key not in (SINGLE, *ENCODER_KEYS):
-            raise ModelFormatError(
-                f"{where}: unknown bundled embedding part {part!r} of {bundled.name!r} (no text encoder here reads it)"
-            )
-        if chosen.get(key, part) == part:
-            vectors[key] = _as_tensor(tensor, f"{where} [bundle_emb.{bundled.name}.{part}]")
     source = Path(f"{bundled.source}/{bundled.name}") if bundled.source else None  # A1111's filename for it
-    return Embedding(name=bundled.name, vectors=vectors, source=source)
+
+    def read(tables: Mapping[str, Any], suffix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        stems = {part.removesuffix(suffix): part for part in tables}
+        chosen = encoder_part_keys(stems)  # with both t5 and t5xxl, t5 is read, as from a file
+        for stem, part in stems.items():
+            key = T5 if stem == T5_ALIAS else stem
+            if key not in (SINGLE, *ENCODER_KEYS):
+                raise ModelFormatError(
+                    f"{where}: unknown bundled embedding part {part!r} of {bundled.name!r} (no text encoder here "
+                    "reads it)"
+                )
+            if chosen.get(key, stem) == stem:
+                out[key] = _as_tensor(tables[part], f"{where} [bundle_emb.{bundled.name}.{part}]")
+        return out
+
+    outputs = read(bundled.output_vectors, OUTPUT_SUFFIX)
+    return Embedding(
+        name=bundled.name,
+        vectors=_with_inputs(read(bundled.vectors, ""), outputs),
+        source=source,
+        output_vectors=outputs,
+    )
 
 
 def embeddings_in_lora(state: Mapping[str, Any], *, source: Path | None = None) -> list[Embedding]:

@@ -169,7 +169,9 @@ class TIMethod(TrainingMethod[TIOptionsT]):
 
     def _read_init_weights(self) -> Embedding:
         """kohya's ``--weights``: the file's vectors, whose count must be ``--vectors`` (kohya asserts the
-        same: its loaded rows replace every placeholder row, so ``init_word`` then has no effect)."""
+        same: its loaded rows replace every placeholder row, so ``init_word`` then has no effect). A OneTrainer file
+        is read like any other (``emp_params``; an output embedding's input vectors, its ``*_out`` ones noted by
+        :meth:`dataset_notes`)."""
         from .formats import load_embedding
 
         o = self.options
@@ -259,6 +261,15 @@ class TIMethod(TrainingMethod[TIOptionsT]):
 
         notes = super().dataset_notes(index)
         o = self.options
+        loaded = self._init_weights
+        if loaded is not None and loaded.output_vectors:
+            parts = ", ".join("emp_params_out" if key == "*" else f"{key}_out" for key in loaded.output_vectors)
+            notes.append(
+                f"--init-weights {o.init_weights} is a OneTrainer output embedding: training starts from its input "
+                f"vectors (zeros in OneTrainer's files), as A1111 and ComfyUI read the file; its output vectors "
+                f"({parts}) are not trained here (sdcore trains input vectors; continue an output embedding in "
+                "OneTrainer)"
+            )
         if o.resume or o.init_weights or not o.output:
             return notes
         files = self.final_files()

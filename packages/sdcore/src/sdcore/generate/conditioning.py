@@ -15,6 +15,10 @@ next one. Whoever adds such tokens to a tokenizer declares them with :func:`add_
 core knows nothing else about them. A group longer than 75 tokens cannot fit any chunk (A1111's chunk
 then outgrows the text encoder's 77 positions and fails); sdcore splits it at the boundaries like words.
 
+Output embeddings (OneTrainer's; :func:`sdcore.models.token_embeddings.add_output_rows`): each encoder's hidden
+states at the layer read (after clip skip and, for SD1/SD2, the final layer norm) have the output rows put in at
+their tokens' positions, before emphasis, where OneTrainer puts them (``encode_text``: after ``encode_clip``).
+
 Emphasis ("Original" mode): the hidden states are multiplied by each token's weight and then
 rescaled so their mean equals the mean before weighting. With all weights 1.0 nothing is touched,
 so plain prompts encode exactly as an ordinary 77-token encoding does.
@@ -232,6 +236,8 @@ def encode_weighted_prompts(
     """
     import torch
 
+    from ..models.token_embeddings import replace_output_rows
+
     if clip_skip < 1:
         raise ConfigError(f"clip skip must be 1 or more (1 = last layer), got {clip_skip}")
     parsed = [parse_emphasis(prompt) for prompt in prompts]
@@ -254,6 +260,7 @@ def encode_weighted_prompts(
             ids = torch.tensor([row for t in padded for row in t.ids], dtype=torch.long, device=where)
             mults = torch.tensor([row for t in padded for row in t.multipliers], dtype=torch.float32, device=where)
             z, pooled = encode_hidden(encoder, ids, layer=clip_skip + 1 if sdxl else clip_skip, final_norm=not sdxl)
+            z = replace_output_rows(encoder, ids, z)  # output embeddings: at the layer read, before emphasis
             z = apply_emphasis(z, mults)
             batch = len(prompts)
             z = z.reshape(batch, count * z.shape[1], z.shape[2])

@@ -73,8 +73,8 @@ class BundledEmbedding:
     """One embedding found in a network file.
 
     ``vectors`` maps an input part (``"*"``, ``"clip_l"``, ``"clip_g"``, ``"t5"``...) to a ``[n, width]`` tensor;
-    ``output_vectors`` holds OneTrainer's ``<part>_out`` tensors, which no embedding handler applies (A1111 ignores
-    them too). ``network`` is how the prompt named the network that carries it (``my_lora`` for ``<lora:my_lora>``):
+    ``output_vectors`` holds OneTrainer's ``<part>_out`` tensors (A1111 ignores them; the textual-inversion plugin
+    applies them as OneTrainer does: :func:`sdcore.models.token_embeddings.add_output_rows`). ``network`` is how the prompt named the network that carries it (``my_lora`` for ``<lora:my_lora>``):
     A1111 writes it in place of a hash in the infotext's ``TI hashes``. ``shapes`` are the tensors' shapes, also
     when only a file header was read (then ``vectors`` is empty)."""
 

@@ -11,6 +11,11 @@ A1111, ComfyUI, kohya and diffusers read an embedding from its own file, the pro
   needs ``clip_l`` and ``clip_g``; ComfyUI's tokenizers look up ``clip_l``, ``clip_g`` and ``t5xxl``, Chroma's T5 one
   too, so a T5 part is written under both ``t5`` and ``t5xxl``). :func:`encoder_part_keys` is the one reading of it.
 
+OneTrainer's own embedding files (``modules/modelSaver/*EmbeddingSaver.py``) use the per-encoder keys, and for
+SD1/SD2 ``emp_params`` (sic: its key, read as kohya's ``emb_params`` is); an "output embedding" adds ``<key>_out``
+(``emp_params_out``, ``clip_l_out``...): the vectors that replace the text encoder's output at the word's
+positions, its input vectors (``emp_params``...) being zeros. :func:`output_part_keys` reads those.
+
 The textual-inversion plugin writes its ``.safetensors`` files through :func:`file_tensors`, and the LoRA plugin
 writes the embeddings it trains with a LoRA (and those bundled in a LoRA file, ``sdcore lora extract-embeddings``)
 through :func:`save_embedding_file`, so neither plugin imports the other. OneTrainer's own separate files
@@ -27,13 +32,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ModelFormatError
-from .bundled_embeddings import SINGLE, BundledEmbedding
+from .bundled_embeddings import OUTPUT_SUFFIX, SINGLE, BundledEmbedding
 
 if TYPE_CHECKING:
     import torch
 
 #: the key of SD1/SD2's one tensor in a ``.safetensors`` embedding (kohya's; A1111 and ComfyUI read any one key)
 EMB_PARAMS = "emb_params"
+#: OneTrainer's key of SD1/SD2's one tensor (``StableDiffusionEmbeddingSaver``; its ``_out`` twin holds the output
+#: vectors of an output embedding)
+OT_EMP_PARAMS = "emp_params"
 #: the key of CLIP-L's vectors (SDXL's text encoder 1, SD3's and FLUX.1's CLIP)
 CLIP_L = "clip_l"
 #: the key of OpenCLIP-bigG's vectors (SDXL's text encoder 2, SD3's second CLIP, the SDXL refiner's one encoder)
@@ -67,6 +75,15 @@ def encoder_part_keys(keys: Iterable[str]) -> dict[str, str]:
     if T5 not in parts and T5_ALIAS in present:
         parts[T5] = T5_ALIAS
     return parts
+
+
+def output_part_keys(keys: Iterable[str]) -> dict[str, str]:
+    """The output vectors (OneTrainer's output embedding) a file with ``keys`` holds, as ``{part: key}`` in
+    text-encoder order: ``emp_params_out`` is SD1/SD2's single tensor ``"*"``, ``clip_l_out``/``clip_g_out``/``t5_out``
+    the per-encoder parts (OneTrainer's names only: no client writes a ``t5xxl_out``). Empty for a plain embedding."""
+    present = set(keys)
+    names = {SINGLE: OT_EMP_PARAMS, **{key: key for key in ENCODER_KEYS}}
+    return {part: name + OUTPUT_SUFFIX for part, name in names.items() if name + OUTPUT_SUFFIX in present}
 
 
 def _clean(tensor: torch.Tensor) -> torch.Tensor:
@@ -114,8 +131,8 @@ def save_embedding_file(
 
 
 def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The vectors of an embedding ``.safetensors`` as :func:`file_tensors` writes them back: ``{"*": tensor}`` for a
-    one-tensor file (``emb_params`` or any one key), else the ``clip_l``/``clip_g``/``t5`` parts (``t5xxl`` read as
+    """The input vectors of an embedding ``.safetensors`` as :func:`file_tensors` writes them back: ``{"*": tensor}``
+    for a one-tensor file (``emb_params``, OneTrainer's ``emp_params`` or any one key), else the ``clip_l``/``clip_g``/``t5`` parts (``t5xxl`` read as
     ``t5``). ModelFormatError for a file that is neither."""
     from safetensors.torch import load_file
 
@@ -127,6 +144,8 @@ def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
     parts = {part: data[key] for part, key in encoder_part_keys(data).items()}
     if parts:
         return {key: t.unsqueeze(0) if t.dim() == 1 else t for key, t in parts.items()}
+    if OT_EMP_PARAMS in data:  # OneTrainer's SD1/SD2 file; an output embedding's emp_params_out is left out
+        data = {OT_EMP_PARAMS: data[OT_EMP_PARAMS]}
     if len(data) == 1:
         tensor = next(iter(data.values()))
         return {SINGLE: tensor.unsqueeze(0) if tensor.dim() == 1 else tensor}
@@ -191,6 +210,7 @@ __all__ = [
     "EMB_PARAMS",
     "ENCODER_KEYS",
     "FOLDER_SUFFIX",
+    "OT_EMP_PARAMS",
     "T5",
     "T5_ALIAS",
     "bundled_file_vectors",
@@ -198,6 +218,7 @@ __all__ = [
     "embeddings_folder",
     "encoder_part_keys",
     "file_tensors",
+    "output_part_keys",
     "per_encoder_tensors",
     "read_embedding_file",
     "save_embedding_file",

@@ -368,11 +368,16 @@ def encode_t5(
 
     Returns ``(embeds [B, max_length, d_model], mask [B, max_length])``. The pipelines run the encoder
     without a mask (padding tokens attend and are attended to); ``attention_mask=True`` passes the mask
-    to the encoder instead, which some trainers offer (kohya's ``--apply_t5_attn_mask``).
+    to the encoder instead, which some trainers offer (kohya's ``--apply_t5_attn_mask``). Output rows declared
+    on the encoder (OneTrainer's output embeddings, :func:`sdcore.models.token_embeddings.add_output_rows`) are put
+    in at their tokens' positions.
     """
     tokens = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     dev = device if device is not None else next(encoder.parameters()).device
     ids = tokens.input_ids.to(dev)
     mask = tokens.attention_mask.to(dev)
     out = encoder(ids, attention_mask=mask if attention_mask else None, output_hidden_states=False)[0]
-    return out, mask
+    from .token_embeddings import replace_output_rows
+
+    # OneTrainer's output embeddings (SD3, FLUX.1, Chroma) replace T5's output at their tokens' positions
+    return replace_output_rows(encoder, ids, out), mask

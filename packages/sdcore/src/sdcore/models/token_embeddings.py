@@ -11,8 +11,11 @@ model's tokenizers and give them vectors. This module does it once, for all of t
   only the small tables receive gradients;
 - the tokens are declared one token group (:func:`sdcore.generate.conditioning.add_token_group`), so the
   prompt chunker keeps them in one 75-token chunk;
-- :meth:`TokenRows.remove` undoes all of it (tokens, groups, tables; the original input embeddings come back
-  when the last table goes).
+- output rows (OneTrainer's "output embeddings"): vectors that replace the text encoder's *output* at the tokens'
+  positions, kept on the encoder (:func:`add_output_rows`) and put in by every prompt encoding
+  (:func:`replace_output_rows`, after the layer the family reads: clip skip, final layer norm);
+- :meth:`TokenRows.remove` undoes all of it (tokens, groups, tables, output rows; the original input embeddings
+  come back when the last table goes).
 
 A method calls :func:`add_token_rows` in ``prepare`` and trains ``rows.parameters()``; it declares
 ``Capabilities(trains_text_encoder=True)`` so captions are encoded every step. Importing this module does not
@@ -48,6 +51,58 @@ def __getattr__(name: str) -> Any:
 
         return getattr(_token_table, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- output rows (OneTrainer's output embeddings) ----------------------------------------------------
+#: the text-encoder attribute holding its output rows: ``{token id: [width] float32 tensor}``
+OUTPUT_ROWS_ATTR = "sdcore_output_rows"
+
+
+def output_rows(encoder: Any) -> dict[int, torch.Tensor]:
+    """The output rows declared on ``encoder`` (:func:`add_output_rows`); empty when there are none."""
+    rows = getattr(encoder, OUTPUT_ROWS_ATTR, None)
+    return rows if isinstance(rows, dict) else {}
+
+
+def add_output_rows(encoder: Any, ids: Sequence[int], vectors: torch.Tensor) -> None:
+    """Declare that wherever token ``ids[i]`` stands in a prompt, ``encoder``'s output there is ``vectors[i]``
+    (OneTrainer's output embedding, ``BaseModel._apply_output_embeddings``: the hidden states at the placeholder
+    tokens' positions are replaced after the text encoder has run; the tokens' input rows are zeros there)."""
+    import torch
+
+    if int(vectors.shape[0]) != len(ids):
+        raise NetworkMismatchError(f"{int(vectors.shape[0])} output vectors for {len(ids)} tokens")
+    rows = dict(output_rows(encoder))
+    for index, token in enumerate(ids):
+        rows[int(token)] = vectors[index].detach().to(device="cpu", dtype=torch.float32).clone()
+    setattr(encoder, OUTPUT_ROWS_ATTR, rows)
+
+
+def remove_output_rows(encoder: Any, ids: Iterable[int]) -> None:
+    """Undo :func:`add_output_rows` (the attribute goes when the last row does)."""
+    rows = {key: value for key, value in output_rows(encoder).items() if key not in {int(i) for i in ids}}
+    if rows:
+        setattr(encoder, OUTPUT_ROWS_ATTR, rows)
+    elif hasattr(encoder, OUTPUT_ROWS_ATTR):
+        delattr(encoder, OUTPUT_ROWS_ATTR)
+
+
+def replace_output_rows(encoder: Any, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` ``[N, T, D]`` (``encoder``'s output for token ids ``ids`` ``[N, T]``, at the layer the family
+    reads) with each declared output row put in at every position of its token: ``out[n, t] = row[ids[n, t]]``
+    where ``ids[n, t]`` has one, ``hidden[n, t]`` elsewhere (in ``hidden``'s dtype). ``hidden`` itself when the
+    encoder has no output rows, so an encoding without output embeddings is untouched bit for bit."""
+    rows = output_rows(encoder)
+    if not rows:
+        return hidden
+    ids = ids.to(hidden.device)
+    present = [token for token in rows if bool((ids == token).any())]
+    if not present:
+        return hidden
+    out = hidden.clone()
+    for token in present:
+        out[ids == token] = rows[token].to(device=hidden.device, dtype=hidden.dtype)
+    return out
 
 
 # --- tokenizer bookkeeping -------------------------------------------------------------------------
@@ -235,6 +290,8 @@ class TokenRows:
     groups: list[tuple[Any, list[int]]] = field(default_factory=list)
     #: the tokenizers the tokens were added to (each once, though two encoders may share one)
     tokenizers: list[Any] = field(default_factory=list)
+    #: (text encoder, the tokens' ids) given output rows (:func:`add_output_rows`), undone by :meth:`remove`
+    outputs: list[tuple[Any, list[int]]] = field(default_factory=list)
     removed: bool = False
 
     def parameters(self) -> list[torch.Tensor]:
@@ -253,6 +310,8 @@ class TokenRows:
             if index in self.tables and isinstance(current, ExtendedTokenEmbedding):
                 current.remove_table(self.key)
             release_input_embeddings(encoder)  # every one: a failed add may have left an empty lookup
+        for encoder, ids in self.outputs:
+            remove_output_rows(encoder, ids)
         for tokenizer, ids in self.groups:
             remove_token_group(tokenizer, ids)
         for tokenizer in self.tokenizers:
@@ -266,6 +325,7 @@ def add_token_rows(
     rows: Sequence[torch.Tensor | None],
     *,
     trainable: bool = False,
+    outputs: Sequence[torch.Tensor | None] | None = None,
 ) -> TokenRows:
     """Add ``tokens`` to ``bundle`` with the vectors ``rows`` (one entry per text encoder, in
     ``bundle.text_encoders`` order: ``[len(tokens), width]``, or ``None`` for an encoder whose tokenizer should
@@ -276,6 +336,9 @@ def add_token_rows(
     encoder's device, for an optimizer. A tokenizer shared by two encoders gets the tokens once. All or nothing:
     on error, whatever was added is removed again (NetworkMismatchError for a token the tokenizer already has
     or rows of the wrong shape).
+
+    ``outputs`` (one entry per text encoder, like ``rows``; ``None`` where there are none): output rows
+    (:func:`add_output_rows`) for the tokens, OneTrainer's output embedding; its ``rows`` entry is then zeros.
     """
     import torch
 
@@ -310,6 +373,10 @@ def add_token_rows(
             extend_input_embeddings(encoder, tokenizer).add_table(key, ids, table)
             added.tables[index] = table
             added.ids[index] = ids
+            output = outputs[index] if outputs is not None else None
+            if output is not None:
+                add_output_rows(encoder, ids, output)
+                added.outputs.append((encoder, ids))
     except BaseException:
         added.remove()
         raise
@@ -318,15 +385,20 @@ def add_token_rows(
 
 __all__ = [
     "LEGACY_EOS",
+    "OUTPUT_ROWS_ATTR",
     "ExtendedTokenEmbedding",
     "TokenRows",
+    "add_output_rows",
     "add_token_rows",
     "add_tokens",
     "extend_input_embeddings",
     "has_token",
     "init_rows",
+    "output_rows",
     "pool_at_eos",
     "release_input_embeddings",
+    "remove_output_rows",
     "remove_tokens",
+    "replace_output_rows",
     "replace_placeholder",
 ]

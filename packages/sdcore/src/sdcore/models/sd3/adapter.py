@@ -44,7 +44,10 @@ def clip_embeds(
         from ...errors import ConfigError
 
         raise ConfigError(f"--clip-skip too large: the text encoder has only {len(out.hidden_states) - 1} layers")
-    return out.hidden_states[layer], out[0]
+    from ..token_embeddings import replace_output_rows
+
+    # OneTrainer's output embeddings replace the hidden states read (StableDiffusion3Model.encode_text)
+    return replace_output_rows(encoder, tokens.input_ids, out.hidden_states[layer]), out[0]
 
 
 def _joined(clip: tuple[torch.Tensor, torch.Tensor], cached: Conditioning) -> Conditioning:

@@ -403,3 +403,30 @@ def test_a_diffusers_trained_control_lora_sets_its_norm_scales_as_diffusers_does
     assert torch.allclose(ours, expected, atol=1e-5, rtol=0)
     resized = resize_lora(lora, rank=2)
     assert all(torch.equal(resized.tensors[key], converted[key]) for key in norms)
+
+
+def test_a_control_lora_is_never_kept_applied_between_prompts(tmp_path):
+    """A control LoRA widens dev's img_in: kept merged between prompts, the next call's pre-apply checks would see
+    a Depth/Canny model (wrong default guidance in X/Y/Z cells, "needs a control image" for a plain prompt). Its
+    activation has no key, so a keeping session undoes it after each prompt; a plain LoRA still has one."""
+    from sdcore.generate.networks import NetworkRef
+    from sdcore.generate.session import NetworkSession
+    from sdcore.models.load import load_model
+
+    dev = load_model("tiny:flux")
+    bfl, _ = _control_lora(dev.transformer)
+    _save(bfl, tmp_path / f"{NAME}.safetensors")
+    plain = {k: v for k, v in bfl.items() if not k.startswith("img_in.")}
+    _save(plain, tmp_path / "plain.safetensors")
+    from sdplugin_lora.apply import LoraHandler
+
+    handler = LoraHandler(tmp_path)
+    session = NetworkSession({"lora": handler})
+    assert handler.activation_key([NetworkRef("lora", NAME, (1.0,))]) is None
+    assert handler.activation_key([NetworkRef("lora", "plain", (1.0,))]) is not None
+    before = _snapshot(dev)
+    with session.keeping():
+        with session.apply(dev, f"<lora:{NAME}:1>a cat"):
+            assert dev.transformer.config.in_channels == 128
+        assert dev.transformer.config.in_channels == before[-1]  # undone at once, not kept
+        _same(dev, before)

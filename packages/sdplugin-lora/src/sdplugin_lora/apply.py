@@ -359,8 +359,12 @@ class LoraHandler(PromptNetworkHandler):
         """The merge mode and, per ref, the prompt's name (the infotext's and bundled embeddings' label), the
         resolved file as it is on disk now (path, size, mtime in ns) and the weights as :meth:`activate` reads
         them (te, unet, dyn): two prompts with equal keys apply the same LoRAs in the same way. ``None`` when an
-        argument is wrong (then :meth:`activate` says why)."""
+        argument is wrong (then :meth:`activate` says why), and for a FLUX.1 control LoRA: it widens dev's
+        ``img_in``, and a model left widened between calls reads as a Depth/Canny model to the checks that run
+        before the next prompt's networks are applied (default guidance, "needs a control image")."""
         if not refs or any(self.check_ref(ref) for ref in refs):
+            return None
+        if any(self.control_network(ref.name) is not None for ref in refs):
             return None
         parts: list[Hashable] = []
         for ref in refs:

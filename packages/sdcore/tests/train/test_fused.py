@@ -690,10 +690,21 @@ def test_fused_clip_per_tensor_accepts_clipping_on_every_family():
     assert fused_notes(each)[0].startswith(
         "--fused-backward-pass: --max-grad-norm 1 clips each tensor by its own norm (OneTrainer), not all"
     )
-    accumulated = fused_notes(dataclasses.replace(kohya, gradient_accumulation=4, max_grad_norm=0.0))
-    assert accumulated == [
-        "--fused-backward-pass with --gradient-accumulation 4: the tensors step in the backward of each update's last "
-        "micro-batch (OneTrainer's rule), so every gradient is held until then and the pass saves no gradient memory"
+    # the accumulation note says whose rule applies: a OneTrainer config's own; on kohya's flag with kohya's family
+    # rule (a kohya command line or TOML) that kohya refuses the pair (train_util.get_optimizer asserts it)
+    tail = "so every gradient is held until then and the pass saves no gradient memory"
+    head = "with --gradient-accumulation 4: the tensors step in the backward of each update's last micro-batch"
+    unclipped = {"gradient_accumulation": 4, "max_grad_norm": 0.0}
+    assert fused_notes(dataclasses.replace(each, **unclipped)) == [
+        f"--fused-backward-pass {head} (OneTrainer's rule), {tail}"
+    ]
+    assert fused_notes(dataclasses.replace(kohya, **unclipped)) == [
+        f"--fused-backward-pass {head} (kohya refuses --fused_backward_pass with gradient_accumulation_steps above 1 "
+        f"(train_util.get_optimizer asserts it); sdcore runs it with OneTrainer's rule), {tail}"
+    ]
+    grouped = dataclasses.replace(kohya, fused_backward_pass=False, fused_optimizer_groups=2, **unclipped)
+    assert fused_notes(grouped) == [
+        f"--fused-optimizer-groups {head} (OneTrainer's rule for its fused back pass), {tail}"
     ]
     wrong = dataclasses.replace(kohya, fused_clip="global")
     assert "--fused-clip 'global': choose one of kohya, per-tensor" in fused_problems(wrong)

@@ -31,7 +31,7 @@ What it means, from kohya's ``sdxl_train.py``/``sd3_train.py``/``flux_train.py``
   SD1/SD2 too when ``--max-grad-norm 0`` (the weights are then kohya's) and refuses the flag there
   with clipping on. OneTrainer (``GenericTrainer.__apply_fused_back_pass``) steps in backward on every
   family with each tensor clipped by its own norm: ``--fused-clip per-tensor``, which a OneTrainer
-  config sets where it matters.
+  config sets with every fused back pass.
 - **Gradient accumulation** (OneTrainer's rule; kohya's ``train_util.get_optimizer`` asserts it away for
   ``--fused_backward_pass``, and the note on a kohya-style run says so): the gradients accumulate over
   the micro-batches as usual (the hooks do nothing) and the tensors step in the backward of an update's

@@ -308,13 +308,24 @@ def test_chroma_fine_tune_takes_the_ui_optimizer_settings_and_trains_bf16_weight
             "for this family clip all gradients together)") in text  # fmt: skip
     assert "transformer.weight_dtype BFLOAT_16: trained in that type itself" in text
     assert "stochastically" not in text  # fused Adafactor rounds bf16 updates stochastically, as OneTrainer
-    # without clipping the family rule does not matter: kohya's default is kept
-    unclipped = _options(tmp_path, {**PRESETS["#chroma Finetune 16GB"], "clip_grad_norm": None}, "dreambooth")
-    assert unclipped.fused_backward_pass is True and unclipped.max_grad_norm == 0.0 and unclipped.fused_clip == "kohya"
-    # OneTrainer steps in backward with gradient accumulation too (on the update's last batch): kept, no refusal
-    accumulated = _options(tmp_path, {**PRESETS["#chroma Finetune 16GB"], "gradient_accumulation_steps": 4},
-                           "dreambooth")  # fmt: skip
-    assert accumulated.fused_backward_pass is True and accumulated.gradient_accumulation == 4
+    # without clipping the family rule does not matter (no note), yet the run is OneTrainer's: per-tensor all the same
+    quiet: list[str] = []
+    unclipped = _options(tmp_path, {**PRESETS["#chroma Finetune 16GB"], "clip_grad_norm": None}, "dreambooth", quiet)
+    assert unclipped.fused_backward_pass is True and unclipped.max_grad_norm == 0.0
+    assert unclipped.fused_clip == "per-tensor" and not any("fused_back_pass with" in note for note in quiet)
+    # OneTrainer steps in backward with gradient accumulation too (on the update's last batch): kept, no refusal, and
+    # the pre-flight's note names OneTrainer's rule (not kohya's refusal of the pair, which a kohya TOML is told)
+    from sdcore.train.fused import fused_notes
+
+    for clip_grad_norm in (1.0, None):
+        accumulated = _options(tmp_path, {**PRESETS["#chroma Finetune 16GB"], "gradient_accumulation_steps": 4,
+                                          "clip_grad_norm": clip_grad_norm}, "dreambooth")  # fmt: skip
+        assert accumulated.fused_backward_pass is True and accumulated.gradient_accumulation == 4
+        assert fused_notes(accumulated)[-1] == (
+            "--fused-backward-pass with --gradient-accumulation 4: the tensors step in the backward of each update's "
+            "last micro-batch (OneTrainer's rule), so every gradient is held until then and the pass saves no "
+            "gradient memory"
+        )
 
 
 def test_optimizer_and_optimizer_defaults_that_disagree_are_one_problem_each(tmp_path):

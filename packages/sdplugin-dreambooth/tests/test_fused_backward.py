@@ -114,6 +114,28 @@ def test_kohyas_flag_on_the_command_line_and_every_problem_at_once(tmp_path):
     assert "Traceback" not in bad.output
 
 
+def test_a_kohya_toml_with_accumulation_is_told_that_kohya_refuses_it(tmp_path):
+    """kohya's train_util.get_optimizer asserts gradient_accumulation_steps == 1 with fused_backward_pass; sdcore runs
+    the pair (the tensors step in the last micro-batch's backward) and its note says both, not "OneTrainer's rule"
+    alone as for a OneTrainer config."""
+    data = make_tiny_dataset(tmp_path / "data", n=2, repeats=1)
+    config = tmp_path / "kohya.toml"
+    config.write_text(
+        f'pretrained_model_name_or_path = "tiny:sdxl"\ntrain_data_dir = "{data.as_posix()}"\n'
+        f'output_dir = "{(tmp_path / "out").as_posix()}"\nresolution = "64"\nfused_backward_pass = true\n'
+        'optimizer_type = "AdaFactor"\ngradient_accumulation_steps = 2\nmax_train_steps = 1\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(_cli(), ["train", "dreambooth", "--config", str(config), "--no-progress", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the plan wraps long notes
+    assert (
+        "--fused-backward-pass with --gradient-accumulation 2: the tensors step in the backward of each update's last "
+        "micro-batch (kohya refuses --fused_backward_pass with gradient_accumulation_steps above 1 "
+        "(train_util.get_optimizer asserts it); sdcore runs it with OneTrainer's rule)"
+    ) in text
+
+
 def test_optimizer_groups_give_the_same_weights(tmp_path):
     common = dict(model="tiny:sdxl", optimizer="adamw", max_steps=2)
     _, plain = _train(_options(tmp_path, "plain", **common))

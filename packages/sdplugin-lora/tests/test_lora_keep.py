@@ -142,6 +142,34 @@ def test_changed_weight_or_file_applies_again(loras, monkeypatch):
     assert infos[0] != infos[1]  # the new file's hash (kohya's sshs_model_hash of the new tensors)
 
 
+def test_a_file_rewritten_with_the_same_size_and_mtime_is_read_again(loras, monkeypatch):
+    """A copy that keeps the old mtime (``cp -p``, rsync, an unzip) or a rewrite within the file system's mtime tick
+    leaves size and mtime as they were: the file's inode and ctime (which no copy tool sets back) tell it, so the new
+    network is read, hashed and merged, not the stale one kept."""
+    spy = Spy(monkeypatch)
+    bundle, session = fresh_bundle("sd1"), _session(loras)
+    path, mine, other = loras["a"], loras["a"].read_bytes(), loras["b"].read_bytes()
+    assert len(other) == len(mine)  # two random networks of one shape: the same size
+    with session.keeping():
+        first = _image(bundle, session, "a cat <lora:a:1>", seed=1)
+        stat = path.stat()
+        with open(path, "r+b") as f:  # in place: the same inode
+            f.write(other)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the old mtime back
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+        changed = _image(bundle, session, "a cat <lora:a:1>", seed=1)
+        assert len(spy.merges) == 2 and spy.reads == ["a.safetensors"] * 2
+        replaced = path.with_name("new.safetensors")  # replaced by another file (a new inode), mtime set back again
+        replaced.write_bytes(mine)
+        os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.replace(replaced, path)
+        again = _image(bundle, session, "a cat <lora:a:1>", seed=1)
+        assert len(spy.merges) == 3 and spy.reads == ["a.safetensors"] * 3
+    want_b = _image(fresh_bundle("sd1"), _session(loras), "a cat <lora:b:1>", seed=1)
+    assert np.array_equal(changed, want_b) and not np.array_equal(first, want_b)
+    assert np.array_equal(again, first)
+
+
 class Interrupt(KeyboardInterrupt):
     pass
 

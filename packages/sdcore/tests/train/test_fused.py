@@ -45,9 +45,18 @@ class _NoSchedule:
         pass
 
 
-def _setup(name: str, args: str = "", dtype: torch.dtype = torch.float32):
+class _Spare(_Toy):
+    """The toy with a tensor only the first micro-batch of an update uses (:func:`_loss`): with gradient
+    accumulation its gradient is complete before the last backward, in which its hook does not fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+
+
+def _setup(name: str, args: str = "", dtype: torch.dtype = torch.float32, model_class: type[_Toy] = _Toy):
     torch.manual_seed(0)
-    model = _Toy().to(dtype)
+    model = model_class().to(dtype)
     params = list(model.parameters())
     groups = [{"params": params[:4], "lr": 3e-3}, {"params": params[4:], "lr": 1e-3}]  # two rates, as UNet + TE
     optimizer = create_optimizer(name, groups, lr=2e-3, args=args)
@@ -59,9 +68,14 @@ def _setup(name: str, args: str = "", dtype: torch.dtype = torch.float32):
     return model, optimizer, scheduler
 
 
-def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
-    ids, x, target = _batch(step)
-    return torch.nn.functional.mse_loss(model(ids, x.to(model.conv.weight.dtype)).float(), target)
+def _loss(model: torch.nn.Module, step: int, k: int = 0, count: int = 1) -> torch.Tensor:
+    """The loss of micro-batch ``k`` of the ``count`` that make optimizer step ``step``, divided by ``count`` as the
+    loop divides it (one batch a step: ``k`` 0, ``count`` 1); :class:`_Spare`'s tensor joins micro-batch 0 only."""
+    ids, x, target = _batch(step * count + k)
+    out = model(ids, x.to(model.conv.weight.dtype))
+    if k == 0 and isinstance(model, _Spare):
+        out = out + model.spare
+    return torch.nn.functional.mse_loss(out.float(), target) / count
 
 
 def _clip_each(model: torch.nn.Module, c: float) -> None:
@@ -72,10 +86,21 @@ def _clip_each(model: torch.nn.Module, c: float) -> None:
             p.grad.mul_(min(1.0, c / (norm + 1e-6)))
 
 
-def _ordinary(name: str, steps: int = 3, args: str = "", clip: float = 0.0, clip_each: bool = True):
-    model, optimizer, scheduler = _setup(name, args)
+def _ordinary(
+    name: str,
+    steps: int = 3,
+    args: str = "",
+    clip: float = 0.0,
+    clip_each: bool = True,
+    count: int = 1,
+    model_class: type[_Toy] = _Toy,
+):
+    """The reference: ``count`` micro-batches accumulated, then per-tensor (``clip_each``: kohya's and OneTrainer's
+    rule written out) or global clipping, one optimizer step and one schedule step."""
+    model, optimizer, scheduler = _setup(name, args, model_class=model_class)
     for step in range(steps):
-        _loss(model, step).backward()
+        for k in range(count):
+            _loss(model, step, k, count).backward()
         if clip and clip_each:
             _clip_each(model, clip)
         elif clip:
@@ -86,13 +111,40 @@ def _ordinary(name: str, steps: int = 3, args: str = "", clip: float = 0.0, clip
     return model
 
 
-def _fused(name: str, steps: int = 3, args: str = "", clip: float = 0.0, dtype: torch.dtype = torch.float32):
-    model, optimizer, scheduler = _setup(name, args, dtype)
-    hooks = StepInBackward(optimizer, list(model.parameters()), max_grad_norm=clip, seed=7, stochastic_bf16=True)
+def _fused(
+    name: str,
+    steps: int = 3,
+    args: str = "",
+    clip: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    count: int = 1,
+    groups: int = 0,
+    model_class: type[_Toy] = _Toy,
+):
+    """The same run stepping in backward: with ``count`` above 1 the hooks only accumulate until the update's last
+    micro-batch (checked: nothing steps before it, every tensor steps in it and its gradient is freed); ``groups``:
+    kohya's ``--fused-optimizer-groups`` split."""
+    model, optimizer, scheduler = _setup(name, args, dtype, model_class)
+    params = list(model.parameters())
+    split = None
+    if groups:
+        from sdcore.train.fused import kohya_groups
+
+        split = kohya_groups([g["lr"] for g in optimizer.param_groups for _ in g["params"]], groups)
+    hooks = StepInBackward(optimizer, params, max_grad_norm=clip, seed=7, stochastic_bf16=True, groups=split)
     for step in range(steps):
-        hooks.begin(step)
-        _loss(model, step).backward()
-        hooks.end()
+        for k in range(count):
+            update = k == count - 1
+            before = [p.detach().clone() for p in params] if count > 1 else []
+            hooks.begin(step, update=update)
+            _loss(model, step, k, count).backward()
+            hooks.end()
+            if not update:  # accumulating: nothing stepped, every gradient kept
+                assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+                assert all(p.grad is not None for p in params)
+            elif count > 1:  # the update's backward stepped every tensor, the spare one too, and freed every gradient
+                assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+                assert all(p.grad is None for p in params)
         assert hooks.bad_norm() is None
         scheduler.step()
     hooks.remove()
@@ -576,94 +628,25 @@ def test_an_interrupt_during_backward_saves_no_state(tmp_path, capsys):
 # -- gradient accumulation and --fused-clip per-tensor (OneTrainer's fused_back_pass) -------------------------
 
 
-class _Spare(_Toy):
-    """The toy with a tensor only the first micro-batch of an update uses: its gradient is complete before the
-    last backward, in which its hook does not fire."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spare = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 8))
-
-
-def _micro_loss(model: _Spare, step: int, k: int, count: int) -> torch.Tensor:
-    ids, x, target = _batch(10 * step + k)
-    out = model(ids, x)
-    if k == 0:
-        out = out + model.spare
-    return torch.nn.functional.mse_loss(out, target) / count  # the loop's loss / len(group)
-
-
-def _accum_setup(name: str):
-    torch.manual_seed(0)
-    model = _Spare()
-    params = list(model.parameters())
-    groups = [{"params": params[:4], "lr": 3e-3}, {"params": params[4:], "lr": 1e-3}]
-    optimizer = create_optimizer(name, groups, lr=2e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    return model, optimizer, scheduler
-
-
-def _accum_ordinary(name: str, count: int, steps: int = 3, clip: float = 0.0, clip_each: bool = True):
-    """The reference: accumulate ``count`` micro-batches, then (per-tensor or global) clipping and one step."""
-    model, optimizer, scheduler = _accum_setup(name)
-    for step in range(steps):
-        for k in range(count):
-            _micro_loss(model, step, k, count).backward()
-        if clip and clip_each:
-            _clip_each(model, clip)
-        elif clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model
-
-
-def _accum_fused(name: str, count: int, steps: int = 3, clip: float = 0.0, groups: int = 0):
-    model, optimizer, scheduler = _accum_setup(name)
-    params = list(model.parameters())
-    split = None
-    if groups:
-        from sdcore.train.fused import kohya_groups
-
-        split = kohya_groups([g["lr"] for g in optimizer.param_groups for _ in g["params"]], groups)
-    hooks = StepInBackward(optimizer, params, max_grad_norm=clip, seed=7, stochastic_bf16=True, groups=split)
-    for step in range(steps):
-        for k in range(count):
-            before = [p.detach().clone() for p in params]
-            hooks.begin(step, update=k == count - 1)
-            _micro_loss(model, step, k, count).backward()
-            hooks.end()
-            if k < count - 1:  # accumulating: nothing stepped, every gradient kept
-                assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
-                assert all(p.grad is not None for p in params)
-            else:  # the update's backward stepped every tensor, the spare one too, and freed every gradient
-                assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
-                assert all(p.grad is None for p in params)
-        assert hooks.bad_norm() is None
-        scheduler.step()
-    hooks.remove()
-    return model
-
-
 @pytest.mark.parametrize("name", ["adafactor", "adamw", "sgd"])
 @pytest.mark.parametrize("count", [2, 3])
 def test_accumulated_micro_batches_step_in_the_last_backward(name, count):
     """OneTrainer's rule: the gradients accumulate, the hooks step on the update's last micro-batch. Without
     clipping the weights are the ordinary accumulated run's bit for bit, with per-tensor clipping those of the
     per-tensor clipping reference (within 1e-6), not the global clipping's."""
-    ordinary, fused = _accum_ordinary(name, count), _accum_fused(name, count)
-    start, _, _ = _accum_setup(name)
+    spare = {"count": count, "model_class": _Spare}
+    ordinary, fused = _ordinary(name, **spare), _fused(name, **spare)
+    start, _, _ = _setup(name, model_class=_Spare)
     for (key, a), b, s in zip(
         ordinary.state_dict().items(), fused.state_dict().values(), start.state_dict().values(), strict=True
     ):
         assert not torch.equal(a, s), key
         assert torch.equal(a, b), (key, (a - b).abs().max())
-    grouped = _accum_fused(name, count, groups=2)
+    grouped = _fused(name, groups=2, **spare)
     assert all(torch.equal(v, grouped.state_dict()[k]) for k, v in ordinary.state_dict().items())
-    clipped = _accum_fused(name, count, clip=0.05)
-    each = _accum_ordinary(name, count, clip=0.05, clip_each=True)
-    together = _accum_ordinary(name, count, clip=0.05, clip_each=False)
+    clipped = _fused(name, clip=0.05, **spare)
+    each = _ordinary(name, clip=0.05, clip_each=True, **spare)
+    together = _ordinary(name, clip=0.05, clip_each=False, **spare)
     for key, value in clipped.state_dict().items():
         assert float((value - each.state_dict()[key]).abs().max()) <= 1e-6, key
     assert any(not torch.allclose(v, together.state_dict()[k]) for k, v in clipped.state_dict().items())
@@ -690,10 +673,21 @@ def test_fused_clip_per_tensor_accepts_clipping_on_every_family():
     assert fused_notes(each)[0].startswith(
         "--fused-backward-pass: --max-grad-norm 1 clips each tensor by its own norm (OneTrainer), not all"
     )
-    accumulated = fused_notes(dataclasses.replace(kohya, gradient_accumulation=4, max_grad_norm=0.0))
-    assert accumulated == [
-        "--fused-backward-pass with --gradient-accumulation 4: the tensors step in the backward of each update's last "
-        "micro-batch (OneTrainer's rule), so every gradient is held until then and the pass saves no gradient memory"
+    # the accumulation note says whose rule applies: a OneTrainer config's own; on kohya's flag with kohya's family
+    # rule (a kohya command line or TOML) that kohya refuses the pair (train_util.get_optimizer asserts it)
+    tail = "so every gradient is held until then and the pass saves no gradient memory"
+    head = "with --gradient-accumulation 4: the tensors step in the backward of each update's last micro-batch"
+    unclipped = {"gradient_accumulation": 4, "max_grad_norm": 0.0}
+    assert fused_notes(dataclasses.replace(each, **unclipped)) == [
+        f"--fused-backward-pass {head} (OneTrainer's rule), {tail}"
+    ]
+    assert fused_notes(dataclasses.replace(kohya, **unclipped)) == [
+        f"--fused-backward-pass {head} (kohya refuses --fused_backward_pass with gradient_accumulation_steps above 1 "
+        f"(train_util.get_optimizer asserts it); sdcore runs it with OneTrainer's rule), {tail}"
+    ]
+    grouped = dataclasses.replace(kohya, fused_backward_pass=False, fused_optimizer_groups=2, **unclipped)
+    assert fused_notes(grouped) == [
+        f"--fused-optimizer-groups {head} (OneTrainer's rule for its fused back pass), {tail}"
     ]
     wrong = dataclasses.replace(kohya, fused_clip="global")
     assert "--fused-clip 'global': choose one of kohya, per-tensor" in fused_problems(wrong)

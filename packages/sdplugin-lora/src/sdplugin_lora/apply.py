@@ -243,10 +243,17 @@ def _hook_one(target: Target, weights: ModuleWeights, multiplier: float) -> Adap
     return adapter
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """A file as it is on disk now: its path, size and mtime in ns (a rewrite changes one of the last two)."""
+#: :func:`_file_key`: path, size, mtime, inode, ctime (ns)
+FileKey = tuple[str, int, int, int, int]
+
+
+def _file_key(path: Path) -> FileKey:
+    """A file as it is on disk now: its path, size, mtime, inode and ctime (ns). Size and mtime alone miss a file
+    replaced by a copy that keeps its mtime (``cp -p``, rsync, unzip) or rewritten within one mtime tick; a
+    replacement has another inode, and an in-place rewrite (or a ``utime`` setting the mtime back) moves the ctime,
+    which no tool sets back (on Windows ``st_ctime`` is the creation time, and a replacement another file index)."""
     info = path.stat()
-    return (str(path), info.st_size, info.st_mtime_ns)
+    return (str(path), info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)
 
 
 _NAME_SYMBOLS = str.maketrans("", "", ":,")
@@ -331,13 +338,14 @@ class LoraHandler(PromptNetworkHandler):
 
     def __init__(self, directory: str | Path | None = None) -> None:
         super().__init__(directory)
-        self._files: OrderedDict[tuple[str, int, int], tuple[LoraFile, str]] = OrderedDict()
+        self._files: OrderedDict[FileKey, tuple[LoraFile, str]] = OrderedDict()
 
     def read(self, path: Path) -> tuple[LoraFile, str]:
-        """``path`` parsed and its A1111 short hash (``Lora hashes``), from a small LRU cache keyed by the path,
-        the file's size and its mtime in ns, so switching between LoRAs in one session (an X/Y/Z plot, a prompt
-        list) reads and hashes each file once, and a file rewritten since (another mtime or size) is read again,
-        as A1111 re-reads a network whose mtime is newer (Lora/networks.py ``load_networks``). Parsed files are
+        """``path`` parsed and its A1111 short hash (``Lora hashes``), from a small LRU cache keyed by the path and
+        the file's state (:func:`_file_key`: size, mtime, inode, ctime), so switching between LoRAs in one session
+        (an X/Y/Z plot, a prompt list) reads and hashes each file once, and a file rewritten or replaced since is read
+        again (A1111 re-reads a network whose mtime is newer, Lora/networks.py ``load_networks``: a copy keeping the
+        old mtime would be missed there). Parsed files are
         never changed by applying them, so one parse serves every application."""
         key = _file_key(path)
         found = self._files.get(key)
@@ -357,7 +365,7 @@ class LoraHandler(PromptNetworkHandler):
 
     def activation_key(self, refs: Sequence[NetworkRef]) -> Hashable | None:
         """The merge mode and, per ref, the prompt's name (the infotext's and bundled embeddings' label), the
-        resolved file as it is on disk now (path, size, mtime in ns) and the weights as :meth:`activate` reads
+        resolved file as it is on disk now (:func:`_file_key`) and the weights as :meth:`activate` reads
         them (te, unet, dyn): two prompts with equal keys apply the same LoRAs in the same way. ``None`` when an
         argument is wrong (then :meth:`activate` says why), and for a FLUX.1 control LoRA: it widens dev's
         ``img_in``, and a model left widened between calls reads as a Depth/Canny model to the checks that run

@@ -31,8 +31,9 @@ What it means, from kohya's ``sdxl_train.py``/``sd3_train.py``/``flux_train.py``
   SD1/SD2 too when ``--max-grad-norm 0`` (the weights are then kohya's) and refuses the flag there
   with clipping on. OneTrainer (``GenericTrainer.__apply_fused_back_pass``) steps in backward on every
   family with each tensor clipped by its own norm: ``--fused-clip per-tensor``, which a OneTrainer
-  config sets where it matters.
-- **Gradient accumulation** (OneTrainer's rule; kohya asserts it away): the gradients accumulate over
+  config sets with every fused back pass.
+- **Gradient accumulation** (OneTrainer's rule; kohya's ``train_util.get_optimizer`` asserts it away for
+  ``--fused_backward_pass``, and the note on a kohya-style run says so): the gradients accumulate over
   the micro-batches as usual (the hooks do nothing) and the tensors step in the backward of an update's
   last micro-batch, each on its whole accumulated gradient (clipped by its own norm), so the weights
   are those of the ordinary accumulated step with per-tensor clipping (without clipping: the same).
@@ -226,10 +227,19 @@ def fused_notes(options: TrainOptions) -> list[str]:
             "took the step, and the run resumes from the last saved state"
         )
     if options.gradient_accumulation > 1:
+        flag, count = _flag(options), options.gradient_accumulation
+        if getattr(options, "fused_clip", "kohya") == "per-tensor":  # a OneTrainer run: its own rule
+            rule = "OneTrainer's rule"
+        elif flag == "--fused-backward-pass":  # kohya's flag, kohya's family rule: say that kohya would not run it
+            rule = (
+                "kohya refuses --fused_backward_pass with gradient_accumulation_steps above 1 (train_util."
+                "get_optimizer asserts it); sdcore runs it with OneTrainer's rule"
+            )
+        else:
+            rule = "OneTrainer's rule for its fused back pass"
         notes.append(
-            f"{_flag(options)} with --gradient-accumulation {options.gradient_accumulation}: the tensors step in "
-            "the backward of each update's last micro-batch (OneTrainer's rule), so every gradient is held until "
-            "then and the pass saves no gradient memory"
+            f"{flag} with --gradient-accumulation {count}: the tensors step in the backward of each update's last "
+            f"micro-batch ({rule}), so every gradient is held until then and the pass saves no gradient memory"
         )
     return notes
 

@@ -1389,9 +1389,10 @@ def _optimizer(r: _Reader) -> None:
 
         # GenericTrainer.__apply_fused_back_pass: each tensor steps in backward, clipped by its own norm, on every
         # family, and with gradient_accumulation_steps in the backward of the update's last batch
-        v["fused_backward_pass"] = True
+        # (--fused-clip per-tensor always: the same weights as kohya's rule where both accept the run, and the
+        # pre-flight's notes then name OneTrainer's rule, not kohya's refusal of fused + accumulation)
+        v["fused_backward_pass"], v["fused_clip"] = True, "per-tensor"
         if clip and family not in KOHYA_FAMILIES:  # kohya's scripts clip all gradients together there
-            v["fused_clip"] = "per-tensor"
             r.note(f"optimizer.fused_back_pass with clip_grad_norm {clip} on {family}: --fused-clip per-tensor "
                    "(OneTrainer clips each tensor by its own norm as it steps it in backward; sdcore's default "
                    "follows kohya, whose scripts for this family clip all gradients together)")  # fmt: skip

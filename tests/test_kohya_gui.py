@@ -700,14 +700,17 @@ def test_a_bare_dreambooth_config_runs_at_the_dreambooth_tabs_widget_values(tmp_
     )  # fmt: skip
     # SD1/SD2: the TE rate widget; the class_basic_training.py:115 max_train_steps widget's 1600
     assert (o.te_lr, o.te1_lr, o.buckets, o.max_steps, o.epochs) == (1e-5, None, True, 1600, None)
-    assert notes[0].startswith("not in the file, so the kohya_ss GUI's own values") and "learning_rate 1e-05" in notes[0]
+    assert (
+        notes[0].startswith("not in the file, so the kohya_ss GUI's own values") and "learning_rate 1e-05" in notes[0]
+    )
     assert "lr_scheduler 'cosine', lr_warmup 10" in notes[0]
     assert any("the GUI's default 1600 steps" in n for n in notes), notes
     # SDXL: TE1/TE2 rates at the widget's 1e-5; dreambooth_gui.py:928 trains the text encoders when one is above 0
     sdxl = load_options(DreamBoothOptions, _write(tmp_path, {"model_list": "custom", "sdxl": True}), notes=[])
     assert (sdxl.te_lr, sdxl.te1_lr, sdxl.te2_lr, sdxl.train_text_encoder) == (None, 1e-5, 1e-5, True)
+    # a saved train_text_encoder is not read (the tab has no such widget)
     data = {"model_list": "custom", "sdxl": True, "learning_rate_te1": 0, "learning_rate_te2": 0,
-            "train_text_encoder": True}  # fmt: skip  (a saved train_text_encoder: no such widget, not read)
+            "train_text_encoder": True}  # fmt: skip
     frozen = load_options(DreamBoothOptions, _write(tmp_path, data), notes=[])
     assert (frozen.te1_lr, frozen.te2_lr, frozen.train_text_encoder) == (0.0, 0.0, False)
     items, _, _ = gui_preset({**data, "learning_rate_te2": 5e-6}, "x")
@@ -774,7 +777,7 @@ def test_dreambooth_and_finetune_presets_leave_out_fields_at_the_tabs_widget_val
     data = _paths_moved_here(json.loads((PRESETS / name).read_text()))
     o = load_options(DreamBoothOptions, _write(tmp_path, data, Path(name).name), notes=[])
     table = FT_WIDGETS if name.startswith("finetune/") else DB_WIDGETS
-    gui = {key: data[key] if key in data else value for key, value in table.items()}
+    gui = {key: data.get(key, value) for key, value in table.items()}  # the presets have no nulls
     _common_widgets(o, gui)
     assert o.buckets is (True if name.startswith("finetune/") else bool(gui["enable_bucket"]))
     sdxl = bool(data.get("sdxl") or data.get("sdxl_checkbox"))
@@ -783,4 +786,7 @@ def test_dreambooth_and_finetune_presets_leave_out_fields_at_the_tabs_widget_val
     else:
         assert (o.te_lr, o.te1_lr) == (float(gui["learning_rate_te"]), None)
     if name.startswith("finetune/"):
-        assert (o.dataset_repeats, o.train_text_encoder) == (int(gui["dataset_repeats"]), bool(gui["train_text_encoder"]))
+        assert (o.dataset_repeats, o.train_text_encoder) == (
+            int(gui["dataset_repeats"]),
+            bool(gui["train_text_encoder"]),
+        )

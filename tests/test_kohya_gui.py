@@ -790,3 +790,34 @@ def test_dreambooth_and_finetune_presets_leave_out_fields_at_the_tabs_widget_val
             int(gui["dataset_repeats"]),
             bool(gui["train_text_encoder"]),
         )
+
+
+def test_a_missing_finetune_metadata_file_is_explained_by_the_guis_preparation_steps(tmp_path):
+    """finetune_gui.py writes train_dir's metadata files before each run (create_caption / create_buckets, both
+    ticked by default: merge_captions_to_metadata.py, prepare_buckets_latents.py -> meta_lat.json); sdcore runs
+    neither, so a file that is not there gets a note naming the step and the use_latent_files way out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    data = {"train_dir": str(out), "image_folder": str(tmp_path), "model_list": "custom"}
+    notes: list[str] = []
+    o = load_options(DreamBoothOptions, _write(tmp_path, data), notes=notes)
+    assert o.metadata_file == f"{out}/meta_lat.json"
+    (hint,) = [n for n in notes if n.startswith("in_json ")]
+    assert hint == (
+        f"in_json {out}/meta_lat.json (the fine-tuning tab's metadata file) is not there: the GUI writes it before "
+        'training with its "Generate image buckets metadata" step (sd-scripts\' finetune/prepare_buckets_latents.py), '
+        f'which sdcore does not run: run it; or set "use_latent_files": "No" to read the caption metadata file '
+        f"{out}/meta_cap.json"
+    )
+    notes = []
+    o = load_options(DreamBoothOptions, _write(tmp_path, {**data, "use_latent_files": "No"}), notes=notes)
+    assert o.metadata_file == f"{out}/meta_cap.json"
+    (hint,) = [n for n in notes if n.startswith("in_json ")]
+    assert (
+        "merge_captions_to_metadata.py), which sdcore does not run: run it" in hint and "use_latent_files" not in hint
+    )
+    # the file is there (the GUI wrote it once): no note, and the dry run's dataset reads it
+    (out / "meta_lat.json").write_text("{}")
+    notes = []
+    o = load_options(DreamBoothOptions, _write(tmp_path, data), notes=notes)
+    assert o.metadata_file == f"{out}/meta_lat.json" and not [n for n in notes if n.startswith("in_json ")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from .kohya import _OFF, _args_text, _is_off, _text
@@ -476,6 +477,8 @@ def _finetune_tab(items: dict[str, Any], notes: list[str]) -> None:
     latent_json = _text(items.pop("latent_metadata_filename", "") or "meta_lat.json")
     if train_dir:
         items["in_json"] = f"{train_dir}/{latent_json if latents else caption_json}"
+        if not Path(items["in_json"]).expanduser().is_file():
+            notes.append(_metadata_hint(items["in_json"], latents, f"{train_dir}/{caption_json}"))
     if "image_folder" in items:
         items["train_data_dir"] = items.pop("image_folder")
     items["enable_bucket"] = True  # finetune_gui.py always buckets
@@ -483,6 +486,27 @@ def _finetune_tab(items: dict[str, Any], notes: list[str]) -> None:
                 "full_path", "batch_size", "caption_extension_finetune"):  # fmt: skip
         items.pop(key, None)  # the GUI's preparation steps (captions, buckets), not training options
     notes.append("read as a kohya_ss GUI preset (fine-tuning tab)")
+
+
+def _metadata_hint(in_json: str, latents: bool, caption_file: str) -> str:
+    """Why the fine-tuning tab's metadata file may be missing: the GUI writes it before each run (its "Generate
+    caption metadata" and "Generate image buckets metadata" boxes, ``create_caption``/``create_buckets``, ticked
+    by default: sd-scripts' finetune/merge_captions_to_metadata.py from image_folder's caption files, then
+    finetune/prepare_buckets_latents.py, which writes the latent metadata file), and sdcore runs neither step, so
+    a config whose file was never written (``use_latent_files`` "Yes" is the widget's value) stops on it."""
+    if latents:
+        step = (
+            'the GUI writes it before training with its "Generate image buckets metadata" step (sd-scripts\' '
+            "finetune/prepare_buckets_latents.py)"
+        )
+        other = f'; or set "use_latent_files": "No" to read the caption metadata file {caption_file}'
+    else:
+        step = (
+            'the GUI writes it before training with its "Generate caption metadata" step (sd-scripts\' '
+            "finetune/merge_captions_to_metadata.py)"
+        )
+        other = ""
+    return f"in_json {in_json} (the fine-tuning tab's metadata file) is not there: {step}, which sdcore does not run: run it{other}"
 
 
 def _te_rates(items: dict[str, Any], family: str) -> None:

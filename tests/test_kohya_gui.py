@@ -652,3 +652,172 @@ def test_the_guis_fp16_says_what_to_do_without_a_gpu(tmp_path):
     assert o.mixed_precision == "bf16" and not any("CUDA" in n for n in notes), notes
     o = load_options(LoraOptions, _write(tmp_path, {"LoRA_type": "Standard"}), {"mixed_precision": "no"}, notes=[])
     assert o.mixed_precision == "no"  # the command line wins over the widget's value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the other tabs' widget values (bmaltais/kohya_ss 45088f0): the shared classes' widgets as in WIDGETS, then
+# each tab's own BasicTraining(learning_rate_value, lr_scheduler_value, lr_warmup_value) and tab widgets
+
+#: dreambooth_gui.py:1272 BasicTraining(learning_rate_value=1e-5, lr_scheduler_value="cosine", lr_warmup_value=10);
+#: class_basic_training.py:266-297 starts the TE rates at learning_rate_value
+DB_WIDGETS = {**WIDGETS, "cache_latents": True, "save_every_n_epochs": 1, "learning_rate": 1e-5,
+              "lr_scheduler": "cosine", "lr_warmup": 10, "learning_rate_te": 1e-5, "learning_rate_te1": 1e-5,
+              "learning_rate_te2": 1e-5}  # fmt: skip
+#: finetune_gui.py:1606 BasicTraining(learning_rate_value=1e-5) (the class's "constant", 0 %); its own "Dataset
+#: Preparation" max_resolution "512,512" / max_bucket_reso "1024" (the ones it passes, :1724-1726), dataset_repeats
+#: 40, train_text_encoder True, use_latent_files "Yes"; it always passes enable_bucket True (:1166)
+FT_WIDGETS = {**DB_WIDGETS, "lr_scheduler": "constant", "lr_warmup": 0, "max_bucket_reso": "1024",
+              "dataset_repeats": 40, "train_text_encoder": True, "use_latent_files": "Yes"}  # fmt: skip
+#: textual_inversion_gui.py:1108 BasicTraining(1e-5, "cosine", 10); its token widgets: init_word "*", Vectors 1,
+#: Template "caption" (token_string has no value)
+TI_WIDGETS = {**WIDGETS, "cache_latents": True, "save_every_n_epochs": 1, "learning_rate": 1e-5,
+              "lr_scheduler": "cosine", "lr_warmup": 10, "init_word": "*", "num_vectors_per_token": 1,
+              "template": "caption"}  # fmt: skip
+
+
+def _common_widgets(o: Any, gui: dict[str, Any]) -> None:
+    """The options the shared widgets and the rate widgets decide, as the GUI passes ``gui``'s values."""
+    width, height = (int(v) for v in str(gui["max_resolution"]).split(","))
+    assert (o.resolution, o.resolution_size) == ((width, None) if width == height else (o.resolution, (width, height)))
+    assert (o.max_bucket_reso, o.bucket_no_upscale, o.cache_latents) == (
+        int(gui["max_bucket_reso"]), bool(gui["bucket_no_upscale"]), bool(gui["cache_latents"])
+    )  # fmt: skip
+    assert (o.mixed_precision, o.save_dtype, o.caption_extension) == (
+        gui["mixed_precision"], gui["save_precision"], gui["caption_extension"]
+    )  # fmt: skip
+    assert o.save_every_epochs == (int(gui["save_every_n_epochs"]) or None)
+    assert (o.lr, o.lr_scheduler) == (pytest.approx(float(gui["learning_rate"])), gui["lr_scheduler"])
+    # common_gui.resolve_lr_warmup_steps: percent / 100 (the constant schedule's handler set it to 0)
+    assert o.lr_warmup_steps == (0 if gui["lr_scheduler"] == "constant" else int(gui["lr_warmup"]) / 100)
+
+
+def test_a_bare_dreambooth_config_runs_at_the_dreambooth_tabs_widget_values(tmp_path):
+    notes: list[str] = []
+    o = load_options(DreamBoothOptions, _write(tmp_path, {"model_list": "custom"}), notes=notes)
+    _common_widgets(o, DB_WIDGETS)
+    assert (o.lr, o.lr_scheduler, o.lr_warmup_steps, o.resolution, o.mixed_precision) == (
+        1e-5, "cosine", 0.1, 512, "fp16"
+    )  # fmt: skip
+    # SD1/SD2: the TE rate widget; the class_basic_training.py:115 max_train_steps widget's 1600
+    assert (o.te_lr, o.te1_lr, o.buckets, o.max_steps, o.epochs) == (1e-5, None, True, 1600, None)
+    assert (
+        notes[0].startswith("not in the file, so the kohya_ss GUI's own values") and "learning_rate 1e-05" in notes[0]
+    )
+    assert "lr_scheduler 'cosine', lr_warmup 10" in notes[0]
+    assert any("the GUI's default 1600 steps" in n for n in notes), notes
+    # SDXL: TE1/TE2 rates at the widget's 1e-5; dreambooth_gui.py:928 trains the text encoders when one is above 0
+    sdxl = load_options(DreamBoothOptions, _write(tmp_path, {"model_list": "custom", "sdxl": True}), notes=[])
+    assert (sdxl.te_lr, sdxl.te1_lr, sdxl.te2_lr, sdxl.train_text_encoder) == (None, 1e-5, 1e-5, True)
+    # a saved train_text_encoder is not read (the tab has no such widget)
+    data = {"model_list": "custom", "sdxl": True, "learning_rate_te1": 0, "learning_rate_te2": 0,
+            "train_text_encoder": True}  # fmt: skip
+    frozen = load_options(DreamBoothOptions, _write(tmp_path, data), notes=[])
+    assert (frozen.te1_lr, frozen.te2_lr, frozen.train_text_encoder) == (0.0, 0.0, False)
+    items, _, _ = gui_preset({**data, "learning_rate_te2": 5e-6}, "x")
+    assert items["train_text_encoder"] is True
+
+
+def test_the_dreambooth_and_ti_tabs_keep_a_null_field_unset():
+    """dreambooth_gui.py:206 / textual_inversion_gui.py:157 open_configuration: ``my_data.get(key, value)``, so
+    a null loads as null (the TOML leaves it out: sd-scripts' default); lora_gui.py and finetune_gui.py:263 take
+    the widget's value for a null as for a missing field."""
+    for data in ({"model_list": "custom"}, {"token_string": "tok", "model_list": "custom"}):
+        items, notes, _ = gui_preset({**data, "learning_rate": None, "lr_scheduler": None}, "x")
+        assert (items["learning_rate"], items["lr_scheduler"]) == (None, None)
+        assert "learning_rate 1e-05" not in notes[0] and "lr_scheduler" not in notes[0]
+        assert "max_resolution '512,512'" in notes[0]
+    items, notes, _ = gui_preset({"train_dir": "/d", "learning_rate": None, "lr_scheduler": None}, "x")
+    assert (items["learning_rate"], items["lr_scheduler"]) == (1e-5, "constant")
+    items, _, _ = gui_preset({"LoRA_type": "Standard", "learning_rate": None}, "x")
+    assert items["learning_rate"] == 1e-4
+
+
+def test_a_bare_finetune_config_runs_at_the_finetuning_tabs_widget_values(tmp_path):
+    notes: list[str] = []
+    data = {"train_dir": "/out", "image_folder": "/imgs", "model_list": "custom"}
+    o = load_options(DreamBoothOptions, _write(tmp_path, data), notes=notes)
+    _common_widgets(o, FT_WIDGETS)
+    assert (o.lr, o.lr_scheduler, o.lr_warmup_steps, o.max_bucket_reso, o.buckets) == (1e-5, "constant", 0, 1024, True)
+    # use_latent_files "Yes": finetune_gui.py reads the latent metadata file meta_lat.json from train_dir
+    assert (o.metadata_file, o.data, o.dataset_repeats, o.train_text_encoder, o.te_lr) == (
+        "/out/meta_lat.json", "/imgs", 40, True, 1e-5
+    )  # fmt: skip
+    assert (o.max_steps, o.epochs) == (1600, None)
+    assert "enable_bucket" not in notes[0] and "dataset_repeats 40" in notes[0], notes
+    sdxl = load_options(DreamBoothOptions, _write(tmp_path, {**data, "sdxl_checkbox": True}), notes=[])
+    assert (sdxl.te_lr, sdxl.te1_lr, sdxl.te2_lr) == (None, 1e-5, 1e-5)
+    # flip_aug halves the widget's 1600 steps (finetune_gui.py:1023)
+    flipped = load_options(DreamBoothOptions, _write(tmp_path, {**data, "flip_aug": True}), notes=[])
+    assert flipped.max_steps == 800
+
+
+def test_a_bare_ti_config_runs_at_the_ti_tabs_widget_values(tmp_path):
+    notes: list[str] = []
+    o = load_options(TIOptions, _write(tmp_path, {"token_string": "mytok", "model_list": "custom"}), notes=notes)
+    _common_widgets(o, TI_WIDGETS)
+    # not sdcore's TI lr 5e-3: the tab's 1e-5, cosine, 10 % warmup; 1600 steps
+    assert (o.lr, o.lr_scheduler, o.lr_warmup_steps, o.max_steps, o.mixed_precision) == (
+        1e-5, "cosine", 0.1, 1600, "fp16"
+    )  # fmt: skip
+    # the token widgets: init_word "*", 1 vector, template "caption" (the captions: no object/style template)
+    assert (o.name, o.init_text, o.vectors, o.template) == ("mytok", "*", 1, "filewords")
+    assert "init_word '*', num_vectors_per_token 1, template 'caption'" in notes[0], notes
+    # the file's own token fields stay
+    data = {"token_string": "t", "init_word": "dog", "num_vectors_per_token": 3, "template": "object template",
+            "learning_rate": 2e-3, "model_list": "custom"}  # fmt: skip
+    o = load_options(TIOptions, _write(tmp_path, data), notes=[])
+    assert (o.init_text, o.vectors, o.template, o.lr) == ("dog", 3, "subject", 2e-3)  # use_object_template
+
+
+@pytest.mark.parametrize("name", [n for n in _presets() if not n.startswith("lora/") and n not in REFUSED])
+def test_dreambooth_and_finetune_presets_leave_out_fields_at_the_tabs_widget_values(name, tmp_path):
+    """The fine-tuning presets leave out the TE rates (the widgets' 1e-5, passed for SDXL: the SDXL Essenz
+    preset trains its text encoders at 1e-5 beside a 1e-6 U-Net, as the GUI runs it); their length is checked
+    with every preset above."""
+    data = _paths_moved_here(json.loads((PRESETS / name).read_text()))
+    o = load_options(DreamBoothOptions, _write(tmp_path, data, Path(name).name), notes=[])
+    table = FT_WIDGETS if name.startswith("finetune/") else DB_WIDGETS
+    gui = {key: data.get(key, value) for key, value in table.items()}  # the presets have no nulls
+    _common_widgets(o, gui)
+    assert o.buckets is (True if name.startswith("finetune/") else bool(gui["enable_bucket"]))
+    sdxl = bool(data.get("sdxl") or data.get("sdxl_checkbox"))
+    if sdxl:
+        assert (o.te_lr, o.te1_lr, o.te2_lr) == (None, float(gui["learning_rate_te1"]), float(gui["learning_rate_te2"]))
+    else:
+        assert (o.te_lr, o.te1_lr) == (float(gui["learning_rate_te"]), None)
+    if name.startswith("finetune/"):
+        assert (o.dataset_repeats, o.train_text_encoder) == (
+            int(gui["dataset_repeats"]),
+            bool(gui["train_text_encoder"]),
+        )
+
+
+def test_a_missing_finetune_metadata_file_is_explained_by_the_guis_preparation_steps(tmp_path):
+    """finetune_gui.py writes train_dir's metadata files before each run (create_caption / create_buckets, both
+    ticked by default: merge_captions_to_metadata.py, prepare_buckets_latents.py -> meta_lat.json); sdcore runs
+    neither, so a file that is not there gets a note naming the step and the use_latent_files way out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    data = {"train_dir": str(out), "image_folder": str(tmp_path), "model_list": "custom"}
+    notes: list[str] = []
+    o = load_options(DreamBoothOptions, _write(tmp_path, data), notes=notes)
+    assert o.metadata_file == f"{out}/meta_lat.json"
+    (hint,) = [n for n in notes if n.startswith("in_json ")]
+    assert hint == (
+        f"in_json {out}/meta_lat.json (the fine-tuning tab's metadata file) is not there: the GUI writes it before "
+        'training with its "Generate image buckets metadata" step (sd-scripts\' finetune/prepare_buckets_latents.py), '
+        f'which sdcore does not run: run it; or set "use_latent_files": "No" to read the caption metadata file '
+        f"{out}/meta_cap.json"
+    )
+    notes = []
+    o = load_options(DreamBoothOptions, _write(tmp_path, {**data, "use_latent_files": "No"}), notes=notes)
+    assert o.metadata_file == f"{out}/meta_cap.json"
+    (hint,) = [n for n in notes if n.startswith("in_json ")]
+    assert (
+        "merge_captions_to_metadata.py), which sdcore does not run: run it" in hint and "use_latent_files" not in hint
+    )
+    # the file is there (the GUI wrote it once): no note, and the dry run's dataset reads it
+    (out / "meta_lat.json").write_text("{}")
+    notes = []
+    o = load_options(DreamBoothOptions, _write(tmp_path, data), notes=notes)
+    assert o.metadata_file == f"{out}/meta_lat.json" and not [n for n in notes if n.startswith("in_json ")]

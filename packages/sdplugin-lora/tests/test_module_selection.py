@@ -239,6 +239,9 @@ def _job(tmp_path, process):
         ("flux", {"is_flux": True}, ["attn.to_q"], None),
         ("sd1", {}, ["lora_unet_down_blocks_0", "mid_block.attentions"], ["attn2", "transformer.nowhere"]),
         ("sdxl", {"is_xl": True}, None, ["unet.up_blocks", "to_out"]),
+        # SDXL's LoRA names (lora_unet_..., dots written "_") and dotted paths; ignore is matched on the dotted name
+        ("sdxl", {"is_xl": True}, ["lora_unet_up_blocks_0_attentions_1", "lora_unet.down_blocks.1.attentions.0."],
+         ["ff.net", "lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_attn1"]),
     ],
 )  # fmt: skip
 def test_ai_toolkit_contains_lists_select_what_ai_toolkit_selects(tmp_path, family, model, only, ignore):
@@ -280,6 +283,15 @@ def test_ai_toolkit_other_network_kwargs_are_refused_in_one_line(tmp_path):
               "network": {"network_kwargs": {"ignore_if_contains": ["img_attn"]}}}  # fmt: skip
     with pytest.raises(ConfigError, match="ai-toolkit's Chroma matches these words against its BFL-layout"):
         load_options(LoraOptions, _job(tmp_path, chroma), notes=[])
+    # written in network itself: ai-toolkit's NetworkConfig does not read them there (network_kwargs only)
+    misplaced = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}],
+                 "network": {"only_if_contains": ["single_transformer_blocks"]}}  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_options(LoraOptions, _job(tmp_path, misplaced), notes=[])
+    assert info.value.problems[0].endswith(
+        "process.network: unknown ai-toolkit field(s): 'only_if_contains' (ai-toolkit reads only_if_contains from "
+        "network.network_kwargs only and ignores it here: move it there)"
+    )
 
 
 def test_ai_toolkit_flux_job_with_contains_lists_trains_the_selected_modules(tmp_path, monkeypatch):

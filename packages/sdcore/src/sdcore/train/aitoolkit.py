@@ -658,6 +658,15 @@ class JobTranslation:
     advice: dict[str, str] = field(default_factory=dict)
 
 
+#: fields written in a section ai-toolkit does not read them from (its NetworkConfig takes the LoRA module
+#: filters from ``network_kwargs`` only: toolkit/config_modules.py, BaseSDTrainProcess passes
+#: ``**network_kwargs`` to LoRASpecialNetwork), so ai-toolkit ignores them there: where they go
+MISPLACED: dict[tuple[str, str], str] = {
+    ("network", key): f" (ai-toolkit reads {key} from network.network_kwargs only and ignores it here: move it there)"
+    for key in ("only_if_contains", "ignore_if_contains")
+}
+
+
 def check_section(table: Any, section: str, where: str, out: JobTranslation) -> dict[str, Any]:
     """The section as a dict; unknown names, noted fields and fields set away from ai-toolkit's
     default that sdcore does not implement go to ``out``."""
@@ -667,7 +676,7 @@ def check_section(table: Any, section: str, where: str, out: JobTranslation) -> 
         out.problems.append(f"{where}: must be a table, got {table!r}")
         return {}
     known = DEFAULTS[section]
-    unknown = [f"{k!r}{_nearest(str(k), known)}" for k in table if k not in known]
+    unknown = [f"{k!r}{MISPLACED.get((section, str(k))) or _nearest(str(k), known)}" for k in table if k not in known]
     if unknown:
         out.problems.append(f"{where}: unknown ai-toolkit field(s): {', '.join(unknown)}")
     noted = NOTED.get(section, {})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from .kohya import _OFF, _args_text, _is_off, _text
@@ -174,19 +175,56 @@ _NETWORK_DEFAULTS: dict[str, Any] = {
     "factor": -1, "use_cp": False, "decompose_both": False, "train_norm": False, "constrain": 0.0, "rescaled": False,
     "unit": 1, "train_on_input": True,
 }  # fmt: skip
-#: the LoRA tab's values for the training fields a config leaves out. The GUI loads a config into its widgets
-#: (lora_gui.py open_configuration: a field that is missing or null keeps the widget's value) and launches
-#: from the widgets, so a preset that names few fields (presets/lora/iA3-Prodigy-sd15.json) runs at these,
-#: not at sd-scripts' defaults: class_basic_training.py (with lora_gui.py's learning_rate_value 0.0001,
-#: lr_scheduler_value "cosine", lr_warmup_value 10 %), class_advanced_training.py, class_source_model.py,
-#: class_accelerate_launch.py and lora_gui.py's rate and network widgets (bmaltais/kohya_ss 45088f0). Only
-#: the widgets whose value differs from sd-scripts' default (or sdcore's) for the run are listed.
-_LORA_WIDGETS: dict[str, Any] = {
+#: the widgets every tab builds from the shared classes, at the same values: class_basic_training.py (resolution,
+#: buckets, cache_latents, caption extension, save_every_n_epochs), class_advanced_training.py (bucket_no_upscale),
+#: class_source_model.py (save_precision) and class_accelerate_launch.py (mixed_precision) (bmaltais/kohya_ss
+#: 45088f0). Only the widgets whose value differs from sd-scripts' default (or sdcore's) for the run are listed.
+_SHARED_WIDGETS: dict[str, Any] = {
     "max_resolution": "512,512", "enable_bucket": True, "max_bucket_reso": 2048, "bucket_no_upscale": True,
-    "cache_latents": True, "caption_extension": ".txt", "save_every_n_epochs": 1, "learning_rate": 0.0001,
-    "lr_scheduler": "cosine", "lr_warmup": 10, "save_precision": "fp16", "mixed_precision": "fp16",
-    "text_encoder_lr": 0.0001, "unet_lr": 0.0001, "network_dim": 8, "network_alpha": 1,
+    "cache_latents": True, "caption_extension": ".txt", "save_every_n_epochs": 1, "save_precision": "fp16",
+    "mixed_precision": "fp16",
 }  # fmt: skip
+
+
+def _basic_training(learning_rate: float, lr_scheduler: str = "constant", lr_warmup: int = 0) -> dict[str, Any]:
+    """The rate widgets of class_basic_training.py as a tab builds it (``BasicTraining(learning_rate_value=...,
+    lr_scheduler_value=..., lr_warmup_value=...)``; the class's own defaults are "constant" and 0 %)."""
+    return {"learning_rate": learning_rate, "lr_scheduler": lr_scheduler, "lr_warmup": lr_warmup}
+
+
+def _te_widgets(learning_rate: float) -> dict[str, Any]:
+    """The TE rate widgets of the DreamBooth and fine-tuning tabs: class_basic_training.py starts them at the
+    tab's learning_rate_value (the tab passes te for SD1/SD2, te1/te2 for SDXL)."""
+    return {key: learning_rate for key in ("learning_rate_te", "learning_rate_te1", "learning_rate_te2")}
+
+
+#: per tab, the values for the training fields a config leaves out. The GUI loads a config into its widgets
+#: (``open_configuration``) and launches from the widgets, so a config that names few fields (an older GUI's,
+#: or presets/lora/iA3-Prodigy-sd15.json) runs at these, not at sd-scripts' defaults: the shared classes'
+#: (:data:`_SHARED_WIDGETS`), then the tab's own (bmaltais/kohya_ss 45088f0):
+#: - lora_gui.py: BasicTraining(0.0001, "cosine", 10 %), DEFAULT_TEXT_ENCODER_LR = DEFAULT_UNET_LR = 0.0001,
+#:   network_dim 8, network_alpha 1;
+#: - dreambooth_gui.py: BasicTraining(1e-5, "cosine", 10 %) and its TE rates;
+#: - finetune_gui.py: BasicTraining(1e-5) (constant, 0 %) and its TE rates; its own "Dataset Preparation" widgets
+#:   max_bucket_reso "1024" and max_resolution "512,512" (the ones it passes), dataset_repeats 40,
+#:   train_text_encoder True, use_latent_files "Yes" (metadata file names: :func:`_finetune_tab`'s fallbacks are
+#:   the widgets' meta_cap.json / meta_lat.json); it always buckets, so enable_bucket is not a widget it reads;
+#: - textual_inversion_gui.py: BasicTraining(1e-5, "cosine", 10 %), init_word "*", num_vectors_per_token 1,
+#:   template "caption" (token_string has no value: the GUI stops on an empty one).
+_TAB_WIDGETS: dict[str, dict[str, Any]] = {
+    "lora": {**_SHARED_WIDGETS, **_basic_training(0.0001, "cosine", 10), "text_encoder_lr": 0.0001,
+             "unet_lr": 0.0001, "network_dim": 8, "network_alpha": 1},
+    "dreambooth": {**_SHARED_WIDGETS, **_basic_training(1e-5, "cosine", 10), **_te_widgets(1e-5)},
+    "finetune": {**{k: v for k, v in _SHARED_WIDGETS.items() if k != "enable_bucket"}, **_basic_training(1e-5),
+                 **_te_widgets(1e-5), "max_bucket_reso": 1024, "dataset_repeats": 40, "train_text_encoder": True,
+                 "use_latent_files": "Yes"},
+    "ti": {**_SHARED_WIDGETS, **_basic_training(1e-5, "cosine", 10), "init_word": "*", "num_vectors_per_token": 1,
+           "template": "caption"},
+}  # fmt: skip
+#: tabs whose open_configuration keeps a null as null (dreambooth_gui.py, textual_inversion_gui.py:
+#: ``my_data.get(key, value)``): there only a missing field takes the widget's value, a null reaches sd-scripts
+#: unset. lora_gui.py and finetune_gui.py fill both (``json_value if json_value is not None else value``).
+_NULL_KEPT = frozenset({"dreambooth", "ti"})
 #: networks.lora's block-wise fields (Standard, Kohya LoCon, LoRA-FA, Kohya DyLoRA pass those that are set)
 _BLOCK_FIELDS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
                  "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout")  # fmt: skip
@@ -380,14 +418,18 @@ def _lora_tab(items: dict[str, Any], family: str, where: str, notes: list[str], 
     notes.append(f"read as a kohya_ss GUI preset (LoRA_type {lora_type})")
 
 
-def _widget_values(items: dict[str, Any], notes: list[str]) -> None:
-    """The LoRA tab's widget values for the fields ``items`` leaves out or sets to null (:data:`_LORA_WIDGETS`),
-    as a freshly started GUI fills them when it loads the config; said in one note. The load also runs the
-    widgets' change handlers, which overrule a filled value: class_basic_training.py ``lr_scheduler_changed``
-    sets the warmup to 0 for the constant schedule (sd-scripts refuses a warmup there), and common_gui.py
-    ``color_aug_changed`` unticks cache_latents (a colour-augmented image has no fixed latent)."""
-    missing = [key for key in _LORA_WIDGETS if items.get(key) is None]
-    widgets = dict(_LORA_WIDGETS)
+def _widget_values(items: dict[str, Any], tab: str, notes: list[str]) -> None:
+    """The tab's widget values (:data:`_TAB_WIDGETS`) for the fields ``items`` leaves out (or sets to null, where
+    the tab reads a null so: :data:`_NULL_KEPT`), as a freshly started GUI fills them when it loads the config;
+    said in one note. The load also runs the widgets' change handlers (every tab wires both), which overrule a
+    filled value: class_basic_training.py ``lr_scheduler_changed`` sets the warmup to 0 for the constant schedule
+    (sd-scripts refuses a warmup there), and common_gui.py ``color_aug_changed`` unticks cache_latents (a
+    colour-augmented image has no fixed latent)."""
+    widgets = dict(_TAB_WIDGETS[tab])
+    if tab in _NULL_KEPT:
+        missing = [key for key in widgets if key not in items]
+    else:
+        missing = [key for key in widgets if items.get(key) is None]
     if _text(items.get("lr_scheduler") or widgets["lr_scheduler"]) == "constant":
         widgets["lr_warmup"] = 0
     if _on(items.get("color_aug")):
@@ -435,6 +477,8 @@ def _finetune_tab(items: dict[str, Any], notes: list[str]) -> None:
     latent_json = _text(items.pop("latent_metadata_filename", "") or "meta_lat.json")
     if train_dir:
         items["in_json"] = f"{train_dir}/{latent_json if latents else caption_json}"
+        if not Path(items["in_json"]).expanduser().is_file():
+            notes.append(_metadata_hint(items["in_json"], latents, f"{train_dir}/{caption_json}"))
     if "image_folder" in items:
         items["train_data_dir"] = items.pop("image_folder")
     items["enable_bucket"] = True  # finetune_gui.py always buckets
@@ -442,6 +486,27 @@ def _finetune_tab(items: dict[str, Any], notes: list[str]) -> None:
                 "full_path", "batch_size", "caption_extension_finetune"):  # fmt: skip
         items.pop(key, None)  # the GUI's preparation steps (captions, buckets), not training options
     notes.append("read as a kohya_ss GUI preset (fine-tuning tab)")
+
+
+def _metadata_hint(in_json: str, latents: bool, caption_file: str) -> str:
+    """Why the fine-tuning tab's metadata file may be missing: the GUI writes it before each run (its "Generate
+    caption metadata" and "Generate image buckets metadata" boxes, ``create_caption``/``create_buckets``, ticked
+    by default: sd-scripts' finetune/merge_captions_to_metadata.py from image_folder's caption files, then
+    finetune/prepare_buckets_latents.py, which writes the latent metadata file), and sdcore runs neither step, so
+    a config whose file was never written (``use_latent_files`` "Yes" is the widget's value) stops on it."""
+    if latents:
+        step = (
+            'the GUI writes it before training with its "Generate image buckets metadata" step (sd-scripts\' '
+            "finetune/prepare_buckets_latents.py)"
+        )
+        other = f'; or set "use_latent_files": "No" to read the caption metadata file {caption_file}'
+    else:
+        step = (
+            'the GUI writes it before training with its "Generate caption metadata" step (sd-scripts\' '
+            "finetune/merge_captions_to_metadata.py)"
+        )
+        other = ""
+    return f"in_json {in_json} (the fine-tuning tab's metadata file) is not there: {step}, which sdcore does not run: run it{other}"
 
 
 def _te_rates(items: dict[str, Any], family: str) -> None:
@@ -598,8 +663,8 @@ def gui_preset(
     if present and METHOD_FIELD[method] not in present:
         problems.append(f"{where}: a kohya_ss GUI {tab} config: run it with `sdcore train {method}`")
     family = _family(items, where, problems)
+    _widget_values(items, tab, notes)
     if tab == "lora":
-        _widget_values(items, notes)
         _lora_tab(items, family, where, notes, problems)
     else:
         for key in _NETWORK_FIELDS & items.keys():
@@ -609,9 +674,13 @@ def gui_preset(
             _finetune_tab(items, notes)
         if tab in ("dreambooth", "finetune"):
             _te_rates(items, family)
-            if tab == "dreambooth" and family != SDXL:
-                items.pop("train_text_encoder", None)  # dreambooth_gui.py passes it for SDXL only
             if tab == "dreambooth":
+                # dreambooth_gui.py has no train_text_encoder widget: for SDXL it trains the text encoders when
+                # a TE1 or TE2 rate is above 0 (a saved field is not read), for the others it passes none
+                items.pop("train_text_encoder", None)
+                if family == SDXL:
+                    rates = (_number(items.get(key)) for key in ("learning_rate_te1", "learning_rate_te2"))
+                    items["train_text_encoder"] = any(rate > 0 for rate in rates)
                 notes.append("read as a kohya_ss GUI preset (DreamBooth tab)")
         if tab == "ti":
             _ti_tab(items)

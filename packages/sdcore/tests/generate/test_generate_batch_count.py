@@ -202,3 +202,44 @@ def test_line_seeds_follow_a1111s_checkboxes():
     assert line_seeds(5, 3, 4, iterate=True, same=False, draw=draw) == [5, 9, 13]
     assert line_seeds(-1, 3, 4, iterate=True, same=False, draw=draw) == [900, 904, 908]
     assert line_seeds(-1, 2, 4, iterate=False, same=True, draw=draw) == [901, 901]
+
+
+def test_lines_compose_with_from_png_and_styles(tmp_path):
+    source = tmp_path / "source.png"
+    result = _invoke([*_BASE, "castle", "--steps", "2", "--cfg", "5", "--seed", "7", "-o", str(source)])
+    assert result.exit_code == 0, result.output
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nmine,"{prompt}, oil painting",blurry\n', encoding="utf-8")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("--prompt dog --seed 3\n--prompt frog --styles mine --steps 1\n", encoding="utf-8")
+    args = [
+        "-m",
+        "tiny:sd1",
+        "--device",
+        "cpu",
+        "--from-png",
+        str(source),
+        "--from-file",
+        str(prompts),
+        "--styles-file",
+        str(styles),
+    ]
+    result = _invoke([*args, "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 0, result.output
+    first, second = (parse_parameters(_read(tmp_path / f"o-{i}.png")[1]) for i in range(2))
+    # the PNG's settings under the lines' (its prompt is the PROMPT the lines join, as A1111's pasted prompt)
+    assert (first.prompt, first.steps, first.cfg, first.seed) == ("dog castle", 2, 5.0, 3)
+    assert (second.prompt, second.negative_prompt, second.steps, second.seed) == (
+        "frog castle, oil painting",
+        "blurry",
+        1,
+        7,
+    )
+
+
+def test_a_lines_network_tag_is_checked_before_the_model_loads(tmp_path, no_model_load):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog <lora:missing:1> --n lowres\n", encoding="utf-8")
+    result = _invoke([*_BASE, "--from-file", str(prompts), "-o", str(tmp_path / "o.png")])
+    assert isinstance(result.exception, sdcore.ConfigError) and result.exception.exit_code == 2
+    assert "<lora:missing:1>" in str(result.exception)

@@ -1621,7 +1621,7 @@ def _chosen_styles(params: dict[str, Any]) -> list[Any]:
 
         path = params["styles_file"] or Path(params["models_dir"]).parent / STYLES_FILE
         return list(select_styles(read_styles(path), params["styles"], path))
-    if params["styles_file"] is not None:
+    if params["styles_file"] is not None and params["from_file"] is None:  # a --from-file line may name styles
         raise ConfigError("--styles-file needs --style NAME")
     return []
 

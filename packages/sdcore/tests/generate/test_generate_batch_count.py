@@ -160,7 +160,7 @@ def test_refusals_and_outputs_checked_before_the_model_loads(tmp_path, no_model_
     assert f"{tmp_path / 'o-3.png'} already exists; pass --overwrite" in str(result.exception)
     assert (tmp_path / "o-3.png").read_bytes() == b"earlier"
     result = _invoke([*_BASE, "--from-file", str(tmp_path / "missing.txt"), "-o", str(out)])
-    assert f"--from-file {tmp_path / 'missing.txt'}: cannot read it" in str(result.exception)
+    assert f"--from-file {tmp_path / 'missing.txt'}: cannot read prompt file: " in str(result.exception)
 
 
 def test_reader_tells_the_syntaxes_apart(tmp_path):
@@ -243,3 +243,57 @@ def test_a_lines_network_tag_is_checked_before_the_model_loads(tmp_path, no_mode
     result = _invoke([*_BASE, "--from-file", str(prompts), "-o", str(tmp_path / "o.png")])
     assert isinstance(result.exception, sdcore.ConfigError) and result.exception.exit_code == 2
     assert "<lora:missing:1>" in str(result.exception)
+
+
+def test_reader_decodes_as_the_prompt_files_of_training(tmp_path):
+    """Notepad's UTF-8 BOM and UTF-16 read as written (a BOM left on made the first A1111 line a plain prompt
+    ``\\ufeff--prompt ...``); a Windows code page is a problem naming the byte, never replacement characters."""
+    line = "--prompt a café --steps 3\n"
+    for name, data in (("bom.txt", b"\xef\xbb\xbf" + line.encode()), ("u16.txt", line.encode("utf-16"))):
+        (tmp_path / name).write_bytes(data)
+        jobs, problems = read_prompt_file(str(tmp_path / name))
+        assert problems == [] and [(job.syntax, job.values) for job in jobs] == [
+            (A1111, {"prompt": "a café", "steps": 3})
+        ]
+    jobs, _ = read_prompt_file("-", "\ufeff" + line)  # piped from PowerShell
+    assert jobs[0].values == {"prompt": "a café", "steps": 3}
+    (tmp_path / "cp.txt").write_bytes(line.encode("cp1252"))
+    jobs, problems = read_prompt_file(str(tmp_path / "cp.txt"))
+    assert jobs == [] and problems == [
+        f"--from-file {tmp_path / 'cp.txt'}: prompt file is not UTF-8 (byte 0xE9 at 14, 'é' in Windows-1252: saved in "
+        "a Windows code page?): save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"
+    ]
+
+
+def test_a_json_entrys_problem_names_the_entry(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "x"}, {"prompt": "y", "width": 64}]), encoding="utf-8")
+    jobs, _ = read_prompt_file(str(path))
+    params = {"prompt": None, "negative": "", "size": None, "seed_resize_from": None}
+    assert job_params(params, jobs[1], "start")[1] == [
+        "prompt 2: --width/--height given by half; give both, or --size for the other"
+    ]
+
+
+def test_kept_letters_leave_the_training_samples_parser_as_it_was():
+    """``keep`` is generate's alone: without it ``--t`` stays an ignored option of a sample prompt."""
+    from sdcore.train.sample_prompts import parse_prompt_line
+
+    plain = parse_prompt_line("a dog --T 0.5 --am 1 --d 3")
+    assert (plain.ignored, plain.kept, plain.seed) == (("--T", "--am"), (), 3)
+    kept = parse_prompt_line("a dog --T 0.5 --am 1 --d 3", keep=("t",))
+    assert (kept.ignored, kept.kept, kept.seed) == (("--am",), (("t", "0.5"),), 3)
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_a_random_seed_per_line_or_once_for_all(tmp_path, same):
+    """A1111: a -1 is fixed in each line's process_images (its batches share it: seed + i); "Use same random
+    seed for all lines" fixes it once before the first line."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n", encoding="utf-8")
+    flags = ["--same-seed"] if same else []
+    result = _invoke([*_BASE, "--from-file", str(prompts), "--n-iter", "2", *flags, "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 0, result.output
+    seeds = [parse_parameters(_read(tmp_path / f"o-{i}.png")[1]).seed for i in range(4)]
+    assert seeds[1] == seeds[0] + 1 and seeds[3] == seeds[2] + 1
+    assert (seeds[2] == seeds[0]) is same  # two independent draws of 2**32 differ but once in 4 billion

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 #: the three syntaxes (:attr:`PromptJob.syntax`)
 A1111, KOHYA, PLAIN = "a1111", "kohya", "plain"
@@ -102,10 +102,13 @@ class PromptJob:
     syntax: str
     values: dict[str, Any]
     notes: tuple[str, ...] = field(default=())
+    #: what ``number`` counts: a text file's ``line``, a JSON file's ``prompt``, a TOML file's ``subset`` (the
+    #: words the sample prompts' parser names them by)
+    unit: str = "line"
 
     @property
     def where(self) -> str:
-        return f"line {self.number}"
+        return f"{self.unit} {self.number}"
 
 
 def _a1111_line(line: str, number: int) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -193,11 +196,14 @@ def read_prompt_file(path: str, text: str | None = None) -> tuple[list[PromptJob
     """The jobs of ``path`` (``-``: ``text``, read from stdin by the caller) and every problem found, each naming
     its line; nothing is raised for a line's problem, so that all are said at once."""
     where = "--from-file -" if path == "-" else f"--from-file {path}"
-    if text is None:
+    if text is None:  # the captions' one decoding rule: Notepad's BOM and UTF-16 read as written, a code page is
+        from ..data.captions import read_caption_text  # a problem naming the file, never replaced characters
+
         try:
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            return [], [f"{where}: cannot read it ({exc.strerror or exc})"]
+            text = read_caption_text(path, "prompt file")
+        except DataError as exc:  # unreadable too: "PATH: cannot read prompt file: ..."
+            return [], [f"--from-file {exc}"]  # the message starts with the path
+    text = text.removeprefix("\ufeff")  # a BOM piped in on stdin (PowerShell's Out-File, Notepad's files)
     suffix = "" if path == "-" else Path(path).suffix.lower()
     if suffix in (".json", ".toml"):  # kohya's sample prompt files: one job per entry
         from ..train.sample_prompts import parse_prompt_file
@@ -208,8 +214,9 @@ def read_prompt_file(path: str, text: str | None = None) -> tuple[list[PromptJob
             return [], [str(exc)]
         jobs = []
         for number, prompt in enumerate(prompts, 1):
-            values, notes = _sample_values(prompt, f"{where} prompt {number}")
-            jobs.append(PromptJob(number, KOHYA, values, tuple(notes)))
+            unit = "prompt" if suffix == ".json" else "subset"
+            values, notes = _sample_values(prompt, f"{where} {unit} {number}")
+            jobs.append(PromptJob(number, KOHYA, values, tuple(notes), unit))
         return jobs, [] if jobs else [f"{where}: no prompts in it"]
     jobs, problems = [], []
     for number, raw in enumerate(text.splitlines(), 1):

@@ -16,6 +16,7 @@ ways in, neither needing a new hook:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,46 @@ class _GenerateCommand(HintedCommand):
     help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1 and Chroma). "
     "SD3, Flux.1 and Chroma take euler, euler_a, heun, dpm++2m, unipc.",
 )
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Number of images.")
+@click.option(
+    "--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Images per batch (A1111's Batch size)."
+)
+@click.option(
+    "--n-iter",
+    "--batch-count",
+    "n_iter",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="A1111's Batch count: this many batches of --batch one after the other, the model loaded once; image i "
+    "of the whole run has seed+i (with --subseed-strength: all the seed, subseed+i).",
+)
+@click.option(
+    "--from-file",
+    default=None,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="One job per line (- reads stdin): A1111's 'Prompts from file or textbox' lines (--prompt \"...\" --steps 20 "
+    "--seed 5 ...), kohya gen_img.py lines (prompt --n negative --w 512 --h 768 --d 5 --l 7 --s 20 --t 0.6), or "
+    "plain prompts; every line is checked before the model loads. PROMPT, when given, joins each line's prompt.",
+)
+@click.option(
+    "--prompt-position",
+    default="start",
+    show_default=True,
+    type=click.Choice(["start", "end"]),
+    help="--from-file: A1111's 'Insert prompts at the': a line's prompt (and negative) goes before or after PROMPT "
+    "(and --negative).",
+)
+@click.option(
+    "--iterate-seed",
+    is_flag=True,
+    help="--from-file: A1111's 'Iterate seed every line': line k has --seed + k * --batch * --n-iter (a -1 drawn once).",
+)
+@click.option(
+    "--same-seed",
+    is_flag=True,
+    help="--from-file: A1111's 'Use same random seed for all lines': a --seed of -1 is drawn once for every line "
+    "(without it, or --iterate-seed, each line draws its own).",
+)
 @click.option(
     "--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="img2img source image."
 )
@@ -799,8 +839,9 @@ def _run_generate(
     pm = _plugin_manager()
     extra_paths = _model_names(params, pm, problems, recalled)  # --model NAME becomes its file before anything reads it
     plot = _xyz_plot(params, problems)
-    if plot is None or not plot.keep_random_seeds:  # A1111 fixes -1 seeds once, so every cell shares them
-        for name in ("seed", "subseed") if plot is not None else ("seed",):
+    jobs = _prompt_jobs(params, plot, problems)  # --from-file's lines (none without it)
+    if jobs is None and (plot is None or not plot.keep_random_seeds):  # A1111 fixes -1 seeds once, so every cell
+        for name in ("seed", "subseed") if plot is not None else ("seed",):  # (and every batch) shares them
             if params[name] < 0:
                 params[name] = random.randrange(2**32)
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
@@ -811,15 +852,23 @@ def _run_generate(
     handlers = handlers_from_plugin_manager(pm, directories, models_dir=params["models_dir"], options=extra_options,
                                             extra_paths=extra_paths)  # fmt: skip
     session = NetworkSession(handlers)
-    cells = [params] if plot is None else _plot_cells(plot, params, problems)
+    if jobs is not None:
+        cells, owned, wheres = _job_cells(params, jobs, problems)
+    else:
+        cells = [params] if plot is None else _plot_cells(plot, params, problems)
+        owned, wheres = [set() for _ in cells], ["" for _ in cells]
     if recalled is not None:  # the PNG's "Lora hashes" find its LoRAs saved under other names (after Prompt S/R)
         from ..generate.recall_networks import relink_recalled_loras
 
         relink_recalled_loras(params, cells, recalled, handlers, _given(params), lambda x: click.echo(x, err=True))
-    for cell in cells:  # after Prompt S/R, as A1111 applies styles in process_images (setup_prompts)
-        _apply_styles(cell, styles)
+    for cell, own, where in zip(cells, owned, wheres, strict=True):  # after Prompt S/R, as A1111 applies styles in
+        _apply_styles(cell, _line_styles(cell, where, problems) if "styles" in own else styles)  # process_images
     # Fail on unknown tags, malformed syntax and bad settings of any cell before spending time on loading the model.
-    runs = [_prepare_run(cell, problems) for cell in cells]
+    runs = []
+    for cell, where in zip(cells, wheres, strict=True):  # a --from-file line's problems name the line
+        found: list[str] = []
+        runs.append(_prepare_run(cell, found))
+        problems += [f"{where}{problem}" for problem in found]
     problems += _reference_problems(params)
     problems += _mask_problems(params)
     problems += _control_problems(params)
@@ -833,8 +882,8 @@ def _run_generate(
     # the images read: an output may never replace one (the --from-png image too, read before any is written)
     init = [str(params[name]) for name in ("init_image", "from_png", "reference_image", "mask", "control_image")
             if params[name] is not None]  # fmt: skip
-    if plot is None:
-        outputs = _output_paths(params["output"], params["batch"])
+    if plot is None:  # one numbered sequence over every batch of every line
+        outputs = _output_paths(params["output"], sum(run.params["batch"] * run.params["n_iter"] for run in runs))
     else:
         problems += _plot_problems(plot, params)
         outputs = [params["output"], *(_cell_paths(params["output"], len(runs)) if params["grid_cells"] else [])]
@@ -860,8 +909,10 @@ def _run_generate(
         before = dict(params)
         _recalled_cfg(params, recalled, bundle, runs[0].sampler or _default_sampler(adapter), distilled)
         axis_params = {axis.type.param for _, axis in plot.axes} if plot is not None else set()
-        for run in runs:  # an axis's own value wins over the PNG's
-            run.params.update({k: v for k, v in params.items() if before.get(k) != v and k not in axis_params})
+        for run, own in zip(runs, owned, strict=True):  # an axis's own value wins over the PNG's, as a line's
+            run.params.update(
+                {k: v for k, v in params.items() if before.get(k) != v and k not in axis_params and k not in own}
+            )
 
     if plot is not None:  # Forge's CFG Scale / Distilled CFG Scale axes, now that the family says what they set
         from ..generate.xyz_plot import guidance_axes
@@ -877,10 +928,16 @@ def _run_generate(
         if plot is None:
             from ..generate.pnginfo import save_png
 
-            for image, path, text in _render(runs[0], bundle, session, adapter, distilled):
-                save_png(image, path, text({}))
-                written.append(Path(path))
-                click.echo(str(path))
+            if jobs is not None and (trouble := _flow_sampler_problems(runs, bundle, adapter)):  # before line 1
+                raise ConfigError("; ".join(dict.fromkeys(trouble)))
+            paths = iter(outputs)
+            for run in runs:
+                for part in _iterations(run):  # A1111's batch count: one call per batch, seeds continuing
+                    batch_paths = [next(paths) for _ in range(run.params["batch"])]
+                    for image, path, text in _render(part, bundle, session, adapter, distilled, batch_paths):
+                        save_png(image, path, text({}))
+                        written.append(Path(path))
+                        click.echo(str(path))
             return
         if trouble := _flow_sampler_problems(runs, bundle, adapter):  # before the first cell, not at its cell
             raise ConfigError("; ".join(dict.fromkeys(trouble)))
@@ -1042,9 +1099,12 @@ def _network_prompts(run: _Run) -> list[tuple[str, str]]:
     return pairs
 
 
-def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool) -> list[tuple[Any, Path, Any]]:
+def _render(
+    run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool, paths: Sequence[Path] | None = None
+) -> list[tuple[Any, Path, Any]]:
     """Generate ``run``'s images: ``(image, output path, infotext)`` each, the infotext a function of the
-    fields to add before "Version" (the X/Y/Z plot's on its grid)."""
+    fields to add before "Version" (the X/Y/Z plot's on its grid); ``paths``: the batch's files (default
+    ``-o``'s numbering of this batch alone)."""
     from .. import __version__
     from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT, FILL_GUIDANCE
     from ..generate.pipeline import generate_images, is_flux_control, is_flux_fill, schedule_type_field
@@ -1131,7 +1191,8 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     vae = vae_fields(params["vae"], bundle.family)  # A1111's "VAE hash"/"VAE": --from-png takes that VAE again
     modules = module_fields(params, bundle.family)  # Forge's "Module N" of the flow families' part files
     rendered: list[tuple[Any, Path, Any]] = []
-    for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
+    paths = _output_paths(params["output"], len(images)) if paths is None else paths
+    for index, (image, path) in enumerate(zip(images, paths, strict=True)):
         # None: not written; a flow family's at the pass's size, not after a hires pass (another size's shift)
         pass_size = (first_size or image.size) if hires is None else None
         extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler, pass_size), **vae}
@@ -1340,6 +1401,93 @@ def _xyz_plot(params: dict[str, Any], problems: list[str]) -> Any:
     return plot
 
 
+#: the options that only mean something with --from-file
+_FILE_OPTIONS = ("prompt_position", "iterate_seed", "same_seed")
+
+
+def _prompt_jobs(params: dict[str, Any], plot: Any, problems: list[str]) -> Any:
+    """``--from-file``'s jobs (:func:`~sdcore.generate.prompt_file.read_prompt_file`; ``None`` without it), every
+    line's problem added to ``problems`` and each note said on stderr; its options without it, and an X/Y/Z
+    plot with it, are problems (A1111 runs one script at a time)."""
+    if params["from_file"] is None:
+        typed = [name for name in _FILE_OPTIONS if name in _given(params)]
+        if typed:
+            named = ", ".join("--" + name.replace("_", "-") for name in typed)
+            problems.append(f"{named} set how --from-file's lines run; give --from-file or drop them")
+        return None
+    from ..generate.prompt_file import read_prompt_file
+
+    if plot is not None:
+        problems.append("--from-file and the X/Y/Z plot are two A1111 scripts, which run one at a time: drop one")
+    if params["iterate_seed"] and params["same_seed"]:
+        problems.append("--iterate-seed already draws a -1 seed once for every line: drop --same-seed")
+    text = sys.stdin.read() if params["from_file"] == "-" else None
+    jobs, found = read_prompt_file(params["from_file"], text)
+    problems += found
+    for job in jobs:
+        for note in job.notes:
+            click.echo(f"note: {note}", err=True)
+    return jobs
+
+
+def _job_cells(params: dict[str, Any], jobs: Any, problems: list[str]) -> tuple[list[Any], list[set[str]], list[str]]:
+    """Each ``--from-file`` line's parameters (:func:`~sdcore.generate.prompt_file.job_params`), its seed by
+    A1111's rule (:func:`~sdcore.generate.prompt_file.line_seeds`) unless the line gives one; with the names of the
+    parameters each line set (they win over a ``--from-png`` image's, as the options typed do) and the words
+    naming the line in its problems."""
+    import random
+
+    from ..generate.prompt_file import job_params, line_seeds
+
+    name = f"--from-file {params['from_file']}"
+    seeds = line_seeds(params["seed"], len(jobs), params["batch"] * params["n_iter"], iterate=params["iterate_seed"],
+                       same=params["same_seed"], draw=lambda: random.randrange(2**32))  # fmt: skip
+    cells, owned, wheres = [], [], []
+    for job, seed in zip(jobs, seeds, strict=True):
+        cell, found = job_params({**params, "seed": seed}, job, params["prompt_position"])
+        problems += [f"{name} {problem}" for problem in found]
+        own = set(job.values)
+        own |= {"size"} if own & {"width", "height"} else set()
+        own |= {"seed_resize_from"} if own & {"seed_resize_from_w", "seed_resize_from_h"} else set()
+        cells.append(cell)
+        owned.append(own)
+        wheres.append(f"{name} {job.where}: ")
+    return cells, owned, wheres
+
+
+def _line_styles(cell: dict[str, Any], where: str, problems: list[str]) -> list[Any]:
+    """The styles a ``--from-file`` line names (A1111's ``--styles``, replacing ``--style``), from the styles
+    file; an unknown name is a problem naming the line."""
+    from ..errors import ConfigError
+
+    try:
+        return _chosen_styles(cell)
+    except ConfigError as exc:
+        problems.append(f"{where}{exc}")
+        return []
+
+
+def _iterations(run: _Run) -> list[_Run]:
+    """A1111's batch count (``--n-iter``): the run's batches, one after the other, each with the seeds and
+    variation seeds of its place in the whole run (image ``i`` of all ``n_iter * batch`` has A1111's seed
+    ``seed + i``, or ``seed`` with a variation strength, and subseed ``subseed + i``:
+    :meth:`~sdcore.generate.variation.VariationSeeds.batch`), so ``--n-iter 2 --batch 2`` makes the seeds of
+    ``--batch 4``."""
+    count, batch = run.params["n_iter"], run.params["batch"]
+    if count == 1:
+        return [run]
+    from dataclasses import replace
+
+    from ..generate.variation import VariationSeeds
+
+    seeds, subseeds = (run.variation or VariationSeeds()).batch(run.seed, count * batch)
+    runs = []
+    for k in range(count):
+        variation = replace(run.variation, subseed=subseeds[k * batch]) if run.variation is not None else None
+        runs.append(_Run(run.params, run.sampler, seeds[k * batch], variation, run.hires, run.slg))
+    return runs
+
+
 def _plot_cells(plot: Any, params: dict[str, Any], problems: list[str]) -> list[dict[str, Any]]:
     """Every cell's parameters, in the plot's order (X fastest); a Prompt S/R search string that is not
     there is a problem (A1111's message)."""
@@ -1353,6 +1501,8 @@ def _plot_problems(plot: Any, params: dict[str, Any]) -> list[str]:
     problems = []
     if params["batch"] > 1:
         problems.append("an X/Y/Z plot makes one image per cell; drop --batch")
+    if params["n_iter"] > 1:  # A1111 renders batch count x batch size images into each cell
+        problems.append("an X/Y/Z plot makes one image per cell; drop --n-iter")
     labels = [axis.type.label for _, axis in plot.axes]
     hires = _hires_settings(params)  # the options', before an axis's --hr-* value turns it on
     if uses_hires(plot) and hires is None:
@@ -1457,7 +1607,7 @@ def _recall(params: dict[str, Any]) -> Any:
                 params[name] = value
         if "strength" not in given and recalled.strength is not None and (hires or params["init_image"] is not None):
             params["strength"] = recalled.strength
-    if params["prompt"] is None:
+    if params["prompt"] is None and params["from_file"] is None:
         raise click.UsageError("Missing argument 'PROMPT' (or take it from an image with --from-png).")
     return recalled
 
@@ -1471,7 +1621,7 @@ def _chosen_styles(params: dict[str, Any]) -> list[Any]:
 
         path = params["styles_file"] or Path(params["models_dir"]).parent / STYLES_FILE
         return list(select_styles(read_styles(path), params["styles"], path))
-    if params["styles_file"] is not None:
+    if params["styles_file"] is not None and params["from_file"] is None:  # a --from-file line may name styles
         raise ConfigError("--styles-file needs --style NAME")
     return []
 

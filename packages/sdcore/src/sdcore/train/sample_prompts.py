@@ -116,6 +116,9 @@ class SamplePrompt:
     #: the tool whose prompt format gave the prompt (:data:`KOHYA`, :data:`ONETRAINER`, :data:`AITOOLKIT`): its
     #: rule rounds the sample's size (:func:`sample_size`)
     source: str = "kohya"
+    #: ``(letter, text)`` of the options the caller asked :func:`parse_prompt_line` to keep (``keep``): options of
+    #: kohya's ``gen_img.py`` lines (``--t`` the img2img strength) that sample prompts do not have
+    kept: tuple[tuple[str, str], ...] = field(default=())
 
     def settings(self) -> tuple[Any, ...]:
         """What must be equal for two prompts to share one generation call (the seed is separate)."""
@@ -145,15 +148,22 @@ def _number(kind: type, text: str, option: str, where: str) -> Any:
     return value
 
 
-def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
-    """Split one kohya prompt line into the prompt and its options (kohya splits at `` --``)."""
+def parse_prompt_line(line: str, where: str = "sample prompt", keep: tuple[str, ...] = ()) -> SamplePrompt:
+    """Split one kohya prompt line into the prompt and its options (kohya splits at `` --``). ``keep``: option
+    letters outside the sample prompts' set whose text is returned in :attr:`SamplePrompt.kept` instead of being
+    ignored (``sdcore generate --from-file`` keeps ``gen_img.py``'s ``t``)."""
     parts = (" " + line.strip()).split(" --")
     values: dict[str, Any] = {"prompt": parts[0].strip()}
     ignored: list[str] = []
+    kept: list[tuple[str, str]] = []
     for part in parts[1:]:
         match = _OPTION.match(part.strip())
         if not match:
-            ignored.append("--" + part.strip().split(" ", 1)[0])
+            letter, _, text = part.strip().partition(" ")
+            if letter.lower() in keep:
+                kept.append((letter.lower(), text.strip()))
+            else:
+                ignored.append("--" + letter)
             continue
         option, text = match.group(1).lower(), match.group(2).strip()
         if option == "n":
@@ -176,7 +186,7 @@ def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
             values["cfg"] = _number(float, text, option, where)
     if not values["prompt"]:
         raise ConfigError(f"{where}: the line has options but no prompt")
-    return SamplePrompt(**values, ignored=tuple(ignored))
+    return SamplePrompt(**values, ignored=tuple(ignored), kept=tuple(kept))
 
 
 _DICT_KEYS = {

@@ -121,7 +121,8 @@ def test_every_line_problem_at_once_before_the_model_loads(tmp_path, no_model_lo
         "--prompt cat --sampler_name nope\n"
         "--prompt cat --width 64\n"
         '--prompt "unclosed\n'
-        "--steps 3\n",
+        "--steps 3\n"
+        "--prompt cat --n_iter 1000000000\n",
         encoding="utf-8",
     )
     result = _invoke([*_BASE, "--from-file", str(prompts), "-o", str(tmp_path / "o.png")])
@@ -137,9 +138,10 @@ def test_every_line_problem_at_once_before_the_model_loads(tmp_path, no_model_lo
         f"{where} line 7: --width/--height given by half; give both, or --size for the other",
         f"{where} line 8: No closing quotation",
         f"{where} line 9: no prompt (the line gives none, and there is no PROMPT on the command line)",
+        f"{where} line 10: n iter 1000000000 is not in 1-1000",
     ):
         assert expected in message, (expected, message)
-    assert "line 1" not in message
+    assert "line 1:" not in message
     assert not list(tmp_path.glob("o*.png"))
 
 
@@ -148,6 +150,8 @@ def test_refusals_and_outputs_checked_before_the_model_loads(tmp_path, no_model_
     plot = ["--x-type", "Steps", "--x-values", "1,2"]
     result = _invoke([*_BASE, "cat", "--n-iter", "2", *plot, "-o", str(out)])
     assert "an X/Y/Z plot makes one image per cell; drop --n-iter" in str(result.exception)
+    result = _invoke([*_BASE, "cat", "--n-iter", "1001", "-o", str(out)])  # a typo never builds a billion paths
+    assert result.exit_code == 2 and "1001 is not in the range 1<=x<=1000" in result.output
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n--prompt a dog --batch_size 3\n", encoding="utf-8")
     result = _invoke([*_BASE, "--from-file", str(prompts), *plot, "-o", str(out)])

@@ -230,8 +230,8 @@ class _GenerateCommand(HintedCommand):
     "n_iter",
     default=1,
     show_default=True,
-    type=click.IntRange(min=1),
-    help="A1111's Batch count: this many batches of --batch one after the other, the model loaded once; image i "
+    type=click.IntRange(1, 1000),
+    help="A1111's Batch count (its slider stops at 100): this many batches of --batch one after the other, the model loaded once; image i "
     "of the whole run has seed+i (with --subseed-strength: all the seed, subseed+i).",
 )
 @click.option(

@@ -282,10 +282,11 @@ def job_params(params: dict[str, Any], job: PromptJob, position: str) -> tuple[d
     if not cell["prompt"]:
         cell["prompt"] = ""  # the other checks still read it
         problems.append(f"{where}: no prompt (the line gives none, and there is no PROMPT on the command line)")
-    for name, least, most in (("batch", 1, 64), ("n_iter", 1, None), ("steps", 1, 1000)):
-        if name in values and (values[name] < least or (most is not None and values[name] > most)):
-            bounds = f"{least}-{most}" if most is not None else f"{least} or more"
+    for name, least, most in (("batch", 1, 64), ("n_iter", 1, 1000), ("steps", 1, 1000)):
+        if name in values and not least <= values[name] <= most:
+            bounds = f"{least}-{most}"
             problems.append(f"{where}: {name.replace('_', ' ')} {values[name]} is not in {bounds}")
+            cell[name] = params[name]  # the other checks (the output files' count) run on the command line's
     if "subseed_strength" in values and not 0.0 <= values["subseed_strength"] <= 1.0:
         problems.append(f"{where}: subseed strength {values['subseed_strength']} is not in [0, 1]")
     if "strength" in values and not 0.0 <= values["strength"] <= 1.0:

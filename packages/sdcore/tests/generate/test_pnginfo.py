@@ -406,3 +406,142 @@ def test_exif_user_comment_prefixes_as_a1111_reads_them(tmp_path):
         assert read is not None and (read.prompt, read.steps, read.seed) == ("a dog", 7, 3), comment
     Image.new("RGB", (8, 8)).save(path, format="JPEG")  # no EXIF at all
     assert read_png_parameters(path) is None
+
+
+# --- JPEG / WebP / AVIF output (A1111's "File format for images") ---------------------------------------------------
+
+_MAGIC = {"JPEG": lambda b: b[:3] == b"\xff\xd8\xff", "WEBP": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP",
+          "AVIF": lambda b: b[4:12] in (b"ftypavif", b"ftypavis")}  # fmt: skip
+
+
+def _raw_exif(data: bytes, fmt: str) -> bytes:
+    """The EXIF a file holds, found by walking its container, not by PIL: a JPEG's APP1 ``Exif\\0\\0`` segment,
+    a WebP's ``EXIF`` RIFF chunk (the TIFF bytes alone, as PIL writes it; given the header back here)."""
+    if fmt == "JPEG":
+        at = 2
+        while data[at] == 0xFF and data[at + 1] != 0xDA:  # segments up to the scan
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
+            body = data[at + 4 : at + 2 + length]
+            if data[at + 1] == 0xE1 and body.startswith(b"Exif\0\0"):
+                return body
+            at += 2 + length
+        raise AssertionError("no APP1 Exif segment")
+    at = 12
+    while at < len(data):
+        kind, size = data[at : at + 4], int.from_bytes(data[at + 4 : at + 8], "little")
+        if kind == b"EXIF":
+            body = data[at + 8 : at + 8 + size]
+            return body if body.startswith(b"Exif\0\0") else b"Exif\0\0" + body
+        at += 8 + size + (size & 1)
+    raise AssertionError("no EXIF chunk")
+
+
+def _user_comment(exif: bytes) -> tuple[int, bytes]:
+    """(type, bytes) of the Exif IFD's UserComment, decoded from the TIFF structure by hand (either byte order)."""
+    tiff = exif[6:]
+    order = {b"MM": "big", b"II": "little"}[tiff[:2]]
+
+    def num(at: int, size: int) -> int:
+        return int.from_bytes(tiff[at : at + size], order)  # type: ignore[arg-type]
+
+    def entries(ifd: int):
+        for index in range(num(ifd, 2)):
+            at = ifd + 2 + 12 * index
+            yield num(at, 2), num(at + 2, 2), num(at + 4, 4), at + 8
+
+    pointer = next(num(value_at, 4) for tag, _, _, value_at in entries(num(4, 4)) if tag == 0x8769)
+    kind, count, value_at = next((k, c, v) for tag, k, c, v in entries(pointer) if tag == 0x9286)
+    return kind, tiff[num(value_at, 4) : num(value_at, 4) + count]
+
+
+_WRITTEN = (
+    "a castle on a hill, 城, ünïcödé (masterpiece:1.2)\nNegative prompt: blurry, 低品質\n"
+    "Steps: 24, Sampler: Euler a, CFG scale: 6.5, Seed: 1234, Size: 64x48, Model hash: 0123456789"
+)
+
+
+@pytest.mark.parametrize(("suffix", "fmt"), [(".jpg", "JPEG"), (".JPEG", "JPEG"), (".webp", "WEBP"), (".avif", "AVIF")])
+def test_save_image_writes_the_suffixs_format_with_the_exif_user_comment(tmp_path, suffix, fmt):
+    from sdcore.generate.pnginfo import save_image
+
+    if fmt == "AVIF" and not __import__("PIL.features").features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec (sdcore refuses .avif there: see the test below)")
+    image = Image.new("RGBA", (64, 48), (200, 30, 90, 128))  # JPEG/WebP have no alpha in A1111's saves
+    path = save_image(image, tmp_path / "out" / f"a{suffix}", GenerationParameters.format(parse_parameters(_WRITTEN)))
+    assert path == tmp_path / "out" / f"a{suffix}" and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    data = path.read_bytes()
+    assert _MAGIC[fmt](data), data[:16]
+    with Image.open(path) as reopened:
+        # A1111 drops the alpha for JPEG and WebP only; an AVIF keeps it
+        assert (
+            reopened.format == fmt
+            and reopened.size == (64, 48)
+            and reopened.mode == ("RGBA" if fmt == "AVIF" else "RGB")
+        )
+    read = read_png_parameters(path)
+    assert read == parse_parameters(_WRITTEN) and read.negative_prompt == "blurry, 低品質"
+    if fmt == "AVIF":  # an ISO-BMFF box tree: PIL's reading above is the check
+        return
+    exif = _raw_exif(data, fmt)
+    # piexif's layout (what A1111 writes), built in exif_bytes from the format's documentation
+    assert exif == a1111_exif(b"UNICODE\0" + _WRITTEN.encode("utf-16-be"))
+    kind, comment = _user_comment(exif)
+    assert kind == 7 and comment[:8] == b"UNICODE\0" and comment[8:].decode("utf-16-be") == _WRITTEN
+
+
+def test_save_image_quality_and_lossless_take_effect(tmp_path):
+    import numpy as np
+    from sdcore.generate.pnginfo import save_image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    pixels = np.asarray(image).astype(int)
+
+    def error(path):
+        with Image.open(path) as reopened:
+            return np.abs(np.asarray(reopened.convert("RGB")).astype(int) - pixels).mean()
+
+    low = save_image(image, tmp_path / "low.jpg", "x", jpeg_quality=10)
+    high = save_image(image, tmp_path / "high.jpg", "x", jpeg_quality=95)
+    default = save_image(image, tmp_path / "default.jpg", "x")  # A1111's jpeg_quality default, 80
+    assert low.stat().st_size < default.stat().st_size < high.stat().st_size
+    assert error(high) < error(default) < error(low)
+    lossless = save_image(image, tmp_path / "lossless.webp", "x", webp_lossless=True)
+    lossy = save_image(image, tmp_path / "lossy.webp", "x")
+    assert error(lossless) == 0 and error(lossy) > 1
+    assert read_png_parameters(lossless).prompt == "x" and read_png_parameters(lossy).prompt == "x"
+
+
+def test_unknown_suffix_and_what_a_format_cannot_hold(tmp_path, monkeypatch):
+    from sdcore.generate.pnginfo import image_format, save_image
+
+    with pytest.raises(ConfigError, match=r"^a\.gif: unknown image type '\.gif'; use \.png, \.jpg/\.jpeg, \.webp or "):
+        save_image(Image.new("RGB", (8, 8)), tmp_path / "a.gif", "x")
+    assert not list(tmp_path.iterdir())
+    assert image_format(tmp_path / "no-suffix") == "PNG"  # as before: a name without a suffix is a PNG
+    from PIL import features
+
+    monkeypatch.setattr(features, "check", lambda name: name != "avif")  # a Pillow built without libavif
+    with pytest.raises(ConfigError, match=r"^a\.avif: this Pillow has no AVIF codec; use \.png, \.jpg, or \.webp$"):
+        image_format(tmp_path / "a.avif")
+    monkeypatch.undo()
+    # a WebP side is at most 16383 pixels: saved as PNG next to it, as A1111 does, never over an existing file
+    (tmp_path / "wide.png").write_bytes(b"earlier")
+    said: list[str] = []
+    path = save_image(Image.new("RGB", (16384, 2)), tmp_path / "wide.webp", "a cat", warn=said.append)
+    assert path == tmp_path / "wide-2.png" and (tmp_path / "wide.png").read_bytes() == b"earlier"
+    assert not (tmp_path / "wide.webp").exists() and read_png_parameters(path).prompt == "a cat"
+    assert said == [f"{tmp_path / 'wide.webp'}: a WEBP holds at most 16383 pixels a side and the image is 16384x2; "
+                    f"saved as PNG: {path}"]  # fmt: skip
+    # a JPEG's EXIF is one 64 KB segment: a longer infotext goes to a PNG too (A1111's piexif would fail)
+    # 54 bytes of header, IFDs and "UNICODE\0", then 2 bytes a character: 32739 characters fit, 32740 do not
+    fits = "x" * 32739
+    assert save_image(Image.new("RGB", (8, 8)), tmp_path / "fits.jpg", fits) == tmp_path / "fits.jpg"
+    assert read_png_parameters(tmp_path / "fits.jpg").prompt == fits
+    with pytest.warns(
+        UserWarning,
+        match=r"long\.jpg: a JPEG's EXIF holds at most 65533 bytes and the infotext's takes 65534; saved as PNG: ",
+    ):
+        path = save_image(Image.new("RGB", (8, 8)), tmp_path / "long.jpg", fits + "x")
+    assert path == tmp_path / "long.png" and read_png_parameters(path).prompt == fits + "x"
+    assert not (tmp_path / "long.jpg").exists()

@@ -87,6 +87,52 @@ def test_a_field_line_with_unparsable_stretches_is_read_around_them():
     assert parse_parameters("a: b, {c}").prompt == "a: b, {c}"
 
 
+#: the field pattern in its plain form (A1111's re_param shape, sdcore's one-character keys), which rescans a
+#: stretch of key characters from each of its characters: the reference sdcore's linear one must agree with
+_PLAIN_FIELD = r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)'
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["a", "Zé", "7", "_", " ", "-", "/", ":", ",", '"', "\\", "\t", ".", "\xa0", "{", "Steps: 2"]),
+        max_size=30,
+    ).map("".join)
+)
+def test_the_field_pattern_finds_what_the_plain_one_finds(line):
+    import re
+
+    from sdcore.generate.pnginfo import _FIELD_RE
+
+    def fields(pattern):
+        return [(m.start(1), m.group(1), m.group(2), m.end()) for m in pattern.finditer(line)]
+
+    assert fields(_FIELD_RE) == fields(re.compile(_PLAIN_FIELD))
+
+
+@pytest.mark.parametrize(
+    "filler",
+    ["word " * 10_000, "x" * 50_000, "a-b/c " * 8_400],
+    ids=["words", "one-word", "dashes"],
+)
+def test_a_50k_character_field_line_parses_at_once(filler):
+    # the plain pattern takes tens of seconds on these (each a stretch of key characters with no colon after it)
+    import time
+
+    line = f"Steps: 20, Sampler: Euler a, Seed: 5, {filler.strip()}, CFG scale: 7, Notes: {filler.strip()}"
+    assert len(line) > 50_000
+    start = time.perf_counter()
+    params = parse_parameters(f"a cat\n{line}")
+    took = time.perf_counter() - start
+    assert (params.prompt, params.steps, params.sampler, params.seed, params.cfg) == ("a cat", 20, "euler_a", 5, 7.0)
+    assert params.extra["Notes"] == filler.strip()
+    assert took < 0.5, f"{took:.2f} s"
+    # a long prompt line and no field line at all: the same pattern reads the prompt's line first
+    start = time.perf_counter()
+    assert parse_parameters(filler).prompt == filler
+    assert time.perf_counter() - start < 0.5
+
+
 _TEXT = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
     max_size=30,
@@ -535,7 +581,7 @@ def test_unknown_suffix_and_what_a_format_cannot_hold(tmp_path, monkeypatch):
                     f"saved as PNG: {path}"]  # fmt: skip
     # a JPEG's EXIF is one 64 KB segment: a longer infotext goes to a PNG too (A1111's piexif would fail)
     # 54 bytes of header, IFDs and "UNICODE\0", then 2 bytes a character: 32739 characters fit, 32740 do not
-    fits = ("x" * 63 + "\n") * 511 + "x" * 35  # short lines: the field regex's time grows with a line's length
+    fits = ("a castle on a hill " * 1724)[:32739]  # one long line, as a pasted prompt (parsed in linear time)
     assert len(fits) == 32739
     assert save_image(Image.new("RGB", (8, 8)), tmp_path / "fits.jpg", fits) == tmp_path / "fits.jpg"
     assert read_png_parameters(tmp_path / "fits.jpg").prompt == fits

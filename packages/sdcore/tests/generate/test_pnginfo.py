@@ -535,6 +535,18 @@ def test_save_image_writes_the_suffixs_format_with_the_exif_user_comment(tmp_pat
     assert kind == 7 and comment[:8] == b"UNICODE\0" and comment[8:].decode("utf-16-be") == _WRITTEN
 
 
+def test_user_comment_exif_is_piexifs_dump_byte_for_byte():
+    # piexif 1.1.3 (not installed here; run once by a reviewer): piexif.dump({"Exif": {piexif.ExifIFD.UserComment:
+    # piexif.helper.UserComment.dump("猫, Steps: 2", encoding="unicode")}}).hex(), what A1111 inserts in a JPEG/WebP
+    from sdcore.generate.pnginfo import user_comment_exif
+
+    piexif_dump = bytes.fromhex(
+        "4578696600004d4d002a00000008000187690004000000010000001a000000000001928600070000001e00000028554e49434f4445"
+        "00732b002c002000530074006500700073003a00200032"
+    )
+    assert user_comment_exif("猫, Steps: 2") == piexif_dump
+
+
 def test_save_image_quality_and_lossless_take_effect(tmp_path):
     import numpy as np
     from sdcore.generate.pnginfo import save_image

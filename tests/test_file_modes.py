@@ -50,7 +50,7 @@ def test_sdcore_io_helpers(tmp_path, umask):
 
 def test_lora_embedding_and_png(tmp_path, umask):
     from PIL import Image
-    from sdcore.generate.pnginfo import save_png
+    from sdcore.generate.pnginfo import save_image
     from sdplugin_lora.format import save_lora
     from sdplugin_ti.embedding import Embedding
     from sdplugin_ti.formats import save_embedding
@@ -59,8 +59,9 @@ def test_lora_embedding_and_png(tmp_path, umask):
     emb = Embedding(name="tok", vectors={"*": torch.zeros(2, 8)})
     for fmt in ("pt", "safetensors", "bin"):
         save_embedding(emb, tmp_path / f"tok.{fmt}")
-    save_png(Image.new("RGB", (8, 8)), tmp_path / "s.png", "a cat\nSteps: 1")
-    assert _check_tree(tmp_path, umask) == 5
+    for suffix in ("png", "jpg", "webp"):
+        save_image(Image.new("RGB", (8, 8)), tmp_path / f"s.{suffix}", "a cat\nSteps: 1")
+    assert _check_tree(tmp_path, umask) == 7
 
 
 def test_checkpoints_single_file_and_diffusers(tmp_path, umask):

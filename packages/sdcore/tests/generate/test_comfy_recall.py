@@ -396,6 +396,45 @@ def test_comfy_png_regenerates_the_typed_image(tmp_path):
     assert recalled_params == typed_params and recalled_params.seed == 7 and recalled_params.size == (64, 48)
 
 
+def comfy_webp(path, graph, *, size=(8, 8)):
+    """A WebP as ComfyUI's SaveAnimatedWEBP writes it (comfy_api ImageSaveHelper: _create_webp_metadata, then
+    save_animated_webp): the image's EXIF with 0x0110 (Model) = "prompt:" + json.dumps(prompt) and the
+    extra_pnginfo items from 0x010F (Make) down, "workflow:" + json.dumps(workflow); save_all, lossless, quality
+    80, method 4 (its "default")."""
+    image = Image.new("RGB", size, (40, 90, 200))
+    exif = image.getexif()
+    exif[0x0110] = f"prompt:{json.dumps(graph)}"
+    exif[0x010F] = "workflow:{}".format(json.dumps({"nodes": [], "links": []}))
+    image.save(path, save_all=True, duration=int(1000.0 / 6.0), append_images=[], exif=exif, lossless=True,
+               quality=80, method=4)  # fmt: skip
+    return path
+
+
+def test_a_comfyui_webp_is_recalled_as_its_png(tmp_path):
+    from sdcore.generate.comfy_recall import read_comfy_prompt
+
+    graph = default_graph(seed=11, steps=3)
+    graph["6"]["inputs"]["text"] = "a lighthouse, 灯台"  # json.dumps escapes it: the EXIF text stays ASCII
+    webp = comfy_webp(tmp_path / "ComfyUI_00001_.webp", graph)
+    with Image.open(webp) as image:  # the workflow is there too, in the Make tag
+        assert image.format == "WEBP" and image.getexif()[0x010F].startswith("workflow:{")
+    assert read_comfy_prompt(webp) == json.dumps(graph)
+    from_webp, from_png = recall_png(webp), recall_png(comfy_png(tmp_path / "comfy.png", graph))
+    assert from_webp.values == from_png.values and from_webp.values["prompt"] == "a lighthouse, 灯台"
+    assert (from_webp.values["seed"], from_webp.values["steps"]) == (11, 3)
+    assert from_webp.parameters == from_png.parameters and from_webp.ignored == from_png.ignored
+    # a camera's Model tag, or a WebP without EXIF, is no graph
+    camera = tmp_path / "camera.webp"
+    exif = Image.new("RGB", (8, 8)).getexif()
+    exif[0x0110] = "EOS 5D"
+    Image.new("RGB", (8, 8)).save(camera, exif=exif)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.webp")
+    for path in (camera, tmp_path / "plain.webp"):
+        assert read_comfy_prompt(path) is None
+        with pytest.raises(ConfigError, match=r"no generation parameters .*no ComfyUI 'prompt'"):
+            recall_png(path)
+
+
 def test_a_png_with_neither_still_says_so(tmp_path):
     plain = tmp_path / "plain.png"
     save_png(Image.new("RGB", (8, 8)), plain, None)

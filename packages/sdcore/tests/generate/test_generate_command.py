@@ -286,3 +286,66 @@ def test_ctrl_c_says_what_was_written_and_exits_130(tmp_path, monkeypatch):
         result = _invoke([*args[:-1], str(tmp_path / f"{reader}.png")])
         assert result.exit_code == 130, result.output
         assert result.stderr.strip() == "Interrupted: no image was written" and "Aborted" not in result.output
+
+
+def test_jpeg_and_webp_outputs_end_to_end(tmp_path, monkeypatch):
+    """``-o x.jpg``/``x.webp`` writes that format with A1111's EXIF UserComment infotext (not PNG bytes under a
+    .jpg name); a lossless WebP holds the PNG's pixels; ``--from-png`` reads the JPEG back; X/Y/Z grid and cells
+    follow the suffix; an unknown suffix is said before the model loads."""
+    import numpy as np
+    from sdcore.generate.pnginfo import read_png_parameters
+
+    base = ["-m", "tiny:sd1", "a red cube, ünï", "-n", "blurry", "--steps", "2", "--size", "32x32", "--seed", "5",
+            "--device", "cpu"]  # fmt: skip
+    for name, extra in (("a.png", []), ("a.jpg", ["--jpeg-quality", "95"]), ("a.webp", ["--webp-lossless"])):
+        result = _invoke([*base, *extra, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.split() == [str(tmp_path / name)]
+    formats, pixels, params = {}, {}, {}
+    for name in ("a.png", "a.jpg", "a.webp"):
+        with Image.open(tmp_path / name) as image:
+            formats[name], pixels[name] = image.format, np.asarray(image.convert("RGB")).astype(int)
+        params[name] = read_png_parameters(tmp_path / name)
+    assert formats == {"a.png": "PNG", "a.jpg": "JPEG", "a.webp": "WEBP"}
+    assert (tmp_path / "a.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    assert params["a.jpg"] == params["a.png"] == params["a.webp"] and params["a.jpg"].prompt == "a red cube, ünï"
+    assert params["a.jpg"].negative_prompt == "blurry" and params["a.jpg"].seed == 5
+    assert np.array_equal(pixels["a.webp"], pixels["a.png"])  # lossless
+    # lossy, at --jpeg-quality 95: the PNG's pixels encoded by PIL at 95 decode to the same, at A1111's 80 not
+    import io
+
+    def jpeg(quality):
+        buffer = io.BytesIO()
+        with Image.open(tmp_path / "a.png") as image:
+            image.save(buffer, format="JPEG", quality=quality)
+        with Image.open(buffer) as image:
+            return np.asarray(image.convert("RGB")).astype(int)
+
+    assert np.abs(pixels["a.jpg"] - pixels["a.png"]).mean() > 0
+    assert np.array_equal(pixels["a.jpg"], jpeg(95)) and not np.array_equal(pixels["a.jpg"], jpeg(80))
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(tmp_path / "a.jpg"), "--device", "cpu",
+                      "-o", str(tmp_path / "again.png")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "again.png") as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")).astype(int), pixels["a.png"])
+    grid = ["-m", "tiny:sd1", "a cube", "--steps", "1", "--size", "32x32", "--device", "cpu", "--x-type", "Seed",
+            "--x-values", "1,2", "--grid-cells", "-o", str(tmp_path / "g.webp")]  # fmt: skip
+    result = _invoke(grid)
+    assert result.exit_code == 0, result.output
+    for name, seed in (("g-0.webp", 1), ("g-1.webp", 2), ("g.webp", 1)):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "WEBP", name
+        assert read_png_parameters(tmp_path / name).seed == seed, name
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(generate_command, "_load_bundle", no_load)
+    result = _invoke([*base, "-o", str(tmp_path / "a.gif")])
+    assert result.exit_code == 2 and not (tmp_path / "a.gif").exists()
+    assert "Invalid value for '-o' / '--output': a.gif: unknown image type '.gif'; use .png, .jpg/.jpeg, .webp" in (
+        result.output
+    )
+    assert "Traceback" not in result.output
+    result = _invoke([*base, "--jpeg-quality", "0", "-o", str(tmp_path / "b.jpg")])
+    assert result.exit_code == 2 and "'--jpeg-quality': 0 is not in the range 1<=x<=100" in result.output

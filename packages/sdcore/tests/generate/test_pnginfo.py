@@ -87,6 +87,52 @@ def test_a_field_line_with_unparsable_stretches_is_read_around_them():
     assert parse_parameters("a: b, {c}").prompt == "a: b, {c}"
 
 
+#: the field pattern in its plain form (A1111's re_param shape, sdcore's one-character keys), which rescans a
+#: stretch of key characters from each of its characters: the reference sdcore's linear one must agree with
+_PLAIN_FIELD = r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)'
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["a", "Zé", "7", "_", " ", "-", "/", ":", ",", '"', "\\", "\t", ".", "\xa0", "{", "Steps: 2"]),
+        max_size=30,
+    ).map("".join)
+)
+def test_the_field_pattern_finds_what_the_plain_one_finds(line):
+    import re
+
+    from sdcore.generate.pnginfo import _FIELD_RE
+
+    def fields(pattern):
+        return [(m.start(1), m.group(1), m.group(2), m.end()) for m in pattern.finditer(line)]
+
+    assert fields(_FIELD_RE) == fields(re.compile(_PLAIN_FIELD))
+
+
+@pytest.mark.parametrize(
+    "filler",
+    ["word " * 10_000, "x" * 50_000, "a-b/c " * 8_400],
+    ids=["words", "one-word", "dashes"],
+)
+def test_a_50k_character_field_line_parses_at_once(filler):
+    # the plain pattern takes tens of seconds on these (each a stretch of key characters with no colon after it)
+    import time
+
+    line = f"Steps: 20, Sampler: Euler a, Seed: 5, {filler.strip()}, CFG scale: 7, Notes: {filler.strip()}"
+    assert len(line) > 50_000
+    start = time.perf_counter()
+    params = parse_parameters(f"a cat\n{line}")
+    took = time.perf_counter() - start
+    assert (params.prompt, params.steps, params.sampler, params.seed, params.cfg) == ("a cat", 20, "euler_a", 5, 7.0)
+    assert params.extra["Notes"] == filler.strip()
+    assert took < 0.5, f"{took:.2f} s"
+    # a long prompt line and no field line at all: the same pattern reads the prompt's line first
+    start = time.perf_counter()
+    assert parse_parameters(filler).prompt == filler
+    assert time.perf_counter() - start < 0.5
+
+
 _TEXT = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
     max_size=30,
@@ -406,3 +452,155 @@ def test_exif_user_comment_prefixes_as_a1111_reads_them(tmp_path):
         assert read is not None and (read.prompt, read.steps, read.seed) == ("a dog", 7, 3), comment
     Image.new("RGB", (8, 8)).save(path, format="JPEG")  # no EXIF at all
     assert read_png_parameters(path) is None
+
+
+# --- JPEG / WebP / AVIF output (A1111's "File format for images") ---------------------------------------------------
+
+_MAGIC = {"JPEG": lambda b: b[:3] == b"\xff\xd8\xff", "WEBP": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP",
+          "AVIF": lambda b: b[4:12] in (b"ftypavif", b"ftypavis")}  # fmt: skip
+
+
+def _raw_exif(data: bytes, fmt: str) -> bytes:
+    """The EXIF a file holds, found by walking its container, not by PIL: a JPEG's APP1 ``Exif\\0\\0`` segment,
+    a WebP's ``EXIF`` RIFF chunk (the TIFF bytes alone, as PIL writes it; given the header back here)."""
+    if fmt == "JPEG":
+        at = 2
+        while data[at] == 0xFF and data[at + 1] != 0xDA:  # segments up to the scan
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
+            body = data[at + 4 : at + 2 + length]
+            if data[at + 1] == 0xE1 and body.startswith(b"Exif\0\0"):
+                return body
+            at += 2 + length
+        raise AssertionError("no APP1 Exif segment")
+    at = 12
+    while at < len(data):
+        kind, size = data[at : at + 4], int.from_bytes(data[at + 4 : at + 8], "little")
+        if kind == b"EXIF":
+            body = data[at + 8 : at + 8 + size]
+            return body if body.startswith(b"Exif\0\0") else b"Exif\0\0" + body
+        at += 8 + size + (size & 1)
+    raise AssertionError("no EXIF chunk")
+
+
+def _user_comment(exif: bytes) -> tuple[int, bytes]:
+    """(type, bytes) of the Exif IFD's UserComment, decoded from the TIFF structure by hand (either byte order)."""
+    tiff = exif[6:]
+    order = {b"MM": "big", b"II": "little"}[tiff[:2]]
+
+    def num(at: int, size: int) -> int:
+        return int.from_bytes(tiff[at : at + size], order)  # type: ignore[arg-type]
+
+    def entries(ifd: int):
+        for index in range(num(ifd, 2)):
+            at = ifd + 2 + 12 * index
+            yield num(at, 2), num(at + 2, 2), num(at + 4, 4), at + 8
+
+    pointer = next(num(value_at, 4) for tag, _, _, value_at in entries(num(4, 4)) if tag == 0x8769)
+    kind, count, value_at = next((k, c, v) for tag, k, c, v in entries(pointer) if tag == 0x9286)
+    return kind, tiff[num(value_at, 4) : num(value_at, 4) + count]
+
+
+_WRITTEN = (
+    "a castle on a hill, 城, ünïcödé (masterpiece:1.2)\nNegative prompt: blurry, 低品質\n"
+    "Steps: 24, Sampler: Euler a, CFG scale: 6.5, Seed: 1234, Size: 64x48, Model hash: 0123456789"
+)
+
+
+@pytest.mark.parametrize(("suffix", "fmt"), [(".jpg", "JPEG"), (".JPEG", "JPEG"), (".webp", "WEBP"), (".avif", "AVIF")])
+def test_save_image_writes_the_suffixs_format_with_the_exif_user_comment(tmp_path, suffix, fmt):
+    from sdcore.generate.pnginfo import save_image
+
+    if fmt == "AVIF" and not __import__("PIL.features").features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec (sdcore refuses .avif there: see the test below)")
+    image = Image.new("RGBA", (64, 48), (200, 30, 90, 128))  # JPEG/WebP have no alpha in A1111's saves
+    path = save_image(image, tmp_path / "out" / f"a{suffix}", GenerationParameters.format(parse_parameters(_WRITTEN)))
+    assert path == tmp_path / "out" / f"a{suffix}" and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    data = path.read_bytes()
+    assert _MAGIC[fmt](data), data[:16]
+    with Image.open(path) as reopened:
+        # A1111 drops the alpha for JPEG and WebP only; an AVIF keeps it
+        assert (
+            reopened.format == fmt
+            and reopened.size == (64, 48)
+            and reopened.mode == ("RGBA" if fmt == "AVIF" else "RGB")
+        )
+    read = read_png_parameters(path)
+    assert read == parse_parameters(_WRITTEN) and read.negative_prompt == "blurry, 低品質"
+    if fmt == "AVIF":  # an ISO-BMFF box tree: PIL's reading above is the check
+        return
+    exif = _raw_exif(data, fmt)
+    # piexif's layout (what A1111 writes), built in exif_bytes from the format's documentation
+    assert exif == a1111_exif(b"UNICODE\0" + _WRITTEN.encode("utf-16-be"))
+    kind, comment = _user_comment(exif)
+    assert kind == 7 and comment[:8] == b"UNICODE\0" and comment[8:].decode("utf-16-be") == _WRITTEN
+
+
+def test_user_comment_exif_is_piexifs_dump_byte_for_byte():
+    # piexif 1.1.3 (not installed here; run once by a reviewer): piexif.dump({"Exif": {piexif.ExifIFD.UserComment:
+    # piexif.helper.UserComment.dump("猫, Steps: 2", encoding="unicode")}}).hex(), what A1111 inserts in a JPEG/WebP
+    from sdcore.generate.pnginfo import user_comment_exif
+
+    piexif_dump = bytes.fromhex(
+        "4578696600004d4d002a00000008000187690004000000010000001a000000000001928600070000001e00000028554e49434f4445"
+        "00732b002c002000530074006500700073003a00200032"
+    )
+    assert user_comment_exif("猫, Steps: 2") == piexif_dump
+
+
+def test_save_image_quality_and_lossless_take_effect(tmp_path):
+    import numpy as np
+    from sdcore.generate.pnginfo import save_image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    pixels = np.asarray(image).astype(int)
+
+    def error(path):
+        with Image.open(path) as reopened:
+            return np.abs(np.asarray(reopened.convert("RGB")).astype(int) - pixels).mean()
+
+    low = save_image(image, tmp_path / "low.jpg", "x", jpeg_quality=10)
+    high = save_image(image, tmp_path / "high.jpg", "x", jpeg_quality=95)
+    default = save_image(image, tmp_path / "default.jpg", "x")  # A1111's jpeg_quality default, 80
+    assert low.stat().st_size < default.stat().st_size < high.stat().st_size
+    assert error(high) < error(default) < error(low)
+    lossless = save_image(image, tmp_path / "lossless.webp", "x", webp_lossless=True)
+    lossy = save_image(image, tmp_path / "lossy.webp", "x")
+    assert error(lossless) == 0 and error(lossy) > 1
+    assert read_png_parameters(lossless).prompt == "x" and read_png_parameters(lossy).prompt == "x"
+
+
+def test_unknown_suffix_and_what_a_format_cannot_hold(tmp_path, monkeypatch):
+    from sdcore.generate.pnginfo import image_format, save_image
+
+    with pytest.raises(ConfigError, match=r"^a\.gif: unknown image type '\.gif'; use \.png, \.jpg/\.jpeg, \.webp or "):
+        save_image(Image.new("RGB", (8, 8)), tmp_path / "a.gif", "x")
+    assert not list(tmp_path.iterdir())
+    assert image_format(tmp_path / "no-suffix") == "PNG"  # as before: a name without a suffix is a PNG
+    from PIL import features
+
+    monkeypatch.setattr(features, "check", lambda name: name != "avif")  # a Pillow built without libavif
+    with pytest.raises(ConfigError, match=r"^a\.avif: this Pillow has no AVIF codec; use \.png, \.jpg, or \.webp$"):
+        image_format(tmp_path / "a.avif")
+    monkeypatch.undo()
+    # a WebP side is at most 16383 pixels: saved as PNG next to it, as A1111 does, never over an existing file
+    (tmp_path / "wide.png").write_bytes(b"earlier")
+    said: list[str] = []
+    path = save_image(Image.new("RGB", (16384, 2)), tmp_path / "wide.webp", "a cat", warn=said.append)
+    assert path == tmp_path / "wide-2.png" and (tmp_path / "wide.png").read_bytes() == b"earlier"
+    assert not (tmp_path / "wide.webp").exists() and read_png_parameters(path).prompt == "a cat"
+    assert said == [f"{tmp_path / 'wide.webp'}: a WEBP holds at most 16383 pixels a side and the image is 16384x2; "
+                    f"saved as PNG: {path}"]  # fmt: skip
+    # a JPEG's EXIF is one 64 KB segment: a longer infotext goes to a PNG too (A1111's piexif would fail)
+    # 54 bytes of header, IFDs and "UNICODE\0", then 2 bytes a character: 32739 characters fit, 32740 do not
+    fits = ("a castle on a hill " * 1724)[:32739]  # one long line, as a pasted prompt (parsed in linear time)
+    assert len(fits) == 32739
+    assert save_image(Image.new("RGB", (8, 8)), tmp_path / "fits.jpg", fits) == tmp_path / "fits.jpg"
+    assert read_png_parameters(tmp_path / "fits.jpg").prompt == fits
+    with pytest.warns(
+        UserWarning,
+        match=r"long\.jpg: a JPEG's EXIF holds at most 65533 bytes and the infotext's takes 65534; saved as PNG: ",
+    ):
+        path = save_image(Image.new("RGB", (8, 8)), tmp_path / "long.jpg", fits + "x")
+    assert path == tmp_path / "long.png" and read_png_parameters(path).prompt == fits + "x"
+    assert not (tmp_path / "long.jpg").exists()

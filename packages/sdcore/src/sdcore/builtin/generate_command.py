@@ -75,6 +75,27 @@ def _parse_fill(ctx: click.Context, param: click.Parameter, value: str | None) -
     return text
 
 
+def _output_format(output: Path) -> Path:
+    """``-o`` checked as it is parsed: its suffix must be an image type sdcore writes, said before anything loads."""
+    from ..errors import ConfigError
+    from ..generate.pnginfo import image_format
+
+    try:
+        image_format(output)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return output
+
+
+def _save_options(params: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~sdcore.generate.pnginfo.save_image`'s format options from the command's (a warning on stderr)."""
+    return {
+        "jpeg_quality": params["jpeg_quality"],
+        "webp_lossless": params["webp_lossless"],
+        "warn": lambda line: click.echo(f"warning: {line}", err=True),
+    }
+
+
 def _output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
@@ -412,9 +433,19 @@ class _GenerateCommand(HintedCommand):
     default="output.png",
     show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Output PNG (a batch writes NAME-0.png, NAME-1.png ...).",
+    callback=lambda _ctx, _param, value: _output_format(value),
+    help="Output image: .png, .jpg/.jpeg, .webp or .avif, with A1111's infotext (a PNG's 'parameters' text, "
+    "else the EXIF UserComment); a batch writes NAME-0.png, NAME-1.png ... (the same suffix)",
 )
 @click.option("--overwrite", is_flag=True, help="Replace output files that already exist (else that is an error).")
+@click.option(
+    "--jpeg-quality",
+    type=click.IntRange(1, 100),
+    default=80,
+    show_default=True,
+    help="Quality of a .jpg, lossy .webp or .avif output (A1111's jpeg_quality setting).",
+)
+@click.option("--webp-lossless", is_flag=True, help="Write a .webp output losslessly (A1111's webp_lossless setting).")
 @click.option(
     "--from-png",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -497,7 +528,7 @@ def generate(**params: Any) -> None:
 
 def _interrupted_message(written: Sequence[Path]) -> str:
     """The line ``sdcore generate`` ends with on Ctrl-C: how many images were written (each is complete:
-    :func:`~sdcore.generate.pnginfo.save_png` writes atomically) and where."""
+    :func:`~sdcore.generate.pnginfo.save_image` writes atomically) and where."""
     if not written:
         return "Interrupted: no image was written"
     folders = list(dict.fromkeys(path.parent for path in written))
@@ -926,7 +957,7 @@ def _run_generate(
     # a LoRA every image (plot cell) names is merged once and stays merged until the set changes (A1111's rule)
     with session.keeping():
         if plot is None:
-            from ..generate.pnginfo import save_png
+            from ..generate.pnginfo import save_image
 
             if jobs is not None and (trouble := _flow_sampler_problems(runs, bundle, adapter)):  # before line 1
                 raise ConfigError("; ".join(dict.fromkeys(trouble)))
@@ -935,7 +966,7 @@ def _run_generate(
                 for part in _iterations(run):  # A1111's batch count: one call per batch, seeds continuing
                     batch_paths = [next(paths) for _ in range(run.params["batch"])]
                     for image, path, text in _render(part, bundle, session, adapter, distilled, batch_paths):
-                        save_png(image, path, text({}))
+                        path = save_image(image, path, text({}), **_save_options(params))
                         written.append(Path(path))
                         click.echo(str(path))
             return
@@ -1531,7 +1562,7 @@ def _run_plot(
     """Render every cell (one ``generate_images`` call each), write the cells when asked and the grid,
     which carries the first cell's infotext and the plot's fields (A1111's xyz_grid); each file written is
     added to ``written``."""
-    from ..generate.pnginfo import save_png
+    from ..generate.pnginfo import save_image
     from ..generate.xyz_plot import xyz_grid
 
     nx, ny, nz = plot.shape
@@ -1544,13 +1575,13 @@ def _run_plot(
             first_text = text(plot.infotext_fields())
         if params["grid_cells"]:
             path = _cell_paths(params["output"], len(runs))[index]
-            save_png(image, path, text({}))
+            path = save_image(image, path, text({}), **_save_options(params))
             written.append(Path(path))
             click.echo(str(path))
     grid = xyz_grid(images, plot, legend=params["grid_legend"], margin=params["grid_margin"])
-    save_png(grid, params["output"], first_text)
-    written.append(Path(params["output"]))
-    click.echo(str(params["output"]))
+    grid_path = save_image(grid, params["output"], first_text, **_save_options(params))
+    written.append(grid_path)
+    click.echo(str(grid_path))
 
 
 def _variation_seeds(params: dict[str, Any]) -> Any:

@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 
 #: the PNG text ComfyUI's SaveImage writes the API-format graph to
 COMFY_PROMPT_KEY = "prompt"
+#: where ComfyUI's WebP saves (SaveAnimatedWEBP: comfy_api ``ImageSaveHelper._create_webp_metadata``) put the
+#: graph: the IFD0 tag 0x0110 (Model) as the text ``"prompt:" + json.dumps(prompt)``; the extra_pnginfo items
+#: (the editor's ``workflow``) go to 0x010F (Make) and down, as ``"<key>:" + json.dumps(value)``
+COMFY_WEBP_PROMPT_TAG = 0x0110
 
 #: ComfyUI's sampler_name -> sdcore's sampler id (its SAMPLER_NAMES). ComfyUI's ``ddim`` is its ``euler``
 #: sampler (with random noise for inpainting only): sdcore's Euler on the scheduler's sigmas, or sdcore's DDIM
@@ -823,11 +827,21 @@ def _lora_tag(lora: _Lora) -> str:
 
 
 def read_comfy_prompt(path: str | os.PathLike[str]) -> str | None:
-    """A PNG's ComfyUI ``prompt`` text (``None``: it has none)."""
+    """An image's ComfyUI ``prompt`` text (``None``: it has none): a PNG's ``prompt`` text chunk, else (a WebP
+    ComfyUI saved) the EXIF Model tag's text after ``prompt:`` (:data:`COMFY_WEBP_PROMPT_TAG`)."""
     from PIL import Image
 
     with Image.open(path) as image:
         text = image.info.get(COMFY_PROMPT_KEY)
+        if not isinstance(text, str) and "exif" in image.info:
+            try:
+                tagged = image.getexif().get(COMFY_WEBP_PROMPT_TAG)
+            except Exception:  # malformed EXIF: no graph
+                tagged = None
+            if isinstance(tagged, bytes):
+                tagged = tagged.decode("utf8", errors="replace")
+            if isinstance(tagged, str) and tagged.startswith(f"{COMFY_PROMPT_KEY}:"):
+                text = tagged[len(COMFY_PROMPT_KEY) + 1 :].rstrip("\0")
     return text if isinstance(text, str) else None
 
 
@@ -1197,6 +1211,7 @@ def recall_comfy(text: str, *, sampler_given: bool = False, image_size: tuple[in
 
 __all__ = [
     "COMFY_PROMPT_KEY",
+    "COMFY_WEBP_PROMPT_TAG",
     "SAMPLER_NAMES",
     "SCHEDULE_TYPES",
     "a1111_strength",

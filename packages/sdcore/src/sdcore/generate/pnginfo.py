@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,13 @@ RNG_SOURCE = "CPU"
 #: sdcore writes it); given in ``extra``, it is written right after "Sampler"
 SCHEDULE_TYPE = "Schedule type"
 _NEGATIVE_PREFIX = "Negative prompt:"
-_FIELD_RE = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+#: one ``key: value`` field, as A1111's ``re_param`` finds them (a key of letters, digits, spaces, '-', '/' and
+#: '_'; a quoted or comma-free value). The plain form, ``\s*(\w[\w \-/]*):...``, rescans the rest of a stretch of
+#: key characters from each character of it: tens of seconds on a 50K-character line of words with no colon (a long
+#: prompt). Here a key is only tried where such a stretch starts (the lookbehind; ``[ \-/]*`` skips to its first
+#: letter): every key tried from inside a stretch ends where the stretch ends, so it matches exactly when the one
+#: from the stretch's first letter does, and the fields found are the plain form's, in linear time.
+_FIELD_RE = re.compile(r'(?<![\w \-/])[ \-/]*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 @dataclass
@@ -277,15 +284,109 @@ def read_png_parameters(path: str | os.PathLike[str]) -> GenerationParameters | 
     return parse_parameters(text) if isinstance(text, str) else None
 
 
-def save_png(image: Any, path: str | os.PathLike[str], parameters: str | GenerationParameters | None) -> Path:
-    """Write ``image`` as PNG with the ``parameters`` text chunk, atomically."""
-    from PIL.PngImagePlugin import PngInfo
+#: the image formats :func:`save_image` writes, by lower-case file suffix (a path without one is a PNG, as before)
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".avif": "AVIF"}
+#: A1111's "jpeg_quality" setting's default ("Quality for saved jpeg and avif images"), which its
+#: ``save_image_with_geninfo`` passes to JPEG, WebP and AVIF alike
+JPEG_QUALITY = 80
+#: the largest side each format holds: libjpeg's ``JPEG_MAX_DIMENSION`` and WebP's 14-bit sides. A1111 saves a
+#: larger image as PNG instead (``save_image``: its JPEG test says 65535), and so does :func:`save_image`
+_MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}
+#: a JPEG's EXIF is one APP1 segment, whose 16-bit length counts itself: at most 65533 bytes of EXIF with its
+#: ``Exif\0\0`` header (PIL's limit; about 32,700 characters of infotext in UTF-16); A1111 (piexif) fails there, sdcore saves a PNG instead
+_JPEG_MAX_EXIF = 65533
 
-    info = PngInfo()
-    if parameters is not None:
-        text = parameters.format() if isinstance(parameters, GenerationParameters) else parameters
-        info.add_itxt(PARAMETERS_KEY, text) if not text.isascii() else info.add_text(PARAMETERS_KEY, text)
-    return atomic_save(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+def image_format(path: str | os.PathLike[str]) -> str:
+    """The PIL format :func:`save_image` writes ``path`` in, from its suffix (case-insensitive; none: PNG); an
+    unknown suffix, or AVIF where this Pillow has no AVIF codec, is a one-line error (say it before any model
+    loads: ``sdcore generate`` checks ``-o`` as it parses it)."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    fmt = IMAGE_SUFFIXES.get(suffix)
+    if fmt is None:
+        raise ConfigError(
+            f"{Path(path).name}: unknown image type {Path(path).suffix!r}; use .png, .jpg/.jpeg, .webp or .avif"
+        )
+    if fmt == "AVIF":
+        from PIL import features
+
+        if not features.check("avif"):
+            raise ConfigError(f"{Path(path).name}: this Pillow has no AVIF codec; use .png, .jpg, or .webp")
+    return fmt
+
+
+def user_comment_exif(text: str) -> bytes:
+    """EXIF bytes holding ``text`` as A1111 stores a JPEG's, WebP's or AVIF's infotext, laid out as piexif's
+    ``dump`` writes them (what A1111 calls): the ``Exif\\0\\0`` header, a big-endian TIFF structure whose IFD0
+    holds only the Exif IFD pointer (0x8769, LONG) and whose Exif IFD holds only UserComment (0x9286, UNDEFINED:
+    "UNICODE\\0" then UTF-16 big-endian, piexif's ``UserComment.dump(..., encoding="unicode")``). PIL's own
+    ``Exif`` writes the comment as BYTE, which piexif (so A1111's PNG Info) reads as numbers, not text."""
+    comment = b"UNICODE\0" + text.encode("utf-16-be")
+
+    def entry(tag: int, kind: int, count: int, value: int) -> bytes:
+        return tag.to_bytes(2, "big") + kind.to_bytes(2, "big") + count.to_bytes(4, "big") + value.to_bytes(4, "big")
+
+    # IFD0 at 8: one entry and a zero next-IFD offset; the Exif IFD at 26: one entry, and (as piexif writes
+    # a sub-IFD) no next-IFD offset; the comment's bytes at 40
+    ifd0 = b"\0\1" + entry(_EXIF_IFD_POINTER, 4, 1, 26) + bytes(4)
+    exif_ifd = b"\0\1" + entry(_EXIF_USER_COMMENT, 7, len(comment), 40)
+    return b"Exif\0\0MM\0\x2a" + (8).to_bytes(4, "big") + ifd0 + exif_ifd + comment
+
+
+def save_image(
+    image: Any,
+    path: str | os.PathLike[str],
+    parameters: str | GenerationParameters | None,
+    *,
+    jpeg_quality: int = JPEG_QUALITY,
+    webp_lossless: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``image`` with its infotext, atomically, in the format of ``path``'s suffix (:func:`image_format`),
+    where A1111 puts it: a PNG's ``parameters`` text chunk, a JPEG's, WebP's or AVIF's EXIF UserComment
+    (:func:`user_comment_exif`; :func:`read_png_parameters` reads both back). As A1111's
+    ``save_image_with_geninfo``: ``jpeg_quality`` (1-100) for JPEG, WebP and AVIF, ``webp_lossless`` for WebP,
+    transparency dropped for JPEG and WebP. An image a JPEG or WebP cannot hold (a side over its limit, or an
+    infotext over a JPEG's 64 KB of EXIF) is saved as PNG next to it (``NAME.png``, or ``NAME-2.png`` ... when
+    taken), as A1111 does, and ``warn`` (else :func:`warnings.warn`) says so. Returns the path written."""
+    fmt = image_format(path)
+    text = parameters.format() if isinstance(parameters, GenerationParameters) else parameters
+    exif = user_comment_exif(text) if text is not None and fmt != "PNG" else None
+    side = _MAX_SIDE.get(fmt)
+    reason = None
+    if side is not None and max(image.size) > side:
+        reason = f"a {fmt} holds at most {side} pixels a side and the image is {image.width}x{image.height}"
+    elif fmt == "JPEG" and exif is not None and len(exif) > _JPEG_MAX_EXIF:
+        reason = f"a JPEG's EXIF holds at most {_JPEG_MAX_EXIF} bytes and the infotext's takes {len(exif)}"
+    if reason is not None:
+        from ..train.sampling import free_path  # the rule training samples follow: never replace a file
+
+        original = Path(path)
+        path = free_path(original.with_suffix(".png"))
+        message = f"{original}: {reason}; saved as PNG: {path}"
+        warn(message) if warn is not None else warnings.warn(message, stacklevel=2)
+        fmt = "PNG"
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        if text is not None:
+            info.add_itxt(PARAMETERS_KEY, text) if not text.isascii() else info.add_text(PARAMETERS_KEY, text)
+        return atomic_save(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    if fmt in ("JPEG", "WEBP") and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    options: dict[str, Any] = {"quality": int(jpeg_quality)}
+    if fmt == "WEBP":
+        options["lossless"] = bool(webp_lossless)
+    if exif is not None:
+        options["exif"] = exif
+    return atomic_save(path, lambda tmp: image.save(tmp, format=fmt, **options))
+
+
+#: the name this function had while it wrote PNG only (callers on other branches still use it)
+save_png = save_image
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -363,6 +464,8 @@ def model_short_hash(source: str | os.PathLike[str] | None) -> str | None:
 
 
 __all__ = [
+    "IMAGE_SUFFIXES",
+    "JPEG_QUALITY",
     "MODULE_PARTS",
     "PARAMETERS_KEY",
     "RNG_SOURCE",
@@ -371,12 +474,15 @@ __all__ = [
     "GenerationParameters",
     "file_sha256",
     "format_parameters",
+    "image_format",
     "is_module_field",
     "model_short_hash",
     "module_fields",
     "parse_parameters",
     "png_modules",
     "read_png_parameters",
+    "save_image",
     "save_png",
+    "user_comment_exif",
     "vae_fields",
 ]

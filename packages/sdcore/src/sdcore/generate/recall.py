@@ -305,7 +305,8 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
 
 def recall_png(path: str | os.PathLike[str], *, sampler_given: bool = False) -> Recalled:
     """:func:`recall_parameters` of an image's infotext (a PNG's ``parameters`` chunk, a JPEG's or WebP's EXIF
-    UserComment: :func:`~.pnginfo.read_png_parameters`); without one, of a ComfyUI PNG's ``prompt`` graph
+    UserComment: :func:`~.pnginfo.read_png_parameters`); without one, of a ComfyUI PNG's ``prompt`` graph (or a
+    ComfyUI WebP's, in its EXIF: :func:`~.comfy_recall.read_comfy_prompt`)
     (:func:`~.comfy_recall.recall_comfy`); a one-line error when it has neither."""
     from .comfy_recall import read_comfy_prompt, recall_comfy
 

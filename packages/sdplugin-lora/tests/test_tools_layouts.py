@@ -215,3 +215,90 @@ def test_convert_keeps_the_source_dtype(tmp_path, dtypes, option, want):
     assert f"wrote {out} ({name}):" in result.output
     meta, _ = _header(out)
     _check_hashes(out, meta)
+
+
+def _factors(key, rank, width, gen, suffixes=(".lora_A.weight", ".lora_B.weight")):
+    return {key + suffixes[0]: torch.randn(rank, width, generator=gen),
+            key + suffixes[1]: torch.randn(width, rank, generator=gen)}  # fmt: skip
+
+
+_UNET = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+_TE = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+_TE2 = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"
+_KOHYA = ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", (".lora_down.weight", ".lora_up.weight"))
+
+
+@pytest.mark.parametrize(
+    ("keys", "extra", "want"),
+    [
+        ([_UNET, _TE, _TE2], {}, PEFT_LAYOUT),  # SDXL: unet, text_encoder, text_encoder_2
+        (
+            ["transformer.single_transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_q"],
+            {},
+            PEFT_LAYOUT,
+        ),  # SD3/FLUX.1: transformer
+        ([_UNET], {f"{_UNET}.alpha": torch.tensor(2.0)}, ""),  # an .alpha tensor: not what diffusers writes
+        ([_UNET, _KOHYA], {}, ""),  # mixed: one kohya module makes the file kohya's
+        (["lora_unet_down_blocks_1_attentions_0_proj_in"], {}, ""),  # kohya names with PEFT suffixes
+        (["diffusion_model.double_blocks.0.img_attn.proj"], {}, ""),  # BFL/ComfyUI names
+    ],
+)
+def test_peft_layout_is_every_module_under_a_diffusers_component(keys, extra, want):
+    """``layout`` is PEFT only when every module is ``<diffusers component>.<path>.lora_A/lora_B``: a file that mixes
+    in kohya modules or ``.alpha`` tensors, or uses kohya's or BFL's names, is written in kohya's layout."""
+    from sdplugin_lora.format import parse_state_dict
+
+    gen = torch.Generator().manual_seed(0)
+    state = dict(extra)
+    for key in keys:
+        name, suffixes = key if isinstance(key, tuple) else (key, (".lora_A.weight", ".lora_B.weight"))
+        state.update(_factors(name, 2, 8, gen, suffixes))
+    assert parse_state_dict(state).layout == want
+
+
+def test_resize_of_an_sdxl_diffusers_file_writes_one_config_per_text_encoder(tmp_path):
+    """SDXL's second text encoder has its own LoraConfig (``text_encoder_2.*`` keys, which diffusers' prefix filter
+    ``text_encoder.`` does not take); a mixed file (a kohya module beside PEFT ones) is written in kohya's layout
+    with no PEFT header."""
+    gen = torch.Generator().manual_seed(1)
+    state = {**_factors(_UNET, 4, 16, gen), **_factors(_TE, 4, 16, gen), **_factors(_TE2, 6, 16, gen)}
+    header = {"unet.r": 4, "unet.lora_alpha": 4, "text_encoder.r": 4, "text_encoder.lora_alpha": 2,
+              "text_encoder_2.r": 6, "text_encoder_2.lora_alpha": 3}  # fmt: skip
+    source, out = tmp_path / "xl.safetensors", tmp_path / "xl2.safetensors"
+    save_file(
+        state, str(source), {"lora_adapter_metadata": json.dumps(header), "ss_base_model_version": "sdxl_base_v1-0"}
+    )
+    _run("resize", source, "-o", out, "--rank", "2", "--save-dtype", "fp32")
+    meta, keys = _header(out)
+    written = json.loads(meta["lora_adapter_metadata"])
+    assert {k: v for k, v in written.items() if k.endswith((".r", ".lora_alpha"))} == {
+        "unet.r": 2, "unet.lora_alpha": 2, "text_encoder.r": 2, "text_encoder.lora_alpha": 1,
+        "text_encoder_2.r": 2, "text_encoder_2.lora_alpha": 1}  # fmt: skip
+    assert written["text_encoder_2.target_modules"] == [_TE2.split(".", 1)[1]]
+    assert sorted(keys) == sorted(f"{m}.lora_{p}.weight" for m in (_UNET, _TE, _TE2) for p in "AB")
+
+    kohya = _factors(_KOHYA[0], 4, 16, gen, _KOHYA[1])
+    mixed, mixed_out = tmp_path / "mixed.safetensors", tmp_path / "mixed2.safetensors"
+    save_file({**_factors(_UNET, 4, 16, gen), **kohya, f"{_KOHYA[0]}.alpha": torch.tensor(2.0)}, str(mixed),
+              {"lora_adapter_metadata": json.dumps(header)})  # fmt: skip
+    _run("resize", mixed, "-o", mixed_out, "--rank", "2", "--save-dtype", "fp32")
+    meta, keys = _header(mixed_out)
+    assert "lora_adapter_metadata" not in meta
+    assert f"{_UNET}.alpha" in keys and f"{_KOHYA[0]}.alpha" in keys and not any(".lora_A." in k for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("weights", "alpha", "want"),
+    [
+        (torch.float16, torch.float32, "fp16"),  # kohya's fp16 files keep a float32 0-d alpha: it does not count
+        (torch.bfloat16, torch.float64, "bf16"),
+        (torch.float32, torch.float16, "fp32"),
+    ],
+)
+def test_source_dtype_leaves_out_0d_alphas(weights, alpha, want):
+    from sdplugin_lora.format import parse_state_dict, source_save_dtype
+
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    state = {f"{name}.lora_down.weight": torch.ones(2, 8, dtype=weights),
+             f"{name}.lora_up.weight": torch.ones(8, 2, dtype=weights), f"{name}.alpha": torch.tensor(1.0, dtype=alpha)}  # fmt: skip
+    assert source_save_dtype(parse_state_dict(state)) == want

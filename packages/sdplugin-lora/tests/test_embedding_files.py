@@ -149,7 +149,8 @@ def _onetrainer_style(path):
     module = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": _v(4, 320, 7),
               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": _v(320, 4, 8),
               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}  # fmt: skip
-    save_file({**module, **bundled}, str(path), metadata={"ss_network_dim": "4", "sshs_model_hash": "x" * 64})
+    save_file({**module, **bundled}, str(path), metadata={"ss_network_dim": "4", "sshs_model_hash": "x" * 64,
+                                                          "modelspec.hash_sha256": "0x" + "y" * 64})  # fmt: skip
     return bundled, module
 
 
@@ -163,11 +164,14 @@ def test_extract_embeddings_writes_each_as_its_file(tmp_path):
     assert "prompt word 'xl_char'" in run.output and "prompt word 'old'" not in run.output
     files = {name: load_file(str(out / f"{name}.safetensors")) for name in ("xl_char", "fluxword", "old")}
     assert {k: (tuple(t.shape), t.dtype) for k, t in files["xl_char"].items()} == {
-        "clip_l": ((2, 768), torch.float32), "clip_g": ((2, 1280), torch.float32)}  # fmt: skip
+        "clip_l": ((2, 768), torch.float32), "clip_g": ((2, 1280), torch.float32),
+        "clip_l_out": ((1, 768), torch.float32)}  # fmt: skip
     assert sorted(files["fluxword"]) == ["clip_l", "t5", "t5xxl"] and sorted(files["old"]) == ["emb_params"]
     xl, flux, old = (load_embedding(out / f"{n}.safetensors") for n in ("xl_char", "fluxword", "old"))
     assert torch.equal(xl.vectors[CLIP_L], bundled["bundle_emb.<xl char>.clip_l"].float())  # bf16 -> fp32: exact
     assert torch.equal(xl.vectors[CLIP_G], bundled["bundle_emb.<xl char>.clip_g"].float())
+    assert list(xl.output_vectors) == [CLIP_L] and not flux.output_vectors and not old.output_vectors
+    assert torch.equal(xl.output_vectors[CLIP_L], bundled["bundle_emb.<xl char>.clip_l_out"].float())
     assert torch.equal(flux.vectors[T5], bundled["bundle_emb.fluxword.t5"].float())
     assert torch.equal(flux.vectors[CLIP_L], bundled["bundle_emb.fluxword.clip_l"].float())
     assert torch.equal(old.vectors[SINGLE], bundled["bundle_emb.old.string_to_param.*"])
@@ -184,6 +188,51 @@ def test_extract_embeddings_writes_each_as_its_file(tmp_path):
     assert (tmp_path / "ot.safetensors_embeddings" / "old.safetensors").is_file()
 
 
+@pytest.mark.parametrize(
+    ("family", "parts", "keys"),
+    [
+        ("sd1", {"clip_l": 768}, ["emp_params", "emp_params_out"]),
+        ("sdxl", {"clip_l": 768, "clip_g": 1280}, ["clip_g", "clip_g_out", "clip_l", "clip_l_out"]),
+        ("flux", {"clip_l": 768, "t5": 4096}, ["clip_l", "clip_l_out", "t5", "t5_out", "t5xxl"]),
+    ],
+)
+def test_extract_embeddings_keeps_onetrainer_output_embeddings(tmp_path, family, parts, keys):
+    """An output embedding bundled as OneTrainer bundles it (``modules/modelSaver/*LoRASaver.py``: zero input vectors
+    ``bundle_emb.NAME.<part>`` beside the trained ``<part>_out``) is extracted in the layout OneTrainer's own embedding
+    files have (``*EmbeddingSaver.py``: SD1's ``emp_params``/``emp_params_out``, else ``<part>``/``<part>_out``), and
+    sdcore reads back the same input and output vectors from the file as from the LoRA's bundle."""
+    from sdplugin_lora.format import read_lora
+    from sdplugin_ti.formats import embedding_from_bundled
+
+    bundled = {}
+    for i, (part, width) in enumerate(parts.items()):
+        bundled[f"bundle_emb.<ot out>.{part}"] = torch.zeros(2, width, dtype=torch.bfloat16)
+        bundled[f"bundle_emb.<ot out>.{part}_out"] = _v(2, width, 10 + i, torch.bfloat16)
+    lora = tmp_path / "ot.safetensors"
+    save_file({**bundled, "lora_unet_x.lora_down.weight": _v(4, 8, 1), "lora_unet_x.lora_up.weight": _v(8, 4, 2)},
+              str(lora))  # fmt: skip
+    run = _cli("lora", "extract-embeddings", lora, "-o", tmp_path / "out")
+    assert run.exit_code == 0, run.output
+    path = tmp_path / "out" / "ot_out.safetensors"
+    written = load_file(str(path))
+    assert sorted(written) == keys and {t.dtype for t in written.values()} == {torch.float32}
+    from_file = load_embedding(path)
+    from_bundle = embedding_from_bundled(read_lora(lora).bundled[0])
+    if family == "sd1":  # the one tensor: sdcore's TI handler maps OneTrainer's SD1 clip_l/clip_l_out to it
+        from_bundle.vectors = {SINGLE: from_bundle.vectors[CLIP_L]}
+        from_bundle.output_vectors = {SINGLE: from_bundle.output_vectors[CLIP_L]}
+    expected = {SINGLE: "clip_l"} if family == "sd1" else {part: part for part in parts}
+    assert sorted(from_file.output_vectors) == sorted(expected) == sorted(from_bundle.output_vectors)
+    for key, part in expected.items():
+        want = bundled[f"bundle_emb.<ot out>.{part}_out"].float()
+        assert float(want.abs().max()) > 0
+        assert torch.equal(from_file.output_vectors[key], want)
+        assert torch.equal(from_bundle.output_vectors[key].float(), want)
+        assert torch.equal(from_file.vectors[key], torch.zeros_like(want))
+        assert torch.equal(from_bundle.vectors[key].float(), from_file.vectors[key])
+    assert from_file.num_vectors == 2
+
+
 def test_extract_embeddings_refuses_a_lora_without_any(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": _v(4, 8, 1), "lora_unet_x.lora_up.weight": _v(8, 4, 2)},
               str(tmp_path / "plain.safetensors"))  # fmt: skip
@@ -197,8 +246,9 @@ def test_extract_embeddings_refuses_a_lora_without_any(tmp_path):
 
 
 def test_strip_writes_the_lora_without_the_bundle(tmp_path):
-    from sdcore.models.hashes import sshs_hashes
+    from sdcore.models.hashes import autov3_hash, sshs_hashes
 
+    stripped_path = tmp_path / "plain.safetensors"
     bundled, module = _onetrainer_style(tmp_path / "ot.safetensors")
     run = _cli("lora", "extract-embeddings", tmp_path / "ot.safetensors", "-o", tmp_path / "e",
                "--strip", tmp_path / "plain.safetensors")  # fmt: skip
@@ -209,7 +259,8 @@ def test_strip_writes_the_lora_without_the_bundle(tmp_path):
     with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as handle:
         meta = handle.metadata()
     assert meta["ss_network_dim"] == "4"
-    assert meta["sshs_model_hash"] == sshs_hashes(module, {"ss_network_dim": "4"})[0]
+    assert meta["sshs_model_hash"] == sshs_hashes(module, {"ss_network_dim": "4"})[0] == autov3_hash(stripped_path)
+    assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]  # the source's would be stale
 
 
 def test_diffusers_refuses_bundled_embeddings_and_loads_the_strip(tmp_path):

@@ -114,6 +114,29 @@ def test_onetrainer_files_read_with_their_output_vectors(tmp_path):
     assert handler.names() == {"plain": plain, "sd1": sd1, "sdxl": sdxl, "only": only}
 
 
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_saved_safetensors_keep_the_output_vectors_in_onetrainers_layout(tmp_path, name):
+    """``save_embedding`` of an output embedding (``sdcore ti convert``...) writes OneTrainer's keys, the ``_out``
+    vectors included, and reads back the same input and output vectors."""
+    from sdplugin_ti.formats import save_embedding
+
+    source = tmp_path / f"{name}.safetensors"
+    tensors = {"emp_params": torch.zeros(2, 8), "emp_params_out": torch.full((2, 8), 2.0)} if name == "sd1" else {
+        "clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 16), "clip_l_out": torch.full((1, 8), 3.0),
+        "clip_g_out": torch.full((1, 16), 4.0)}  # fmt: skip
+    save_file(tensors, str(source))
+    emb = load_embedding(source)
+    copy = save_embedding(emb, tmp_path / "out" / f"{name}.safetensors")
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(str(copy))) == sorted(tensors)
+    again = load_embedding(copy)
+    assert again.output_vectors.keys() == emb.output_vectors.keys() and again.is_output
+    for key in emb.output_vectors:
+        assert torch.equal(again.output_vectors[key], emb.output_vectors[key])
+        assert torch.equal(again.vectors[key], emb.vectors[key])
+
+
 def test_bundled_output_vectors_are_read_and_sd1s_clip_l_is_the_single_tensor(make_bundle, tmp_path):
     """OneTrainer's SD1 LoRA saver writes ``bundle_emb.<name>.clip_l`` and ``.clip_l_out``."""
     bundle = make_bundle("sd1")

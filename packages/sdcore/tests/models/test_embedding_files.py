@@ -12,10 +12,12 @@ from safetensors import safe_open
 from sdcore.errors import ModelFormatError
 from sdcore.models.bundled_embeddings import BundledEmbedding, bundled_embeddings
 from sdcore.models.embedding_files import (
+    bundled_file_outputs,
     bundled_file_vectors,
     embedding_file_name,
     embeddings_folder,
     encoder_part_keys,
+    file_tensors,
     read_embedding_file,
     save_embedding_file,
 )
@@ -121,7 +123,7 @@ def test_bundled_parts_map_to_file_parts():
         "bundle_emb.new.clip_l": _t(2, 768, 2),  # newer OneTrainer's SD1
         "bundle_emb.xl.clip_l": _t(1, 768, 3),
         "bundle_emb.xl.clip_g": _t(1, 1280, 4),
-        "bundle_emb.xl.clip_g_out": _t(1, 1280, 5),  # an output embedding: no file format holds it
+        "bundle_emb.xl.clip_g_out": _t(1, 1280, 5),  # an output embedding's: bundled_file_outputs, OneTrainer's keys
         "bundle_emb.f.clip_l": _t(1, 768, 6),
         "bundle_emb.f.t5": _t(1, 4096, 7),
     }
@@ -129,6 +131,23 @@ def test_bundled_parts_map_to_file_parts():
     assert sorted(found["old"]) == ["*"] and torch.equal(found["old"]["*"], state["bundle_emb.old.string_to_param.*"])
     assert sorted(found["new"]) == ["*"] and torch.equal(found["new"]["*"], state["bundle_emb.new.clip_l"])
     assert sorted(found["xl"]) == ["clip_g", "clip_l"]
+    outputs = {e.name: bundled_file_outputs(e) for e in bundled_embeddings(state)}
+    assert list(outputs["xl"]) == ["clip_g"] and torch.equal(outputs["xl"]["clip_g"], state["bundle_emb.xl.clip_g_out"])
+    assert not outputs["old"] and not outputs["f"]
+    (sd1,) = bundled_embeddings({"bundle_emb.s.clip_l": _t(1, 8, 1), "bundle_emb.s.clip_l_out": _t(1, 8, 2)})
+    assert list(bundled_file_outputs(sd1)) == ["*"] == list(bundled_file_vectors(sd1))  # OneTrainer's SD1 bundle
+    assert sorted(file_tensors(bundled_file_vectors(sd1), bundled_file_outputs(sd1))) == [
+        "emp_params",
+        "emp_params_out",
+    ]
+    (alone,) = bundled_embeddings({"bundle_emb.a.clip_l_out": _t(1, 8, 3), "bundle_emb.a.clip_g_out": _t(1, 16, 4)})
+    tensors = file_tensors(bundled_file_vectors(alone), bundled_file_outputs(alone))  # zero inputs, as OneTrainer's
+    assert sorted(tensors) == ["clip_g", "clip_g_out", "clip_l", "clip_l_out"]
+    assert not tensors["clip_g"].any() and torch.equal(tensors["clip_g_out"], _t(1, 16, 4))
+    (bad,) = bundled_embeddings({"bundle_emb.b.clip_l": _t(1, 8, 1), "bundle_emb.b.clip_g": _t(1, 8, 1),
+                                 "bundle_emb.b.llama_out": _t(1, 8, 1)})  # fmt: skip
+    with pytest.raises(ModelFormatError, match="'b' has a 'llama_out' part"):
+        bundled_file_outputs(bad)
     assert sorted(found["f"]) == ["clip_l", "t5"]
     # ComfyUI's t5xxl beside OneTrainer's t5: t5 is read, as encoder_part_keys reads a file; alone it is the T5 part
     (both,) = bundled_embeddings({"bundle_emb.c.t5": _t(1, 8, 1), "bundle_emb.c.t5xxl": _t(1, 8, 2)})
@@ -139,7 +158,7 @@ def test_bundled_parts_map_to_file_parts():
     (llama,) = bundled_embeddings({"bundle_emb.h.llama": _t(1, 8, 1), "bundle_emb.h.clip_l": _t(1, 8, 2)})
     with pytest.raises(ModelFormatError, match="'h' has a 'llama' part"):
         bundled_file_vectors(llama)
-    with pytest.raises(ModelFormatError, match="no input vectors"):
+    with pytest.raises(ModelFormatError, match="'e' has no vectors"):
         bundled_file_vectors(BundledEmbedding(name="e"))
 
 

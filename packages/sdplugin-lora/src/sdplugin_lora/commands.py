@@ -282,7 +282,8 @@ def merge_command(
         clamp_quantile=clamp_quantile,
     )
     path = save_lora(output, tensors, meta, dtype=save_dtype)
-    click.echo(f"wrote {path}: {sum(key.endswith('.lora_down.weight') for key in tensors)} modules")
+    modules = sum(key.endswith((".lora_down.weight", ".lora_A.weight")) for key in tensors)  # kohya's or PEFT's
+    click.echo(f"wrote {path}: {modules} modules")
 
 
 @lora_group.command("convert")
@@ -297,24 +298,32 @@ def merge_command(
     "FLUX.1/Chroma file under BFL's, ComfyUI's or XLabs' (x-flux) names under kohya's lora_unet_ names, the same "
     "factors with an explicit alpha (XLabs' single-block qkv_lora as linear1 with zero MLP rows).",
 )
-@click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp32", show_default=True)
+@click.option(
+    "--save-dtype",
+    type=click.Choice(["fp16", "bf16", "fp32"]),
+    default=None,
+    help="Default: the dtype FILE's weights have (mixed: the widest, fp32 for fp16 beside bf16), so a file keeps its "
+    "size.",
+)
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
-def convert_command(file: str, output: str, target: str, save_dtype: str, overwrite: bool) -> None:
+def convert_command(file: str, output: str, target: str, save_dtype: str | None, overwrite: bool) -> None:
     """Rewrite FILE for a loader that cannot read it as it is (kohya OFT -> ComfyUI, XLabs/ComfyUI FLUX.1 -> kohya)."""
-    from .format import read_lora, save_lora
+    from .format import read_lora, save_lora, source_save_dtype
     from .tools import flux_to_kohya, oft_for_comfyui
 
     _check_output(output, [file], overwrite)
 
+    lora = read_lora(file)
+    dtype = save_dtype or source_save_dtype(lora)
     if target == "kohya":
-        tensors, meta = flux_to_kohya(read_lora(file))
-        path = save_lora(output, tensors, meta, dtype=save_dtype)
+        tensors, meta = flux_to_kohya(lora)
+        path = save_lora(output, tensors, meta, dtype=dtype)
         modules = len({key.split(".", 1)[0] for key in tensors})  # kohya's names hold no dot
-        click.echo(f"wrote {path}: {modules} modules under kohya's names")
+        click.echo(f"wrote {path} ({dtype}): {modules} modules under kohya's names")
         return
-    tensors, meta = oft_for_comfyui(read_lora(file))
-    path = save_lora(output, tensors, meta, dtype=save_dtype)
-    click.echo(f"wrote {path}: {len(tensors) // 2} OFT modules for {target}")
+    tensors, meta = oft_for_comfyui(lora)
+    path = save_lora(output, tensors, meta, dtype=dtype)
+    click.echo(f"wrote {path} ({dtype}): {len(tensors) // 2} OFT modules for {target}")
 
 
 @lora_group.command("extract-embeddings")

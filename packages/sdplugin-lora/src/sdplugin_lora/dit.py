@@ -728,12 +728,12 @@ def diffusers_state_dict(
     ``lora_alpha``, ``target_modules``, and ``rank_pattern``/``alpha_pattern`` for modules that differ;
     ``lora_bias`` when the modules carry PEFT's ``lora_B.bias``, ``--lora-bias``).
     """
-    import json
-
     from sdcore.errors import NetworkMismatchError
 
+    from .format import peft_header
+
     out: dict[str, torch.Tensor] = {}
-    configs: dict[str, dict[str, Any]] = {}
+    configs: dict[str, tuple[int, float, bool]] = {}  # <component>.<path> -> rank, alpha, bias (the header's)
     for name, weights in _modules(state).items():
         target = index.targets.get(name)
         fused = index.kohya.get(name) if target is None else None
@@ -763,23 +763,8 @@ def diffusers_state_dict(
             out[f"{component}.{path}.lora_B.weight"] = lora_b.contiguous()
             if lora_b_bias is not None:
                 out[f"{component}.{path}.lora_B.bias"] = lora_b_bias.contiguous()
-            config = configs.setdefault(component, {"ranks": {}, "alphas": {}, "bias": False})
-            config["bias"] = config["bias"] or lora_b_bias is not None
-            config["ranks"][path] = weights.rank
-            config["alphas"][path] = weights.alpha
-    header: dict[str, Any] = {}
-    for component, config in configs.items():
-        ranks, alphas = config["ranks"], config["alphas"]
-        rank = max(set(ranks.values()), key=list(ranks.values()).count)
-        alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-        header[f"{component}.r"] = rank
-        header[f"{component}.lora_alpha"] = alpha
-        header[f"{component}.target_modules"] = sorted(ranks)
-        header[f"{component}.rank_pattern"] = {p: r for p, r in ranks.items() if r != rank}
-        header[f"{component}.alpha_pattern"] = {p: a for p, a in alphas.items() if a != alpha}
-        if config["bias"]:  # diffusers builds the LoraConfig from this header alone when it is there
-            header[f"{component}.lora_bias"] = True
-    return out, {"lora_adapter_metadata": json.dumps(header, sort_keys=True), "format": "pt"}
+            configs[f"{component}.{path}"] = (weights.rank, weights.alpha, lora_b_bias is not None)
+    return out, {"lora_adapter_metadata": peft_header(configs), "format": "pt"}
 
 
 __all__ = [

@@ -5,13 +5,14 @@ OneTrainer (and ``sdcore train lora --embedding``) writes the embeddings trained
 loaded: bundle_emb...", OneTrainer issue #485, ComfyUI issue #3659) and diffusers' ``load_lora_weights`` refuses
 the whole file ("Invalid LoRA checkpoint"). This writes each one as its own textual-inversion file (sdcore's one
 layout, :mod:`sdcore.models.embedding_files`: ``emb_params`` for SD1/SD2, ``clip_l``/``clip_g``/``t5`` for
-SDXL/SD3/FLUX.1), named as OneTrainer names its separate files, and optionally a copy of the LoRA without the
+SDXL/SD3/FLUX.1; an output embedding's ``*_out`` vectors kept in OneTrainer's layout, ``emp_params``/``emp_params_out``
+or ``clip_l_out``...), named as OneTrainer names its separate files, and optionally a copy of the LoRA without the
 bundle keys. Only the ``bundle_emb.*`` tensors are read: the LoRA's modules are neither parsed nor needed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,8 @@ class EmbeddingFile:
     embedding: BundledEmbedding
     path: Path
     vectors: dict[str, torch.Tensor]
+    #: OneTrainer's output vectors (``*_out``), keyed as ``vectors``; written beside them in OneTrainer's layout
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def word(self) -> str:
@@ -65,7 +68,12 @@ def plan_files(lora: str | Path, output: str | Path | None) -> list[EmbeddingFil
     """What :func:`write_files` writes for the LoRA file ``lora`` into ``output`` (default: the LoRA's
     ``<file>_embeddings`` folder, where ``--embedding-files`` and OneTrainer put them). ConfigError, before anything
     is written, for a file that bundles none, a part no embedding file holds, or two names that give one file."""
-    from sdcore.models.embedding_files import bundled_file_vectors, embedding_file_name, embeddings_folder
+    from sdcore.models.embedding_files import (
+        bundled_file_outputs,
+        bundled_file_vectors,
+        embedding_file_name,
+        embeddings_folder,
+    )
 
     lora = Path(lora)
     found = read_bundled(lora)
@@ -81,7 +89,7 @@ def plan_files(lora: str | Path, output: str | Path | None) -> list[EmbeddingFil
     for emb in found:
         try:
             name = embedding_file_name(emb.name)
-            vectors = bundled_file_vectors(emb)
+            vectors, outputs = bundled_file_vectors(emb), bundled_file_outputs(emb)
         except ModelFormatError as exc:
             problems.append(str(exc))
             continue
@@ -91,7 +99,7 @@ def plan_files(lora: str | Path, output: str | Path | None) -> list[EmbeddingFil
             )
             continue
         seen[name.lower()] = emb.name
-        planned.append(EmbeddingFile(emb, folder / name, vectors))
+        planned.append(EmbeddingFile(emb, folder / name, vectors, outputs))
     if problems:
         raise ConfigError("; ".join(problems), problems)
     return planned
@@ -107,7 +115,9 @@ def write_files(planned: list[EmbeddingFile]) -> list[Path]:
         item.path.parent.mkdir(parents=True, exist_ok=True)
         source = item.embedding.source.name if item.embedding.source else ""
         written.append(
-            save_embedding_file(item.path, item.vectors, {"name": item.embedding.name, "sdcore.source": source})
+            save_embedding_file(
+                item.path, item.vectors, {"name": item.embedding.name, "sdcore.source": source}, item.outputs
+            )
         )
     return written
 
@@ -120,8 +130,9 @@ def check_strip(lora: str | Path) -> None:
 
 def strip_bundle(lora: str | Path, output: str | Path) -> int:
     """A copy of the LoRA ``.safetensors`` ``lora`` without its ``bundle_emb.*`` tensors, at ``output``
-    (atomic): the other tensors as stored (dtype included) and the header, its ``sshs_*`` hashes recomputed for
-    the tensors left (A1111 shows them as the LoRA's hash). Returns how many tensors were left out."""
+    (atomic): the other tensors as stored (dtype included) and the header, its ``sshs_*`` hashes (and a modelspec
+    ``hash_sha256``) recomputed for the tensors left (A1111 shows ``sshs_model_hash`` as the LoRA's hash).
+    Returns how many tensors were left out."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from sdcore.io import atomic_path
@@ -134,10 +145,12 @@ def strip_bundle(lora: str | Path, output: str | Path) -> int:
         metadata = dict(handle.metadata() or {})
         keys = list(handle.keys())
         kept = {key: handle.get_tensor(key) for key in keys if not is_bundle_key(key)}
-    if any(key in metadata for key in ("sshs_model_hash", "sshs_legacy_hash")):
-        metadata.pop("sshs_model_hash", None)
-        metadata.pop("sshs_legacy_hash", None)
-        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(kept, metadata)
+    if any(key in metadata for key in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")):
+        model_hash, legacy_hash = sshs_hashes(kept, metadata)
+        if any(key in metadata for key in ("sshs_model_hash", "sshs_legacy_hash")):
+            metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hash, legacy_hash
+        if "modelspec.hash_sha256" in metadata:  # the sha256 of the tensor data, as save_lora writes it
+            metadata["modelspec.hash_sha256"] = "0x" + model_hash
     with atomic_path(output) as tmp:
         save_file(kept, str(tmp), metadata=metadata or None)
     return len(keys) - len(kept)

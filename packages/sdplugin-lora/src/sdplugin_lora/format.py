@@ -14,6 +14,7 @@ Files we write are exactly kohya's layout (``<name>.lora_down.weight``, ``.lora_
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -161,7 +162,8 @@ class LoraFile:
     #: parser; the LoRA loader applies none of them: ``sdcore generate`` offers them to the embedding handler
     bundled: list[BundledEmbedding] = field(default_factory=list)
     #: ``"xlabs"`` when the file's modules are XLabs x-flux keys (read under ComfyUI's names), else ``""``: what sdcore
-    #: writes from it gets kohya's names (:func:`sdplugin_lora.bfl_names.for_writing`)
+    #: writes from it gets kohya's names (:func:`sdplugin_lora.bfl_names.for_writing`); ``"peft"`` when every module
+    #: is in diffusers' PEFT layout (:data:`PEFT_LAYOUT`): ``lora resize``/``merge`` write it back in that layout
     layout: str = ""
 
     @property
@@ -179,6 +181,13 @@ class LoraFile:
         return out
 
 
+#: diffusers' PEFT layout (``save_lora_weights``, sdcore's ``--key-layout diffusers``): ``<component>.<module path>``
+#: with these tensors, the alphas in the ``lora_adapter_metadata`` header (never an ``.alpha`` tensor)
+PEFT_LAYOUT = "peft"
+_PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_PEFT_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight", ".lora_B.bias")
+
+
 def parse_state_dict(
     state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, path: Path | None = None
 ) -> LoraFile:
@@ -187,6 +196,7 @@ def parse_state_dict(
     unknown: list[str] = []
     embeddings: list[str] = []
     norm_scales: dict[str, torch.Tensor] = {}
+    peft = True  # every module tensor under a diffusers component with PEFT's suffixes
     for raw_key, tensor in state.items():
         key = xlabs_key(raw_key) or raw_key  # XLabs' x-flux names -> BFL's (ComfyUI's spelling)
         if is_bundle_key(key):
@@ -204,6 +214,7 @@ def parse_state_dict(
             if key.endswith(suffix):
                 module_key = key[: -len(suffix)]
                 modules.setdefault(module_key, ModuleWeights(key=module_key)).tensors[part] = tensor
+                peft = peft and suffix in _PEFT_TENSORS and module_key.split(".", 1)[0] in _PEFT_COMPONENTS
                 break
         else:
             if key.endswith(_DIFFUSERS_NORM_WEIGHTS) and tensor.dim() == 1:  # diffusers' trained norms, set in full
@@ -220,6 +231,8 @@ def parse_state_dict(
     _peft_alphas(modules, (metadata or {}).get("lora_adapter_metadata"))
     bundled = bundled_embeddings({key: state[key] for key in embeddings}, source=path)
     layout = "xlabs" if any(xlabs_key(key) is not None for key in state) else ""
+    if not layout and peft and modules:
+        layout = PEFT_LAYOUT
     return LoraFile(
         modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings), norm_scales, bundled, layout
     )
@@ -258,8 +271,69 @@ def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
         for pattern, value in patterns.items() if isinstance(patterns, dict) else ():
             if path == pattern or path.endswith("." + pattern):
                 alpha = value
-        if alpha is not None:
-            weights.tensors["alpha"] = torch.tensor(float(alpha))
+        if alpha is None:
+            continue
+        alpha = float(alpha)
+        if config.get(f"{component}.use_rslora") and weights.rank:
+            alpha *= math.sqrt(weights.rank)  # PEFT's rsLoRA scales by alpha/sqrt(r): kohya's alpha/r with this alpha
+        weights.tensors["alpha"] = torch.tensor(alpha)
+
+
+def peft_header(modules: Mapping[str, tuple[int, float, bool]]) -> str:
+    """The ``lora_adapter_metadata`` header diffusers' ``load_lora_weights`` builds each component's PEFT
+    ``LoraConfig`` from, for ``modules`` (``<component>.<module path>`` -> rank, alpha, has a ``lora_B`` bias):
+    ``r``/``lora_alpha`` the most common, ``rank_pattern``/``alpha_pattern`` the modules that differ (full paths),
+    ``target_modules`` every path, ``lora_bias`` when a module has a bias. Alphas are kohya's (scale alpha/r: no
+    ``use_rslora``). Written fresh for every file sdcore writes in this layout, so no rank or alpha of another file
+    (a resized or merged one's source) survives in it."""
+    configs: dict[str, dict[str, Any]] = {}
+    for key, (rank, alpha, bias) in modules.items():
+        component, _, path = key.partition(".")
+        config = configs.setdefault(component, {"ranks": {}, "alphas": {}, "bias": False})
+        config["ranks"][path] = int(rank)
+        config["alphas"][path] = _number(alpha)
+        config["bias"] = config["bias"] or bias
+    header: dict[str, Any] = {}
+    for component, config in configs.items():
+        ranks, alphas = config["ranks"], config["alphas"]
+        rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+        header[f"{component}.r"] = rank
+        header[f"{component}.lora_alpha"] = alpha
+        header[f"{component}.target_modules"] = sorted(ranks)
+        header[f"{component}.rank_pattern"] = {p: r for p, r in ranks.items() if r != rank}
+        header[f"{component}.alpha_pattern"] = {p: a for p, a in alphas.items() if a != alpha}
+        if config["bias"]:  # diffusers builds the LoraConfig from this header alone when it is there
+            header[f"{component}.lora_bias"] = True
+    return json.dumps(header, sort_keys=True)
+
+
+def peft_state_dict(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Plain LoRA modules in kohya's spelling (``<key>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``,
+    ``.lora_up.bias``) under diffusers' dotted names, as ``lora resize``/``merge`` compute them from a PEFT-layout
+    file (:data:`PEFT_LAYOUT`), back in that layout: ``lora_A``/``lora_B`` (``lora_B.bias``) and the header
+    (:func:`peft_header`, ``format: pt`` as diffusers writes). diffusers refuses an ``.alpha`` tensor in a file of
+    dotted names ("Invalid LoRA checkpoint"), so the alphas live in the header alone."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".lora_up.bias", ".alpha"):
+            if key.endswith(suffix):
+                modules.setdefault(key[: -len(suffix)], {})[suffix[1:]] = tensor
+                break
+        else:
+            raise NetworkMismatchError(f"{key}: diffusers' PEFT layout holds plain LoRA modules only")
+    out: dict[str, torch.Tensor] = {}
+    entries: dict[str, tuple[int, float, bool]] = {}
+    for key, module in modules.items():
+        down, up = module["lora_down.weight"], module["lora_up.weight"]
+        rank = int(down.shape[0])
+        out[f"{key}.lora_A.weight"] = down
+        out[f"{key}.lora_B.weight"] = up
+        if "lora_up.bias" in module:
+            out[f"{key}.lora_B.bias"] = module["lora_up.bias"]
+        alpha = float(module["alpha"]) if "alpha" in module else float(rank)
+        entries[key] = (rank, alpha, "lora_up.bias" in module)
+    return out, {"lora_adapter_metadata": peft_header(entries), "format": "pt"}
 
 
 def is_lora_key(key: str) -> bool:
@@ -1040,10 +1114,29 @@ def save_lora(
     model_hash, legacy_hash = sshs_hashes(out, meta)
     meta["sshs_model_hash"] = model_hash
     meta["sshs_legacy_hash"] = legacy_hash
+    if "modelspec.hash_sha256" in meta:  # a source file's (resize, merge, convert): the sha256 of these tensors now
+        meta["modelspec.hash_sha256"] = "0x" + model_hash
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata=meta)
     return path
+
+
+#: save dtypes by torch dtype name (:func:`source_save_dtype`)
+_DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def source_save_dtype(lora: LoraFile) -> str:
+    """The save dtype that keeps ``lora``'s weights as stored (``lora convert``'s default): the dtype of its module
+    tensors and norm scales (0-d alphas left out: several writers keep them float32 beside fp16 weights), mixed ones
+    as the widest (``fp32`` also for fp16 beside bf16, which neither holds exactly; float64 as ``fp32``)."""
+    found = {
+        _DTYPE_NAMES.get(str(tensor.dtype).removeprefix("torch."), "fp32")
+        for tensors in (*(w.tensors for w in lora.modules.values()), lora.norm_scales)
+        for tensor in tensors.values()
+        if tensor.dim() > 0 and tensor.is_floating_point()
+    }
+    return found.pop() if len(found) == 1 else "fp32"
 
 
 def tag_frequency(captions_by_dir: Mapping[str, list[str]]) -> dict[str, dict[str, int]]:
@@ -1072,6 +1165,7 @@ def header_metadata(path: str | Path) -> dict[str, str]:
 
 __all__ = [
     "CONTROL_LORA_TRAINED",
+    "PEFT_LAYOUT",
     "LoraFile",
     "Match",
     "ModuleWeights",
@@ -1087,10 +1181,13 @@ __all__ = [
     "match_modules",
     "network_metadata",
     "parse_state_dict",
+    "peft_header",
+    "peft_state_dict",
     "read_lora",
     "read_state",
     "resolve_key",
     "save_lora",
+    "source_save_dtype",
     "sshs_hashes",
     "stack_ranks",
     "stringify",

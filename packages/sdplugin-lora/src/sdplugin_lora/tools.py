@@ -23,7 +23,16 @@ from .adapters import LoraVariant, OftVariant, needs_base, weight_change
 from .algos import FAMILY_LORA_MODULE, PLAIN_LORA_MODULES
 from .bfl_names import for_writing, kohya_name, kohya_names
 from .dataset_metadata import datasets_tag_frequency
-from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
+from .format import (
+    PEFT_LAYOUT,
+    LoraFile,
+    ModuleWeights,
+    detect_family,
+    family_label,
+    network_metadata,
+    peft_state_dict,
+    read_lora,
+)
 from .naming import ModuleIndex, kohya_component
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -405,10 +414,12 @@ def resize_lora(
         ranks[dense.key] = (old_rank, new)
         total = float((S**2).sum())
         retained[dense.key] = math.sqrt(float((S[:new] ** 2).sum()) / total) if total > 0 else 1.0
-    tensors.update(lora.norm_scales)  # full norm scales (BFL's control LoRAs) are set, not factored: kept as they are
     meta = dict(lora.metadata)
     meta.pop("sshs_model_hash", None)
     meta.pop("sshs_legacy_hash", None)
+    # diffusers' PEFT layout stays in it (its header written for the new ranks and alphas); any other file's modules
+    # carry their alphas, and a PEFT header of the old file would make diffusers build a LoraConfig of old ranks
+    meta.pop("lora_adapter_metadata", None)
     # kohya resize_lora.py: the largest old rank of the tensors; dim/alpha "Dynamic" with a dynamic method,
     # else the new rank and the new alpha (kohya writes the last module's: here the Linear/1x1 modules'
     # when they share one, "Dynamic" when they do not)
@@ -442,6 +453,10 @@ def resize_lora(
         args["conv_alpha"] = "Dynamic"
     if args or raw is not None:
         meta["ss_network_args"] = json.dumps(args) if args else "None"
+    if lora.layout == PEFT_LAYOUT and not control:
+        tensors, header = peft_state_dict(tensors)
+        meta.update(header)
+    tensors.update(lora.norm_scales)  # full norm scales (BFL's control LoRAs) are set, not factored: kept as they are
     return ResizeResult(tensors, meta, ranks, retained)
 
 
@@ -599,6 +614,9 @@ def merge_loras(
         },
     )
     meta["modelspec.merged_from"] = ", ".join(Path(lora.label).stem for lora, _ in loras)
+    if all(lora.layout == PEFT_LAYOUT for lora, _ in loras):  # diffusers' files merge into one of their layout
+        tensors, header = peft_state_dict(tensors)
+        meta.update(header)
     return tensors, meta
 
 

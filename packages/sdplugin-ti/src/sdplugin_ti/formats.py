@@ -255,7 +255,9 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
 
     - ``pt``: the A1111 dict (readable by A1111, ComfyUI, diffusers with ``token=``).
     - ``safetensors``: kohya ``emb_params`` (SD1/SD2) or one key per encoder (SDXL ``clip_l``/``clip_g``;
-      SD3 ``clip_l``/``clip_g``[/``t5``]; Flux ``clip_l``[/``t5``], OneTrainer's names), metadata in the header.
+      SD3 ``clip_l``/``clip_g``[/``t5``]; Flux ``clip_l``[/``t5``], OneTrainer's names), metadata in the header;
+      an output embedding's vectors in OneTrainer's layout (``emp_params``/``emp_params_out``, ``clip_l_out``...),
+      the other formats having no place for them.
     - ``bin``: diffusers ``{name: tensor}`` (per-encoder embeddings: the same keys as safetensors).
     - ``png``: the A1111 ``sd-ti-embedding`` text chunk on ``preview`` (a PIL image) or a generated picture.
     """
@@ -272,7 +274,7 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
     elif fmt == "safetensors":  # sdcore's layout (emb_params, or clip_l/clip_g/t5 + t5xxl), shared with the LoRA's
         from sdcore.models.embedding_files import save_embedding_file
 
-        save_embedding_file(path, emb.vectors, _header(emb))
+        save_embedding_file(path, emb.vectors, _header(emb), emb.output_vectors)  # output vectors: OneTrainer's
     elif fmt == "bin":
         tensors = _per_encoder(emb) if emb.is_sdxl else {emb.name: _clean(emb.vectors[SINGLE])}
         with atomic_path(path) as tmp:

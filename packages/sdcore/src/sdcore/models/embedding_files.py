@@ -101,30 +101,53 @@ def per_encoder_tensors(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return tensors
 
 
-def file_tensors(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def file_tensors(
+    vectors: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The tensors of an embedding's ``.safetensors`` file: ``emb_params`` for SD1/SD2's single tensor (key
-    ``"*"``), else :func:`per_encoder_tensors`. ``vectors`` maps ``"*"`` or encoder keys to ``[n, width]``."""
+    ``"*"``), else :func:`per_encoder_tensors`. ``vectors`` maps ``"*"`` or encoder keys to ``[n, width]``.
+
+    ``outputs`` (an output embedding's vectors, keyed as ``vectors``) are written in OneTrainer's layout, which
+    OneTrainer and sdcore read back (:func:`output_part_keys`): ``<key>_out`` beside each input part, SD1/SD2's as
+    ``emp_params`` + ``emp_params_out`` (OneTrainer reads no ``emb_params``), an input part it lacks as zeros (what
+    OneTrainer writes for an output embedding's inputs). A1111 and ComfyUI apply no output vectors."""
+    outputs = dict(outputs or {})
+    vectors = {**{key: _zeros_like(tensor) for key, tensor in outputs.items() if key not in vectors}, **vectors}
     if SINGLE in vectors:
         if len(vectors) != 1:
             raise ModelFormatError(f"an embedding has either one tensor or one per encoder, not {sorted(vectors)}")
+        if outputs:
+            return {OT_EMP_PARAMS: _clean(vectors[SINGLE]), OT_EMP_PARAMS + OUTPUT_SUFFIX: _clean(outputs[SINGLE])}
         return {EMB_PARAMS: _clean(vectors[SINGLE])}
     unknown = [key for key in vectors if key not in ENCODER_KEYS]
     if unknown or not vectors:
         raise ModelFormatError(f"embedding parts {sorted(vectors)}: want '*' or {', '.join(ENCODER_KEYS)}")
-    return per_encoder_tensors(vectors)
+    tensors = per_encoder_tensors(vectors)
+    tensors.update({key + OUTPUT_SUFFIX: _clean(tensor) for key, tensor in outputs.items()})
+    return tensors
+
+
+def _zeros_like(tensor: torch.Tensor) -> torch.Tensor:
+    """Zero vectors of ``tensor``'s shape (an output embedding's input part)."""
+    import torch
+
+    return torch.zeros_like(tensor)
 
 
 def save_embedding_file(
-    path: str | Path, vectors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | Path,
+    vectors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    outputs: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``vectors`` (see :func:`file_tensors`) as an embedding ``.safetensors`` at ``path``, atomically, with
-    ``metadata`` (strings) in its header."""
+    """Write ``vectors`` and an output embedding's ``outputs`` (see :func:`file_tensors`) as an embedding
+    ``.safetensors`` at ``path``, atomically, with ``metadata`` (strings) in its header."""
     from safetensors.torch import save_file
 
     from ..io import atomic_path
 
     path = Path(path)
-    tensors = file_tensors(vectors)
+    tensors = file_tensors(vectors, outputs)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
     return path
@@ -155,13 +178,35 @@ def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
 def bundled_file_vectors(embedding: BundledEmbedding) -> dict[str, torch.Tensor]:
     """The vectors of a LoRA's bundled embedding (read with tensors) as its own file holds them: SD1/SD2's one
     tensor (``string_to_param.*``, or ``clip_l`` alone as newer OneTrainer writes SD1's) is ``"*"``, written as
-    ``emb_params`` (a FLUX.1 bundle with ``clip_l`` alone reads the same in A1111 and ComfyUI: the one tensor); SDXL/SD3/FLUX.1 parts keep their keys (``t5xxl`` as ``t5``, :func:`encoder_part_keys`). OneTrainer's output vectors
-    (``*_out``) are left out, as A1111 and ComfyUI apply none. ModelFormatError for a part no text encoder here
-    reads (OneTrainer's ``llama``, ``gemma``...), naming it."""
-    vectors = dict(embedding.vectors)
+    ``emb_params`` (a FLUX.1 bundle with ``clip_l`` alone reads the same in A1111 and ComfyUI: the one tensor);
+    SDXL/SD3/FLUX.1 parts keep their keys (``t5xxl`` as ``t5``, :func:`encoder_part_keys`). OneTrainer's output
+    vectors (``*_out``) are :func:`bundled_file_outputs`'. ModelFormatError for a part no text encoder here reads
+    (OneTrainer's ``llama``, ``gemma``...), naming it."""
+    if not embedding.vectors and not embedding.output_vectors:
+        raise ModelFormatError(f"bundled embedding {embedding.name!r} has no vectors")
+    return _file_parts(embedding, dict(embedding.vectors), single=_single(embedding))
+
+
+def bundled_file_outputs(embedding: BundledEmbedding) -> dict[str, torch.Tensor]:
+    """OneTrainer's output vectors of a bundled embedding (``bundle_emb.NAME.clip_l_out``...) keyed as
+    :func:`bundled_file_vectors` keys the inputs (SD1/SD2's ``clip_l_out`` as ``"*"``), for :func:`file_tensors`'
+    ``outputs``: the extracted file keeps them in OneTrainer's layout. Empty for a plain embedding."""
+    outputs = {part.removesuffix(OUTPUT_SUFFIX): tensor for part, tensor in embedding.output_vectors.items()}
+    return _file_parts(embedding, outputs, single=_single(embedding), suffix=OUTPUT_SUFFIX)
+
+
+def _single(embedding: BundledEmbedding) -> bool:
+    """Whether a bundle is SD1/SD2's one tensor: ``string_to_param`` or ``clip_l`` alone (inputs and outputs)."""
+    parts = set(embedding.vectors) | {part.removesuffix(OUTPUT_SUFFIX) for part in embedding.output_vectors}
+    return parts in ({SINGLE}, {CLIP_L})
+
+
+def _file_parts(
+    embedding: BundledEmbedding, vectors: dict[str, torch.Tensor], *, single: bool, suffix: str = ""
+) -> dict[str, torch.Tensor]:
     if not vectors:
-        raise ModelFormatError(f"bundled embedding {embedding.name!r} has no input vectors")
-    if set(vectors) in ({SINGLE}, {CLIP_L}):
+        return {}
+    if single:
         return {SINGLE: next(iter(vectors.values()))}
     out = {}
     chosen = encoder_part_keys(vectors)  # with both t5 and t5xxl, t5 is read, as from a file
@@ -170,8 +215,8 @@ def bundled_file_vectors(embedding: BundledEmbedding) -> dict[str, torch.Tensor]
         if key not in ENCODER_KEYS:
             where = f"{embedding.source}: " if embedding.source else ""
             raise ModelFormatError(
-                f"{where}bundled embedding {embedding.name!r} has a {part!r} part, which no embedding file format "
-                f"here holds (want {', '.join(ENCODER_KEYS)})"
+                f"{where}bundled embedding {embedding.name!r} has a {part + suffix!r} part, which no embedding file "
+                f"format here holds (want {', '.join(ENCODER_KEYS)})"
             )
         if chosen[key] == part:
             out[key] = tensor
@@ -213,6 +258,7 @@ __all__ = [
     "OT_EMP_PARAMS",
     "T5",
     "T5_ALIAS",
+    "bundled_file_outputs",
     "bundled_file_vectors",
     "embedding_file_name",
     "embeddings_folder",

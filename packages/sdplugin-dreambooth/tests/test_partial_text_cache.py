@@ -198,7 +198,7 @@ def test_a_kohya_sd3_train_toml_with_use_t5xxl_cache_only_caches_t5_alone(tmp_pa
     path.write_text(
         'pretrained_model_name_or_path = "tiny:sd3"\ntrain_text_encoder = true\nuse_t5xxl_cache_only = true\n'
         f'train_data_dir = "{data}"\noutput_dir = "{tmp_path / "out"}"\nresolution = "64,64"\nmax_train_steps = 1\n'
-        "t5xxl_max_token_length = 16\n",
+        't5xxl_max_token_length = 16\ncaption_extension = ".txt"\n',  # make_tiny_dataset's (kohya's: .caption)
         encoding="utf-8",
     )
     notes: list[str] = []

@@ -130,7 +130,8 @@ def test_kohya_text_cache_with_a_training_clip_caches_t5_as_kohya(tmp_path, cach
     path.write_text(
         f'pretrained_model_name_or_path = "{model}"\nnetwork_module = "{module}"\n{cache_key} = true\n'
         f'train_data_dir = "{data}"\noutput_dir = "{tmp_path / "out"}"\nresolution = "64,64"\nmax_train_steps = 1\n'
-        'network_dim = 2\nt5xxl_max_token_length = 16\nnetwork_args = ["split_qkv=True"]\n',
+        'network_dim = 2\nt5xxl_max_token_length = 16\nnetwork_args = ["split_qkv=True"]\n'
+        'caption_extension = ".txt"\n',  # make_tiny_dataset's captions (kohya's default is .caption)
         encoding="utf-8",
     )
     notes: list[str] = []

@@ -1343,3 +1343,26 @@ def test_resume_warns_when_the_guidance_the_run_trains_at_changes(tmp_path, caps
     assert resumed_guidance_change({"guidance_scale": None}, unset, control=True) is None
     assert resumed_guidance_change({"guidance_scale": 30.0}, unset, control=True) is None
     assert resumed_guidance_change({}, unset, control=True) is None  # no record: nothing to compare
+
+
+class FailsAtStep3Alone(FailsAtStep3):
+    """Raises in step 3 of a one-process run."""
+
+
+def test_a_failure_without_a_state_still_writes_the_trained_weights(tmp_path, capsys):
+    """--no-save-state (and a kohya run without save_state, sd-scripts' default): an error keeps the weights after
+    the last finished step, as Ctrl-C does; without this the steps trained were lost."""
+    out = tmp_path / "run"
+    o = _opts(tmp_path, max_steps=6, save_state=False)
+    session = TrainSession(FailsAtStep3Alone(o), bundle=create_tiny_bundle("sd1"))
+    with pytest.raises(RuntimeError, match="one process"):
+        session.run()
+    written = out / "result-step00000003.safetensors"
+    assert _step_files(out) == [3] and not (out / "result-state").exists()
+    assert f"error: the weights after step 3 are in {written} (no resumable state)" in capsys.readouterr().err
+    # with a state (sdcore's default) the state holds them: no extra file
+    o = _opts(tmp_path, "withstate", max_steps=6)
+    session = TrainSession(FailsAtStep3Alone(o), bundle=create_tiny_bundle("sd1"))
+    with pytest.raises(RuntimeError, match="one process"):
+        session.run()
+    assert _step_files(tmp_path / "withstate") == []

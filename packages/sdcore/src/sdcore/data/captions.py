@@ -30,8 +30,11 @@ def _normalise_extension(extension: str) -> str:
     return extension if extension.startswith(".") else f".{extension}"
 
 
-def caption_path_candidates(image_path: str | os.PathLike[str], extension: str = ".txt") -> list[Path]:
-    """Caption files looked at for ``image_path``, in order (the configured extension first).
+def caption_path_candidates(
+    image_path: str | os.PathLike[str], extension: str = ".txt", *, fallback: bool = True
+) -> list[Path]:
+    """Caption files looked at for ``image_path``, in order (the configured extension first; the other of
+    :data:`CAPTION_EXTENSIONS` after it unless ``fallback`` is off, as kohya reads only its ``caption_extension``).
 
     As kohya's ``read_caption``, a file named like a face-crop image, ``<name>_<cx>_<cy>_<w>_<h>``
     (five or more ``_``-separated parts), falls back to ``<name>``'s caption, so several crops
@@ -44,6 +47,8 @@ def caption_path_candidates(image_path: str | os.PathLike[str], extension: str =
     if len(parts) >= 5:
         stems.append(stems[0].with_name("_".join(parts[:-4])))
     candidates = [Path(f"{stem}{extension}") for stem in stems]
+    if not fallback:
+        return candidates
     for other in CAPTION_EXTENSIONS:
         if other != extension.lower():
             candidates.extend(Path(f"{stem}{other}") for stem in stems)
@@ -112,24 +117,29 @@ def word_regex_problem(pattern: str) -> str | None:
     return None
 
 
-def find_caption_file(image_path: str | os.PathLike[str], extension: str = ".txt") -> Path | None:
+def find_caption_file(
+    image_path: str | os.PathLike[str], extension: str = ".txt", *, fallback: bool = True
+) -> Path | None:
     """The caption file :func:`read_caption` would read, or ``None``."""
-    for candidate in caption_path_candidates(image_path, extension):
+    for candidate in caption_path_candidates(image_path, extension, fallback=fallback):
         if candidate.is_file():
             return candidate
     return None
 
 
-def read_caption(image_path: str | os.PathLike[str], extension: str = ".txt", *, all_lines: bool = False) -> str | None:
+def read_caption(
+    image_path: str | os.PathLike[str], extension: str = ".txt", *, all_lines: bool = False, fallback: bool = True
+) -> str | None:
     """The caption of ``image_path``: ``None`` when no caption file exists, ``""`` when it is empty.
 
-    Reads ``<stem><extension>`` and falls back to the other of ``.txt``/``.caption``. The file is
+    Reads ``<stem><extension>`` and falls back to the other of ``.txt``/``.caption`` (not with ``fallback`` off:
+    kohya's ``read_caption`` reads its ``caption_extension`` only). The file is
     decoded by :func:`read_caption_text` (UTF-8, a BOM accepted, or UTF-16 with its BOM; NUL bytes refused);
     like kohya only the first line counts, but leading blank lines are skipped. ``all_lines`` (kohya's ``enable_wildcard``) keeps every non-blank line, stripped and
     joined with ``"\\n"``, so that training picks one line per use. Raises :class:`DataError` for an
     unreadable or undecodable caption file.
     """
-    path = find_caption_file(image_path, extension)
+    path = find_caption_file(image_path, extension, fallback=fallback)
     if path is None:
         return None
     text = read_caption_text(path, "caption file")

@@ -281,9 +281,10 @@ def check_dataset(
     report.skipped = [(rel(s.path), s.reason) for s in index.skipped]
     report.unused_captions = [rel(p) for p in index.unused_captions]
     report.errors.extend(index.problems)  # e.g. images a metadata file lists that are not there
-    from ..train.caption_checks import filename_caption_notes
+    from ..train.caption_checks import caption_twin_notes, filename_caption_notes
 
     report.notes.extend(filename_caption_notes(index))  # the run's pre-flight note, word for word
+    report.notes.extend(caption_twin_notes(index))
     if not index.instance_entries:
         report.errors.append("no usable training images")
     elif method is not None:  # the method's own checks, as the run's pre-flight makes them (no model needed)

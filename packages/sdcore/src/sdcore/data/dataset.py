@@ -84,6 +84,8 @@ class SubsetOptions:
     repeats: int = 1
     is_class: bool = False
     caption_extension: str = ".txt"
+    #: read the other of ``.txt``/``.caption`` where ``caption_extension``'s file is missing (kohya does not)
+    caption_fallback: bool = True
     keep_tokens: int = 0
     shuffle_caption: bool = False
     caption_dropout: float = 0.0
@@ -382,6 +384,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         options = TrainOptions()
     return {
         "caption_extension": options.caption_extension,
+        "caption_fallback": options.caption_fallback,
         "filename_captions": options.filename_captions,
         "filename_word_regex": options.filename_word_regex,
         "filename_join_string": options.filename_join_string,
@@ -1159,7 +1162,9 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         images.append(path)
     images.sort()
     if not subset.caption_from_filename and subset.caption_text is None:
-        index.unused_captions.extend(_unused_captions(caption_files, images, subset.caption_extension))
+        index.unused_captions.extend(
+            _unused_captions(caption_files, images, subset.caption_extension, fallback=subset.caption_fallback)
+        )
     for position, size in _usable_sizes(subset, images, index, verify):
         path = images[position]
         try:
@@ -1168,7 +1173,9 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             elif subset.caption_text is not None:
                 caption = subset.caption_text
             else:
-                caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
+                caption = read_caption(
+                    path, subset.caption_extension, all_lines=subset.enable_wildcard, fallback=subset.caption_fallback
+                )
         except DataError as exc:
             index.skipped.append(SkippedFile(path, _reason(exc, path)))
             continue
@@ -1203,14 +1210,16 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         )
 
 
-def _unused_captions(caption_files: list[Path], images: list[Path], extension: str) -> list[Path]:
+def _unused_captions(
+    caption_files: list[Path], images: list[Path], extension: str, *, fallback: bool = True
+) -> list[Path]:
     """Caption files no image of the folder reads (its image renamed, deleted or of a type not read, or a
     text file that is no caption: a prompt list, notes).
 
     kohya ignores them silently; listing them shows a caption that trains nothing. An image that turns
     out unreadable still owns its caption (the image itself is listed). On a file system that ignores
     case (Windows, macOS) ``A.TXT`` is the caption ``A.png`` reads as ``A.txt``."""
-    read = {candidate for image in images for candidate in caption_path_candidates(image, extension)}
+    read = {candidate for image in images for candidate in caption_path_candidates(image, extension, fallback=fallback)}
     by_name = {(c.parent, c.name.lower()): c for c in read}
     unused = []
     for path in sorted(caption_files):

@@ -116,3 +116,40 @@ def filename_caption_notes(index: Any) -> list[str]:
         "--filename-captions a1111 for the captions A1111's TI/hypernetwork training used (in a dataset TOML: "
         "filename_captions = 'a1111')",
     ]
+
+
+def caption_twin_notes(index: Any) -> list[str]:
+    """A note for the images of subsets that read their ``caption_extension`` only (``caption_fallback`` off: a run
+    written in kohya's names) which have no such caption file but a twin of the other common extension beside them
+    (``a.txt`` where ``a.caption`` is read): kohya's ``read_caption`` never looks at it, so those images train on
+    their class tokens or an empty caption, in kohya and here. The usual cause is sd-scripts' default
+    ``caption_extension`` ``.caption`` (train_util.add_dataset_arguments) on a folder captioned with ``.txt``
+    files. The same words in the run's pre-flight and ``sdcore data check``."""
+    from ..data.captions import CAPTION_EXTENSIONS, caption_path_candidates
+
+    uncaptioned = {*index.missing_captions, *index.class_token_captions}
+    found: dict[tuple[str, str], list[Any]] = {}  # (extension read, twin's extension) -> twin files
+    for entry in index.entries:
+        subset = entry.subset
+        if entry.path not in uncaptioned or getattr(subset, "caption_fallback", True):
+            continue
+        extension = str(getattr(subset, "caption_extension", ".txt"))
+        read = caption_path_candidates(entry.path, extension, fallback=False)
+        for other in CAPTION_EXTENSIONS:
+            if other == extension.lower():
+                continue
+            twin = next((p.with_suffix(other) for p in read if p.with_suffix(other).is_file()), None)
+            if twin is not None:
+                found.setdefault((extension, other), []).append(twin)
+                break
+    notes = []
+    for (extension, other), twins in found.items():
+        count = len(dict.fromkeys(twins))
+        have = "1 image has" if count == 1 else f"{count} images have"
+        default = " (sd-scripts' default when caption_extension is left out)" if extension == ".caption" else ""
+        notes.append(
+            f"{have} no {extension} caption file but a {other} one (e.g. {twins[0]}): kohya reads only "
+            f"caption_extension {extension!r}{default}, so they train on their class tokens or an empty caption, "
+            f"here as in kohya; set caption_extension = '{other}' to train on those captions"
+        )
+    return notes

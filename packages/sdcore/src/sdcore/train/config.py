@@ -248,7 +248,8 @@ def load_options(
         if "prediction_type" not in cli_values:  # sdcore's own --prediction-type keeps its refusal
             found_notes += k.kohya_v_parameterization(raw, translation.origin, family)
         found_notes += k.kohya_flux_train_text_encoder(raw, translation.origin, set(cli_values), fields, family)
-        defaults, applied = k.kohya_defaults(fields, set(raw), raw, family=family)
+        own = {f.name: f.default for f in dataclasses.fields(options_class)}  # type: ignore[arg-type]
+        defaults, applied = k.kohya_defaults(fields, set(raw), raw, family=family, own_defaults=own)
         if applied:
             found_notes.append("kohya defaults applied (set the option to change): " + "; ".join(applied))
         # a default is returned for a given option only where kohya's "unset" (None here) means that default

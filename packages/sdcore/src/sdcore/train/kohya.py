@@ -19,8 +19,9 @@ work unchanged: every kohya name is translated to sdcore's option here, once.
 - kohya_ss GUI configs (JSON with the GUI's own field names): :mod:`.kohya_gui` turns them into
   these names first, then the same table applies.
 - :data:`KOHYA_DEFAULTS`: where kohya's default differs from sdcore's and decides what trains
-  (kohya trains the text encoder too, dim 4, alpha 1, no buckets, 1600 steps), a run written with kohya
-  names gets kohya's default, with a note saying so.
+  (kohya trains the text encoder too, dim 4, alpha 1, no buckets, 1600 steps, learning rate 2e-6, ``.caption``
+  captions, float32 saves) or what is written, a run written with kohya names gets kohya's default, with a note
+  saying so.
 """
 
 from __future__ import annotations
@@ -681,7 +682,8 @@ IGNORED: dict[str, str] = {
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
-    "save_state_on_train_end": "sdcore always saves a resumable state at the end (--no-save-state turns it off)",
+    "save_state_on_train_end": "kohya's state at the end only: sdcore's --save-state (on for this run) writes one at "
+    "the end and one with each intermediate save (--keep-states prunes them)",
     "use_safetensors": "sdcore always writes .safetensors (a single file, or a diffusers folder of them); kohya "
     "without it and without save_model_as would write a .ckpt",
     "torch_compile": "sdcore runs the denoiser without torch.compile (compiling changes speed, not what trains); "
@@ -884,7 +886,12 @@ LYCORIS_OTHER_ALGOS = {
 _BLOCK_ARGS = {"block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
                "up_lr_weight", "block_lr_zero_threshold"}  # fmt: skip
 
-#: kohya defaults that differ from sdcore's and decide what trains (target, kohya value, why)
+#: kohya defaults that differ from sdcore's and decide what trains or what is written (target, kohya value, why;
+#: an empty why sets the value without a note). Lines cite sd-scripts 48d368f; options not listed have sdcore's
+#: kohya default already (train_batch_size 1, lr_scheduler constant, AdamW, mixed_precision no, clip_skip last
+#: layer, the bucket sizes 256/1024/64, caption options off, noise_offset and min_snr_gamma off: the audit table in
+#: docs/training.md), or differ on purpose (seed: kohya draws a random one, sdcore's 42 is one such draw, kept so a
+#: run repeats; max_token_length: kohya truncates captions at 75 tokens, sdcore encodes them whole in chunks)
 KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("rank", 4, "network_dim defaults to 4"),
     ("alpha", 1.0, "network_alpha defaults to 1"),
@@ -903,6 +910,22 @@ KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
         "latents are not cached unless --cache_latents (random_crop/color_aug/face_crop_aug_range and "
         "train_inpainting need that)",
     ),
+    # library/train_util.py:3701 (add_optimizer_arguments: --learning_rate 2.0e-6); LoRA's unet_lr/text_encoder_lr
+    # fall back to it (train_network.py), so does ss_learning_rate in the file's metadata
+    ("lr", 2e-6, "learning_rate defaults to 2e-6 (kohya's, for every script; LoRA is usually trained near 1e-4)"),
+    # train_util.py:4492 (add_dataset_arguments: --caption_extension ".caption"), which config_util.py's
+    # BlueprintGenerator gives every dataset-TOML subset that sets none (the argparse value comes before the
+    # DreamBoothSubsetParams default, also ".caption")
+    ("caption_extension", ".caption", "caption_extension defaults to .caption"),
+    # train_util.py:1946-1970 (read_caption): only <stem><caption_extension> is read, then the class tokens or ""
+    ("caption_fallback", False, ""),
+    # train_util.py:3839 (--save_precision None) and prepare_dtype (:5514): save_dtype None writes the weights in
+    # the dtype they train in, float32 (full_fp16/full_bf16 are translated to their dtype in _composites)
+    ("save_dtype", "fp32", "save_precision defaults to none: the weights are saved as they train, in float32"),
+    # train_util.py:3864/3876 (--save_last_n_epochs / --save_last_n_steps None): no intermediate save is removed
+    ("save_limit", 0, "every intermediate save is kept unless save_last_n_epochs/save_last_n_steps"),
+    # train_util.py:3888 (--save_state store_true): no resumable state is written without it
+    ("save_state", False, "no resumable training state is written unless save_state"),
 )
 
 
@@ -1029,7 +1052,9 @@ def help_epilog() -> str:
         f"Accepted with a note (no effect on the result here): {ignored}. Options that would change the "
         "result and sdcore does not implement are accepted at their 'off' value and refused otherwise. "
         "A run written with kohya's names gets kohya's defaults where they decide what trains "
-        "(dim 4, alpha 1, text encoder trained, no buckets, 1600 steps; on Flux and SD3 its scripts' "
+        "(dim 4, alpha 1, text encoder trained, no buckets, 1600 steps, learning rate 2e-6, .caption captions "
+        "without a .txt fallback, float32 saves, every intermediate save kept, no resumable state; on Flux and SD3 "
+        "its scripts' "
         "timestep_sampling, model_prediction_type, discrete_flow_shift and guidance_scale), with a note."
     )
 
@@ -1230,6 +1255,9 @@ def _composites(
                 put("save_limit", window, "save_last_n_steps")
         else:
             out.notes.append("save_last_n_steps without save_every_n_steps has no effect")
+    end_state = not _is_off(items.get("save_state_on_train_end"), _OFF)
+    if end_state and "save_state" in present and _is_off(items.get("save_state"), _OFF):  # (else on already)
+        put("save_state", True, "save_state_on_train_end")  # sdcore's state: at the end and with each save
     _state_retention(items, present, out, put)
     # TI templates
     for name, template in (("use_object_template", "subject"), ("use_style_template", "style")):
@@ -1914,11 +1942,12 @@ def family_default_targets(family: str | None = None) -> set[str]:
     return {target for table in tables for target, _, _ in table}
 
 
-def _dataset_toml_sets_buckets(data: Any) -> bool:
-    """Whether a kohya dataset TOML (``dataset_config``) sets ``enable_bucket`` for every dataset (in
-    ``[general]`` or in each ``[[datasets]]``): then the run-wide default never applies, and a note saying
-    "buckets are off" would contradict the buckets the run shows. Unreadable files say no (the dataset
-    reader reports them)."""
+def _dataset_toml_sets(data: Any, key: str) -> bool:
+    """Whether a kohya dataset TOML (``dataset_config``) sets ``key`` for every subset (in ``[general]``, in each
+    ``[[datasets]]`` or in each of its ``[[datasets.subsets]]``; kohya's old spelling ``caption_extention`` counts
+    for ``caption_extension``): then the run-wide default never applies, and a note saying "buckets are off" would
+    contradict the buckets the run shows. Unreadable files say no (the dataset reader reports them)."""
+    keys = {key, "caption_extention"} if key == "caption_extension" else {key}
     if not isinstance(data, str) or not data.lower().endswith(".toml"):
         return False
     import tomllib
@@ -1928,15 +1957,19 @@ def _dataset_toml_sets_buckets(data: Any) -> bool:
             table = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError):
         return False
-    general = table.get("general")
-    if isinstance(general, dict) and "enable_bucket" in general:
+
+    def sets(table: Any) -> bool:
+        return isinstance(table, dict) and bool(keys & set(table))
+
+    if sets(table.get("general")):
         return True
     datasets = table.get("datasets")
-    return (
-        isinstance(datasets, list)
-        and bool(datasets)
-        and all(isinstance(d, dict) and "enable_bucket" in d for d in datasets)
-    )
+
+    def every_subset(dataset: Any) -> bool:
+        subsets = dataset.get("subsets") if isinstance(dataset, dict) else None
+        return isinstance(subsets, list) and bool(subsets) and all(sets(s) for s in subsets)
+
+    return isinstance(datasets, list) and bool(datasets) and all(sets(d) or every_subset(d) for d in datasets)
 
 
 def kohya_defaults(
@@ -1945,11 +1978,15 @@ def kohya_defaults(
     given_values: Mapping[str, Any] | None = None,
     *,
     family: str | None = None,
+    own_defaults: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """kohya's defaults for a run written with kohya names, for the options nobody set (``given_values``:
     the given options' values, for defaults that only matter when another option is on). ``family``
-    (the model's, when known before loading) adds the defaults of kohya's script for that family."""
+    (the model's, when known before loading) adds the defaults of kohya's script for that family.
+    ``own_defaults`` (the method's option defaults) leaves out a :data:`KOHYA_DEFAULTS` entry the method has
+    already (DreamBooth's learning rate is kohya's 2e-6), so that its note says nothing new."""
     present = set(options_fields)
+    unset = object()
     values: dict[str, Any] = {}
     applied: list[str] = []
     for target, value, why in KOHYA_FAMILY_DEFAULTS.get(family or "", ()):
@@ -1977,6 +2014,19 @@ def kohya_defaults(
     for target, value, why in KOHYA_DEFAULTS:
         if target not in present or target in given or target in values:
             continue  # (a family's own default wins)
+        if (own_defaults or {}).get(target, unset) == value:
+            continue  # the method's own default is kohya's
+        if target == "caption_extension" and (
+            (given_values or {}).get("metadata_file") or _dataset_toml_sets((given_values or {}).get("data"), target)
+        ):
+            continue  # captions from a metadata file, or the dataset TOML's own extension everywhere
+        if target == "lr" and "unet_lr" in given and ("te_lr" in given or (given_values or {}).get("unet_only")):
+            values[target] = value  # LoRA's own rates decide; learning_rate is only the file's ss_learning_rate
+            continue
+        if target == "save_limit" and not any(
+            (given_values or {}).get(name) for name in ("save_every", "save_every_epochs", "save_n_epoch_ratio")
+        ):
+            continue  # no intermediate saves: nothing to keep or remove
         if target == "train_text_encoder" and {"unet_only", "te_only"} & given:
             continue
         if target == "train_text_encoder" and not _is_off((given_values or {}).get("control_lora"), _OFF):
@@ -1998,7 +2048,7 @@ def kohya_defaults(
             continue
         if target in _SAMPLE_TARGETS and not (given_values or {}).get("sample_prompts"):
             continue  # no samples: nothing to say
-        if target == "buckets" and _dataset_toml_sets_buckets((given_values or {}).get("data")):
+        if target == "buckets" and _dataset_toml_sets((given_values or {}).get("data"), "enable_bucket"):
             continue  # the dataset TOML's enable_bucket decides (kohya reads the command line's only as a fallback)
         if (
             target == "cache_latents"
@@ -2010,7 +2060,8 @@ def kohya_defaults(
         ):  # sdcore caches by default; kohya's default matters only where caching is refused (train_inpainting too)
             continue
         values[target] = value
-        applied.append(why)
+        if why:
+            applied.append(why)
     return values, applied
 
 

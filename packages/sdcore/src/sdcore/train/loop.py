@@ -937,7 +937,25 @@ class TrainSession:
                 log.error("could not save the training state: %s", save_exc)
         if why in ("interrupted", "stopped"):
             self._keep_stopped_weights(exc, why, mixed=where, state_failed=state_failed)
+        elif (
+            self._setup_done
+            and self.position.step > 0
+            and not alone
+            and not mixed
+            and state_failed != AGAIN
+            and getattr(exc, "sdcore_state", None) is None
+            and self.is_main
+            and self.position.step not in self._written_steps()
+        ):  # no state holds the trained weights (--no-save-state, kohya without save_state): write them
+            message = save_alone(self, why, alone=False)
+            log.info(message)
+            print(message, file=sys.stderr)
         self._error_hook(exc)
+
+    def _written_steps(self) -> set[int]:
+        """The steps whose weights are on disk already (this step's --save-every result, the final result)."""
+        done = (self.checkpoints.last_step_result, self.checkpoints.final_result)
+        return {entry[0] for entry in done if entry is not None}
 
     def _keep_stopped_weights(
         self, exc: BaseException, why: str, *, mixed: str | None, state_failed: str | None

@@ -214,6 +214,13 @@ class TrainOptions:
         group="data",
     )
     caption_extension: str = option(".txt", "Caption file extension (.txt or .caption).", group="data")
+    caption_fallback: bool = option(
+        True,
+        "An image without a caption file of --caption-extension reads its .txt/.caption twin instead (a safety "
+        "net: a wrong extension would train uncaptioned). kohya reads only its caption_extension, so a run "
+        "written in kohya's names turns this off, and the pre-flight names the twins it leaves unread.",
+        group="data",
+    )
     filename_captions: str = option(
         "none",
         "Caption an image that has no caption file from its file name: a1111 as A1111's Train tab (TI, "

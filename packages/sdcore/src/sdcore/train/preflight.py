@@ -1189,9 +1189,10 @@ def run_preflight(
             family = report.layout.family if report.layout is not None else None
             report.notes.extend(routing_dataset_notes(o, data.index, family))  # --tread-route keeps masked tokens
             report.notes.extend(bucket_side_notes(data.index))
-            from .caption_checks import filename_caption_notes
+            from .caption_checks import caption_twin_notes, filename_caption_notes
 
             report.notes.extend(filename_caption_notes(data.index))  # an A1111 dataset's file-name captions
+            report.notes.extend(caption_twin_notes(data.index))  # .txt captions a kohya run's .caption leaves unread
             from .data import mask_augment_checks
             from .inpainting import layout_kind
 

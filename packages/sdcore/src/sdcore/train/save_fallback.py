@@ -181,9 +181,12 @@ def mixed_message(why: str, where: str, saved: str = "no state was saved") -> st
     return f"{why} {where}, so {saved}"
 
 
-def save_alone(session: Any, why: str) -> str:
+def save_alone(session: Any, why: str, *, alone: bool = True) -> str:
     """An error stopped this process of several: write the weights after the last finished step without
     any other process, and return the one line to print (this process's own: the others may be gone).
+    ``alone`` off: a one-process run that failed without a resumable state (``--no-save-state``, a kohya run
+    without ``save_state``, or a state that could not be written) writes them the same way, so that a failure
+    never loses the steps trained, as a Ctrl-C does not.
 
     Saving a state needs every process and they may never come (they wait in the gradient all-reduce,
     or the launcher stops them), but under DDP each process holds the weights every other one does, so
@@ -197,7 +200,7 @@ def save_alone(session: Any, why: str) -> str:
     from .checkpoints import intermediate_path
 
     step = session.position.step
-    head = f"{why} in one of several processes"
+    head = f"{why} in one of several processes" if alone else why
     resume = "resume from the last saved state with --resume" if session.options.save_state else None
     where = mixed_step(session)
     if where is not None:
@@ -224,9 +227,13 @@ def save_alone(session: Any, why: str) -> str:
     again = [f"continue from it with {option} {written}"] if option else []
     if resume:
         again.append(resume)
-    return (
-        f"{head}: this process wrote the weights after step {step} to {written} (a result, not a resumable "
-        "state: saving one needs every process)" + (f"; {', or '.join(again)}" if again else "")
+    if alone:
+        return (
+            f"{head}: this process wrote the weights after step {step} to {written} (a result, not a resumable "
+            "state: saving one needs every process)" + (f"; {', or '.join(again)}" if again else "")
+        )
+    return f"{head}: the weights after step {step} are in {written} (no resumable state)" + (
+        f"; {', or '.join(again)}" if again else ""
     )
 
 

@@ -181,3 +181,18 @@ def test_overlapping_alpha_patterns_apply_as_diffusers_fuses(tmp_path):
         alphas = {key.rsplit(".", 2)[-2]: float(w.alpha) for key, w in modules.items() if key.endswith("to_k")}
         assert alphas == {"attn1": 6.0, "attn2": 3.0}
         _close(_sdcore_merged((path, 1.0)), _diffusers_fused(path))
+
+
+def test_magnitude_axis_from_shape_one_output_row():
+    """A ``[1, 1]`` magnitude of a one-output layer with several inputs can only be per output row (PEFT's ``[1]``
+    read as ``[out, 1]``); LyCORIS' per-input ``[1, in]`` and ``[out, 1]`` keep their axes, and the applied weight of
+    the one-row case has the stored magnitude as its row norm."""
+    from sdplugin_lora.adapters import Dora
+
+    assert Dora.per_output(torch.ones(1, 1), (1, 8)) is True
+    assert Dora.per_output(torch.ones(1, 8), (1, 8)) is False
+    assert Dora.per_output(torch.ones(4, 1), (4, 8)) is True
+    assert Dora.per_output(torch.ones(1, 8), (4, 8)) is False
+    base, delta = torch.randn(1, 8), torch.randn(1, 8)
+    merged = Dora.apply(base, delta, torch.full((1, 1), 2.5))
+    assert torch.allclose(merged.norm(dim=1), torch.tensor([2.5]))

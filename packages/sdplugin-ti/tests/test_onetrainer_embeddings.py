@@ -137,6 +137,33 @@ def test_saved_safetensors_keep_the_output_vectors_in_onetrainers_layout(tmp_pat
         assert torch.equal(again.vectors[key], emb.vectors[key])
 
 
+@pytest.mark.parametrize("fmt", ["pt", "bin", "png"])
+def test_formats_without_output_vectors_say_they_leave_them_out(tmp_path, fmt):
+    """A1111's ``.pt``/``.png`` and diffusers' ``.bin`` hold input vectors only: saving an output embedding in them
+    warns once, naming the file and the left-out keys; the file reads back without output vectors. The
+    ``.safetensors`` save keeps them and says nothing."""
+    from sdplugin_ti.formats import save_embedding
+
+    source = tmp_path / "sdxl.safetensors"
+    save_file({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 16), "clip_l_out": torch.full((1, 8), 3.0),
+               "clip_g_out": torch.full((1, 16), 4.0)}, str(source))  # fmt: skip
+    emb = load_embedding(source)
+    out = tmp_path / f"copy.{fmt}"
+    with pytest.warns(UserWarning) as caught:
+        save_embedding(emb, out)
+    said = [str(w.message) for w in caught if "output vectors" in str(w.message)]
+    assert said == [
+        f"{out}: the output vectors of OneTrainer's output embedding 'sdxl' (clip_l_out, clip_g_out) are left out: "
+        f"the {fmt} format (A1111's .pt/.png, diffusers' .bin) cannot hold them; write a .safetensors to keep them"
+    ]
+    again = load_embedding(out)
+    assert not again.output_vectors and torch.equal(again.vectors["clip_g"], torch.zeros(1, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = load_embedding(save_embedding(emb, tmp_path / "copy.safetensors"))
+    assert kept.output_keys == ["clip_l_out", "clip_g_out"]
+
+
 def test_bundled_output_vectors_are_read_and_sd1s_clip_l_is_the_single_tensor(make_bundle, tmp_path):
     """OneTrainer's SD1 LoRA saver writes ``bundle_emb.<name>.clip_l`` and ``.clip_l_out``."""
     bundle = make_bundle("sd1")

@@ -113,6 +113,17 @@ def atomic_save(path: str | os.PathLike[str], writer: Callable[[Path], Any]) -> 
     return Path(path)
 
 
+def free_path(path: Path) -> Path:
+    """``path``, or ``<stem>-2<suffix>``, ``-3`` ... when it is taken: never replacing a file is the rule of the
+    images sdcore writes on its own (a resumed run that renders a training sample step, or ``final``, again keeps
+    the earlier run's images; ``generate``'s PNG fallback of an image its format cannot hold)."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
 #: the characters A1111 keeps in an embedding's or a hypernetwork's name, which is also its file stem
 _FILE_STEM = re.compile(r"^[\w.\- ]+$")
 

@@ -604,3 +604,24 @@ def test_unknown_suffix_and_what_a_format_cannot_hold(tmp_path, monkeypatch):
         path = save_image(Image.new("RGB", (8, 8)), tmp_path / "long.jpg", fits + "x")
     assert path == tmp_path / "long.png" and read_png_parameters(path).prompt == fits + "x"
     assert not (tmp_path / "long.jpg").exists()
+
+
+def test_png_fallback_takes_free_path_from_io_not_from_training(tmp_path):
+    """``save_image``'s PNG fallback names its file with :func:`sdcore.io.free_path` (``-2``, ``-3`` ... past taken
+    names), the one rule training samples follow too; writing it imports nothing of ``sdcore.train``."""
+    import subprocess
+    import sys
+
+    from sdcore.io import free_path
+
+    assert free_path(tmp_path / "a.png") == tmp_path / "a.png"
+    (tmp_path / "a.png").write_bytes(b"1")
+    (tmp_path / "a-2.png").write_bytes(b"2")
+    assert free_path(tmp_path / "a.png") == tmp_path / "a-3.png"
+    code = (
+        "import sys; from PIL import Image; from sdcore.generate.pnginfo import save_image; "
+        f"p = save_image(Image.new('RGB', (16384, 2)), {str(tmp_path / 'a.webp')!r}, 'x', warn=lambda m: None); "
+        "print(p.name, sorted(m for m in sys.modules if m.startswith('sdcore.train')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["a-3.png", "[]"]

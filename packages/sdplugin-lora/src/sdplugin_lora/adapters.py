@@ -664,7 +664,8 @@ class Dora:
         out = weight_shape[0]
         if magnitude.dim() == 1:
             return magnitude.shape[0] == out
-        return magnitude.shape[0] == out and magnitude.shape[1] == 1 and out != 1
+        # [1, 1] is per output row for a layer of one output and several inputs (PEFT's magnitudes, read as [out, 1])
+        return magnitude.shape[0] == out and magnitude.shape[1] == 1 and (out != 1 or weight_shape[1] != 1)
 
     @staticmethod
     def apply(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 # --- internal representation ------------------------------------------------------------------
 
+#: the part name a PEFT ``lora_magnitude_vector`` is read under until :func:`_peft_magnitudes` makes it a
+#: ``dora_scale``
+_PEFT_MAGNITUDE = "lora_magnitude_vector"
+
 #: per-module tensor suffixes -> the name the variants use (kohya/LyCORIS spelling); longest first
 #: so ".lora_A.default.weight" wins over ".lora_A.weight"
 _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
@@ -58,6 +62,11 @@ _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
             ".alpha": "alpha",
             ".scale": "scale",
             ".dora_scale": "dora_scale",
+            # PEFT's DoRA magnitude (a ParameterDict entry: get_peft_model_state_dict drops the ".weight" that a raw
+            # state_dict has), per output row; turned into LyCORIS' per-output dora_scale by _peft_magnitudes
+            ".lora_magnitude_vector.default.weight": _PEFT_MAGNITUDE,
+            ".lora_magnitude_vector.weight": _PEFT_MAGNITUDE,
+            ".lora_magnitude_vector": _PEFT_MAGNITUDE,
             **{f".{key}": key for variant in VARIANTS for key in variant.keys if "." not in key and key != "weight"},
             **{f".{key}": key for key in GloraVariant.keys},
         }.items(),
@@ -185,7 +194,16 @@ class LoraFile:
 #: with these tensors, the alphas in the ``lora_adapter_metadata`` header (never an ``.alpha`` tensor)
 PEFT_LAYOUT = "peft"
 _PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-_PEFT_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight", ".lora_B.bias")
+_PEFT_TENSORS = (
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_A.default.weight",
+    ".lora_B.default.weight",
+    ".lora_B.bias",
+    ".lora_magnitude_vector.default.weight",
+    ".lora_magnitude_vector.weight",
+    ".lora_magnitude_vector",
+)
 
 
 def parse_state_dict(
@@ -221,6 +239,7 @@ def parse_state_dict(
                 norm_scales[key] = tensor
             else:
                 unknown.append(key)
+    unknown.extend(_peft_magnitudes(modules))
     # a lone ".alpha"/".scale" without weights is not a module; a lone RMSNorm ".scale" is a norm the file sets
     for key in [k for k, w in modules.items() if w.kind == "unknown"]:
         tensors = modules.pop(key).tensors
@@ -247,12 +266,32 @@ _NORM_MODULES = (".query_norm", ".key_norm")
 _DIFFUSERS_NORM_WEIGHTS = tuple(f".attn.{n}.weight" for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
 
 
+def _peft_magnitudes(modules: dict[str, ModuleWeights]) -> list[str]:
+    """PEFT's DoRA magnitude (``lora_magnitude_vector``: ``[out]`` for a Linear, ``[1, out, 1, 1]`` for a conv) as
+    the ``dora_scale`` of LyCORIS' ``wd_on_out=True`` layout (``[out, 1]`` / ``[out, 1, 1, 1]``), the one
+    :class:`~sdplugin_lora.adapters.Dora` reads per output row. Both mean ``W' = m · (W + s·ΔW) / ‖W + s·ΔW‖``
+    with the norm over each output row (PEFT's ``DoraLinearLayer.get_weight_norm``: ``dim=1``; its conv layer:
+    every axis but the output one), so the values carry over unchanged. A magnitude whose size is not the
+    module's output width is returned as an unknown key (listed as unmatched wherever the file is applied)."""
+    unknown = []
+    for key, weights in modules.items():
+        magnitude = weights.tensors.pop(_PEFT_MAGNITUDE, None)
+        if magnitude is None:
+            continue
+        up = weights.tensors.get("lora_up.weight")
+        if up is None or magnitude.numel() != up.shape[0]:
+            unknown.append(f"{key}.{_PEFT_MAGNITUDE}")
+            continue
+        weights.tensors["dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (up.dim() - 1))
+    return unknown
+
+
 def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
     """diffusers/PEFT files keep alpha in the ``lora_adapter_metadata`` header, not in tensors.
 
     The header is the PEFT config with component prefixes (``unet.lora_alpha``,
     ``text_encoder.alpha_pattern`` ...); a module without an ``.alpha`` tensor gets its pattern's
-    alpha, else its component's ``lora_alpha``.
+    alpha (the first that matches, :func:`peft_pattern_key`), else its component's ``lora_alpha``.
     """
     if not raw:
         return
@@ -268,9 +307,9 @@ def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
         component, _, path = key.partition(".")
         alpha = config.get(f"{component}.lora_alpha")
         patterns = config.get(f"{component}.alpha_pattern") or {}
-        for pattern, value in patterns.items() if isinstance(patterns, dict) else ():
-            if path == pattern or path.endswith("." + pattern):
-                alpha = value
+        pattern = peft_pattern_key(patterns if isinstance(patterns, dict) else {}, path)
+        if pattern is not None:
+            alpha = patterns[pattern]
         if alpha is None:
             continue
         alpha = float(alpha)
@@ -279,20 +318,37 @@ def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
         weights.tensors["alpha"] = torch.tensor(alpha)
 
 
-def peft_header(modules: Mapping[str, tuple[int, float, bool]]) -> str:
+def peft_pattern_key(patterns: Iterable[str], path: str) -> str | None:
+    """The ``rank_pattern``/``alpha_pattern`` entry PEFT gives the module at ``path`` (its name in the component):
+    the *first* pattern, in the header's order, whose regex ``(.*[.])?(<pattern>)$`` matches ``path``, as
+    PEFT's ``get_pattern_key`` does (the pattern is a regular expression: ``.`` matches any character). ``None``
+    when none matches; a pattern that is no valid regular expression matches nothing here (PEFT would raise)."""
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", path):
+                return pattern
+        except re.error:
+            continue
+    return None
+
+
+def peft_header(modules: Mapping[str, tuple[int, float, bool]], dora: Iterable[str] = ()) -> str:
     """The ``lora_adapter_metadata`` header diffusers' ``load_lora_weights`` builds each component's PEFT
     ``LoraConfig`` from, for ``modules`` (``<component>.<module path>`` -> rank, alpha, has a ``lora_B`` bias):
     ``r``/``lora_alpha`` the most common, ``rank_pattern``/``alpha_pattern`` the modules that differ (full paths),
-    ``target_modules`` every path, ``lora_bias`` when a module has a bias. Alphas are kohya's (scale alpha/r: no
-    ``use_rslora``). Written fresh for every file sdcore writes in this layout, so no rank or alpha of another file
-    (a resized or merged one's source) survives in it."""
+    ``target_modules`` every path, ``lora_bias`` when a module has a bias, ``use_dora`` for a component with a
+    module in ``dora`` (its keys: PEFT's DoRA is per config, so every module of it needs its magnitude). Alphas are
+    kohya's (scale alpha/r: no ``use_rslora``). Written fresh for every file sdcore writes in this layout, so no
+    rank or alpha of another file (a resized or merged one's source) survives in it."""
     configs: dict[str, dict[str, Any]] = {}
+    dora = set(dora)
     for key, (rank, alpha, bias) in modules.items():
         component, _, path = key.partition(".")
-        config = configs.setdefault(component, {"ranks": {}, "alphas": {}, "bias": False})
+        config = configs.setdefault(component, {"ranks": {}, "alphas": {}, "bias": False, "dora": False})
         config["ranks"][path] = int(rank)
         config["alphas"][path] = _number(alpha)
         config["bias"] = config["bias"] or bias
+        config["dora"] = config["dora"] or key in dora
     header: dict[str, Any] = {}
     for component, config in configs.items():
         ranks, alphas = config["ranks"], config["alphas"]
@@ -305,6 +361,8 @@ def peft_header(modules: Mapping[str, tuple[int, float, bool]]) -> str:
         header[f"{component}.alpha_pattern"] = {p: a for p, a in alphas.items() if a != alpha}
         if config["bias"]:  # diffusers builds the LoraConfig from this header alone when it is there
             header[f"{component}.lora_bias"] = True
+        if config["dora"]:
+            header[f"{component}.use_dora"] = True
     return json.dumps(header, sort_keys=True)
 
 
@@ -316,12 +374,12 @@ def peft_state_dict(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     dotted names ("Invalid LoRA checkpoint"), so the alphas live in the header alone."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        for suffix in (".lora_down.weight", ".lora_up.weight", ".lora_up.bias", ".alpha"):
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".lora_up.bias", ".alpha", ".dora_scale"):
             if key.endswith(suffix):
                 modules.setdefault(key[: -len(suffix)], {})[suffix[1:]] = tensor
                 break
         else:
-            raise NetworkMismatchError(f"{key}: diffusers' PEFT layout holds plain LoRA modules only")
+            raise NetworkMismatchError(f"{key}: diffusers' PEFT layout holds LoRA and DoRA modules only")
     out: dict[str, torch.Tensor] = {}
     entries: dict[str, tuple[int, float, bool]] = {}
     for key, module in modules.items():
@@ -331,9 +389,34 @@ def peft_state_dict(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
         out[f"{key}.lora_B.weight"] = up
         if "lora_up.bias" in module:
             out[f"{key}.lora_B.bias"] = module["lora_up.bias"]
+        if "dora_scale" in module:
+            # with ".weight", as a raw PEFT state dict has it: diffusers (0.42) loads a text encoder's magnitude
+            # only so (without it the module silently fuses as LoRA with W's own norm), a UNet's either way
+            out[f"{key}.lora_magnitude_vector.weight"] = _peft_magnitude(key, module["dora_scale"], up)
         alpha = float(module["alpha"]) if "alpha" in module else float(rank)
         entries[key] = (rank, alpha, "lora_up.bias" in module)
-    return out, {"lora_adapter_metadata": peft_header(entries), "format": "pt"}
+    dora = {key for key, module in modules.items() if "dora_scale" in module}
+    dora_components = {key.split(".", 1)[0] for key in dora}
+    mixed = [key for key in modules if key not in dora and key.split(".", 1)[0] in dora_components]
+    if mixed:
+        raise NetworkMismatchError(
+            f"{mixed[0]}: a plain LoRA module beside DoRA modules of the same component; diffusers' PEFT layout makes "
+            "DoRA a setting of the whole component (use_dora), so it cannot hold both"
+        )
+    return out, {"lora_adapter_metadata": peft_header(entries, dora), "format": "pt"}
+
+
+def _peft_magnitude(key: str, dora_scale: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """A per-output-row ``dora_scale`` (``[out, 1, ...]``) as PEFT's ``lora_magnitude_vector`` shape: ``[out]``
+    for a Linear, ``[1, out, 1, 1]`` for a conv (what ``get_peft_model_state_dict`` gives); a per-input-channel one
+    (sdcore's and A1111's ``[1, in, ...]``) has no PEFT form and is refused in one line."""
+    out = int(up.shape[0])
+    if dora_scale.numel() != out or (dora_scale.dim() > 1 and dora_scale.shape[0] != out):
+        raise NetworkMismatchError(
+            f"{key}: its DoRA magnitude is per input channel (shape {list(dora_scale.shape)}); PEFT's DoRA keeps one "
+            "per output row, so diffusers' layout cannot hold it"
+        )
+    return dora_scale.reshape(out) if up.dim() == 2 else dora_scale.reshape(1, out, *[1] * (up.dim() - 2))
 
 
 def is_lora_key(key: str) -> bool:

@@ -97,6 +97,12 @@ class Embedding:
     def describe_widths(self) -> str:
         return ", ".join(f"{k}={w}" if k != SINGLE else str(w) for k, w in self.widths.items())
 
+    @property
+    def output_keys(self) -> list[str]:
+        """OneTrainer's file keys of the output vectors (``emp_params_out`` for SD1/SD2's one tensor,
+        ``clip_l_out``...), for messages about them."""
+        return ["emp_params_out" if key == SINGLE else f"{key}_out" for key in self.output_vectors]
+
     def describe(self) -> str:
         """``4 vectors of width 768 (SD1)`` or ``clip_l: 4 vectors of width 768, clip_g: ... (SDXL or SD3)``."""
         parts = []

@@ -10,6 +10,7 @@ in it runs. Every write is atomic (:mod:`sdcore.io`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,7 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
     - ``safetensors``: kohya ``emb_params`` (SD1/SD2) or one key per encoder (SDXL ``clip_l``/``clip_g``;
       SD3 ``clip_l``/``clip_g``[/``t5``]; Flux ``clip_l``[/``t5``], OneTrainer's names), metadata in the header;
       an output embedding's vectors in OneTrainer's layout (``emp_params``/``emp_params_out``, ``clip_l_out``...),
-      the other formats having no place for them.
+      the other formats having no place for them: those are left out with a warning naming the file.
     - ``bin``: diffusers ``{name: tensor}`` (per-encoder embeddings: the same keys as safetensors).
     - ``png``: the A1111 ``sd-ti-embedding`` text chunk on ``preview`` (a PIL image) or a generated picture.
     """
@@ -267,6 +268,14 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
     fmt = (format or path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
         raise ModelFormatError(f"{path}: unknown embedding format {fmt!r} (want {', '.join(FORMATS)})")
+    if emb.output_vectors and fmt != "safetensors":
+        warnings.warn(
+            f"{path}: the output vectors of OneTrainer's output embedding {emb.name!r} ({', '.join(emb.output_keys)}) "
+            f"are left out: the {fmt} format (A1111's .pt/.png, diffusers' .bin) cannot hold them; write a "
+            ".safetensors to keep them",
+            UserWarning,
+            stacklevel=2,
+        )
     if fmt == "pt":
         data = a1111_dict(emb)
         with atomic_path(path) as tmp:

@@ -263,7 +263,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         o = self.options
         loaded = self._init_weights
         if loaded is not None and loaded.output_vectors:
-            parts = ", ".join("emp_params_out" if key == "*" else f"{key}_out" for key in loaded.output_vectors)
+            parts = ", ".join(loaded.output_keys)
             notes.append(
                 f"--init-weights {o.init_weights} is a OneTrainer output embedding: training starts from its input "
                 f"vectors (zeros in OneTrainer's files), as A1111 and ComfyUI read the file; its output vectors "

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .hires import HiresFix
     from .variation import VariationSeeds
-from ..io import atomic_save
+from ..io import atomic_save, free_path
 
 PARAMETERS_KEY = "parameters"
 #: A1111's "RNG" field (modules/processing.py create_infotext; the "randn_source" option): sdcore draws
@@ -361,8 +361,6 @@ def save_image(
     elif fmt == "JPEG" and exif is not None and len(exif) > _JPEG_MAX_EXIF:
         reason = f"a JPEG's EXIF holds at most {_JPEG_MAX_EXIF} bytes and the infotext's takes {len(exif)}"
     if reason is not None:
-        from ..train.sampling import free_path  # the rule training samples follow: never replace a file
-
         original = Path(path)
         path = free_path(original.with_suffix(".png"))
         message = f"{original}: {reason}; saved as PNG: {path}"

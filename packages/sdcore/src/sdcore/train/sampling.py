@@ -8,7 +8,7 @@ see :mod:`.sample_prompts`) rendered every ``--sample-every`` steps / ``--sample
 - the grid of every prompt as ``<result stem>-samples/<tag>.png`` (sdcore's earlier and only output, kept
   for those who read it).
 
-Neither overwrites a file already there (a resumed run rendering a step again): :func:`free_path`.
+Neither overwrites a file already there (a resumed run rendering a step again): :func:`sdcore.io.free_path`.
 With cached text-encoder outputs the sample prompts are encoded once at caching time
 (:func:`encode_sample_prompts`) and renders leave the text encoders on the CPU."""
 
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..io import free_path
 from .method import TrainingMethod, text_encoding_options
 from .options import TrainOptions
 
@@ -49,16 +50,6 @@ def kohya_sample_name(
     number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
     suffix = "" if seed is None else f"_{seed}"
     return f"{prefix}{number}_{index:02d}_{time.strftime('%Y%m%d%H%M%S', when)}{suffix}.png"
-
-
-def free_path(path: Path) -> Path:
-    """``path``, or ``<stem>-2<suffix>``, ``-3`` ... when it is taken: a resumed run that renders a step (or
-    ``final``) again keeps the earlier run's images."""
-    candidate, number = path, 1
-    while candidate.exists():
-        number += 1
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
-    return candidate
 
 
 def _clock() -> time.struct_time:

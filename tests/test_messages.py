@@ -179,6 +179,23 @@ def test_plan_says_which_epoch_max_steps_ends_the_run_in(cli, data, tmp_path):
     assert "6 optimizer steps over 3 epochs" in result.output, result.output
 
 
+def test_the_last_line_names_a_state_only_when_one_was_written(cli, data, tmp_path):
+    """A run without a state (--no-save-state; kohya's names without save_state) ended with "resumable state in
+    out/o-state", a folder that was never made."""
+    runner = CliRunner()
+    base = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--max-steps", "1", "--no-progress"]
+    for flags, name in (([], "with"), (["--no-save-state"], "without")):
+        output = tmp_path / name / "o.safetensors"
+        result = runner.invoke(cli, [*base, "--output", str(output), *flags])
+        assert result.exit_code == 0, result.output
+        last = result.stdout.strip().splitlines()[-1]  # the plan and progress go to stderr
+        state = output.parent / "o-state"
+        if flags:
+            assert last == f"saved {output} after 1 steps" and not state.exists(), last
+        else:
+            assert last == f"saved {output} after 1 steps; resumable state in {state}" and state.is_dir(), last
+
+
 def test_resume_from_a_kohya_state_says_what_to_do(cli, data, tmp_path):
     """kohya's `--save_state` folder (accelerate's files + {"current_epoch", "current_step"}) said
     "training state format None is not supported"."""

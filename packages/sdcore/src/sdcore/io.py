@@ -113,12 +113,13 @@ def atomic_save(path: str | os.PathLike[str], writer: Callable[[Path], Any]) -> 
     return Path(path)
 
 
-def free_path(path: Path) -> Path:
+def free_path(path: Path, twins: Sequence[str] = ()) -> Path:
     """``path``, or ``<stem>-2<suffix>``, ``-3`` ... when it is taken: never replacing a file is the rule of the
     images sdcore writes on its own (a resumed run that renders a training sample step, or ``final``, again keeps
-    the earlier run's images; ``generate``'s PNG fallback of an image its format cannot hold)."""
+    the earlier run's images; ``generate``'s PNG fallback of an image its format cannot hold). ``twins``: other
+    suffixes (``.txt`` ...) that must be free beside the candidate too, so a file and its captions keep one stem."""
     candidate, number = path, 1
-    while candidate.exists():
+    while candidate.exists() or any(candidate.with_suffix(twin).exists() for twin in twins):
         number += 1
         candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
     return candidate

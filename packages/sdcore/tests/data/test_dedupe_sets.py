@@ -129,3 +129,23 @@ def test_move_to_lists_first_and_moves_only_with_yes(tmp_path):
     moved = runner.invoke(data_group, ["dedupe", str(data), "--move-to", str(target), "--yes"])
     assert moved.exit_code == 0 and "moved to" in moved.output
     assert not (data / "a_small.png").exists() and (target / "a_small.png").exists() and (data / "blue.png").exists()
+
+
+def test_move_keeps_what_the_destination_holds(tmp_path):
+    """A duplicate whose name (or its caption's) is taken in the destination gets the first number free for both:
+    nothing there is replaced and the caption keeps the image's stem."""
+    from sdcore.data.dedupe import DuplicateGroup, move_duplicates
+
+    data, target = tmp_path / "data", tmp_path / "dups"
+    data.mkdir()
+    target.mkdir()
+    (data / "a.png").write_bytes(b"keep")
+    (data / "b.png").write_bytes(b"moved image")
+    (data / "b.txt").write_text("moved caption")
+    (target / "b.png").write_bytes(b"earlier image")
+    (target / "b-2.txt").write_text("earlier caption")
+    moved = dict(move_duplicates([DuplicateGroup(data / "a.png", (data / "b.png",), 0)], target))
+    assert moved[data / "b.png"] == target / "b-3.png" and (target / "b-3.png").read_bytes() == b"moved image"
+    assert moved[data / "b.txt"] == target / "b-3.txt" and (target / "b-3.txt").read_text() == "moved caption"
+    assert (target / "b.png").read_bytes() == b"earlier image" and (target / "b-2.txt").read_text() == "earlier caption"
+    assert not (data / "b.png").exists() and not (data / "b.txt").exists()

@@ -122,7 +122,8 @@ def test_every_line_problem_at_once_before_the_model_loads(tmp_path, no_model_lo
         "--prompt cat --width 64\n"
         '--prompt "unclosed\n'
         "--steps 3\n"
-        "--prompt cat --n_iter 1000000000\n",
+        "--prompt cat --n_iter 1000000000\n"
+        "a bird --d 1,2,3\n",
         encoding="utf-8",
     )
     result = _invoke([*_BASE, "--from-file", str(prompts), "-o", str(tmp_path / "o.png")])
@@ -139,6 +140,8 @@ def test_every_line_problem_at_once_before_the_model_loads(tmp_path, no_model_lo
         f"{where} line 8: No closing quotation",
         f"{where} line 9: no prompt (the line gives none, and there is no PROMPT on the command line)",
         f"{where} line 10: n iter 1000000000 is not in 1-1000",
+        f"{where} line 11: --d 1,2,3: a list of seeds is not taken (sdcore gives a line's image i the seed + i, as "
+        "A1111); give the first: --d 1",
     ):
         assert expected in message, (expected, message)
     assert "line 1:" not in message

@@ -591,6 +591,9 @@ def test_unknown_suffix_and_what_a_format_cannot_hold(tmp_path, monkeypatch):
     assert not (tmp_path / "wide.webp").exists() and read_png_parameters(path).prompt == "a cat"
     assert said == [f"{tmp_path / 'wide.webp'}: a WEBP holds at most 16383 pixels a side and the image is 16384x2; "
                     f"saved as PNG: {path}"]  # fmt: skip
+    # with overwrite (generate's --overwrite) the PNG beside it is replaced, as the asked-for file would have been
+    path = save_image(Image.new("RGB", (16384, 2)), tmp_path / "wide.webp", "a dog", overwrite=True, warn=said.append)
+    assert path == tmp_path / "wide.png" and read_png_parameters(path).prompt == "a dog"
     # a JPEG's EXIF is one 64 KB segment: a longer infotext goes to a PNG too (A1111's piexif would fail)
     # 54 bytes of header, IFDs and "UNICODE\0", then 2 bytes a character: 32739 characters fit, 32740 do not
     fits = ("a castle on a hill " * 1724)[:32739]  # one long line, as a pasted prompt (parsed in linear time)

@@ -44,3 +44,18 @@ def test_resolution_defaults_to_the_models_native_size(tmp_path):
     assert (o.resolution, o.min_bucket_reso, o.max_bucket_reso) == (64, 64, 1024)
     batch = session.make_batch(session.data.epoch_plan(0)[0])
     assert tuple(batch.latents.shape[-2:]) == (8, 8)  # 64 px images, not 512
+
+
+def test_a_model_smaller_than_the_bucket_step_takes_its_size_as_the_step():
+    """The toy world's 32 px base with every bucket option left at kohya's defaults (step 64) stopped with
+    "resolution 32 is smaller than the bucket step 64": a newcomer's first run failed on settings never given."""
+    from sdcore.data.buckets import make_buckets
+    from sdcore.train.options import apply_model_defaults
+
+    o = TrainOptions(model="toyworld:")
+    assert (o.bucket_step, o.min_bucket_reso, o.max_bucket_reso) == (64, 256, 1024)
+    assert apply_model_defaults(o)
+    assert (o.resolution, o.bucket_step, o.min_bucket_reso, o.max_bucket_reso) == (32, 32, 32, 1024)
+    assert make_buckets(o.resolution, min_reso=o.min_bucket_reso, max_reso=o.max_bucket_reso, step=o.bucket_step)
+    given = TrainOptions(model="toyworld:", resolution=64)  # a resolution given: the step is the user's to set
+    assert apply_model_defaults(given) and given.bucket_step == 64

@@ -92,6 +92,7 @@ def _save_options(params: dict[str, Any]) -> dict[str, Any]:
     return {
         "jpeg_quality": params["jpeg_quality"],
         "webp_lossless": params["webp_lossless"],
+        "overwrite": params["overwrite"],
         "warn": lambda line: click.echo(f"warning: {line}", err=True),
     }
 

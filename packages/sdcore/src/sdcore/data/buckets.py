@@ -144,7 +144,10 @@ def _check_bucket_settings(resolution: Resolution, min_reso: int, max_reso: int,
     if step <= 0:
         raise ConfigError(f"bucket step must be positive, got {step}")
     if min(resolution_pair(resolution)) < step:
-        raise ConfigError(f"resolution {resolution} is smaller than the bucket step {step}")
+        raise ConfigError(
+            f"resolution {resolution} is smaller than the bucket step {step}: give a --bucket-step of at most "
+            f"{min(resolution_pair(resolution))} (kohya's bucket_reso_steps), or a larger --resolution"
+        )
     low, high = kohya_bucket_sides(min_reso, max_reso, step)
     if low <= 0 or high < low:
         on_step = f" ({low} and {high} on the step {step})" if (low, high) != (min_reso, max_reso) else ""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io import free_path
 from .captions import CAPTION_EXTENSIONS
 from .images import ImageError, is_image_path, open_image_rgb, probe_image
 
@@ -186,32 +187,21 @@ def find_duplicates(
     return groups, unreadable
 
 
-def _free_name(folder: Path, name: str) -> Path:
-    target = folder / name
-    stem, suffix = Path(name).stem, Path(name).suffix
-    counter = 1
-    while target.exists():
-        target = folder / f"{stem}_{counter}{suffix}"
-        counter += 1
-    return target
-
-
 def move_duplicates(groups: list[DuplicateGroup], destination: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
-    """Move every ``others`` image (and its caption files) into ``destination``; returns (from, to) pairs."""
+    """Move every ``others`` image (and its caption files) into ``destination``; returns (from, to) pairs.
+    A name already taken there (the image's or a caption's) gets :func:`sdcore.io.free_path`'s ``-2``, ``-3``
+    ...: nothing is replaced and an image keeps its captions' stem."""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     moved: list[tuple[Path, Path]] = []
     for group in groups:
         for path in group.others:
-            target = _free_name(destination, path.name)
+            captions = [extension for extension in CAPTION_EXTENSIONS if path.with_suffix(extension).is_file()]
+            target = free_path(destination / path.name, twins=captions)
             shutil.move(str(path), str(target))
             moved.append((path, target))
-            for extension in CAPTION_EXTENSIONS:
-                caption = path.with_suffix(extension)
-                if caption.is_file():
-                    caption_target = target.with_suffix(extension)
-                    if caption_target.exists():
-                        caption_target = _free_name(destination, caption_target.name)
-                    shutil.move(str(caption), str(caption_target))
-                    moved.append((caption, caption_target))
+            for extension in captions:
+                caption, caption_target = path.with_suffix(extension), target.with_suffix(extension)
+                shutil.move(str(caption), str(caption_target))
+                moved.append((caption, caption_target))
     return moved

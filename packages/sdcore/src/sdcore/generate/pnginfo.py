@@ -342,6 +342,7 @@ def save_image(
     *,
     jpeg_quality: int = JPEG_QUALITY,
     webp_lossless: bool = False,
+    overwrite: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``image`` with its infotext, atomically, in the format of ``path``'s suffix (:func:`image_format`),
@@ -349,8 +350,9 @@ def save_image(
     (:func:`user_comment_exif`; :func:`read_png_parameters` reads both back). As A1111's
     ``save_image_with_geninfo``: ``jpeg_quality`` (1-100) for JPEG, WebP and AVIF, ``webp_lossless`` for WebP,
     transparency dropped for JPEG and WebP. An image a JPEG or WebP cannot hold (a side over its limit, or an
-    infotext over a JPEG's 64 KB of EXIF) is saved as PNG next to it (``NAME.png``, or ``NAME-2.png`` ... when
-    taken), as A1111 does, and ``warn`` (else :func:`warnings.warn`) says so. Returns the path written."""
+    infotext over a JPEG's 64 KB of EXIF) is saved as PNG next to it (``NAME.png``; when that is taken, replaced
+    with ``overwrite``, else ``NAME-2.png`` ...), as A1111 does, and ``warn`` (else :func:`warnings.warn`) says so.
+    Returns the path written."""
     fmt = image_format(path)
     text = parameters.format() if isinstance(parameters, GenerationParameters) else parameters
     exif = user_comment_exif(text) if text is not None and fmt != "PNG" else None
@@ -362,7 +364,7 @@ def save_image(
         reason = f"a JPEG's EXIF holds at most {_JPEG_MAX_EXIF} bytes and the infotext's takes {len(exif)}"
     if reason is not None:
         original = Path(path)
-        path = free_path(original.with_suffix(".png"))
+        path = original.with_suffix(".png") if overwrite else free_path(original.with_suffix(".png"))
         message = f"{original}: {reason}; saved as PNG: {path}"
         warn(message) if warn is not None else warnings.warn(message, stacklevel=2)
         fmt = "PNG"

@@ -323,7 +323,9 @@ def build_train_command(spec: Any) -> click.Command:
             click.echo(f"Error: {message}", err=True)
             sys.exit(1)
         if result is not None and result.main_process:
-            click.echo(f"saved {result.output} after {result.steps} steps; resumable state in {result.state_dir}")
+            # the state's place only where one was written (none with --no-save-state, kohya's without save_state)
+            state = f"; resumable state in {result.state_dir}" if result.last_state is not None else ""
+            click.echo(f"saved {result.output} after {result.steps} steps{state}")
 
     own = options_to_click(options_class)
     taken = frozenset(flag for option in own for flag in option.opts)

@@ -1060,7 +1060,8 @@ def apply_model_defaults(options: TrainOptions, bundle: Any = None) -> bool:
     native size (from ``bundle`` when loaded, else peeked from ``options.model`` without loading).
 
     When that size is below ``min_bucket_reso`` or above ``max_bucket_reso``, those follow it (half
-    and twice the size, on the bucket step). Returns ``False`` when the model must be loaded first.
+    and twice the size, on the bucket step), and a bucket step above it becomes the size (else no bucket
+    fits). Returns ``False`` when the model must be loaded first.
     """
     if not options.resolution and options.resolutions:
         import contextlib
@@ -1079,6 +1080,8 @@ def apply_model_defaults(options: TrainOptions, bundle: Any = None) -> bool:
         return False
     options.resolution = native
     step = max(1, options.bucket_step)
+    if step > native:  # a model smaller than kohya's 64 (the toy world's 32): one step a side, not an error
+        options.bucket_step = step = native
     if options.min_bucket_reso > native:
         options.min_bucket_reso = max(step, (native // 2) // step * step)
     if options.max_bucket_reso < native:

@@ -142,6 +142,12 @@ def _number(kind: type, text: str, option: str, where: str) -> Any:
     try:
         value = kind(text.strip())
     except ValueError:
+        first = text.partition(",")[0].strip()
+        if option == "d" and "," in text and first.isdigit():  # gen_img.py's seed list, one seed an image
+            raise ConfigError(
+                f"{where}: --d {text.strip()}: a list of seeds is not taken (sdcore gives a line's image i the seed "
+                f"+ i, as A1111); give the first: --d {first}"
+            ) from None
         raise ConfigError(f"{where}: --{option} needs a number, got {text.strip()!r}") from None
     if value <= 0 and option != "d":
         raise ConfigError(f"{where}: --{option} must be positive, got {text.strip()}")

@@ -48,3 +48,25 @@ def test_a_kontext_reference_with_an_inpainting_says_to_drop_both(tmp_path):
                   str(tmp_path / "o.png"))  # fmt: skip
     assert isinstance(result.exception, ConfigError) and result.exception.exit_code == 2
     assert "drop --init-image (and its --mask" in str(result.exception)
+
+
+def test_other_tools_option_names_name_sdcores():
+    """A1111's API/prompts-file names and kohya gen_img.py's flags: click's nearest spellings of ``--cfg-scale``
+    were --hr-scale, --slg-scale and --true-cfg-scale, none of them the CFG scale a user meant."""
+    for typed, hint in (
+        ("--cfg-scale", "A1111's CFG Scale is --cfg"),
+        ("--cfg_scale", "A1111's CFG Scale is --cfg"),
+        ("--scale", "kohya gen_img.py's --scale, the CFG scale, is --cfg"),
+        ("--W", "kohya gen_img.py's --W/--H are --size WIDTHxHEIGHT"),
+        ("--width", "width and height are --size WIDTHxHEIGHT"),
+        ("--images_per_prompt", "kohya gen_img.py's images per prompt are --batch (image i has seed+i)"),
+        ("--network_weights", "LoRA files are written in the prompt, <lora:NAME:WEIGHT>, found in --lora-dir"),
+        ("--prompt", 'the prompt is the command\'s argument: sdcore generate "a cat" (or --from-file for several)'),
+        ("--fp16", "half precision is --dtype fp16"),
+    ):
+        result = _cli("a cat", "-m", "tiny:sd1", typed, "5")
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"No such option: {typed} ({hint})" in result.output, result.output
+        assert "Did you mean" not in result.output
+    result = _cli("a cat", "-m", "tiny:sd1", "--stepz", "5")  # a typo of sdcore's own name: click's suggestion
+    assert result.exit_code == 2 and "--steps" in result.output, result.output

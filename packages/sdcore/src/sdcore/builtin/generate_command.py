@@ -105,7 +105,33 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 #: what other tools' option names are here, keyed by :func:`_hint_key` (plugins add theirs with
 #: :func:`add_generate_option_hint`): click's nearest spelling can name an option that means something else
-_OPTION_HINTS: dict[str, str] = {}
+#: (``--cfg-scale`` got "did you mean --hr-scale, --slg-scale, --true-cfg-scale", none of them A1111's CFG Scale).
+#: The names of A1111's API and prompts-from-file tags and of kohya's ``gen_img.py`` that sdcore spells otherwise.
+_OPTION_HINTS: dict[str, str] = {
+    "cfg-scale": "A1111's CFG Scale is --cfg",
+    "scale": "kohya gen_img.py's --scale, the CFG scale, is --cfg",
+    "guidance-scale": "the CFG scale is --cfg (FLUX.1: its embedded guidance; --true-cfg-scale its true CFG)",
+    "prompt": 'the prompt is the command\'s argument: sdcore generate "a cat" (or --from-file for several)',
+    "negative-prompt": "the negative prompt is --negative (-n)",
+    "sampler-name": "A1111's sampler name is --sampler (its names too: --sampler 'DPM++ 2M Karras')",
+    "width": "width and height are --size WIDTHxHEIGHT",
+    "height": "width and height are --size WIDTHxHEIGHT",
+    "w": "kohya gen_img.py's --W/--H are --size WIDTHxHEIGHT",
+    "h": "kohya gen_img.py's --W/--H are --size WIDTHxHEIGHT",
+    "batch-size": "A1111's batch size is --batch",
+    "images-per-prompt": "kohya gen_img.py's images per prompt are --batch (image i has seed+i)",
+    "ckpt": "the model is --model (-m): a file, a diffusers folder or a name in --models-dir",
+    "outdir": "the output is a file, -o/--output NAME.png (a batch writes NAME-0.png, NAME-1.png ...)",
+    "network-weights": "LoRA files are written in the prompt, <lora:NAME:WEIGHT>, found in --lora-dir",
+    "network-mul": "a LoRA's weight is written in the prompt, <lora:NAME:WEIGHT>",
+    "network-module": "LoRA files are written in the prompt, <lora:NAME:WEIGHT>; their kind is read from the file",
+    "textual-inversion-embeddings": "embeddings are read from --embeddings-dir and used by their name in the prompt",
+    "fp16": "half precision is --dtype fp16",
+    "bf16": "bfloat16 is --dtype bf16",
+    "xformers": "attention is torch's scaled_dot_product_attention, always: leave the flag out",
+    "sdpa": "attention is torch's scaled_dot_product_attention, always: leave the flag out",
+    "vae-batch-size": "the VAE decodes one batch of --batch images: leave the flag out",
+}
 
 
 def _hint_key(option: str) -> str:

@@ -63,6 +63,12 @@ def test_other_tools_option_names_name_sdcores():
         ("--network_weights", "LoRA files are written in the prompt, <lora:NAME:WEIGHT>, found in --lora-dir"),
         ("--prompt", 'the prompt is the command\'s argument: sdcore generate "a cat" (or --from-file for several)'),
         ("--fp16", "half precision is --dtype fp16"),
+        (
+            "--scheduler",
+            "the schedule goes with the sampler's name, as A1111 wrote it before 1.9: --sampler 'DPM++ 2M Karras'",
+        ),
+        ("--num_inference_steps", "the number of steps is --steps"),
+        ("--lora", "LoRA files are written in the prompt, <lora:NAME:WEIGHT>, found in --lora-dir"),
     ):
         result = _cli("a cat", "-m", "tiny:sd1", typed, "5")
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output

@@ -107,6 +107,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 #: :func:`add_generate_option_hint`): click's nearest spelling can name an option that means something else
 #: (``--cfg-scale`` got "did you mean --hr-scale, --slg-scale, --true-cfg-scale", none of them A1111's CFG Scale).
 #: The names of A1111's API and prompts-from-file tags and of kohya's ``gen_img.py`` that sdcore spells otherwise.
+_IN_THE_SAMPLER = "the schedule goes with the sampler's name, as A1111 wrote it before 1.9: --sampler 'DPM++ 2M Karras'"
 _OPTION_HINTS: dict[str, str] = {
     "cfg-scale": "A1111's CFG Scale is --cfg",
     "scale": "kohya gen_img.py's --scale, the CFG scale, is --cfg",
@@ -131,6 +132,12 @@ _OPTION_HINTS: dict[str, str] = {
     "xformers": "attention is torch's scaled_dot_product_attention, always: leave the flag out",
     "sdpa": "attention is torch's scaled_dot_product_attention, always: leave the flag out",
     "vae-batch-size": "the VAE decodes one batch of --batch images: leave the flag out",
+    # A1111 1.9+/Forge's Schedule type, diffusers' and ComfyUI's names
+    "scheduler": _IN_THE_SAMPLER,
+    "schedule-type": _IN_THE_SAMPLER,
+    "num-inference-steps": "the number of steps is --steps",
+    "denoise": "ComfyUI's denoise is --strength with --init-image (the hires pass's: --denoising-strength)",
+    "lora": "LoRA files are written in the prompt, <lora:NAME:WEIGHT>, found in --lora-dir",
 }
 
 

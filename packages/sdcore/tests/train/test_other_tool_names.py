@@ -115,6 +115,36 @@ def test_a_config_key_gets_the_same_hint(tmp_path):
     assert "'save_embedding_every' (did you mean 'save_every' (A1111's save_embedding_every)?)" in message
 
 
+@pytest.mark.parametrize(
+    ("method", "typed", "said"),
+    [
+        ("lora", "--dim", "(did you mean --rank (kohya's network_dim)?)"),
+        ("ti", "--dim", "(kohya's network_dim is --rank of `sdcore train lora, locon`, not of this method)"),
+        ("lora", "--images", "(did you mean --data?)"),
+        ("lora", "--checkpointing-steps", "(did you mean --save-every (diffusers' checkpointing_steps)?)"),
+        (
+            "lora",
+            "--instance-data-dir",
+            "(did you mean --data (diffusers' instance_data_dir)? sdcore captions each "
+            "image by its caption file (.txt) or, without one, by its folder's name, kohya's N_<prompt> (10_sks dog, "
+            "inside --data); or run the diffusers command as written: sdcore train lora --config train.sh)",
+        ),
+        (
+            "lora",
+            "--instance_prompt",
+            "(diffusers' instance_prompt is --instance-prompt of `sdcore train dreambooth`, "
+            "not of this method; with this method sdcore captions each image by its caption file (.txt) or, without "
+            "one, by its folder's name, kohya's N_<prompt> (10_sks dog, inside --data); or run the diffusers command "
+            "as written: sdcore train lora --config train.sh)",
+        ),
+    ],
+)
+def test_other_trainers_names_and_short_forms(method, typed, said):
+    """diffusers' script names and short forms typed on the command line: ``--instance-prompt`` got "did you mean
+    --sample-prompts?", ``--dim`` "did you mean --ema?", neither meaning what was typed."""
+    assert _error(method, typed, "x") == f"Error: No such option: {typed} {said}"
+
+
 def test_the_table_never_shadows_an_accepted_name_and_its_targets_exist():
     """A key that is a kohya name or an sdcore option would be accepted before the hint is ever said; a target must
     be an option of the methods named (of every method where none are named)."""
@@ -123,7 +153,9 @@ def test_the_table_never_shadows_an_accepted_name_and_its_targets_exist():
     fields = {name: {f.name for f in dataclasses.fields(spec.load().options_class)} for name, spec in methods.items()}
     every = set.union(*fields.values())
     for name, hint in NAME_HINTS.items():
-        assert not is_kohya_name(name) and name not in every, name
+        # an option of some methods only (DreamBooth's instance_prompt) is a hint on the others: its methods say which
+        own = hint.target == name and bool(hint.methods)
+        assert not is_kohya_name(name) and (name not in every or own), name
         if not hint.target:
             assert hint.note, name
             continue

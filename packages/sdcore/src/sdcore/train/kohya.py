@@ -2382,6 +2382,12 @@ _A1111_SIZE = (
     "A1111 resizes each image to W x H; sdcore builds aspect-ratio buckets of that area, or crops with --no-buckets"
 )
 
+_DIFFUSERS_CAPTIONS = (
+    "sdcore captions each image by its caption file (.txt) or, without one, by its folder's name, kohya's "
+    "N_<prompt> (10_sks dog, inside --data); or run the diffusers command as written: sdcore train lora --config "
+    "train.sh"
+)
+
 #: other tools' names that are no option of sdcore, by the name as typed with underscores: the unknown-option hint
 #: says what they are here. Keys are never kohya names or sdcore options (those are accepted as they are), and a
 #: target only where the meaning is the same; the A1111 names are the Train tab's fields (modules/ui.py and
@@ -2460,6 +2466,19 @@ NAME_HINTS: dict[str, NameHint] = {
     # no target: LoRA's --dropout is another thing (a dropout of its down output)
     "dropout_structure": _a1111("dropout_structure", note=f"the hypernetwork's {_HN_DROPOUT}"),
     "use_dropout": _a1111("use_dropout", note=f"a checkbox in A1111; the hypernetwork's {_HN_DROPOUT}"),
+    # diffusers' example scripts (train_dreambooth_lora*.py), typed on sdcore's command line; the whole command
+    # runs as it is written with --config train.sh (sdcore.train.diffusers_script)
+    "instance_data_dir": NameHint("diffusers' instance_data_dir", "data", _DIFFUSERS_CAPTIONS),
+    "instance_prompt": NameHint("diffusers' instance_prompt", "instance_prompt", _DIFFUSERS_CAPTIONS, "dreambooth"),
+    "class_data_dir": NameHint("diffusers' class_data_dir", "reg_data", _DIFFUSERS_CAPTIONS),
+    "class_prompt": NameHint("diffusers' class_prompt", "class_prompt", _DIFFUSERS_CAPTIONS, "dreambooth"),
+    "checkpointing_steps": NameHint("diffusers' checkpointing_steps", "save_every"),
+    "validation_prompt": NameHint(
+        "diffusers' validation_prompt", "sample_prompts", "a file of prompts, one a line, rendered every --sample-every"
+    ),
+    # short forms people type
+    "dim": NameHint("kohya's network_dim", "rank", methods="lora, locon"),
+    "images": NameHint(target="data"),
 }
 
 
@@ -2469,7 +2488,8 @@ def name_hint(name: str, fields: Collection[str], flag: Callable[[str], str]) ->
     option, or why there is none. ``fields`` are the method's options; ``flag`` writes an option's name as the
     user would type it (``--save-every`` on the command line, ``'save_every'`` in a config). ``None``: not a
     name of the table (or its target is in none of the methods named), so the nearest name is the hint."""
-    hint = NAME_HINTS.get(name.strip().lstrip("-").replace("-", "_"))
+    key = name.strip().lstrip("-").replace("-", "_")
+    hint = NAME_HINTS.get(key)
     if hint is None:
         return None
     source = f" ({hint.source})" if hint.source else ""
@@ -2477,7 +2497,9 @@ def name_hint(name: str, fields: Collection[str], flag: Callable[[str], str]) ->
     if hint.target and hint.target in fields:
         return f" (did you mean {flag(hint.target)}{source}?{note})"
     if hint.target and hint.methods:
-        return f" ({hint.source} is {flag(hint.target)} of `sdcore train {hint.methods}`, not of this method)"
+        # a name that is those methods' own option (diffusers' instance_prompt, DreamBooth's too): what it is here
+        here = f"; with this method {hint.note}" if hint.target == key and hint.note else ""
+        return f" ({hint.source} is {flag(hint.target)} of `sdcore train {hint.methods}`, not of this method{here})"
     if hint.target:
         return None
     return f" ({hint.source}: {hint.note})" if hint.source else f" ({hint.note})"

@@ -184,9 +184,9 @@ class TrainOptions:
     resolution: int = option(
         0,
         "Training resolution (side of the square area buckets are built around); 0 = the model's native size "
-        "(SD1 512, SD2-768 768, SDXL 1024, tiny models 64). kohya's W,H (e.g. 768,512) is accepted: buckets then use "
-        "the area W*H and, with buckets off, images are cropped to W x H, as kohya does; this option is then the side "
-        "of the same area (isqrt(W*H): memory plan, sample size).",
+        "(SD1 512, SD2-768 768, SDXL 1024, tiny models 64, toyworld: 32). kohya's W,H (e.g. 768,512) is accepted: "
+        "buckets then use the area W*H and, with buckets off, images are cropped to W x H, as kohya does; this option "
+        "is then the side of the same area (isqrt(W*H): memory plan, sample size).",
         group="data",
     )
     #: kohya's non-square ``(width, height)``, filled from ``--resolution W,H`` (or ``resolution = [W, H]`` /

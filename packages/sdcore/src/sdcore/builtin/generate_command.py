@@ -16,6 +16,7 @@ ways in, neither needing a new hook:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,11 +76,20 @@ def _parse_fill(ctx: click.Context, param: click.Parameter, value: str | None) -
     return text
 
 
-def _output_format(output: Path) -> Path:
-    """``-o`` checked as it is parsed: its suffix must be an image type sdcore writes, said before anything loads."""
+def _output_format(value: str) -> Path:
+    """``-o`` checked as it is parsed: its suffix must be an image type sdcore writes, said before anything loads.
+
+    A folder (one that exists, or a name ending in ``/``, A1111's ``--outdir`` habit) is refused with the file
+    name to give: ``Path("outdir/")`` drops the slash, so ``-o outdir/`` used to write one PNG named ``outdir``."""
     from ..errors import ConfigError
     from ..generate.pnginfo import image_format
 
+    output = Path(value)
+    if value.endswith(("/", os.sep)) or output.is_dir():
+        raise click.BadParameter(
+            f"{value} is a folder; -o names the image file, e.g. -o {output / 'output.png'} "
+            "(a batch writes output-0.png, output-1.png ...; missing folders are made)"
+        )
     try:
         image_format(output)
     except ConfigError as exc:
@@ -466,7 +476,7 @@ class _GenerateCommand(HintedCommand):
     "--output",
     default="output.png",
     show_default=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=str),
     callback=lambda _ctx, _param, value: _output_format(value),
     help="Output image: .png, .jpg/.jpeg, .webp or .avif, with A1111's infotext (a PNG's 'parameters' text, "
     "else the EXIF UserComment); a batch writes NAME-0.png, NAME-1.png ... (the same suffix)",

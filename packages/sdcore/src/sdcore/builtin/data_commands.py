@@ -247,7 +247,8 @@ def check_command(
     "--move-to",
     type=click.Path(file_okay=False),
     default=None,
-    help="Move the duplicates (not the kept image of each group) and their captions here.",
+    help="Move the duplicates (not the kept image of each group) and their captions here "
+    "(a folder inside PATH is left out of the search).",
 )
 @click.option(
     "--color-threshold",
@@ -271,7 +272,9 @@ def dedupe_command(
     from ..data.dedupe import find_duplicates, list_images, move_duplicates
 
     root = Path(path)
-    groups, unreadable = find_duplicates(list_images(root), threshold=threshold, color_threshold=color_threshold)
+    groups, unreadable = find_duplicates(
+        list_images(root, exclude=move_to), threshold=threshold, color_threshold=color_threshold
+    )
     moved = move_duplicates(groups, move_to) if move_to and groups and yes else []
 
     def rel(p: Path) -> str:

@@ -34,3 +34,22 @@ def test_dedupe_leaves_its_move_to_folder_inside_the_dataset_alone(tmp_path):
     assert "No near-duplicates found" in second.output and "moved" not in second.output
     assert sorted(p.name for p in dupes.iterdir()) == ["copy.png", "copy.txt"]
     assert sorted(p.name for p in (data / "10_x").iterdir()) == ["a.png", "b.png"]
+
+
+def test_preprocess_of_a_kohya_dataset_root_says_to_name_a_sub_folder(tmp_path):
+    """``sdcore data preprocess data out`` on kohya's ``data/10_x/`` layout wrote nothing, said
+    "0 source image(s)" and exited 0; an empty SRC did the same. Both are now one error line, exit 2."""
+    _circle(tmp_path / "data" / "10_x" / "a.png", "red")
+    _circle(tmp_path / "data" / "10_x" / "b.png", "blue")
+    runner = CliRunner()
+    result = runner.invoke(data_group, ["preprocess", str(tmp_path / "data"), str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"SRC {tmp_path / 'data'}: no image directly in it, 2 in its sub-folders (10_x); " in result.output
+    assert f"name a sub-folder, e.g. SRC {tmp_path / 'data' / '10_x'}" in result.output
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(data_group, ["preprocess", str(tmp_path / "empty"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and f"SRC {tmp_path / 'empty'}: no image in it" in result.output
+    result = runner.invoke(data_group, ["preprocess", str(tmp_path / "data" / "10_x"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000-0-a.png", "00001-0-b.png"]

@@ -37,3 +37,27 @@ def test_output_folder_is_refused_with_the_file_name_to_give(tmp_path, monkeypat
     if existing:  # without the slash too
         result = _invoke(["-m", "tiny:sd1", "a cat", "-o", str(folder)])
         assert result.exit_code == 2 and f"{folder} is a folder; -o names the image file" in result.output
+
+
+@pytest.mark.parametrize(
+    ("typed", "says"),
+    [
+        ("--enable_hr", "A1111's enable_hr (Hires. fix) is --hires"),  # click: "Did you mean '--sampler'?"
+        ("--enable-hr", "A1111's enable_hr (Hires. fix) is --hires"),
+        ("--hr_second_pass_steps", "A1111's hires steps are --hr-steps"),
+        ("--n_samples", "images per batch, are --batch"),  # click: --hr-sampler, --same-seed, --sampler
+        ("--num_images_per_prompt", "diffusers' num_images_per_prompt is --batch"),
+        ("--num-images", "--batch (one batch) times --n-iter"),  # click: --control-image, --init-image
+        ("--restore_faces", "sdcore has no face restoration"),
+        ("--refiner_checkpoint", "sdcore has no refiner switch inside one run"),  # click: nothing
+        ("--refiner", "sdcore has no refiner switch inside one run"),  # click: --from-file
+        ("--eta", "sdcore has no eta setting"),  # click: --ae, --t5, --vae
+        ("--ddim_eta", "sdcore has no eta setting"),
+        ("--s_noise", "sdcore has no sigma churn/noise settings"),  # click: --no-hires, --size
+    ],
+)
+def test_other_tools_option_names_say_sdcores_way(typed, says):
+    result = _invoke(["-m", "tiny:sd1", "a cat", typed, "1"])
+    assert result.exit_code == 2
+    assert f"No such option: {typed} (" in result.output and says in result.output, result.output
+    assert "Did you mean" not in result.output

@@ -53,3 +53,25 @@ def test_preprocess_of_a_kohya_dataset_root_says_to_name_a_sub_folder(tmp_path):
     result = runner.invoke(data_group, ["preprocess", str(tmp_path / "data" / "10_x"), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000-0-a.png", "00001-0-b.png"]
+
+
+def test_data_check_reads_kohya_spellings_and_names_sdcores_options(tmp_path):
+    """``sdcore data check DIR --enable_bucket`` got click's "Did you mean '--no-buckets'?" (the opposite) and
+    ``--min_bucket_reso 256`` a list of near spellings, where ``sdcore train`` takes kohya's spellings as they are."""
+    _circle(tmp_path / "data" / "10_x" / "a.png", "red")
+    runner = CliRunner()
+    data = str(tmp_path / "data")
+    result = runner.invoke(data_group, ["check", data, "--min_bucket_reso", "64", "--caption_extension", ".cap"])
+    assert result.exit_code == 0, result.output
+    assert "captions: 0 from files, 1 from class tokens" in result.output
+    for typed, says in (
+        ("--enable_bucket", "buckets are on by default"),
+        ("--bucket_reso_steps", "kohya's bucket_reso_steps is --bucket-step"),
+        ("--bucket_no_upscale", "kohya's bucket_no_upscale is --no-upscale"),
+        ("--train_data_dir", "the dataset is the PATH argument"),
+        ("--shuffle_caption", "a training option"),
+    ):
+        result = runner.invoke(data_group, ["check", data, typed])
+        assert result.exit_code == 2
+        assert f"No such option: {typed} ({says}" in result.output, result.output
+        assert "Did you mean" not in result.output

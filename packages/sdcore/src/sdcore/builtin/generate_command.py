@@ -120,7 +120,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 _IN_THE_SAMPLER = "the schedule goes with the sampler's name, as A1111 wrote it before 1.9: --sampler 'DPM++ 2M Karras'"
 _NO_REFINER = (
     "sdcore has no refiner switch inside one run: refine the image afterwards with --model the refiner, "
-    "--init-image the image and --strength (docs/generation.md, SDXL base -> refiner)"
+    "--init-image the image and a low --strength"
 )
 _NO_ETA = "sdcore has no eta setting: its samplers run A1111's defaults (eta 1 on Euler a, 0 on DDIM)"
 _NO_CHURN = "sdcore has no sigma churn/noise settings: its samplers run A1111's defaults (s_churn 0, s_noise 1)"

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from ..data.captions import FILENAME_CAPTION_RULES
+from ..hinted_command import HintedCommand
 from ..hookspecs import hookimpl
 
 
@@ -23,7 +24,42 @@ def data_group() -> None:
     """Inspect and tidy training datasets (no model is loaded)."""
 
 
-@data_group.command(name="check")
+_TRAINING_ONLY = "a training option: data check reports the dataset's files, captions and buckets; leave it out"
+#: kohya's names for what ``data check`` spells otherwise (its ``--x_y`` spellings of sdcore's options are read as
+#: ``--x-y``): click's nearest spelling named an option meaning something else (``--enable_bucket`` got
+#: "did you mean --no-buckets", the opposite; ``--shuffle_caption`` got ``--filename-captions``).
+_CHECK_HINTS: dict[str, str] = {
+    "enable-bucket": "buckets are on by default, as kohya's --enable_bucket turns them on; --no-buckets turns them off",
+    "bucket-reso-steps": "kohya's bucket_reso_steps is --bucket-step",
+    "bucket-no-upscale": "kohya's bucket_no_upscale is --no-upscale",
+    "train-data-dir": "the dataset is the PATH argument: sdcore data check DIR (or its dataset TOML)",
+    "dataset-config": "the dataset is the PATH argument: sdcore data check dataset.toml",
+    "reg-data-dir": "kohya's reg_data_dir is --reg-data",
+    "train-batch-size": "kohya's train_batch_size is --batch-size",
+    "shuffle-caption": _TRAINING_ONLY,
+    "keep-tokens": _TRAINING_ONLY,
+    "caption-dropout-rate": _TRAINING_ONLY,
+    "flip-aug": _TRAINING_ONLY,
+    "color-aug": _TRAINING_ONLY,
+    "random-crop": _TRAINING_ONLY,
+}
+
+
+class _CheckCommand(HintedCommand):
+    """``sdcore data check`` taking kohya's spellings as ``sdcore train`` takes them (``--bucket_no_upscale``
+    typed for ``--no-upscale`` says so; ``--min_bucket_reso 256`` is ``--min-bucket-reso 256``)."""
+
+    def prepare_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from ..train.cli import underscores_to_hyphens
+
+        return underscores_to_hyphens(self, ctx, list(args))
+
+    def option_hint(self, ctx: click.Context, option: str) -> str | None:
+        hint = _CHECK_HINTS.get(option.lstrip("-").lower().replace("_", "-"))
+        return f" ({hint})" if hint is not None else None
+
+
+@data_group.command(name="check", cls=_CheckCommand)
 @click.argument("path", type=click.Path(exists=True))
 @click.option(
     "--resolution",
@@ -247,7 +283,8 @@ def check_command(
     "--move-to",
     type=click.Path(file_okay=False),
     default=None,
-    help="Move the duplicates (not the kept image of each group) and their captions here.",
+    help="Move the duplicates (not the kept image of each group) and their captions here "
+    "(a folder inside PATH is left out of the search).",
 )
 @click.option(
     "--color-threshold",
@@ -271,7 +308,9 @@ def dedupe_command(
     from ..data.dedupe import find_duplicates, list_images, move_duplicates
 
     root = Path(path)
-    groups, unreadable = find_duplicates(list_images(root), threshold=threshold, color_threshold=color_threshold)
+    groups, unreadable = find_duplicates(
+        list_images(root, exclude=move_to), threshold=threshold, color_threshold=color_threshold
+    )
     moved = move_duplicates(groups, move_to) if move_to and groups and yes else []
 
     def rel(p: Path) -> str:

@@ -16,6 +16,7 @@ ways in, neither needing a new hook:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,11 +76,20 @@ def _parse_fill(ctx: click.Context, param: click.Parameter, value: str | None) -
     return text
 
 
-def _output_format(output: Path) -> Path:
-    """``-o`` checked as it is parsed: its suffix must be an image type sdcore writes, said before anything loads."""
+def _output_format(value: str) -> Path:
+    """``-o`` checked as it is parsed: its suffix must be an image type sdcore writes, said before anything loads.
+
+    A folder (one that exists, or a name ending in ``/``, A1111's ``--outdir`` habit) is refused with the file
+    name to give: ``Path("outdir/")`` drops the slash, so ``-o outdir/`` used to write one PNG named ``outdir``."""
     from ..errors import ConfigError
     from ..generate.pnginfo import image_format
 
+    output = Path(value)
+    if value.endswith(("/", os.sep)) or output.is_dir():
+        raise click.BadParameter(
+            f"{value} is a folder; -o names the image file, e.g. -o {output / 'output.png'} "
+            "(a batch writes output-0.png, output-1.png ...; missing folders are made)"
+        )
     try:
         image_format(output)
     except ConfigError as exc:
@@ -108,6 +118,12 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 #: (``--cfg-scale`` got "did you mean --hr-scale, --slg-scale, --true-cfg-scale", none of them A1111's CFG Scale).
 #: The names of A1111's API and prompts-from-file tags and of kohya's ``gen_img.py`` that sdcore spells otherwise.
 _IN_THE_SAMPLER = "the schedule goes with the sampler's name, as A1111 wrote it before 1.9: --sampler 'DPM++ 2M Karras'"
+_NO_REFINER = (
+    "sdcore has no refiner switch inside one run: refine the image afterwards with --model the refiner, "
+    "--init-image the image and a low --strength"
+)
+_NO_ETA = "sdcore has no eta setting: its samplers run A1111's defaults (eta 1 on Euler a, 0 on DDIM)"
+_NO_CHURN = "sdcore has no sigma churn/noise settings: its samplers run A1111's defaults (s_churn 0, s_noise 1)"
 _OPTION_HINTS: dict[str, str] = {
     "cfg-scale": "A1111's CFG Scale is --cfg",
     "scale": "kohya gen_img.py's --scale, the CFG scale, is --cfg",
@@ -138,6 +154,26 @@ _OPTION_HINTS: dict[str, str] = {
     "num-inference-steps": "the number of steps is --steps",
     "denoise": "ComfyUI's denoise is --strength with --init-image (the hires pass's: --denoising-strength)",
     "lora": "LoRA files are written in the prompt, <lora:NAME:WEIGHT>, found in --lora-dir",
+    # A1111's API fields, CompVis txt2img.py's and diffusers' names click matched to options meaning something else
+    # (--enable_hr got "did you mean --sampler", --num-images "--control-image, --init-image", --eta "--ae, --vae")
+    "enable-hr": "A1111's enable_hr (Hires. fix) is --hires, or any --hr-* option",
+    "hr-second-pass-steps": "A1111's hires steps are --hr-steps",
+    "n-samples": "txt2img.py's --n_samples, images per batch, are --batch (image i has seed+i)",
+    "num-images-per-prompt": "diffusers' num_images_per_prompt is --batch (image i has seed+i)",
+    "num-images": "the number of images is --batch (one batch) times --n-iter (batches)",
+    "restore-faces": "sdcore has no face restoration: leave the flag out",
+    "face-restoration": "sdcore has no face restoration: leave the flag out",
+    "refiner": _NO_REFINER,
+    "refiner-checkpoint": _NO_REFINER,
+    "refiner-switch-at": _NO_REFINER,
+    "eta": _NO_ETA,
+    "ddim-eta": _NO_ETA,
+    "eta-ancestral": _NO_ETA,
+    "eta-ddim": _NO_ETA,
+    "s-churn": _NO_CHURN,
+    "s-noise": _NO_CHURN,
+    "s-tmin": _NO_CHURN,
+    "s-tmax": _NO_CHURN,
 }
 
 
@@ -466,7 +502,7 @@ class _GenerateCommand(HintedCommand):
     "--output",
     default="output.png",
     show_default=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=str),
     callback=lambda _ctx, _param, value: _output_format(value),
     help="Output image: .png, .jpg/.jpeg, .webp or .avif, with A1111's infotext (a PNG's 'parameters' text, "
     "else the EXIF UserComment); a batch writes NAME-0.png, NAME-1.png ... (the same suffix)",

@@ -103,12 +103,18 @@ def color_distance(a: ColorPrint, b: ColorPrint) -> float:
     return max(one_way(a, b), one_way(b, a)) / contrast
 
 
-def list_images(root: str | os.PathLike[str]) -> list[Path]:
-    """Image files under ``root`` (recursive, hidden folders skipped), sorted."""
+def list_images(root: str | os.PathLike[str], *, exclude: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Image files under ``root`` (recursive, hidden folders skipped), sorted.
+
+    ``exclude``: a folder left out wherever it lies below ``root``, the ``--move-to`` folder: duplicates moved
+    there by an earlier run are out of the dataset and must not be grouped (and moved onto themselves) again."""
     root = Path(root)
+    skip = Path(exclude).resolve() if exclude is not None else None
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (skip is None or (Path(dirpath) / d).resolve() != skip)
+        )
         out += [Path(dirpath) / f for f in filenames if is_image_path(f) and not f.startswith(".")]
     return sorted(out)
 

@@ -443,7 +443,26 @@ def source_problems(src: str | os.PathLike[str], dst: str | os.PathLike[str]) ->
             out.append(f"DST {target} is SRC: choose another output folder")
         elif s in t.parents:
             out.append(f"DST {target} is inside SRC {source}: choose a folder outside it")
+        if not list_sources(source)[0]:  # a run would write nothing and say "0 source image(s)" as a success
+            out.append(_no_source_images(source))
     return out
+
+
+def _no_source_images(source: Path) -> str:
+    """Why SRC has nothing to preprocess: a kohya dataset root (``data/10_name/``) keeps its images one level down,
+    and SRC's sub-folders are not read (A1111's "Preprocess images" reads only the folder it is given)."""
+    folders = sorted(
+        entry
+        for entry in source.iterdir()
+        if entry.is_dir() and not entry.name.startswith(".") and list_sources(entry)[0]
+    )
+    if not folders:
+        return f"SRC {source}: no image in it"
+    nested = sum(len(list_sources(folder)[0]) for folder in folders)
+    return (
+        f"SRC {source}: no image directly in it, {nested} in its sub-folders ({', '.join(f.name for f in folders)}); "
+        f"only SRC's own images are read, as A1111 reads them: name a sub-folder, e.g. SRC {folders[0]}"
+    )
 
 
 def list_sources(src: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:

@@ -119,11 +119,11 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = True) -> Any:
             ) from None
         if "weights only" in message.lower() or "unsupported" in message.lower() or "GLOBAL" in message:
             raise UnsafeFileError(f"{file}: refuses to run code in pickle: {_global_name(message)}") from None
-        raise ModelFormatError(f"{file}: not a readable torch file ({_first_line(exc)})") from None
+        raise ModelFormatError(_unreadable(file, exc)) from None
     except FileNotFoundError:
         raise ModelFormatError(f"{file}: no such file") from None
     except Exception as exc:  # truncated zips and junk make torch raise anything (IndexError, EOFError, ...)
-        raise ModelFormatError(f"{file}: not a readable torch file ({_first_line(exc)})") from None
+        raise ModelFormatError(_unreadable(file, exc)) from None
 
 
 def _no_pickle_instruction(message: str) -> int | None:
@@ -137,6 +137,25 @@ def _no_pickle_instruction(message: str) -> int | None:
         return None
     byte = int(match.group(1))
     return None if byte in {ord(op.code) for op in pickletools.opcodes} else byte
+
+
+def _unreadable(file: Any, exc: BaseException) -> str:
+    """Why torch could not read a file, for a user: its size, that it looks damaged, cut short or no torch file
+    where torch's error is of that kind (a pickle's missing memo key or end, a zip without its directory), then
+    torch's words with their type (a bare ``KeyError``'s text is a number: "(1785425525)" said nothing), cut at the
+    first sentence (miniz's runs on for lines). Other refusals (torch's legacy tar format) keep torch's words."""
+    try:
+        size = f"{os.path.getsize(file):,} bytes"
+    except OSError:
+        size = ""
+    name = type(exc).__name__
+    text = _first_line(exc).split(". ")[0]
+    said = name if text == name else f"{name}: {text}"
+    broken = isinstance(exc, (KeyError, IndexError, EOFError)) or any(
+        word in text.lower() for word in ("eof", "zip archive", "corrupt")
+    )
+    what = "; ".join(part for part in (size, "damaged, cut short or not a torch file" if broken else "") if part)
+    return f"{file}: not a readable torch file ({what}{'; ' if what else ''}torch said {said})"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,27 @@ def state_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _written(folder: Path) -> int:
+    """When the state was written (``saved_at``, ns since the epoch, recorded by :func:`save_state`); 0 for a
+    state written before that was recorded, or one whose record cannot be read, which then sort by step
+    before every recorded one."""
+    try:
+        record = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
+        return int(record.get("saved_at", 0)) if isinstance(record, dict) else 0
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def list_states(root: Path) -> list[Path]:
-    """Complete state folders under ``root``, oldest first."""
+    """Complete state folders under ``root``, oldest first: in the order they were written, not by step,
+    since a fresh run into the same ``--output`` writes lower steps after an earlier, longer run's (its states
+    are the newest: what ``--resume latest`` continues and what ``--keep-states`` keeps)."""
     if not root.is_dir():
         return []
     found = [
         p for p in root.iterdir() if p.is_dir() and _STATE_NAME.match(p.name) and (p / "train_state.json").exists()
     ]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=lambda p: (_written(p), p.name))
 
 
 def resolve_resume(resume: str, root: Path) -> Path:
@@ -141,6 +155,7 @@ def save_state(
         atomic_write_text(tmp / "rng.json", json.dumps(rng_info))
         record = {"format": STATE_FORMAT, "step": position.step, "epoch": position.epoch, "batch": position.batch}
         record.update(extra or {})
+        record["saved_at"] = time.time_ns()  # list_states' order: the newest written is latest
         atomic_write_text(tmp / "train_state.json", json.dumps(record, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)

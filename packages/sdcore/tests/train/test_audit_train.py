@@ -34,3 +34,21 @@ def test_with_every_state_kept_latest_is_the_newest_written_not_the_highest_step
     assert sorted(p.name for p in list_states(root)) == ["step-00000003", "step-00000006"]
     assert resolve_resume("latest", root).name == "step-00000003"
     assert list_states(root)[-1].name == "step-00000003"  # newest last, as prune_states reads it
+
+
+def test_resume_of_a_kohya_style_state_name_that_is_not_there_names_the_runs_states(tmp_path):
+    """kohya's ``--resume out/kchar-000002-state`` (its epoch state's name) said "not a training state folder
+    (no train_state.json)" of a folder that does not exist; sdcore's states are ``kchar-state/step-NNNNNNNN``."""
+    import pytest
+    from sdcore.errors import ConfigError
+
+    _run(tmp_path, 4, save_every=2, keep_states=0)
+    root = tmp_path / "run" / "result-state"
+    missing = str(tmp_path / "run" / "result-000002-state")
+    with pytest.raises(ConfigError) as caught:
+        resolve_resume(missing, root)
+    message = str(caught.value)
+    assert message.startswith(f"--resume {missing}: no such state folder; this --output's states are in {root}")
+    assert "step-00000002, step-00000004 (--resume latest continues step-00000004, the newest)" in message
+    with pytest.raises(ConfigError, match=r"no such state folder$"):
+        resolve_resume(missing, tmp_path / "nothing-state")

@@ -70,6 +70,17 @@ def resolve_resume(resume: str, root: Path) -> Path:
     path = Path(resume).expanduser()
     if (path / "train_state.json").exists():
         return path
+    if not path.exists():
+        # kohya's habit: its save_state folders are NAME-000002-state (epoch) / NAME-step00000004-state beside the
+        # result; sdcore's are NAME-state/step-NNNNNNNN, so name the ones this run's output has
+        states = list_states(root)
+        hint = (
+            f"; this --output's states are in {root}: {', '.join(p.name for p in states)} "
+            f"(--resume latest continues {states[-1].name}, the newest)"
+            if states
+            else ""
+        )
+        raise ConfigError(f"--resume {resume}: no such state folder{hint}")
     states = list_states(path)
     if states:
         return states[-1]

@@ -52,3 +52,27 @@ def test_resume_of_a_kohya_style_state_name_that_is_not_there_names_the_runs_sta
     assert "step-00000002, step-00000004 (--resume latest continues step-00000004, the newest)" in message
     with pytest.raises(ConfigError, match=r"no such state folder$"):
         resolve_resume(missing, tmp_path / "nothing-state")
+
+
+def test_train_method_help_opens_with_what_it_does_not_the_classes_developer_notes():
+    """``sdcore train ti --help`` printed TIMethod's whole docstring: "Generic in its options so a method built on
+    it (DreamArtist's ``APTMethod(TIMethod[APTOptions])``) keeps its own options type; ...", reST quotes and all."""
+    import sdplugin_apt.plugin
+    import sdplugin_dreambooth.plugin
+    import sdplugin_hn.plugin
+    import sdplugin_lora.plugin
+    import sdplugin_ti.plugin
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    plugins = [sdplugin_lora.plugin, sdplugin_ti.plugin, sdplugin_hn.plugin, sdplugin_apt.plugin]
+    cli = build_cli(get_plugin_manager(entrypoints=False, extra=[*plugins, sdplugin_dreambooth.plugin]))
+    for method in ("ti", "apt", "hn", "lora", "locon", "dreambooth"):
+        result = CliRunner().invoke(cli, ["train", method, "--help"])
+        assert result.exit_code == 0, result.output
+        opening = result.output.split("Options:", 1)[0]
+        assert "``" not in opening and "TIMethod" not in opening and "Generic" not in opening, (method, opening)
+        assert len(opening.split()) > 4, (method, opening)  # still says what the method does
+    ti = CliRunner().invoke(cli, ["train", "ti", "--help"]).output.split("Options:", 1)[0]
+    assert "Train one embedding (--name) with A1111 templates, schedule and file format." in " ".join(ti.split())

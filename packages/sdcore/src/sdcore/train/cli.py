@@ -352,7 +352,11 @@ def build_train_command(spec: Any) -> click.Command:
         *kohya_click_options([f.name for f in dataclasses.fields(options_class)], taken),
     ]
     command = GroupedCommand(
-        spec.name, callback=callback, params=params, help=method_help(method_class, spec.summary), short_help=spec.summary
+        spec.name,
+        callback=callback,
+        params=params,
+        help=method_help(method_class, spec.summary),
+        short_help=spec.summary,
     )
     command.kohya_fields = [f.name for f in dataclasses.fields(options_class)]
     return command

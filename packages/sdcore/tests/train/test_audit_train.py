@@ -76,3 +76,27 @@ def test_train_method_help_opens_with_what_it_does_not_the_classes_developer_not
         assert len(opening.split()) > 4, (method, opening)  # still says what the method does
     ti = CliRunner().invoke(cli, ["train", "ti", "--help"]).output.split("Options:", 1)[0]
     assert "Train one embedding (--name) with A1111 templates, schedule and file format." in " ".join(ti.split())
+
+
+def test_a_run_into_an_output_with_an_earlier_runs_state_says_it_starts_afresh(tmp_path):
+    """Running an ai-toolkit job (or any config) again after a crash started over in silence and its first state
+    replaced the earlier run's: ai-toolkit itself continues from the folder's newest save. The pre-flight says so
+    and names ``--resume latest``; with ``--resume`` there is nothing to say."""
+    from sdcore.train.preflight import run_preflight
+
+    _run(tmp_path, 3)
+    root = tmp_path / "run" / "result-state"
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5, "batch_size": 1})
+    notes = [n for n in run_preflight(ConvOutMethod(o), o, plan=False).notes if "earlier run" in n]
+    assert notes == [
+        f"{root} holds the resumable state of an earlier run (step 3): this run starts afresh without --resume and "
+        "its own states replace it as they are saved (--keep-states 1); to continue the earlier run instead, add "
+        "--resume latest"
+    ]
+    o.save_state = False
+    (note,) = [n for n in run_preflight(ConvOutMethod(o), o, plan=False).notes if "earlier run" in n]
+    assert "writes no state of its own (--no-save-state)" in note
+    o.save_state, o.resume = True, "latest"
+    assert not [n for n in run_preflight(ConvOutMethod(o), o, plan=False).notes if "earlier run" in n]
+    fresh = contract_options(ConvOutMethod, tmp_path / "other", {"max_steps": 5, "batch_size": 1})
+    assert not [n for n in run_preflight(ConvOutMethod(fresh), fresh, plan=False).notes if "earlier run" in n]

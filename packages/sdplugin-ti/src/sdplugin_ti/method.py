@@ -284,7 +284,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             notes.append(
                 f"{files[0]} answers to {files[0].stem!r} in prompts (A1111, ComfyUI and sdcore generate take the "
                 f"file name), not to --name {o.name.strip()!r}: rename the file, or give --output "
-                f"{files[0].with_name(o.name.strip() + '.pt')}"
+                f"{files[0].with_name(o.name.strip() + files[0].suffix)}"
             )
         if o.resume or o.init_weights:
             return notes

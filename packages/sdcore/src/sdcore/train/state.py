@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,14 @@ def state_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _written(folder: Path) -> int:
-    """When the state was written (``saved_at``, ns since the epoch, recorded by :func:`save_state`); 0 for a
-    state written before that was recorded, or one whose record cannot be read, which then sort by step
-    before every recorded one."""
+def _sequence(folder: Path) -> int:
+    """The state's place in the order states were written under its root (``sequence``: one more than the
+    highest there when :func:`save_state` wrote it; a count, not a clock, so a state copied from a machine whose
+    clock runs ahead still sorts before the states written after it); 0 for a state written before sdcore
+    recorded it, or one whose record cannot be read: those sort by step, before every numbered one."""
     try:
         record = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
-        return int(record.get("saved_at", 0)) if isinstance(record, dict) else 0
+        return int(record.get("sequence", 0)) if isinstance(record, dict) else 0
     except (OSError, ValueError, TypeError):
         return 0
 
@@ -57,7 +57,7 @@ def list_states(root: Path) -> list[Path]:
     found = [
         p for p in root.iterdir() if p.is_dir() and _STATE_NAME.match(p.name) and (p / "train_state.json").exists()
     ]
-    return sorted(found, key=lambda p: (_written(p), p.name))
+    return sorted(found, key=lambda p: (_sequence(p), p.name))
 
 
 def resolve_resume(resume: str, root: Path) -> Path:
@@ -166,7 +166,8 @@ def save_state(
         atomic_write_text(tmp / "rng.json", json.dumps(rng_info))
         record = {"format": STATE_FORMAT, "step": position.step, "epoch": position.epoch, "batch": position.batch}
         record.update(extra or {})
-        record["saved_at"] = time.time_ns()  # list_states' order: the newest written is latest
+        # list_states' order: the state written last is the latest, whatever its step
+        record["sequence"] = 1 + max((_sequence(p) for p in list_states(root)), default=0)
         atomic_write_text(tmp / "train_state.json", json.dumps(record, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)

@@ -44,7 +44,12 @@ class TIOptions(TrainOptions):
     """Textual-inversion options (A1111's train tab) on top of the runtime's."""
 
     lr: float = option(5e-3, "Learning rate (A1111's TI default 0.005).", group="training")
-    name: str = option("", "Embedding name: the word used in prompts and the output file stem.", group="ti")
+    name: str = option(
+        "",
+        "Embedding name: the word used in prompts and the output file stem (when --output is a folder; a file's "
+        "own stem is then the prompt word).",
+        group="ti",
+    )
     placeholder: str = option(
         "",
         "Text standing for the embedding in captions, templates ([name]) and sample prompts instead of --name, "
@@ -270,9 +275,19 @@ class TIMethod(TrainingMethod[TIOptionsT]):
                 f"({parts}) are not trained here (sdcore trains input vectors; continue an output embedding in "
                 "OneTrainer)"
             )
-        if o.resume or o.init_weights or not o.output:
+        if not o.output:
             return notes
         files = self.final_files()
+        if len(self.trained_embeddings()) == 1 and files[0].stem.lower() != o.name.strip().lower():
+            # A1111, ComfyUI and `sdcore generate` answer to the file's stem, not the name stored inside: kohya's
+            # output_name defaults to "last", so `--token_string mychar` alone writes last.pt, the word "last"
+            notes.append(
+                f"{files[0]} answers to {files[0].stem!r} in prompts (A1111, ComfyUI and sdcore generate take the "
+                f"file name), not to --name {o.name.strip()!r}: rename the file, or give --output "
+                f"{files[0].with_name(o.name.strip() + files[0].suffix)}"
+            )
+        if o.resume or o.init_weights:
+            return notes
         existing = [path for path in files if path.is_file()]
         if not existing:
             return notes

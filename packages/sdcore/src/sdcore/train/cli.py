@@ -351,10 +351,26 @@ def build_train_command(spec: Any) -> click.Command:
         *own,
         *kohya_click_options([f.name for f in dataclasses.fields(options_class)], taken),
     ]
-    doc = (method_class.__doc__ or spec.summary or "").strip()
-    command = GroupedCommand(spec.name, callback=callback, params=params, help=doc, short_help=spec.summary)
+    command = GroupedCommand(
+        spec.name,
+        callback=callback,
+        params=params,
+        help=method_help(method_class, spec.summary),
+        short_help=spec.summary,
+    )
     command.kohya_fields = [f.name for f in dataclasses.fields(options_class)]
     return command
+
+
+def method_help(method_class: type, summary: str | None) -> str:
+    """The text ``sdcore train METHOD --help`` opens with: the first paragraph of the method class's docstring,
+    without reST's double backquotes, else the plugin's summary. The rest of a docstring is written for whoever
+    subclasses the method (TI's explains its generic options type) and is no help to someone training."""
+    doc = (method_class.__doc__ or "").strip()
+    if not doc:
+        return (summary or "").strip()
+    first = doc.split("\n\n", 1)[0]
+    return " ".join(line.strip() for line in first.splitlines()).replace("``", "")
 
 
 def _describe(method: Any, options: Any, pm: Any = None) -> None:

@@ -739,6 +739,34 @@ def disk_plan(
 # resume
 
 
+def earlier_state_notes(options: TrainOptions, state_root: Path) -> list[str]:
+    """A run without ``--resume`` into an ``--output`` whose state folder holds an earlier run's states starts
+    afresh, and its own states then take their place (``--keep-states``): said before anything is written, with the
+    way to continue that run instead: ai-toolkit continues a job from its folder's newest save when the job is run
+    again, here that takes ``--resume latest``."""
+    from .state import list_states, read_position
+
+    if options.resume:
+        return []
+    states = list_states(state_root)
+    if not states:
+        return []
+    try:
+        step = f" (step {read_position(states[-1])[0].step})"
+    except SdcoreError:  # another tool's or an unreadable record: still an earlier run's folder
+        step = ""
+    if not options.save_state:
+        fate = "writes no state of its own (--no-save-state)"
+    elif options.keep_states > 0:
+        fate = f"its own states replace it as they are saved (--keep-states {options.keep_states})"
+    else:
+        fate = "its own states are kept beside it (--keep-states 0)"
+    return [
+        f"{state_root} holds the resumable state of an earlier run{step}: this run starts afresh without --resume "
+        f"and {fate}; to continue the earlier run instead, add --resume latest"
+    ]
+
+
 def resume_problems(method: TrainingMethod[Any], options: TrainOptions, state_root: Path) -> list[str]:
     """A ``--resume`` state that cannot continue this run: wrong method, other shape options."""
     from .state import read_position, resolve_resume
@@ -1162,6 +1190,7 @@ def run_preflight(
             problem = folder_problem(folder, what, flag)
             if problem:
                 report.problems.append(problem)
+        report.notes.extend(earlier_state_notes(o, report.state_root))
 
     # a missing --sample-prompts file is reported with the options (read_sample_prompts)
 

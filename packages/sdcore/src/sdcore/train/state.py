@@ -36,14 +36,28 @@ def state_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _sequence(folder: Path) -> int:
+    """The state's place in the order states were written under its root (``sequence``: one more than the
+    highest there when :func:`save_state` wrote it; a count, not a clock, so a state copied from a machine whose
+    clock runs ahead still sorts before the states written after it); 0 for a state written before sdcore
+    recorded it, or one whose record cannot be read: those sort by step, before every numbered one."""
+    try:
+        record = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
+        return int(record.get("sequence", 0)) if isinstance(record, dict) else 0
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def list_states(root: Path) -> list[Path]:
-    """Complete state folders under ``root``, oldest first."""
+    """Complete state folders under ``root``, oldest first: in the order they were written, not by step,
+    since a fresh run into the same ``--output`` writes lower steps after an earlier, longer run's (its states
+    are the newest: what ``--resume latest`` continues and what ``--keep-states`` keeps)."""
     if not root.is_dir():
         return []
     found = [
         p for p in root.iterdir() if p.is_dir() and _STATE_NAME.match(p.name) and (p / "train_state.json").exists()
     ]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=lambda p: (_sequence(p), p.name))
 
 
 def resolve_resume(resume: str, root: Path) -> Path:
@@ -56,6 +70,17 @@ def resolve_resume(resume: str, root: Path) -> Path:
     path = Path(resume).expanduser()
     if (path / "train_state.json").exists():
         return path
+    if not path.exists():
+        # kohya's habit: its save_state folders are NAME-000002-state (epoch) / NAME-step00000004-state beside the
+        # result; sdcore's are NAME-state/step-NNNNNNNN, so name the ones this run's output has
+        states = list_states(root)
+        hint = (
+            f"; this --output's states are in {root}: {', '.join(p.name for p in states)} "
+            f"(--resume latest continues {states[-1].name}, the newest)"
+            if states
+            else ""
+        )
+        raise ConfigError(f"--resume {resume}: no such state folder{hint}")
     states = list_states(path)
     if states:
         return states[-1]
@@ -141,6 +166,8 @@ def save_state(
         atomic_write_text(tmp / "rng.json", json.dumps(rng_info))
         record = {"format": STATE_FORMAT, "step": position.step, "epoch": position.epoch, "batch": position.batch}
         record.update(extra or {})
+        # list_states' order: the state written last is the latest, whatever its step
+        record["sequence"] = 1 + max((_sequence(p) for p in list_states(root)), default=0)
         atomic_write_text(tmp / "train_state.json", json.dumps(record, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)

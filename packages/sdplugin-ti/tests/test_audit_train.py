@@ -1,0 +1,30 @@
+"""What a kohya/A1111 user met in ``sdcore train ti`` (the newcomer audit)."""
+
+from __future__ import annotations
+
+from sdcore.testing.contract import contract_options
+from sdcore.train.preflight import run_preflight
+from sdplugin_ti.method import TIMethod
+
+TI_OPTIONS = {"name": "mychar", "vectors": 2, "template": "subject_filewords", "lr": 5e-2}
+
+
+def _notes(tmp_path, **overrides):
+    options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, **overrides})
+    return [n for n in run_preflight(TIMethod(options), options, plan=False).notes if "answers to" in n]
+
+
+def test_an_output_file_whose_stem_is_not_the_name_says_which_word_the_prompt_takes(tmp_path):
+    """kohya's ``--token_string mychar --output_dir out`` (output_name defaults to "last") wrote ``out/last.pt``
+    without a word: A1111, ComfyUI and ``sdcore generate`` load it as the word ``last``, though ``--help`` said
+    ``--name`` is "the word used in prompts and the output file stem"."""
+    last = tmp_path / "out" / "last.pt"
+    assert _notes(tmp_path, output=str(last)) == [
+        f"{last} answers to 'last' in prompts (A1111, ComfyUI and sdcore generate take the file name), not to "
+        f"--name 'mychar': rename the file, or give --output {tmp_path / 'out' / 'mychar.pt'}"
+    ]
+    other = tmp_path / "out" / "v2.safetensors"  # the suggestion keeps the file's format
+    assert _notes(tmp_path, output=str(other))[0].endswith(f"give --output {tmp_path / 'out' / 'mychar.safetensors'}")
+    assert _notes(tmp_path, output=str(tmp_path / "out" / "mychar.pt")) == []
+    assert _notes(tmp_path, output=str(tmp_path / "out" / "MyChar.pt")) == []  # prompt words match in any case
+    assert _notes(tmp_path, output=str(tmp_path / "out")) == []  # a folder: <name>.pt

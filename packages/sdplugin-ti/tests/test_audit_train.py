@@ -26,3 +26,22 @@ def test_an_output_file_whose_stem_is_not_the_name_says_which_word_the_prompt_ta
     assert _notes(tmp_path, output=str(tmp_path / "out" / "mychar.pt")) == []
     assert _notes(tmp_path, output=str(tmp_path / "out" / "MyChar.pt")) == []  # prompt words match in any case
     assert _notes(tmp_path, output=str(tmp_path / "out")) == []  # a folder: <name>.pt
+
+
+def test_a_resume_with_another_template_or_schedule_warns(tmp_path, capsys):
+    """TI's template and A1111 rate schedule change the prompts and the rates: a ``--resume`` that changed them
+    continued without a word, where one changing the runtime's own --lr or --lr-scheduler warns."""
+    import dataclasses
+
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.train.loop import train
+
+    options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, "max_steps": 2, "progress": True})
+    train(TIMethod(options), bundle=create_tiny_bundle("sd1"))
+    capsys.readouterr()
+    same = dataclasses.replace(options, resume="latest", max_steps=3)
+    train(TIMethod(same), bundle=create_tiny_bundle("sd1"))
+    assert "resuming with changed" not in capsys.readouterr().err
+    changed = dataclasses.replace(same, max_steps=4, template="style_filewords", lr_schedule="5e-3:10, 1e-3")
+    train(TIMethod(changed), bundle=create_tiny_bundle("sd1"))
+    assert "warning: resuming with changed template, lr_schedule" in capsys.readouterr().err

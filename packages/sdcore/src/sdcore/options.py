@@ -25,6 +25,7 @@ def option(
     aliases: tuple[str, ...] = (),
     normalize: Callable[[str], str] | None = None,
     path: bool = False,
+    resume_sensitive: bool = False,
 ) -> Any:
     """A dataclass field that also describes its command-line flag.
 
@@ -36,9 +37,12 @@ def option(
     from another tool type what they know; it returns a value it does not know unchanged, and the choices
     check then lists the accepted ones. ``path`` marks a file or folder a config may name: only those values are
     checked for a Windows spelling (:mod:`sdcore.windows_paths`), never a prompt, a separator or a regex.
+    ``resume_sensitive``: a method's option that changes the samples or the schedule, so a ``--resume`` with
+    another value is warned about as the runtime's own such options are (:data:`sdcore.train.checkpoints.RESUME_SENSITIVE`).
     """
     metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "cli": cli, "metavar": metavar,
-                "aliases": tuple(aliases), "normalize": normalize, "path": path}  # fmt: skip
+                "aliases": tuple(aliases), "normalize": normalize, "path": path,
+                "resume_sensitive": resume_sensitive}  # fmt: skip
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

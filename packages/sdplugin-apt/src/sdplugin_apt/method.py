@@ -42,13 +42,19 @@ class APTOptions(TIOptions):
     lr: float = option(3e-3, "Learning rate of the positive embedding (DreamArtist default 0.003).", group="training")
     vectors: int = option(3, "Vectors of the positive embedding.", group="ti")
     template: str = option(
-        "subject", "Prompt template (DreamArtist default subject; training without filewords is advised).", group="ti"
+        "subject",
+        "Prompt template (DreamArtist default subject; training without filewords is advised).",
+        group="ti",
+        resume_sensitive=True,
     )
     neg_vectors: int = option(6, "Vectors of the negative embedding <name>-neg.", group="apt")
     neg_init_text: str = option("*", "Init text of the negative embedding.", group="apt")
     neg_lr_weight: float = option(1.0, "The negative embedding's lr is lr * this.", group="apt")
     cfg_scale: str = option(
-        "3.0", "Training CFG scale: '3', 'low-high' or 'low-high:ln|cos|cos2' over timesteps.", group="apt"
+        "3.0",
+        "Training CFG scale: '3', 'low-high' or 'low-high:ln|cos|cos2' over timesteps.",
+        group="apt",
+        resume_sensitive=True,
     )
     positive_filewords_only: bool = option(
         False,

@@ -80,12 +80,14 @@ class HNOptions(TrainOptions):
         "",
         "A1111 learning-rate schedule 'rate:until_step, rate:until_step, rate' (e.g. '5e-5:100, 5e-6:1500, 5e-7'); "
         "replaces --lr and --lr-scheduler. A1111 stops at the last listed step; set --max-steps for that.",
+        resume_sensitive=True,
         group="hypernetwork",
     )
     template: str = option(
         "",
         "Prompt template: a .txt file or one of hypernetwork, none, style_filewords, subject_filewords; "
         "[filewords] is the caption, [name] the name. Default: the caption as is.",
+        resume_sensitive=True,
         group="hypernetwork",
         path=True,
     )

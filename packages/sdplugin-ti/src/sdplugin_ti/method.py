@@ -54,6 +54,7 @@ class TIOptions(TrainOptions):
         "",
         "Text standing for the embedding in captions, templates ([name]) and sample prompts instead of --name, "
         "replaced wherever it occurs (OneTrainer's placeholder, e.g. <embedding>); --name then names the file only.",
+        resume_sensitive=True,
         group="ti",
     )
     init_text: str = option("*", "Text whose token embeddings initialise the vectors ('' = zeros).", group="ti")
@@ -70,6 +71,7 @@ class TIOptions(TrainOptions):
         "Prompt template: style, subject, style_filewords, subject_filewords, none, filewords (the captions as "
         "written: OneTrainer's way, with the name in them), or a .txt file "
         "with one prompt per line using [name] and [filewords].",
+        resume_sensitive=True,
         group="ti",
     )
     format: str = option(
@@ -79,6 +81,7 @@ class TIOptions(TrainOptions):
         "",
         "A1111 schedule 'rate:step, rate:step, rate' with absolute steps (replaces --lr-scheduler when set; "
         "the last rate continues after the last step).",
+        resume_sensitive=True,
         group="ti",
     )
     train_t5: bool = option(
@@ -93,6 +96,7 @@ class TIOptions(TrainOptions):
         "once: one cached posterior sample per image (A1111's default); random: a new sample each step "
         "(needs --no-cache-latents); deterministic: the posterior mean (not supported by the runtime's cache yet).",
         choices=LATENT_SAMPLING,
+        resume_sensitive=True,
         group="ti",
     )
 

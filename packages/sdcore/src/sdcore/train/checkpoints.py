@@ -72,6 +72,14 @@ RESUME_SENSITIVE = (
 )
 
 
+def resume_sensitive_options(options: Any) -> list[str]:
+    """A method's own options marked ``option(..., resume_sensitive=True)`` (TI's template and rate schedule): a
+    resume that changes them is warned about, as one changing :data:`RESUME_SENSITIVE`."""
+    from dataclasses import fields
+
+    return [f.name for f in fields(options) if f.metadata.get("resume_sensitive") and f.name not in RESUME_SENSITIVE]
+
+
 def resumed_guidance_change(
     saved: dict[str, Any], options: TrainOptions, *, control: bool
 ) -> tuple[float, float] | None:
@@ -525,7 +533,8 @@ class Checkpoints:
         saved = record.get("options") or {}
         # compared as the state records them (JSON: a tuple such as resolution_size comes back as a list)
         current = json.loads(json.dumps(asdict(self.options), default=str))
-        changed = [k for k in RESUME_SENSITIVE if k in saved and saved[k] != current.get(k)]
+        sensitive = [*RESUME_SENSITIVE, *resume_sensitive_options(self.options)]
+        changed = [k for k in sensitive if k in saved and saved[k] != current.get(k)]
         described = [f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed]
         guidance = resumed_guidance_change(saved, self.options, control=self.method.capabilities().control_channels)
         if guidance is not None:

@@ -43,13 +43,44 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 _OVERWRITE_HELP = "Replace the output if it already exists (else that is an error, found before any work)."
 
 
-def _check_output(output: str, inputs: list[str], overwrite: bool, problems: list[str] | None = None) -> None:
+def lora_suffix_problem(output: str) -> str | None:
+    """Why ``output`` is no name for a LoRA file, or ``None``. sdcore writes LoRA files as safetensors only: under
+    ``.pt``/``.ckpt`` A1111, ComfyUI (and sdcore itself) read the file as a pickle and fail, and a name with
+    another or no suffix is not listed by their LoRA pickers at all."""
+    path = Path(output)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return None
+    if suffix in _WEIGHT_SUFFIXES:
+        why = f"A1111 and ComfyUI would read a {path.suffix} file as a pickle and fail"
+        name = path.stem
+    else:  # no suffix, or a dot inside the name ("mychar.v2")
+        why = "A1111's and ComfyUI's LoRA lists show only files with a weight suffix"
+        name = path.name
+    return (
+        f"-o {output}: sdcore writes LoRA files as .safetensors ({why}); use -o {path.with_name(name + '.safetensors')}"
+    )
+
+
+#: suffixes of pickled weight files, which loaders read with ``torch.load``
+_WEIGHT_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
+
+
+def _check_output(
+    output: str, inputs: list[str], overwrite: bool, problems: list[str] | None = None, *, lora: bool = True
+) -> None:
     """``sdcore.io.output_problems`` for ``output`` (sdcore's rule for every written file), with the command's
-    other ``problems``, all in one :class:`ConfigError` before any model or file is read."""
+    other ``problems`` and, for a LoRA output (``lora``), its suffix, all in one :class:`ConfigError` before any
+    model or file is read."""
     from sdcore.errors import ConfigError
     from sdcore.io import output_problems
 
-    found = [*(problems or []), *output_problems([Path(output)], inputs=inputs, overwrite=overwrite)]
+    suffix = lora_suffix_problem(output) if lora else None
+    found = [
+        *(problems or []),
+        *([suffix] if suffix else []),
+        *output_problems([Path(output)], inputs=inputs, overwrite=overwrite),
+    ]
     if found:
         raise ConfigError("; ".join(found), found)
 
@@ -265,7 +296,11 @@ def merge_command(
         heads = [value.rpartition(":")[0] for value in loras]
         weighted = [(head if head and Path(head).exists() else v, 1.0) for head, v in zip(heads, loras, strict=True)]
     sources = [p for p, _ in weighted] + [m for m in (model, base_model) if m]
-    _check_output(output, sources, overwrite, problems)
+    if model:
+        from sdcore.models.save import save_format
+
+        save_format(output)  # a model's name (a .ckpt -o is refused before the merge, not after it)
+    _check_output(output, sources, overwrite, problems, lora=not model)
     if model:
         bundle = _load_model(model)
         touched = merge_into_model(bundle, weighted)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sdcore.hinted_command import HintedCommand
 
 
 def _load_model(source: str) -> Any:
@@ -85,13 +86,72 @@ def _check_output(
         raise ConfigError("; ".join(found), found)
 
 
+_SAVE_PRECISION = "did you mean --save-dtype? kohya's --save_precision: fp16, bf16, or fp32 for its float"
+_SAVE_TO = "kohya's --save_to is -o/--output here"
+_RATIOS = "kohya's --ratios: each ratio follows its file, a.safetensors:0.7 b.safetensors:0.3"
+
+#: the names of kohya's networks/*.py scripts (resize_lora.py, merge_lora.py, svd_merge_lora.py,
+#: extract_lora_from_models.py) typed on the command of the same job, by command and by the name as typed with
+#: underscores: what each is here. click alone suggests a near spelling of another meaning (resize's --model, the
+#: LoRA to resize in kohya, became --base-model; merge's --sd_model and --models too; --save_to became --save-dtype)
+_KOHYA_SCRIPT_HINTS: dict[str, dict[str, str]] = {
+    "resize": {
+        "model": "kohya's resize_lora.py --model, the LoRA to resize, is the FILE argument here: "
+        "sdcore lora resize FILE -o OUT --rank N",
+        "new_rank": "did you mean --rank? kohya's --new_rank",
+        "new_conv_rank": "did you mean --conv-rank? kohya's --new_conv_rank",
+        "dynamic_method": "did you mean --dynamic? kohya's --dynamic_method",
+        "save_to": _SAVE_TO,
+        "save_precision": _SAVE_PRECISION,
+    },
+    "merge": {
+        "sd_model": "did you mean --model? kohya's merge_lora.py --sd_model, the checkpoint to merge into",
+        "models": "kohya's --models: the LoRA files are the arguments here, each FILE[:RATIO]: "
+        "sdcore lora merge a.safetensors:0.7 b.safetensors:0.3 -o OUT",
+        "ratios": _RATIOS,
+        "new_rank": "did you mean --rank? svd_merge_lora.py's --new_rank is --rank with --mode svd",
+        "new_conv_rank": "did you mean --conv-rank? svd_merge_lora.py's --new_conv_rank, with --mode svd",
+        "concat": "kohya's --concat is --mode concat here, the default",
+        "save_to": _SAVE_TO,
+        "save_precision": _SAVE_PRECISION,
+    },
+    "extract": {
+        "model_org": "kohya's --model_org is BASE, the first argument here: sdcore lora extract BASE TUNED -o OUT",
+        "model_tuned": "kohya's --model_tuned is TUNED, the second argument here: sdcore lora extract BASE TUNED -o OUT",
+        "dim": "did you mean --rank? kohya's extract_lora_from_models.py --dim",
+        "conv_dim": "did you mean --conv-rank? kohya's --conv_dim",
+        "save_to": _SAVE_TO,
+        "save_precision": _SAVE_PRECISION,
+    },
+    "convert": {"save_to": _SAVE_TO, "save_precision": _SAVE_PRECISION},
+}
+
+
+class _ToolCommand(HintedCommand):
+    """A ``sdcore lora`` tool: kohya's script names for the same job (:data:`_KOHYA_SCRIPT_HINTS`), a family flag
+    (``--sdxl``, ``--v2``: read from the files) and an option typed with underscores say sdcore's option, where
+    click would offer a near spelling that means something else."""
+
+    def option_hint(self, ctx: click.Context, option: str) -> str | None:
+        from sdcore.train.kohya import family_flag_hint
+
+        key = option.strip().lstrip("-").replace("-", "_")
+        hint = _KOHYA_SCRIPT_HINTS.get(self.name or "", {}).get(key)
+        if hint is not None:
+            return f" ({hint})"
+        flag = f"--{key.replace('_', '-')}"
+        if "_" in option and any(flag in param.opts for param in self.get_params(ctx)):
+            return f" (did you mean {flag}? sdcore's options are written with hyphens)"
+        return family_flag_hint(option)
+
+
 @click.group("lora")
 def lora_group() -> None:
     """LoRA files: merge, extract, resize, convert, info (kohya format), extract-embeddings (a bundle as embedding
     files); targets: what a training run adapts."""
 
 
-@lora_group.command("info")
+@lora_group.command("info", cls=_ToolCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tags", "top_tags", default=20, show_default=True, help="How many most frequent training tags to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything (metadata included) as JSON.")
@@ -151,7 +211,7 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
         click.echo("top tags:    " + ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"]))
 
 
-@lora_group.command("extract")
+@lora_group.command("extract", cls=_ToolCommand)
 @click.argument("base")
 @click.argument("tuned")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .safetensors.")
@@ -194,7 +254,7 @@ def extract_command(
     click.echo(f"wrote {path}: {result.modules} modules{note}")
 
 
-@lora_group.command("resize")
+@lora_group.command("resize", cls=_ToolCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--rank", required=True, type=int, help="New rank (the cap with --dynamic).")
@@ -242,7 +302,7 @@ def resize_command(
     click.echo(f"wrote {path}: {len(result.ranks)} modules, ranks {new_ranks}, mean Frobenius norm kept {kept:.3f}")
 
 
-@lora_group.command("merge")
+@lora_group.command("merge", cls=_ToolCommand)
 @click.argument("loras", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output file (.safetensors).")
 @click.option(
@@ -321,7 +381,7 @@ def merge_command(
     click.echo(f"wrote {path}: {modules} modules")
 
 
-@lora_group.command("convert")
+@lora_group.command("convert", cls=_ToolCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option(
@@ -361,7 +421,7 @@ def convert_command(file: str, output: str, target: str, save_dtype: str | None,
     click.echo(f"wrote {path} ({dtype}): {len(tensors) // 2} OFT modules for {target}")
 
 
-@lora_group.command("extract-embeddings")
+@lora_group.command("extract-embeddings", cls=_ToolCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "-o",

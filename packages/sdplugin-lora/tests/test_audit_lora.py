@@ -53,3 +53,23 @@ def test_a_lora_output_not_named_safetensors_is_refused_before_any_work(tmp_path
     # a .safetensors LoRA is written as before, whatever the suffix's case
     good = tmp_path / "small.SAFETENSORS"
     assert _run("resize", source, "-o", good, "--rank", "2").exit_code == 0 and good.is_file()
+
+
+def test_a_model_checkpoint_given_as_the_lora_says_what_it_is(tmp_path):
+    """``sdcore lora info|resize model.safetensors`` listed the checkpoint's first five key names; it names the
+    model instead (a model part: what it holds); any other file keeps the key list."""
+    from sdcore.models.load import load_model
+
+    model = load_model("tiny:sd1").save(tmp_path / "model.safetensors")
+    for args in (("info", model), ("resize", model, "-o", tmp_path / "small.safetensors", "--rank", "2")):
+        result = _run(*args)
+        assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+        assert str(result.exception) == (
+            f"{model}: no LoRA modules: it is a sd1 model checkpoint (`sdcore model info` describes it)"
+        )
+    import torch
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"something": torch.zeros(2)}, str(other))
+    assert str(_run("info", other).exception) == f"{other}: no LoRA modules found (first keys: something)"

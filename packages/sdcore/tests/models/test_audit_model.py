@@ -57,3 +57,34 @@ def test_convert_never_replaces_its_source(tmp_path):
     for _ in range(2):
         result = _run("convert", src, out, "--dtype", "fp16")
         assert result.exit_code == 0, result.output
+
+
+def test_a_lora_or_embedding_given_as_the_model_says_what_it_is(tmp_path):
+    """A LoRA or an embedding passed to ``model info`` (or generate's --model) got "not a Stable Diffusion
+    checkpoint (no model.diffusion_model...)" alone; the message now says what the file is and where it goes."""
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "mychar.safetensors"
+    save_file(
+        {
+            "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
+            "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2),
+            "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(2.0),
+        },
+        str(lora),
+    )
+    embedding = tmp_path / "style.safetensors"
+    save_file({"emb_params": torch.zeros(2, 768)}, str(embedding))
+    other = tmp_path / "other.safetensors"
+    save_file({"something": torch.zeros(2)}, str(other))
+    for path, expected in (
+        (lora, "; it is a LoRA, not a model: `sdcore lora info` describes it, <lora:NAME:1> in a prompt"),
+        (embedding, "; it is a textual-inversion embedding, not a model: write its name in a prompt"),
+    ):
+        result = _run("info", path, "--no-hash")
+        assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+        assert str(result.exception).startswith(f"{path}: not a Stable Diffusion checkpoint")
+        assert expected in str(result.exception)
+    result = _run("info", other, "--no-hash")
+    assert isinstance(result.exception, SdcoreError) and "it is a" not in str(result.exception)

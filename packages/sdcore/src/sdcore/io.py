@@ -148,22 +148,28 @@ def _same_place(a: Path, b: str) -> bool:
     return a.expanduser().resolve() == other.expanduser().resolve()
 
 
-def output_problems(outputs: Sequence[Path], *, inputs: Sequence[str] = (), overwrite: bool) -> list[str]:
+def output_problems(
+    outputs: Sequence[Path], *, inputs: Sequence[str] = (), overwrite: bool, option: str = "-o"
+) -> list[str]:
     """The rule of every command that writes a file, checked before any work: an output that is one of the
     ``inputs`` is always refused (it would be replaced while it is still needed, and the original lost), an
-    existing output is refused unless ``--overwrite``. One line per problem (empty when all is well)."""
+    existing output is refused unless ``--overwrite``. One line per problem (empty when all is well); ``option``
+    is how the command names its output (``-o``, or an argument such as ``DST``)."""
     problems, refused = [], set()
     for out in outputs:
         same = [source for source in inputs if _same_place(out, source)]
         if same:
             refused.add(out)
             problems.append(
-                f"-o {out} is the input {same[0]}: the result cannot replace a file it is made from; choose another -o"
+                f"{option} {out} is the input {same[0]}: the result cannot replace a file it is made from; "
+                f"choose another {option}"
             )
     existing = [str(out) for out in outputs if out not in refused and out.exists()]
     if existing and not overwrite:  # an earlier file is never replaced in silence
         verb, it = ("exists", "it") if len(existing) == 1 else ("exist", "them")
-        problems.append(f"{', '.join(existing)} already {verb}; pass --overwrite to replace {it}, or choose another -o")
+        problems.append(
+            f"{', '.join(existing)} already {verb}; pass --overwrite to replace {it}, or choose another {option}"
+        )
     return problems
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sdcore.hinted_command import HintedCommand
 
 
 def _load_model(source: str) -> Any:
@@ -43,15 +44,105 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 _OVERWRITE_HELP = "Replace the output if it already exists (else that is an error, found before any work)."
 
 
-def _check_output(output: str, inputs: list[str], overwrite: bool, problems: list[str] | None = None) -> None:
+def lora_suffix_problem(output: str) -> str | None:
+    """Why ``output`` is no name for a LoRA file, or ``None``. sdcore writes LoRA files as safetensors only: under
+    ``.pt``/``.ckpt`` A1111, ComfyUI (and sdcore itself) read the file as a pickle and fail, and a name with
+    another or no suffix is not listed by their LoRA pickers at all."""
+    path = Path(output)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return None
+    if suffix in _WEIGHT_SUFFIXES:
+        why = f"A1111 and ComfyUI would read a {path.suffix} file as a pickle and fail"
+        name = path.stem
+    else:  # no suffix, or a dot inside the name ("mychar.v2")
+        why = "A1111's and ComfyUI's LoRA lists show only files with a weight suffix"
+        name = path.name
+    return (
+        f"-o {output}: sdcore writes LoRA files as .safetensors ({why}); use -o {path.with_name(name + '.safetensors')}"
+    )
+
+
+#: suffixes of pickled weight files, which loaders read with ``torch.load``
+_WEIGHT_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
+
+
+def _check_output(
+    output: str, inputs: list[str], overwrite: bool, problems: list[str] | None = None, *, lora: bool = True
+) -> None:
     """``sdcore.io.output_problems`` for ``output`` (sdcore's rule for every written file), with the command's
-    other ``problems``, all in one :class:`ConfigError` before any model or file is read."""
+    other ``problems`` and, for a LoRA output (``lora``), its suffix, all in one :class:`ConfigError` before any
+    model or file is read."""
     from sdcore.errors import ConfigError
     from sdcore.io import output_problems
 
-    found = [*(problems or []), *output_problems([Path(output)], inputs=inputs, overwrite=overwrite)]
+    suffix = lora_suffix_problem(output) if lora else None
+    found = [
+        *(problems or []),
+        *([suffix] if suffix else []),
+        *output_problems([Path(output)], inputs=inputs, overwrite=overwrite),
+    ]
     if found:
         raise ConfigError("; ".join(found), found)
+
+
+_SAVE_PRECISION = "did you mean --save-dtype? kohya's --save_precision: fp16, bf16, or fp32 for its float"
+_SAVE_TO = "kohya's --save_to is -o/--output here"
+_RATIOS = "kohya's --ratios: each ratio follows its file, a.safetensors:0.7 b.safetensors:0.3"
+
+#: the names of kohya's networks/*.py scripts (resize_lora.py, merge_lora.py, svd_merge_lora.py,
+#: extract_lora_from_models.py) typed on the command of the same job, by command and by the name as typed with
+#: underscores: what each is here. click alone suggests a near spelling of another meaning (resize's --model, the
+#: LoRA to resize in kohya, became --base-model; merge's --sd_model and --models too; --save_to became --save-dtype)
+_KOHYA_SCRIPT_HINTS: dict[str, dict[str, str]] = {
+    "resize": {
+        "model": "kohya's resize_lora.py --model, the LoRA to resize, is the FILE argument here: "
+        "sdcore lora resize FILE -o OUT --rank N",
+        "new_rank": "did you mean --rank? kohya's --new_rank",
+        "new_conv_rank": "did you mean --conv-rank? kohya's --new_conv_rank",
+        "dynamic_method": "did you mean --dynamic? kohya's --dynamic_method",
+        "save_to": _SAVE_TO,
+        "save_precision": _SAVE_PRECISION,
+    },
+    "merge": {
+        "sd_model": "did you mean --model? kohya's merge_lora.py --sd_model, the checkpoint to merge into",
+        "models": "kohya's --models: the LoRA files are the arguments here, each FILE[:RATIO]: "
+        "sdcore lora merge a.safetensors:0.7 b.safetensors:0.3 -o OUT",
+        "ratios": _RATIOS,
+        "new_rank": "did you mean --rank? svd_merge_lora.py's --new_rank is --rank with --mode svd",
+        "new_conv_rank": "did you mean --conv-rank? svd_merge_lora.py's --new_conv_rank, with --mode svd",
+        "concat": "kohya's --concat is --mode concat here, the default",
+        "save_to": _SAVE_TO,
+        "save_precision": _SAVE_PRECISION,
+    },
+    "extract": {
+        "model_org": "kohya's --model_org is BASE, the first argument here: sdcore lora extract BASE TUNED -o OUT",
+        "model_tuned": "kohya's --model_tuned is TUNED, the second argument here: sdcore lora extract BASE TUNED -o OUT",
+        "dim": "did you mean --rank? kohya's extract_lora_from_models.py --dim",
+        "conv_dim": "did you mean --conv-rank? kohya's --conv_dim",
+        "save_to": _SAVE_TO,
+        "save_precision": _SAVE_PRECISION,
+    },
+    "convert": {"save_to": _SAVE_TO, "save_precision": _SAVE_PRECISION},
+}
+
+
+class _ToolCommand(HintedCommand):
+    """A ``sdcore lora`` tool: kohya's script names for the same job (:data:`_KOHYA_SCRIPT_HINTS`), a family flag
+    (``--sdxl``, ``--v2``: read from the files) and an option typed with underscores say sdcore's option, where
+    click would offer a near spelling that means something else."""
+
+    def option_hint(self, ctx: click.Context, option: str) -> str | None:
+        from sdcore.train.kohya import family_flag_hint
+
+        key = option.strip().lstrip("-").replace("-", "_")
+        hint = _KOHYA_SCRIPT_HINTS.get(self.name or "", {}).get(key)
+        if hint is not None:
+            return f" ({hint})"
+        flag = f"--{key.replace('_', '-')}"
+        if "_" in option and any(flag in param.opts for param in self.get_params(ctx)):
+            return f" (did you mean {flag}? sdcore's options are written with hyphens)"
+        return family_flag_hint(option)
 
 
 @click.group("lora")
@@ -60,7 +151,7 @@ def lora_group() -> None:
     files); targets: what a training run adapts."""
 
 
-@lora_group.command("info")
+@lora_group.command("info", cls=_ToolCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tags", "top_tags", default=20, show_default=True, help="How many most frequent training tags to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything (metadata included) as JSON.")
@@ -120,7 +211,7 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
         click.echo("top tags:    " + ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"]))
 
 
-@lora_group.command("extract")
+@lora_group.command("extract", cls=_ToolCommand)
 @click.argument("base")
 @click.argument("tuned")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .safetensors.")
@@ -163,7 +254,7 @@ def extract_command(
     click.echo(f"wrote {path}: {result.modules} modules{note}")
 
 
-@lora_group.command("resize")
+@lora_group.command("resize", cls=_ToolCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--rank", required=True, type=int, help="New rank (the cap with --dynamic).")
@@ -211,7 +302,7 @@ def resize_command(
     click.echo(f"wrote {path}: {len(result.ranks)} modules, ranks {new_ranks}, mean Frobenius norm kept {kept:.3f}")
 
 
-@lora_group.command("merge")
+@lora_group.command("merge", cls=_ToolCommand)
 @click.argument("loras", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output file (.safetensors).")
 @click.option(
@@ -265,7 +356,11 @@ def merge_command(
         heads = [value.rpartition(":")[0] for value in loras]
         weighted = [(head if head and Path(head).exists() else v, 1.0) for head, v in zip(heads, loras, strict=True)]
     sources = [p for p, _ in weighted] + [m for m in (model, base_model) if m]
-    _check_output(output, sources, overwrite, problems)
+    if model:
+        from sdcore.models.save import save_format
+
+        save_format(output)  # a model's name (a .ckpt -o is refused before the merge, not after it)
+    _check_output(output, sources, overwrite, problems, lora=not model)
     if model:
         bundle = _load_model(model)
         touched = merge_into_model(bundle, weighted)
@@ -286,7 +381,7 @@ def merge_command(
     click.echo(f"wrote {path}: {modules} modules")
 
 
-@lora_group.command("convert")
+@lora_group.command("convert", cls=_ToolCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option(
@@ -326,7 +421,7 @@ def convert_command(file: str, output: str, target: str, save_dtype: str | None,
     click.echo(f"wrote {path} ({dtype}): {len(tensors) // 2} OFT modules for {target}")
 
 
-@lora_group.command("extract-embeddings")
+@lora_group.command("extract-embeddings", cls=_ToolCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "-o",

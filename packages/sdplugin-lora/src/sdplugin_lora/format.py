@@ -551,8 +551,31 @@ def read_lora(path: str | Path) -> LoraFile:
         raise ModelFormatError(f"{path}: {layout}")
     lora = parse_state_dict(state, metadata, path)
     if not lora.modules:
-        raise ModelFormatError(f"{path}: no LoRA modules found (first keys: {', '.join(list(state)[:5])})")
+        raise no_modules_error(path, state)
     return lora
+
+
+def no_modules_error(path: str | Path, state: Mapping[str, Any]) -> ModelFormatError:
+    """The one-line error for a file without LoRA modules: what it is when it is a model checkpoint or a model part
+    (they sit beside LoRAs in the models folders, and a key list helps nobody), else its first keys."""
+    from sdcore.errors import SdcoreError
+    from sdcore.models.detect import detect_family
+    from sdcore.models.parts import PART_LABELS, parts_in
+
+    keys = list(state)
+    try:
+        family = detect_family(keys, path)
+    except SdcoreError:
+        family = None
+    if family is not None:
+        return ModelFormatError(
+            f"{path}: no LoRA modules: it is a {family} model checkpoint (`sdcore model info` describes it)"
+        )
+    found = parts_in(keys)
+    if found:
+        labels = " / ".join(dict.fromkeys(PART_LABELS[name] for name in found))
+        return ModelFormatError(f"{path}: no LoRA modules: it holds a {labels} alone (a model part)")
+    return ModelFormatError(f"{path}: no LoRA modules found (first keys: {', '.join(keys[:5])})")
 
 
 # --- family detection ---------------------------------------------------------------------------

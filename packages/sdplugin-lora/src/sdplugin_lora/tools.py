@@ -744,16 +744,15 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     A file of a layout sdcore cannot apply (:func:`~sdplugin_lora.format.unmappable`: Stable Cascade, XLabs
     IP-Adapters...) is described as well, with ``layout`` (its name) and ``cannot_apply`` (why, and the key that
     tells); both are ``None`` for every other file."""
-    from sdcore.errors import ModelFormatError
 
     from .blocks import block_count, block_index
-    from .format import parse_state_dict, read_state, unmappable
+    from .format import no_modules_error, parse_state_dict, read_state, unmappable
 
     state, metadata = read_state(path)
     refused = unmappable(state)  # described all the same: info inspects, it applies nothing
     lora = parse_state_dict(state, metadata, Path(path))
     if refused is None and not lora.modules:
-        raise ModelFormatError(f"{path}: no LoRA modules found (first keys: {', '.join(list(state)[:5])})")
+        raise no_modules_error(path, state)
     family, why = detect_family(lora)
     parts: Counter[str] = Counter()
     kinds: Counter[str] = Counter()

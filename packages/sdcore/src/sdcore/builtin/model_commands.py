@@ -127,8 +127,9 @@ def _variant(bundle: Any) -> str | None:
     "to",
     type=click.Choice(["single-file", "diffusers", "bfl"]),
     default=None,
-    help="Output format (default: single-file when DST ends in .safetensors, else diffusers; "
-    "bfl: a Flux transformer alone in Black Forest Labs' keys).",
+    help="Output format (default: single-file when DST ends in .safetensors, else diffusers; a .ckpt/.pt DST is "
+    "refused, single files are safetensors; bfl: a Flux transformer alone in Black Forest Labs' keys). DST is never "
+    "SRC; an earlier model at DST is replaced.",
 )
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Save precision.")
 @click.option("--prune/--no-prune", default=True, show_default=True, help="Drop EMA and training state.")
@@ -149,9 +150,18 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
     """Convert SRC (folder, single file, tiny:<family>, or a model's name in --models-dir as sdcore generate's
     --model takes it) to DST (an SD3/Flux denoiser file plus its parts given as --clip-l, --clip-g, --t5xxl, --vae
     becomes one checkpoint)."""
+    from ..errors import ConfigError
+    from ..io import output_problems
     from ..models.load import load_model
+    from ..models.save import save_format
 
+    save_format(dst, to)  # a .ckpt DST: refused before the model is read
     src, given = resolve_command_sources(src, params)
+    # an earlier model at DST is replaced (a later convert of the same model), but never SRC or a part it reads
+    sources = [src, *(str(value) for value in given.values() if isinstance(value, (str, Path)))]
+    found = output_problems([Path(dst)], inputs=sources, overwrite=True, option="DST")
+    if found:
+        raise ConfigError("; ".join(found), found)
     bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **given)
     out = bundle.save(dst, format=to, dtype=dtype, prune=prune)
     click.echo(f"wrote {out} ({bundle.family_label}, {bundle.prediction_type})")
@@ -172,7 +182,7 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
     "fmt",
     type=click.Choice(["diffusers", "single-file"]),
     default=None,
-    help="Default: single-file when DST ends in .safetensors, else diffusers.",
+    help="Default: single-file when DST ends in .safetensors, else diffusers (a .ckpt/.pt DST is refused).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> None:
@@ -180,7 +190,9 @@ def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> No
     from ..models.family import family_adapter
     from ..models.load import tiny_family
     from ..models.native import TINY_METADATA_KEY
+    from ..models.save import save_format
 
+    save_format(dst, fmt)  # a .ckpt DST is refused, not made a folder of that name
     name, variant = tiny_family(family)
     bundle = family_adapter(name).create_tiny(seed=seed, **variant)
     # the mark that lets the file train and render at tiny:FAMILY's 64 (a family's writer keeps the metadata given)

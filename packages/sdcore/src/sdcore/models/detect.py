@@ -166,8 +166,28 @@ def detect_family(keys: Collection[str], path: str | Path = "<checkpoint>") -> s
     known = ", ".join(f.name for f in families())
     raise ModelFormatError(
         f"{path}: not a Stable Diffusion checkpoint (no {UNET_IN}, and no other known family's keys: {known}){note}"
-        + _part_hint(keys)
+        + (_part_hint(keys) or network_file_hint(keys))
     )
+
+
+#: key pieces only a LoRA-family file holds (kohya/LyCORIS, PEFT/diffusers)
+_NETWORK_KEY_PIECES = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a", ".lokr_w1", ".oft_blocks")
+#: the tensor names of textual-inversion files (A1111 .pt/.safetensors, SDXL's clip_l/clip_g, SD3/Flux's t5)
+_EMBEDDING_KEYS = {"emb_params", "string_to_param", "string_to_token", "clip_l", "clip_g", "t5"}
+
+
+def network_file_hint(keys: Collection[str]) -> str:
+    """``; it is a LoRA ...`` / ``; it is a textual-inversion embedding ...`` for a file a user gave where a model
+    belongs (both sit beside checkpoints in A1111's and ComfyUI's models folders), so the message says what it is
+    and where it goes; ``""`` for any other file."""
+    if any(piece in key for key in keys for piece in _NETWORK_KEY_PIECES):
+        return (
+            "; it is a LoRA, not a model: `sdcore lora info` describes it, <lora:NAME:1> in a prompt (or `sdcore lora "
+            "merge --model`) applies it to a model"
+        )
+    if keys and set(keys) <= _EMBEDDING_KEYS:
+        return "; it is a textual-inversion embedding, not a model: write its name in a prompt (--embeddings-dir)"
+    return ""
 
 
 def _part_hint(keys: Collection[str]) -> str:

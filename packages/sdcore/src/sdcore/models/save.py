@@ -25,6 +25,7 @@ from ..errors import SdcoreError
 from ..io import apply_default_modes, atomic_path
 from .bundle import ModelBundle
 from .detect import CONFIG_METADATA_KEY
+from .source import SAFETENSORS_SUFFIXES
 
 SAI_SPEC_VERSION = "1.0.1"
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -467,6 +468,29 @@ def write_diffusers(
     return target
 
 
+#: suffixes of pickled weight files (A1111's .ckpt, PyTorch's .pt/.pth/.bin): a name a user gives a single file
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def save_format(path: str | os.PathLike[str], format: str | None = None) -> str:
+    """The format a model saved at ``path`` gets: ``format``, else ``single-file`` for a ``.safetensors``/``.sft``
+    name and ``diffusers`` for any other. A ``.ckpt``/``.pt`` name with no ``format`` is an error, not a diffusers
+    folder of that name: the user wanted the one file A1111 loads, and sdcore writes single files as safetensors."""
+    if format is not None:
+        return format
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return "single-file"
+    if suffix in PICKLE_SUFFIXES:
+        raise SdcoreError(
+            f"{target}: single files are written as .safetensors (pickle {suffix} is unsafe to share; A1111, "
+            f"ComfyUI and Forge load .safetensors): use {target.with_suffix('.safetensors')}, or a name without "
+            "that suffix for a diffusers folder"
+        )
+    return "diffusers"
+
+
 def save_bundle(
     bundle: ModelBundle,
     path: str | os.PathLike[str],
@@ -485,8 +509,7 @@ def save_bundle(
     from .sd_unet import SdUnetAdapter
 
     target = Path(path)
-    if format is None:
-        format = "single-file" if target.suffix.lower() in (".safetensors", ".sft") else "diffusers"
+    format = save_format(target, format)
     adapter = family_adapter(bundle.family)
     if not isinstance(adapter, SdUnetAdapter):
         save = getattr(adapter, "save", None)

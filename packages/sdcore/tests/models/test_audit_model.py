@@ -1,0 +1,90 @@
+"""What an A1111/kohya user tripped on with ``sdcore model convert`` and ``create-tiny`` (a newcomer's audit).
+
+``model convert model.safetensors model.ckpt`` (A1111's suffix) wrote a diffusers *folder* named model.ckpt, and
+``model convert a.safetensors a.safetensors --dtype fp16`` replaced the source with its fp16 copy, the original
+lost. A pickle suffix is now refused before the model is read (``--to diffusers`` still names a folder as the user
+likes), and DST is never SRC or a part file the model is read from; an earlier model at DST is still replaced.
+"""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from sdcore.builtin import model_commands
+from sdcore.errors import ConfigError, SdcoreError
+
+
+def _run(*args):
+    return CliRunner().invoke(model_commands.model_group, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin", ".CKPT"])
+def test_a_pickle_suffix_is_refused_not_made_a_folder(tmp_path, suffix):
+    dst = tmp_path / f"model{suffix}"
+    for args in (("convert", tmp_path / "no-such-model", dst), ("create-tiny", dst)):  # before SRC is read
+        result = _run(*args)
+        assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+        message = str(result.exception)
+        assert message.startswith(f"{dst}: single files are written as .safetensors"), message
+        assert f"use {tmp_path / 'model.safetensors'}" in message and "\n" not in message
+        assert not dst.exists()
+    # what the rule says for other names, and an explicit format wins
+    from sdcore.models.save import save_format
+
+    assert save_format(tmp_path / "m.safetensors") == "single-file" and save_format(tmp_path / "m.sft") == "single-file"
+    assert save_format(tmp_path / "folder") == "diffusers" and save_format(dst, "diffusers") == "diffusers"
+
+
+def test_convert_never_replaces_its_source(tmp_path):
+    src = tmp_path / "m.safetensors"
+    assert _run("create-tiny", src).exit_code == 0
+    before = src.read_bytes()
+    for dst in (src, tmp_path / "sub" / ".." / "m.safetensors"):
+        result = _run("convert", src, dst, "--dtype", "fp16")
+        assert isinstance(result.exception, ConfigError), (result.exception, result.output)
+        assert str(result.exception) == (
+            f"DST {dst} is the input {src}: the result cannot replace a file it is made from; choose another DST"
+        )
+    assert src.read_bytes() == before
+    # a part file given beside the model is an input as well
+    vae = tmp_path / "vae.safetensors"
+    assert _run("create-tiny", tmp_path / "other.safetensors").exit_code == 0
+    vae.write_bytes((tmp_path / "other.safetensors").read_bytes())
+    result = _run("convert", src, vae, "--vae", vae)
+    assert isinstance(result.exception, ConfigError) and f"DST {vae} is the input {vae}" in str(result.exception)
+    # an earlier result at DST is replaced, as before
+    out = tmp_path / "out.safetensors"
+    for _ in range(2):
+        result = _run("convert", src, out, "--dtype", "fp16")
+        assert result.exit_code == 0, result.output
+
+
+def test_a_lora_or_embedding_given_as_the_model_says_what_it_is(tmp_path):
+    """A LoRA or an embedding passed to ``model info`` (or generate's --model) got "not a Stable Diffusion
+    checkpoint (no model.diffusion_model...)" alone; the message now says what the file is and where it goes."""
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "mychar.safetensors"
+    save_file(
+        {
+            "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
+            "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2),
+            "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(2.0),
+        },
+        str(lora),
+    )
+    embedding = tmp_path / "style.safetensors"
+    save_file({"emb_params": torch.zeros(2, 768)}, str(embedding))
+    other = tmp_path / "other.safetensors"
+    save_file({"something": torch.zeros(2)}, str(other))
+    for path, expected in (
+        (lora, "; it is a LoRA, not a model: `sdcore lora info` describes it, <lora:NAME:1> in a prompt"),
+        (embedding, "; it is a textual-inversion embedding, not a model: write its name in a prompt"),
+    ):
+        result = _run("info", path, "--no-hash")
+        assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+        assert str(result.exception).startswith(f"{path}: not a Stable Diffusion checkpoint")
+        assert expected in str(result.exception)
+    result = _run("info", other, "--no-hash")
+    assert isinstance(result.exception, SdcoreError) and "it is a" not in str(result.exception)

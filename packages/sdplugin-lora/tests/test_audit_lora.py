@@ -1,0 +1,75 @@
+"""What a kohya/A1111 user tripped on with ``sdcore lora ...`` (a newcomer's audit).
+
+``-o mychar.pt`` (A1111's old LoRA suffix) wrote safetensors bytes under a pickle name: A1111, ComfyUI and
+``sdcore lora info`` itself then failed to read the file. A LoRA output must be named ``.safetensors``; the
+refusal comes before any model is read (``merge --model`` writes a model: ``sdcore model convert``'s rule).
+"""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+from lora_testutil import fresh_bundle, random_network
+from sdcore.errors import ConfigError, SdcoreError
+from sdplugin_lora.commands import lora_group
+from sdplugin_lora.format import network_metadata, save_lora
+
+
+def _lora(tmp_path, name="in.safetensors", rank=4):
+    bundle = fresh_bundle("sd1")
+    network = random_network(bundle, rank=rank, alpha=float(rank), conv_rank=None)
+    return save_lora(tmp_path / name, network.state_dict(), network_metadata(family="sd1", rank=rank, alpha=rank))
+
+
+def _run(*args):
+    return CliRunner().invoke(lora_group, [str(a) for a in args])
+
+
+def _refused(result) -> str:
+    assert isinstance(result.exception, ConfigError), (result.exception, result.output)
+    return str(result.exception)
+
+
+def test_a_lora_output_not_named_safetensors_is_refused_before_any_work(tmp_path):
+    source = _lora(tmp_path)
+    missing = tmp_path / "no-such-model"  # would fail if it were read: the refusal comes first
+    for out, name in (("mychar.pt", "mychar"), ("mychar.ckpt", "mychar"), ("mychar", "mychar"), ("a.v2", "a.v2")):
+        target = tmp_path / out
+        for args in (
+            ("resize", source, "-o", target, "--rank", "2", "--base-model", missing),
+            ("extract", "tiny:sd1", missing, "-o", target),
+            ("merge", source, "-o", target, "--base-model", missing),
+            ("convert", source, "-o", target, "--to", "comfyui"),
+        ):
+            message = _refused(_run(*args))
+            assert message.startswith(f"-o {target}: sdcore writes LoRA files as .safetensors"), message
+            assert message.endswith(f"use -o {tmp_path / name}.safetensors"), message
+        assert not target.exists()
+    assert "as a pickle" in _refused(_run("resize", source, "-o", tmp_path / "x.pt", "--rank", "2"))
+    # merging into a model writes a model: a .ckpt name is refused before the merge, a folder name is a folder
+    result = _run("merge", source, "--model", missing, "-o", tmp_path / "merged.ckpt")
+    assert isinstance(result.exception, SdcoreError) and "single files are written as .safetensors" in str(
+        result.exception
+    ), (result.exception, result.output)
+    # a .safetensors LoRA is written as before, whatever the suffix's case
+    good = tmp_path / "small.SAFETENSORS"
+    assert _run("resize", source, "-o", good, "--rank", "2").exit_code == 0 and good.is_file()
+
+
+def test_a_model_checkpoint_given_as_the_lora_says_what_it_is(tmp_path):
+    """``sdcore lora info|resize model.safetensors`` listed the checkpoint's first five key names; it names the
+    model instead (a model part: what it holds); any other file keeps the key list."""
+    from sdcore.models.load import load_model
+
+    model = load_model("tiny:sd1").save(tmp_path / "model.safetensors")
+    for args in (("info", model), ("resize", model, "-o", tmp_path / "small.safetensors", "--rank", "2")):
+        result = _run(*args)
+        assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+        assert str(result.exception) == (
+            f"{model}: no LoRA modules: it is a sd1 model checkpoint (`sdcore model info` describes it)"
+        )
+    import torch
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"something": torch.zeros(2)}, str(other))
+    assert str(_run("info", other).exception) == f"{other}: no LoRA modules found (first keys: something)"

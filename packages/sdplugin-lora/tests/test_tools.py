@@ -51,6 +51,10 @@ def test_extract_skips_unchanged_text_encoder_and_clamps(tmp_path):
     assert result.tensors[f"{name}.lora_up.weight"].abs().max() < unclamped[f"{name}.lora_up.weight"].abs().max()
     with pytest.raises(NetworkMismatchError):
         extract_lora(fresh_bundle("sd1"), fresh_bundle("sdxl"))
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"equal the base's in every module to extract: nothing to extract"):
+        extract_lora(fresh_bundle("sd1"), fresh_bundle("sd1"))  # `lora extract BASE BASE` wrote 48 zero modules
 
 
 def test_resize_keeps_scale_and_outputs_close(tmp_path):

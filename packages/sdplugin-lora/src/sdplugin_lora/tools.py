@@ -119,7 +119,8 @@ def extract_lora(
 
     Text encoders are skipped when no weight differs by more than ``min_diff`` (kohya's rule, so
     a UNet-only fine-tune does not produce noise TE modules). 3x3 convs are extracted only with
-    ``conv_rank``.
+    ``conv_rank``. A fine-tune equal to the base everywhere is a :class:`ConfigError`: a file of zeros would
+    load everywhere and change nothing.
     """
     check_ranks(rank=rank, conv_rank=conv_rank)
     check_quantile(clamp_quantile)
@@ -142,6 +143,11 @@ def extract_lora(
         for name in te_names:
             del deltas[name]
         skipped = True
+    if not any(bool(delta.any()) for delta in deltas.values()):  # an all-zero file would load and do nothing
+        raise ConfigError(
+            "the fine-tune's weights equal the base's in every module to extract: nothing to extract (the same "
+            "model given twice?)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name, delta in deltas.items():
         shape = tuple(delta.shape)

@@ -78,3 +78,28 @@ def all_params(bundle):
         for component, module in bundle.components().items()
         for name, param in module.named_parameters()
     }
+
+
+def saved_lora(tmp_path, name="in.safetensors", rank=4):
+    """A random SD1 LoRA (no conv modules) saved as ``tmp_path / name``: the input of the ``sdcore lora`` tools."""
+    from sdplugin_lora.format import network_metadata, save_lora
+
+    bundle = fresh_bundle("sd1")
+    network = random_network(bundle, rank=rank, alpha=float(rank), conv_rank=None)
+    return save_lora(tmp_path / name, network.state_dict(), network_metadata(family="sd1", rank=rank, alpha=rank))
+
+
+def run_lora_command(*args):
+    """``sdcore lora ARGS`` in process (click's runner): its result, exception kept."""
+    from click.testing import CliRunner
+    from sdplugin_lora.commands import lora_group
+
+    return CliRunner().invoke(lora_group, [str(a) for a in args])
+
+
+def refusal(result) -> str:
+    """The one-line error (a ConfigError the root command prints as ``Error: ...``, no traceback)."""
+    from sdcore.errors import ConfigError
+
+    assert isinstance(result.exception, ConfigError), (result.exception, result.output)
+    return str(result.exception)

@@ -7,26 +7,10 @@ refusal comes before any model is read (``merge --model`` writes a model: ``sdco
 
 from __future__ import annotations
 
-from click.testing import CliRunner
-from lora_testutil import fresh_bundle, random_network
-from sdcore.errors import ConfigError, SdcoreError
-from sdplugin_lora.commands import lora_group
-from sdplugin_lora.format import network_metadata, save_lora
-
-
-def _lora(tmp_path, name="in.safetensors", rank=4):
-    bundle = fresh_bundle("sd1")
-    network = random_network(bundle, rank=rank, alpha=float(rank), conv_rank=None)
-    return save_lora(tmp_path / name, network.state_dict(), network_metadata(family="sd1", rank=rank, alpha=rank))
-
-
-def _run(*args):
-    return CliRunner().invoke(lora_group, [str(a) for a in args])
-
-
-def _refused(result) -> str:
-    assert isinstance(result.exception, ConfigError), (result.exception, result.output)
-    return str(result.exception)
+from lora_testutil import refusal as _refused
+from lora_testutil import run_lora_command as _run
+from lora_testutil import saved_lora as _lora
+from sdcore.errors import SdcoreError
 
 
 def test_a_lora_output_not_named_safetensors_is_refused_before_any_work(tmp_path):

@@ -7,28 +7,10 @@ or file is read, unless ``--overwrite``; an output that is an input is refused e
 
 from __future__ import annotations
 
-from click.testing import CliRunner
-from lora_testutil import fresh_bundle, random_network
-from sdcore.errors import ConfigError
-from sdplugin_lora.commands import lora_group
-from sdplugin_lora.format import network_metadata, save_lora
+from lora_testutil import refusal as _refused
+from lora_testutil import run_lora_command as _run
+from lora_testutil import saved_lora as _lora
 from sdplugin_lora.tools import lora_info
-
-
-def _lora(tmp_path, name="in.safetensors", rank=4):
-    bundle = fresh_bundle("sd1")
-    network = random_network(bundle, rank=rank, alpha=float(rank), conv_rank=None)
-    return save_lora(tmp_path / name, network.state_dict(), network_metadata(family="sd1", rank=rank, alpha=rank))
-
-
-def _run(*args):
-    return CliRunner().invoke(lora_group, [str(a) for a in args])
-
-
-def _refused(result) -> str:
-    """The one-line error (a ConfigError the root command prints as ``Error: ...``, no traceback)."""
-    assert isinstance(result.exception, ConfigError), (result.exception, result.output)
-    return str(result.exception)
 
 
 def test_existing_output_is_an_error_before_any_work_unless_overwrite(tmp_path):

@@ -9,7 +9,15 @@ error reads the same everywhere; each keeps its own table of names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import click
+
+
+def hint_key(option: str) -> str:
+    """The key a table of other tools' names is looked up by: dashes, case and underscores do not matter
+    (``--Is_Negative_Text`` -> ``is-negative-text``), as users type them every way."""
+    return option.strip().lstrip("-").lower().replace("_", "-")
 
 
 class HintedCommand(click.Command):
@@ -24,6 +32,21 @@ class HintedCommand(click.Command):
         message (its nearest spellings)."""
         return None
 
+    @staticmethod
+    def table_hint(table: Mapping[str, str], option: str) -> str | None:
+        """`` (HINT)`` for ``option`` in ``table`` (keys as :func:`hint_key` writes them), else ``None``."""
+        hint = table.get(hint_key(option))
+        return f" ({hint})" if hint is not None else None
+
+    def hyphenated_hint(self, ctx: click.Context, option: str) -> str | None:
+        """For ``--x_y`` (kohya's and Python scripts' habit) when this command has ``--x-y``: that option."""
+        if "_" not in option:
+            return None
+        flag = f"--{hint_key(option)}"
+        if any(flag in param.opts for param in self.get_params(ctx)):
+            return f" (did you mean {flag}? sdcore's options are written with hyphens)"
+        return None
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, self.prepare_args(ctx, args))
@@ -36,4 +59,4 @@ class HintedCommand(click.Command):
             ) from None
 
 
-__all__ = ["HintedCommand"]
+__all__ = ["HintedCommand", "hint_key"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sdcore.hinted_command import HintedCommand
+from sdcore.hinted_command import HintedCommand, hint_key
 
 
 def _load_model(source: str) -> Any:
@@ -135,14 +135,8 @@ class _ToolCommand(HintedCommand):
     def option_hint(self, ctx: click.Context, option: str) -> str | None:
         from sdcore.train.kohya import family_flag_hint
 
-        key = option.strip().lstrip("-").replace("-", "_")
-        hint = _KOHYA_SCRIPT_HINTS.get(self.name or "", {}).get(key)
-        if hint is not None:
-            return f" ({hint})"
-        flag = f"--{key.replace('_', '-')}"
-        if "_" in option and any(flag in param.opts for param in self.get_params(ctx)):
-            return f" (did you mean {flag}? sdcore's options are written with hyphens)"
-        return family_flag_hint(option)
+        table = {hint_key(name): hint for name, hint in _KOHYA_SCRIPT_HINTS.get(self.name or "", {}).items()}
+        return self.table_hint(table, option) or self.hyphenated_hint(ctx, option) or family_flag_hint(option)
 
 
 @click.group("lora")

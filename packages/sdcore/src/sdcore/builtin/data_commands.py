@@ -55,8 +55,7 @@ class _CheckCommand(HintedCommand):
         return underscores_to_hyphens(self, ctx, list(args))
 
     def option_hint(self, ctx: click.Context, option: str) -> str | None:
-        hint = _CHECK_HINTS.get(option.lstrip("-").lower().replace("_", "-"))
-        return f" ({hint})" if hint is not None else None
+        return self.table_hint(_CHECK_HINTS, option)
 
 
 @data_group.command(name="check", cls=_CheckCommand)

@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from ..hinted_command import HintedCommand
+from ..hinted_command import HintedCommand, hint_key
 from ..hookspecs import hookimpl
 from .part_options import models_dir_given, models_dir_options, option_defaulted, part_kwargs, part_options
 
@@ -113,10 +113,6 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}") for index in range(count)]
 
 
-#: what other tools' option names are here, keyed by :func:`_hint_key` (plugins add theirs with
-#: :func:`add_generate_option_hint`): click's nearest spelling can name an option that means something else
-#: (``--cfg-scale`` got "did you mean --hr-scale, --slg-scale, --true-cfg-scale", none of them A1111's CFG Scale).
-#: The names of A1111's API and prompts-from-file tags and of kohya's ``gen_img.py`` that sdcore spells otherwise.
 _IN_THE_SAMPLER = "the schedule goes with the sampler's name, as A1111 wrote it before 1.9: --sampler 'DPM++ 2M Karras'"
 _NO_REFINER = (
     "sdcore has no refiner switch inside one run: refine the image afterwards with --model the refiner, "
@@ -124,6 +120,10 @@ _NO_REFINER = (
 )
 _NO_ETA = "sdcore has no eta setting: its samplers run A1111's defaults (eta 1 on Euler a, 0 on DDIM)"
 _NO_CHURN = "sdcore has no sigma churn/noise settings: its samplers run A1111's defaults (s_churn 0, s_noise 1)"
+#: what other tools' option names are here, keyed by :func:`~sdcore.hinted_command.hint_key` (plugins add theirs with
+#: :func:`add_generate_option_hint`): click's nearest spelling can name an option that means something else
+#: (``--cfg-scale`` got "did you mean --hr-scale, --slg-scale, --true-cfg-scale", none of them A1111's CFG Scale).
+#: The names of A1111's API and prompts-from-file tags and of kohya's ``gen_img.py`` that sdcore spells otherwise.
 _OPTION_HINTS: dict[str, str] = {
     "cfg-scale": "A1111's CFG Scale is --cfg",
     "scale": "kohya gen_img.py's --scale, the CFG scale, is --cfg",
@@ -177,28 +177,11 @@ _OPTION_HINTS: dict[str, str] = {
 }
 
 
-def _hint_key(option: str) -> str:
-    return option.strip().lstrip("-").lower().replace("_", "-")
-
-
 def add_generate_option_hint(option: str, hint: str) -> None:
     """Make ``sdcore generate OPTION`` (no such option; another tool's name for one, e.g. the A1111 aesthetic
     extension's "Is negative text") say `` (HINT)`` instead of click's nearest spellings. Dashes, case and
     underscores do not matter (``--is_negative_text`` matches ``is-negative-text``)."""
-    _OPTION_HINTS[_hint_key(option)] = hint
-
-
-def _option_hint(command: click.Command, ctx: click.Context, option: str) -> str | None:
-    """`` (HINT)`` for a registered name; for an option typed with underscores (vicgalle's ``--aesthetic_steps``,
-    Python scripts' habit) the option of that name with hyphens; else ``None`` (click's suggestion stays)."""
-    key = _hint_key(option)
-    if key in _OPTION_HINTS:
-        return f" ({_OPTION_HINTS[key]})"
-    if "_" in option:
-        flags = {flag for param in command.get_params(ctx) for flag in param.opts}
-        if f"--{key}" in flags:
-            return f" (did you mean --{key}? sdcore's options are written with hyphens)"
-    return None
+    _OPTION_HINTS[hint_key(option)] = hint
 
 
 class _GenerateCommand(HintedCommand):
@@ -209,7 +192,7 @@ class _GenerateCommand(HintedCommand):
     def option_hint(self, ctx: click.Context, option: str) -> str | None:
         from ..train.kohya import family_flag_hint
 
-        return family_flag_hint(option) or _option_hint(self, ctx, option)
+        return family_flag_hint(option) or self.table_hint(_OPTION_HINTS, option) or self.hyphenated_hint(ctx, option)
 
 
 @click.command("generate", cls=_GenerateCommand)

@@ -88,3 +88,16 @@ def test_a_lora_or_embedding_given_as_the_model_says_what_it_is(tmp_path):
         assert expected in str(result.exception)
     result = _run("info", other, "--no-hash")
     assert isinstance(result.exception, SdcoreError) and "it is a" not in str(result.exception)
+
+
+def test_a_family_name_in_capitals_is_the_family(tmp_path):
+    """``--family SDXL`` (as the family is written in prose) was "unknown model family 'SDXL'"."""
+    from safetensors import safe_open
+    from sdcore.models.load import tiny_family
+
+    assert tiny_family("SDXL") == ("sdxl", {}) and tiny_family(" Flux-Schnell ") == ("flux", {"variant": "schnell"})
+    result = _run("create-tiny", tmp_path / "t.safetensors", "--family", "SD2")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    assert any(key.startswith("cond_stage_model.model.") for key in names)  # an SD2 layout: its OpenCLIP text model

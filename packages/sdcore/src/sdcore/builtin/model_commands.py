@@ -196,8 +196,8 @@ def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> No
     name, variant = tiny_family(family)
     bundle = family_adapter(name).create_tiny(seed=seed, **variant)
     # the mark that lets the file train and render at tiny:FAMILY's 64 (a family's writer keeps the metadata given)
-    out = bundle.save(dst, format=fmt, metadata={TINY_METADATA_KEY: family})
-    click.echo(f"wrote {out} (tiny {family})")
+    out = bundle.save(dst, format=fmt, metadata={TINY_METADATA_KEY: family.strip().lower()})
+    click.echo(f"wrote {out} (tiny {family.strip().lower()})")
 
 
 @hookimpl

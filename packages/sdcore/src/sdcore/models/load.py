@@ -612,10 +612,11 @@ def read_diffusers(
 
 def tiny_family(name: str) -> tuple[str, dict[str, Any]]:
     """``flux`` -> (``flux``, {}); ``flux-schnell`` -> (``flux``, {"variant": "schnell"}) when
-    ``flux-schnell`` is no family of its own (``sdxl-refiner`` is one): names of tiny models."""
+    ``flux-schnell`` is no family of its own (``sdxl-refiner`` is one): names of tiny models, in any case."""
     from .family import family_names
 
     known = family_names()
+    name = name.strip().lower()  # --family SDXL, tiny:SD3: family names are lower case
     if name in known or "-" not in name:
         return name, {}
     base, _, variant = name.rpartition("-")

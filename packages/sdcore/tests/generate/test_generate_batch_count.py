@@ -201,6 +201,8 @@ def test_reader_tells_the_syntaxes_apart(tmp_path):
     assert jobs[0].values == {"prompt": "plain words"}
     assert jobs[1].values == {"prompt": "a b c", "cfg": 4.5, "tiling": True, "styles": ("one", "two")}
     assert jobs[2].values == {"prompt": "x", "negative": "y", "strength": 0.4}
+    (job,), problems = read_prompt_file("p.txt", "a bird --d\n")  # a bare --d is noted, as before seed lists
+    assert problems == [] and job.values == {"prompt": "a bird"} and "--d not used" in job.notes[0]
     # harmless A1111 tags are a note; restore_faces false changes nothing, true is refused
     jobs, problems = read_prompt_file("p.txt", "--prompt a --do_not_save_grid true --restore_faces false\n")
     assert problems == [] and len(jobs[0].notes) == 2

@@ -179,12 +179,15 @@ def _sample_values(prompt: Any, where: str) -> tuple[dict[str, Any], list[str]]:
         if getattr(prompt, name) is not None:
             values[name] = getattr(prompt, name)
     notes = []
+    unused = list(prompt.ignored)
     for letter, text in prompt.kept:
         if letter == "t":
             try:
                 values["strength"] = float(text)
             except ValueError:
                 raise ConfigError(f"{where}: --t needs a number, got {text!r}") from None
+        elif letter == "d" and not text:  # a bare --d: as an option sdcore has no setting for
+            unused.append("--d")
         elif letter == "d":  # gen_img.py: int() of every part, so a part that is not a seed fails the line
             bad = [part.strip() for part in text.split(",") if not part.strip().isdigit()]
             if bad:
@@ -193,7 +196,6 @@ def _sample_values(prompt: Any, where: str) -> tuple[dict[str, Any], list[str]]:
                     f"{', '.join(repr(part) for part in bad)}"
                 )
             values["seeds"] = tuple(int(part) for part in text.split(","))
-    unused = list(prompt.ignored)
     unused += [flag for flag, value in (("--g", prompt.guidance), ("--ci", prompt.reference),
                ("--i", prompt.inpaint_image), ("--cn", prompt.control_image)) if value is not None]  # fmt: skip
     if unused:

@@ -115,3 +115,18 @@ def test_more_than_two_classes_warns_which_is_read_as_watermark(tmp_path: Path, 
     two = classifier(tmp_path / "two.onnx")
     result = CliRunner().invoke(tag_tools_group, ["watermark", str(folder), "--model", str(two), "--no-progress"])
     assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+
+
+def test_one_output_with_softmax_is_refused(tmp_path: Path) -> None:
+    """A one-output classifier under the default softmax would score every image 1.0 (all flagged); it is an error
+    naming --no-softmax, which reads that output as the probability."""
+    model = classifier(tmp_path / "one.onnx", classes=1, width=1)
+    folder = tmp_path / "img"
+    save_image(folder / "white.png", (255, 255, 255))
+    args = ["watermark", str(folder), "--model", str(model), "--providers", "cpu", "--no-progress"]
+    result = CliRunner().invoke(tag_tools_group, args)
+    assert result.exit_code == 1 and "its softmax is 1 for every image: give --no-softmax" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(tag_tools_group, [*args, "--no-softmax", "--threshold", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert "images: 1," in result.output

@@ -85,6 +85,11 @@ class WatermarkScorer(BatchTagger):
                 f"{self.model_path}: the classifier has {classes} class{'es' if classes > 1 else ''}, no class "
                 f"{self.watermark_index}: give --watermark-index {classes - 1} or less"
             )
+        if classes == 1 and self.softmax:  # a softmax over one class is 1 for every image
+            raise ModelFormatError(
+                f"{self.model_path}: the classifier has one output, so its softmax is 1 for every image: give "
+                "--no-softmax if that output is already a probability"
+            )
         if classes > 2:
             read = f"its softmax over all {classes}" if self.softmax else "its output as it is (--no-softmax)"
             self.note(

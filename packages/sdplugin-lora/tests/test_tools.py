@@ -158,6 +158,16 @@ def test_info_and_cli(tmp_path):
     out = runner.invoke(lora_group, ["merge", f"{path}:0.5", str(small), "-o", str(merged)])
     assert out.exit_code == 0, out.output
     assert set(lora_info(merged)["ranks"]) == {6, 4}
+    # --mode svd without --rank: kohya svd_merge_lora.py's defaults (--new_rank 4, 3x3 convs the same), said
+    svd = tmp_path / "svd.safetensors"
+    out = runner.invoke(lora_group, ["merge", f"{path}:0.5", str(small), "--mode", "svd", "-o", str(svd)])
+    assert out.exit_code == 0, out.output
+    assert "note: --mode svd without --rank: rank 4 (3x3 convs too), kohya svd_merge_lora.py's" in out.stderr
+    assert lora_info(svd)["ranks"] == {4: info["modules"]}
+    out = runner.invoke(lora_group, ["merge", str(path), str(small), "--mode", "svd", "--conv-rank", "3",
+                                     "-o", str(svd), "--overwrite"])  # fmt: skip
+    assert out.exit_code == 0 and "rank 4 (3x3 convs 3)" in out.stderr, out.output
+    assert lora_info(svd)["ranks"] == {4: info["modules"] - info["conv3x3_modules"], 3: info["conv3x3_modules"]}
 
     tuned = tmp_path / "tuned.safetensors"
     out = runner.invoke(lora_group, ["extract", "tiny:sd1", "tiny:sd1", "-o", str(tuned), "--rank", "2"])

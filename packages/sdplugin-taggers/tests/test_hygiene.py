@@ -16,12 +16,13 @@ from sdplugin_taggers.hygiene_commands import tag_tools_group
 from wdmodels import save_image
 
 
-def classifier(path: Path, *, size: int = 16) -> Path:
-    """NCHW input; logits = [3 * mean(x), 0] so p(watermark) = sigmoid(3 * mean)."""
+def classifier(path: Path, *, size: int = 16, classes: int = 2, width: int | str = 2) -> Path:
+    """NCHW input; logits = [3 * mean(x), 0, ...] so p(watermark) = sigmoid(3 * mean) with two classes.
+    ``width``: the class count the graph declares (a name leaves it open)."""
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, size, size])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", width])
     inits = [
-        numpy_helper.from_array(np.asarray([[3.0, 0.0]], dtype=np.float32), "W"),
+        numpy_helper.from_array(np.asarray([[3.0] + [0.0] * (classes - 1)], dtype=np.float32), "W"),
         numpy_helper.from_array(np.asarray([-1, 1], dtype=np.int64), "shape"),
     ]
     nodes = [
@@ -71,3 +72,61 @@ def test_watermark_command_lists_flagged(tmp_path: Path) -> None:
     assert (tmp_path / "flagged.txt").read_text(encoding="utf-8").strip().endswith("white.png")
     records = [json.loads(line) for line in (tmp_path / "wm.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(records) == 2 and all(0 <= r["p_watermark"] <= 1 for r in records)
+
+
+def test_without_a_model_the_command_says_where_to_get_one(tmp_path: Path) -> None:
+    """No --model (it was click's bare "Missing option"), a missing file, or LAION's PyTorch weights: one line
+    with the download and the export to ONNX, as ``sdcore tag wd14`` says where to get its model."""
+    folder = tmp_path / "img"
+    save_image(folder / "white.png", (255, 255, 255))
+    laion = "curl -L -o watermark_model_v1.pt https://github.com/LAION-AI/LAION-5B-WatermarkDetection/raw/main/models/"
+    result = CliRunner().invoke(tag_tools_group, ["watermark", str(folder)])
+    assert (
+        result.exit_code == 2 and "no watermark classifier given (--model); sdcore downloads nothing" in result.output
+    )
+    assert laion in result.output and "export it to ONNX once (docs/offline-models.md" in result.output
+    result = CliRunner().invoke(tag_tools_group, ["watermark", str(folder), "--model", str(tmp_path / "wm.onnx")])
+    assert result.exit_code == 2 and f"--model {tmp_path / 'wm.onnx'}: no such file; LAION's" in result.output
+    weights = tmp_path / "watermark_model_v1.pt"
+    weights.write_bytes(b"torch")
+    result = CliRunner().invoke(tag_tools_group, ["watermark", str(folder), "--model", str(weights)])
+    assert result.exit_code == 2 and "PyTorch weights; sdcore runs an ONNX classifier: export it" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("width", [5, "k"], ids=["fixed", "open"])
+def test_more_than_two_classes_warns_which_is_read_as_watermark(tmp_path: Path, width: int | str) -> None:
+    """No ONNX file says which class means "watermark": past LAION's two, a warning names the index read (from the
+    graph's class count, or the first batch's where the graph leaves it open); an index past the classes is an
+    error naming the largest."""
+    model = classifier(tmp_path / "wm.onnx", classes=5, width=width)
+    folder = tmp_path / "img"
+    save_image(folder / "white.png", (255, 255, 255))
+    args = ["watermark", str(folder), "--model", str(model), "--providers", "cpu", "--no-progress"]
+    result = CliRunner().invoke(tag_tools_group, [*args, "--watermark-index", "3"])
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {model}: the classifier has 5 classes, not LAION's 2 (0 = watermark, 1 = clear): class 3 "
+            '(--watermark-index) is read as "watermark", p = its softmax over all 5') in result.stderr  # fmt: skip
+    assert "images: 1," in result.output
+    result = CliRunner().invoke(tag_tools_group, [*args, "--watermark-index", "5"])
+    assert (
+        result.exit_code == 1 and "the classifier has 5 classes, no class 5: give --watermark-index 4" in result.output
+    )
+    two = classifier(tmp_path / "two.onnx")
+    result = CliRunner().invoke(tag_tools_group, ["watermark", str(folder), "--model", str(two), "--no-progress"])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+
+
+def test_one_output_with_softmax_is_refused(tmp_path: Path) -> None:
+    """A one-output classifier under the default softmax would score every image 1.0 (all flagged); it is an error
+    naming --no-softmax, which reads that output as the probability."""
+    model = classifier(tmp_path / "one.onnx", classes=1, width=1)
+    folder = tmp_path / "img"
+    save_image(folder / "white.png", (255, 255, 255))
+    args = ["watermark", str(folder), "--model", str(model), "--providers", "cpu", "--no-progress"]
+    result = CliRunner().invoke(tag_tools_group, args)
+    assert result.exit_code == 1 and "its softmax is 1 for every image: give --no-softmax" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(tag_tools_group, [*args, "--no-softmax", "--threshold", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert "images: 1," in result.output

@@ -476,7 +476,13 @@ def test_an_existing_embedding_is_not_silently_replaced(tmp_path):
     (state_root / "step-00000500").mkdir(parents=True)
     (state_root / "step-00000500" / "train_state.json").write_text("{}")
     (note,) = notes()
-    assert "pass --resume latest (the saved state of the run that wrote it, exactly) or --init-weights" in note
+    assert note.endswith(f"to continue, pass --init-weights {existing} (its vectors, a fresh optimizer and step count)"
+                         f", or continue the run that wrote it exactly, from its saved state in {state_root} (see the "
+                         "note on that folder)")  # fmt: skip
+    options = contract_options(TIMethod, tmp_path, TI_OPTIONS)  # that note gives --resume latest, said once
+    every = run_preflight(TIMethod(options), options, plan=False).notes
+    assert sum(n.count("--resume latest") for n in every) == 1
+    assert any(n.startswith(f"{state_root} holds the resumable state of an earlier run") for n in every)
     assert notes(resume="latest") == [] and notes(init_weights=str(existing)) == []
     output = tmp_path / "mine.pt"  # --output naming the file: that file is the one replaced
     output.write_bytes(b"old")

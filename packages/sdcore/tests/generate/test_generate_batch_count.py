@@ -110,6 +110,30 @@ def test_from_stdin_prompts_at_the_end_and_iterated_seeds(tmp_path):
     assert [p.seed for p in got] == [10, 11, 3, 4, 14, 15]
 
 
+def test_kohya_seed_list_gives_the_line_images_their_seeds(tmp_path):
+    """gen_img.py's ``--d 5,9``: image i of the line takes seed i (the line makes --batch x --n-iter images, as
+    kohya's --images_per_prompt); past the list sdcore goes on with last + 1, seeds past the images are unused;
+    an image is the one ``--seed`` renders alone."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat --d 5,9\na dog --d 3,4,8\n", encoding="utf-8")
+    result = _invoke([*_BASE, "--from-file", str(prompts), "--batch", "3", "-o", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    got = [parse_parameters(_read(tmp_path / f"s-{i}.png")[1]) for i in range(6)]
+    assert [(p.prompt, p.seed) for p in got] == [("a cat", 5), ("a cat", 9), ("a cat", 10), ("a dog", 3),
+                                                 ("a dog", 4), ("a dog", 8)]  # fmt: skip
+    assert "line 1: --d 5,9: the line makes 3 images, so the ones past the list take seeds 10" in result.stderr
+    assert "line 2:" not in result.stderr
+    result = _invoke([*_BASE, "a cat", "--seed", "9", "-o", str(tmp_path / "alone.png")])
+    assert result.exit_code == 0, result.output
+    alone, listed = _read(tmp_path / "alone.png")[0], _read(tmp_path / "s-1.png")[0]  # (batched float sums may
+    assert np.abs(alone.astype(int) - listed.astype(int)).max() <= 2  # differ in the last bit)
+    prompts.write_text("a cat --d 5,9,11\n", encoding="utf-8")
+    result = _invoke([*_BASE, "--from-file", str(prompts), "-o", str(tmp_path / "one.png")])
+    assert result.exit_code == 0, result.output
+    assert parse_parameters(_read(tmp_path / "one.png")[1]).seed == 5 and not (tmp_path / "one-1.png").exists()
+    assert "seeds 9, 11 are not used (kohya's rule); --n-iter 3 renders one image per seed" in result.stderr
+
+
 def test_every_line_problem_at_once_before_the_model_loads(tmp_path, no_model_load):
     prompts = tmp_path / "bad.txt"
     prompts.write_text(
@@ -123,7 +147,7 @@ def test_every_line_problem_at_once_before_the_model_loads(tmp_path, no_model_lo
         '--prompt "unclosed\n'
         "--steps 3\n"
         "--prompt cat --n_iter 1000000000\n"
-        "a bird --d 1,2,3\n",
+        "a bird --d 1,x,3\n",
         encoding="utf-8",
     )
     result = _invoke([*_BASE, "--from-file", str(prompts), "-o", str(tmp_path / "o.png")])
@@ -140,8 +164,7 @@ def test_every_line_problem_at_once_before_the_model_loads(tmp_path, no_model_lo
         f"{where} line 8: No closing quotation",
         f"{where} line 9: no prompt (the line gives none, and there is no PROMPT on the command line)",
         f"{where} line 10: n iter 1000000000 is not in 1-1000",
-        f"{where} line 11: --d 1,2,3: a list of seeds is not taken (sdcore gives a line's image i the seed + i, as "
-        "A1111); give the first: --d 1",
+        f"{where} line 11: --d 1,x,3: every seed of a list is a whole number 0 or more, got 'x'",
     ):
         assert expected in message, (expected, message)
     assert "line 1:" not in message
@@ -178,6 +201,8 @@ def test_reader_tells_the_syntaxes_apart(tmp_path):
     assert jobs[0].values == {"prompt": "plain words"}
     assert jobs[1].values == {"prompt": "a b c", "cfg": 4.5, "tiling": True, "styles": ("one", "two")}
     assert jobs[2].values == {"prompt": "x", "negative": "y", "strength": 0.4}
+    (job,), problems = read_prompt_file("p.txt", "a bird --d\n")  # a bare --d is noted, as before seed lists
+    assert problems == [] and job.values == {"prompt": "a bird"} and "--d not used" in job.notes[0]
     # harmless A1111 tags are a note; restore_faces false changes nothing, true is refused
     jobs, problems = read_prompt_file("p.txt", "--prompt a --do_not_save_grid true --restore_faces false\n")
     assert problems == [] and len(jobs[0].notes) == 2

@@ -308,3 +308,32 @@ def test_aitoolkit_lists_train_every_image_at_every_resolution(tmp_path):
         for r in b
     )
     assert used == {(name, r): 1 for name in ("000.png", "001.png") for r in (64, 96)}
+
+
+def test_aitoolkit_resolution_below_its_bucket_tolerance_names_the_jobs_keys(tmp_path):
+    """A dataset's resolution under its bucket step is said in the job's words (``bucket_tolerance``, its default
+    64 said as such), not as the command line's --bucket-step the user never typed; a step that is not a positive
+    whole number is a problem too (it was a traceback)."""
+    import yaml
+    from sdcore.data.dataset import DatasetProblems
+    from sdcore.train.aitoolkit import load_datasets
+
+    root = make_tiny_dataset(tmp_path / "d", n=1) / "1_sks"
+    datasets = [{"folder_path": str(root), "resolution": 32}, {"folder_path": str(root), "resolution": [48, 64],
+                "bucket_tolerance": 56}, {"folder_path": str(root), "bucket_tolerance": 0}]  # fmt: skip
+    path = tmp_path / "job.yaml"
+    job = {"job": "extension", "config": {"name": "x", "process": [{"type": "sd_trainer", "datasets": datasets}]}}
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    with pytest.raises(DatasetProblems) as info:
+        load_datasets(path, None)
+    message = str(info.value)
+    assert "--bucket-step" not in message
+    for expected in (
+        f"{path}: process.datasets[0].resolution 32 is smaller than its bucket_tolerance 64 (ai-toolkit's default), "
+        "the bucket step: give the dataset a bucket_tolerance of at most 32, or a larger resolution",
+        "process.datasets[1].resolution 48 is smaller than its bucket_tolerance 56, the bucket step: give the "
+        "dataset a bucket_tolerance of at most 48",
+        "process.datasets[2].bucket_tolerance: 0 is not a positive whole number",
+    ):
+        assert expected in message, (expected, message)
+    assert "datasets[1].resolution 64" not in message

@@ -309,8 +309,10 @@ def resize_command(
     show_default=True,
     help="LoRA+LoRA: stack ranks (exact, plain LoRA/LoCon) or sum the changes and SVD to --rank (every algorithm).",
 )
-@click.option("--rank", type=int, default=None, help="Rank for --mode svd.")
-@click.option("--conv-rank", type=int, default=None, help="Conv rank for --mode svd.")
+@click.option(
+    "--rank", type=int, default=None, help="Rank for --mode svd (default 4, kohya svd_merge_lora.py's --new_rank)."
+)
+@click.option("--conv-rank", type=int, default=None, help="3x3 conv rank for --mode svd (default: --rank).")
 @click.option(
     "--clamp-quantile",
     default=0.99,
@@ -361,6 +363,12 @@ def merge_command(
         path = bundle.save(output, dtype=save_dtype)
         click.echo(f"wrote {path}: {touched} weights changed")
         return
+    if mode == "svd" and rank is None:  # kohya's default, said so that a file of rank 4 is no surprise
+        from .tools import SVD_MERGE_RANK
+
+        convs = f"3x3 convs {conv_rank}" if conv_rank is not None else "3x3 convs too"
+        click.echo(f"note: --mode svd without --rank: rank {SVD_MERGE_RANK} ({convs}), kohya svd_merge_lora.py's "
+                   "--new_rank default; give --rank for another", err=True)  # fmt: skip
     base = _load_model(base_model) if base_model else None
     tensors, meta = merge_loras(
         [(read_lora(p), r) for p, r in weighted],

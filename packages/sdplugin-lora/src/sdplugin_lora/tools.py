@@ -40,6 +40,9 @@ DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 #: kohya ``svd_merge_lora.py`` ``CLAMP_QUANTILE`` (and ``extract_lora_from_models.py``'s
 #: ``--clamp_quantile`` default): factors are clamped to this quantile of their values
 CLAMP_QUANTILE = 0.99
+#: ``merge --mode svd``'s rank when none is given: kohya ``svd_merge_lora.py``'s ``--new_rank`` default (its
+#: ``--new_conv_rank`` defaults to the rank, as ``conv_rank`` does here)
+SVD_MERGE_RANK = 4
 
 
 def check_ranks(**ranks: int | None) -> None:
@@ -528,7 +531,8 @@ def merge_loras(
 
     ``concat`` stacks ranks (exact: ΔW = Σ ratio·scale·up@down, alpha = total rank; plain
     LoRA/LoCon only); ``svd`` sums the dense ΔW each variant computes and re-factors the sum to
-    ``rank`` (kohya ``svd_merge_lora``, its factors clamped to ``clamp_quantile`` as kohya's
+    ``rank`` (:data:`SVD_MERGE_RANK` when ``None``, and 3x3 convs to ``conv_rank`` or else ``rank``, as kohya's
+    defaults; kohya ``svd_merge_lora``, its factors clamped to ``clamp_quantile`` as kohya's
     ``CLAMP_QUANTILE`` does; 1 or ``None`` = no clamp), for every algorithm: DoRA and OFT modules contribute
     ``W' - W`` against ``base`` (the model they were trained on), which they need. Modules are
     matched by layer name, so all inputs must use the same naming (the same family and trainer
@@ -536,8 +540,8 @@ def merge_loras(
     """
     if mode not in ("concat", "svd"):
         raise ConfigError(f"merge mode {mode!r}: choose concat or svd")
-    if mode == "svd" and not rank:
-        raise ConfigError("svd merge needs --rank")
+    if mode == "svd" and rank is None:
+        rank = SVD_MERGE_RANK
     check_ranks(rank=rank, conv_rank=conv_rank)
     check_quantile(clamp_quantile)
     check_ratios(loras)

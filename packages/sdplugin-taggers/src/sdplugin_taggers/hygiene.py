@@ -70,6 +70,33 @@ class WatermarkScorer(BatchTagger):
             raise ConfigError("mean and std need three values each (std > 0)")
         self.watermark_index = watermark_index
         self.softmax = softmax
+        self._classes_checked = False
+        out = list(self.session.get_outputs()[0].shape)
+        if len(out) == 2 and isinstance(out[1], int) and out[1] > 0:  # a fixed class count: said before any image
+            self._check_classes(out[1])
+
+    def _check_classes(self, classes: int) -> None:
+        """Refuse a ``watermark_index`` the output does not have; note which class is read as "watermark" when
+        there are more than LAION's two (watermark, clear), since no ONNX file says which class means what. Once:
+        from the graph when it fixes the count, else from the first batch's output."""
+        self._classes_checked = True
+        if classes <= self.watermark_index:
+            raise ModelFormatError(
+                f"{self.model_path}: the classifier has {classes} class{'es' if classes > 1 else ''}, no class "
+                f"{self.watermark_index}: give --watermark-index {classes - 1} or less"
+            )
+        if classes == 1 and self.softmax:  # a softmax over one class is 1 for every image
+            raise ModelFormatError(
+                f"{self.model_path}: the classifier has one output, so its softmax is 1 for every image: give "
+                "--no-softmax if that output is already a probability"
+            )
+        if classes > 2:
+            read = f"its softmax over all {classes}" if self.softmax else "its output as it is (--no-softmax)"
+            self.note(
+                f"{self.model_path}: the classifier has {classes} classes, not LAION's 2 (0 = watermark, 1 = clear): "
+                f'class {self.watermark_index} (--watermark-index) is read as "watermark", p = {read}, "clear" '
+                "= 1 - p; check the model's labels and give its watermark class with --watermark-index"
+            )
 
     def _preprocess(self, source: Any) -> tuple[Any, tuple[int, int]]:
         import numpy as np
@@ -89,7 +116,11 @@ class WatermarkScorer(BatchTagger):
         import numpy as np
 
         out = np.asarray(self.session.run(None, {self.input_name: batch})[0], dtype=np.float64)
-        if out.ndim != 2 or out.shape[1] <= self.watermark_index:
+        if out.ndim != 2:
+            raise ModelFormatError(f"{self.model_path}: output shape {list(out.shape)} is not [images, classes]")
+        if not self._classes_checked:  # the graph left the class count open
+            self._check_classes(int(out.shape[1]))
+        if out.shape[1] <= self.watermark_index:
             raise ModelFormatError(
                 f"{self.model_path}: output shape {list(out.shape)} has no class {self.watermark_index}"
             )

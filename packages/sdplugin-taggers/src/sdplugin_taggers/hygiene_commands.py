@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -18,9 +19,9 @@ def tag_tools_group() -> None:
 @click.option(
     "--model",
     "model_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="ONNX watermark classifier (LAION-style: logits, class 0 = watermark).",
+    default=None,
+    help="ONNX watermark classifier (LAION-style: logits, class 0 = watermark); without one, says where to get "
+    "LAION's (docs/offline-models.md).",
 )
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option("--size", type=click.IntRange(min=1), default=None, help="Input size (default: from the model, or 256).")
@@ -33,12 +34,41 @@ def tag_tools_group() -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="JSONL of every score.")
 @click.option("--list", "list_path", type=click.Path(dir_okay=False), default=None, help="Write flagged paths here.")
 @click.option("--no-progress", is_flag=True)
-def watermark_command(directory: str, model_path: str, **kw: Any) -> None:
+def watermark_command(directory: str, model_path: str | None, **kw: Any) -> None:
     """Score images for watermarks and list those above the threshold (files are not moved)."""
+    model_path = _watermark_model(model_path)
     try:
         _watermark(directory, model_path, kw)
     except SdcoreError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+#: LAION's watermark detector (LAION-AI/LAION-5B-WatermarkDetection, MIT): a PyTorch state dict in its repository
+LAION_WATERMARK_URL = "https://github.com/LAION-AI/LAION-5B-WatermarkDetection/raw/main/models/watermark_model_v1.pt"
+
+
+def _watermark_model(value: str | None) -> str:
+    """The ``--model`` file, or one line saying where to get a classifier: sdcore downloads nothing, and the known
+    one (LAION's) is published as PyTorch weights, which need one export to ONNX first."""
+    from pathlib import Path
+
+    fetch = (
+        f"LAION's detector: curl -L -o watermark_model_v1.pt {LAION_WATERMARK_URL}, export it to ONNX once "
+        "(docs/offline-models.md: timm's efficientnet_b3a with LAION's head), then --model watermark.onnx"
+    )
+    if value is None:
+        raise click.UsageError(f"no watermark classifier given (--model); sdcore downloads nothing: get one, online: "
+                               f"{fetch}")  # fmt: skip
+    path = Path(value).expanduser()
+    if not path.is_file():
+        what = "is a folder, not an .onnx file" if path.is_dir() else "no such file"
+        raise click.UsageError(f"--model {value}: {what}; {fetch}")
+    if path.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
+        raise click.UsageError(
+            f"--model {value}: PyTorch weights; sdcore runs an ONNX classifier: export it once "
+            "(docs/offline-models.md), then --model watermark.onnx"
+        )
+    return value
 
 
 def _watermark(directory: str, model_path: str, kw: dict[str, Any]) -> None:
@@ -60,12 +90,16 @@ def _watermark(directory: str, model_path: str, kw: dict[str, Any]) -> None:
     )
     for message in scorer.messages:
         click.echo(f"warning: {message}", err=True)
+    said = len(scorer.messages)
     images = list_images(directory, recursive=kw["recursive"])
     flagged: list[tuple[str, float]] = []
     unreadable = 0
     with jsonl_output(kw["json_path"]) as jsonl, tqdm(total=len(images), unit="img", disable=kw["no_progress"]) as bar:
         for path, p, error in scorer.scores(images):
             bar.update(1)
+            for message in scorer.messages[said:]:  # the class count of a graph that leaves it open: first batch
+                tqdm.write(f"warning: {message}", file=sys.stderr)
+            said = len(scorer.messages)
             if error is not None or p is None:
                 unreadable += 1
                 continue

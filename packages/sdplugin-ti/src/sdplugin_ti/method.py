@@ -263,8 +263,9 @@ class TIMethod(TrainingMethod[TIOptionsT]):
     def dataset_notes(self, index: DatasetIndex) -> list[str]:
         """Embedding files the run's final save would replace: A1111 continues training an embedding that
         exists (from the step stored in it); a new run here starts fresh vectors, so it is said, with the ways
-        to continue, before anything is written. ``--resume latest`` is offered only where a saved state is
-        (a file copied from A1111 has none)."""
+        to continue, before anything is written. Continuing from a saved state is offered only where one is (a file
+        copied from A1111 has none), pointing at the pre-flight's note on the state folder
+        (:func:`sdcore.train.preflight.earlier_state_notes`), which gives ``--resume latest``."""
         from sdcore.train.checkpoints import output_paths
         from sdcore.train.state import list_states
 
@@ -300,12 +301,15 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         ways = [f"--init-weights {files[0]} (its vectors, a fresh optimizer and step count)"]
         if len(files) > 1:
             ways[0] = f"--init-weights {files[0]} (that file's vectors only, a fresh optimizer and step count)"
-        if list_states(output_paths(self, o)[1]):
-            ways.insert(0, "--resume latest (the saved state of the run that wrote it, exactly)")
+        state_root = output_paths(self, o)[1]
+        resumable = ""
+        if list_states(state_root):  # the pre-flight's own note on that folder says how (--resume latest): not twice
+            resumable = (f", or continue the run that wrote {'it' if one else 'them'} exactly, from its saved state "
+                         f"in {state_root} (see the note on that folder)")  # fmt: skip
         notes.append(
             f"{listed} {'exists' if one else 'exist'}: this run trains {'a new embedding' if len(files) == 1 else 'new embeddings'} "
             f"from --init-text and replaces {'it' if one else 'them'} at the end (A1111 would continue training "
-            f"{'it' if one else 'them'}); to continue, pass {' or '.join(ways)}"
+            f"{'it' if one else 'them'}); to continue, pass {ways[0]}{resumable}"
         )
         return notes
 

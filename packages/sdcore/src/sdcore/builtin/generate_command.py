@@ -1533,10 +1533,35 @@ def _job_cells(params: dict[str, Any], jobs: Any, problems: list[str]) -> tuple[
         own = set(job.values)
         own |= {"size"} if own & {"width", "height"} else set()
         own |= {"seed_resize_from"} if own & {"seed_resize_from_w", "seed_resize_from_h"} else set()
-        cells.append(cell)
-        owned.append(own)
-        wheres.append(f"{name} {job.where}: ")
+        parts = _seed_list_cells(cell, f"{name} {job.where}")
+        cells += parts
+        own |= {"seed", "batch", "n_iter"} if "seeds" in own else set()  # a seed list splits the line's batches
+        owned += [own] * len(parts)
+        wheres += [f"{name} {job.where}: "] * len(parts)
     return cells, owned, wheres
+
+
+def _seed_list_cells(cell: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """A line's cell, or with kohya's seed list (``--d 1,2,3``) the cells of its batches
+    (:func:`~sdcore.generate.prompt_file.seed_list_parts`), each its images' seeds, and the list's note said. With a
+    variation strength every image is its own batch, its variation seed the one of its place in the line."""
+    seeds = cell.pop("seeds", None)
+    if seeds is None:
+        return [cell]
+    from ..generate.prompt_file import seed_list_parts
+
+    single = cell["subseed_strength"] != 0
+    parts, note = seed_list_parts(seeds, cell["batch"] * cell["n_iter"], cell["batch"], single=single)
+    if note:
+        click.echo(f"note: {where}: {note}", err=True)
+    cells, done = [], 0
+    for first, count in parts:
+        part = {**cell, "seed": first, "batch": count, "n_iter": 1}
+        if single and cell["subseed"] >= 0:
+            part["subseed"] = cell["subseed"] + done
+        cells.append(part)
+        done += count
+    return cells
 
 
 def _line_styles(cell: dict[str, Any], where: str, problems: list[str]) -> list[Any]:

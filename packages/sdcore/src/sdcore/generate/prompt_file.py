@@ -11,7 +11,7 @@ lines are skipped, as both tools skip them):
   Booleans are ``true`` (anything else is false, as A1111 reads them).
 - **kohya** (``gen_img.py --from_file``): a prompt followed by `` --n negative --w 512 --h 768 --s 20 --d 5 --l 7
   --t 0.6``, read by the sample prompts' parser (:func:`sdcore.train.sample_prompts.parse_prompt_line`, which also
-  takes ``--ss`` sampler); ``--t`` is the img2img strength. Options sdcore has no setting for (``--am``, ``--nl``,
+  takes ``--ss`` sampler); ``--t`` is the img2img strength, ``--d 1,2,3`` a seed list (:func:`seed_list_parts`). Options sdcore has no setting for (``--am``, ``--nl``,
   ``--c``, Deep Shrink's ``--dsd1`` ...) are noted and left out, as the training samples note them.
 - **plain**: any other line is the prompt; it takes every other setting from the command line.
 
@@ -89,8 +89,9 @@ A1111_TAGS: dict[str, tuple[str, Callable[[str], Any]] | str] = {
 #: A1111 tags whose "false"/"true" values change nothing here: accepted with a note instead of refused
 _HARMLESS = {"outpath_samples", "outpath_grids", "prompt_for_display", "do_not_save_grid"}
 
-#: kohya gen_img.py's line options that sdcore takes beyond the sample prompts' (``--t``: img2img strength)
-KOHYA_KEPT = ("t",)
+#: kohya gen_img.py's line options that sdcore takes beyond the sample prompts' (``--t``: img2img strength;
+#: ``--d`` with a comma-separated seed list, :func:`seed_list_parts`)
+KOHYA_KEPT = ("t", "d")
 
 
 @dataclass(frozen=True)
@@ -178,13 +179,23 @@ def _sample_values(prompt: Any, where: str) -> tuple[dict[str, Any], list[str]]:
         if getattr(prompt, name) is not None:
             values[name] = getattr(prompt, name)
     notes = []
+    unused = list(prompt.ignored)
     for letter, text in prompt.kept:
         if letter == "t":
             try:
                 values["strength"] = float(text)
             except ValueError:
                 raise ConfigError(f"{where}: --t needs a number, got {text!r}") from None
-    unused = list(prompt.ignored)
+        elif letter == "d" and not text:  # a bare --d: as an option sdcore has no setting for
+            unused.append("--d")
+        elif letter == "d":  # gen_img.py: int() of every part, so a part that is not a seed fails the line
+            bad = [part.strip() for part in text.split(",") if not part.strip().isdigit()]
+            if bad:
+                raise ConfigError(
+                    f"{where}: --d {text}: every seed of a list is a whole number 0 or more, got "
+                    f"{', '.join(repr(part) for part in bad)}"
+                )
+            values["seeds"] = tuple(int(part) for part in text.split(","))
     unused += [flag for flag, value in (("--g", prompt.guidance), ("--ci", prompt.reference),
                ("--i", prompt.inpaint_image), ("--cn", prompt.control_image)) if value is not None]  # fmt: skip
     if unused:
@@ -294,6 +305,41 @@ def job_params(params: dict[str, Any], job: PromptJob, position: str) -> tuple[d
     return cell, problems
 
 
+def seed_list_parts(
+    seeds: tuple[int, ...], count: int, batch: int, *, single: bool
+) -> tuple[list[tuple[int, int]], str]:
+    """The batches ``(first seed, images)`` that render a line's ``count`` images (``--batch`` x ``--n-iter``)
+    with kohya ``gen_img.py``'s seed list ``--d 1,2,3``, and a note (``""`` when none is due).
+
+    kohya's rule (gen_img.py: the line repeats ``--images_per_prompt`` times, each image popping the list's next
+    seed): the line makes as many images as without the list, image ``i`` takes seed ``i``, and seeds past the
+    images are not used. Past the list's end kohya repeats its last seed (the same image again); sdcore goes on
+    with last + 1, last + 2, as a single ``--d`` gives image ``i`` seed + i. Images render in batches of at most
+    ``batch`` consecutive seeds (an image depends on its seed only, not on its batch); ``single``: one image a
+    batch (with a variation strength every image of a batch shares the first seed, A1111's rule)."""
+    image_seeds = list(seeds[:count])
+    image_seeds += [seeds[-1] + k for k in range(1, count - len(image_seeds) + 1)]
+    parts: list[tuple[int, int]] = []
+    for seed in image_seeds:
+        if parts and not single and parts[-1][1] < batch and parts[-1][0] + parts[-1][1] == seed:
+            parts[-1] = (parts[-1][0], parts[-1][1] + 1)
+        else:
+            parts.append((seed, 1))
+    listed = ",".join(str(seed) for seed in seeds)
+    note = ""
+    if len(seeds) > count:
+        unused = ", ".join(str(seed) for seed in seeds[count:])
+        note = (f"--d {listed}: the line makes {count} image{'s' if count > 1 else ''} (--batch x --n-iter, kohya's "
+                f"--images_per_prompt), so seed{'s' if len(seeds) - count > 1 else ''} {unused} "
+                f"{'are' if len(seeds) - count > 1 else 'is'} not used (kohya's rule); --n-iter {len(seeds)} "
+                "renders one image per seed")  # fmt: skip
+    elif len(seeds) < count:
+        more = ", ".join(str(seed) for seed in image_seeds[len(seeds) :])
+        note = (f"--d {listed}: the line makes {count} images, so the ones past the list take seeds {more} (kohya "
+                "repeats the last seed, the same image again)")  # fmt: skip
+    return parts, note
+
+
 def line_seeds(seed: int, count: int, step: int, *, iterate: bool, same: bool, draw: Callable[[], int]) -> list[int]:
     """Each line's seed before a line's own ``--seed``, by A1111's checkboxes: "Iterate seed every line"
     (``iterate``) gives line ``k`` ``seed + k * step``, ``step`` being the command line's batch size times its
@@ -315,4 +361,5 @@ __all__ = [
     "job_params",
     "line_seeds",
     "read_prompt_file",
+    "seed_list_parts",
 ]

@@ -1547,10 +1547,20 @@ def load_datasets(
         control = _control_folder(d.get("control_path"), w, out)
         resolutions = d.get("resolution", 512)
         resolutions = resolutions if isinstance(resolutions, list) else [resolutions]
-        step = int(d.get("bucket_tolerance", 64))
+        step = d.get("bucket_tolerance", 64)
+        if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+            out.problems.append(f"{w}.bucket_tolerance: {step!r} is not a positive whole number")
+            continue
         for res in resolutions:
             if not isinstance(res, int) or isinstance(res, bool) or res <= 0:
                 out.problems.append(f"{w}.resolution: {res!r} is not a positive whole number")
+                continue
+            if res < step and bool(d.get("buckets", True)):  # said here in the job's words, not as --bucket-step
+                written = "" if "bucket_tolerance" in d else " (ai-toolkit's default)"
+                out.problems.append(
+                    f"{w}.resolution {res} is smaller than its bucket_tolerance {step}{written}, the bucket step: "
+                    f"give the dataset a bucket_tolerance of at most {res}, or a larger resolution"
+                )
                 continue
             subsets.append(
                 replace(

@@ -157,7 +157,8 @@ def _number(kind: type, text: str, option: str, where: str) -> Any:
 def parse_prompt_line(line: str, where: str = "sample prompt", keep: tuple[str, ...] = ()) -> SamplePrompt:
     """Split one kohya prompt line into the prompt and its options (kohya splits at `` --``). ``keep``: option
     letters outside the sample prompts' set whose text is returned in :attr:`SamplePrompt.kept` instead of being
-    ignored (``sdcore generate --from-file`` keeps ``gen_img.py``'s ``t``)."""
+    ignored (``sdcore generate --from-file`` keeps ``gen_img.py``'s ``t``); a ``d`` there keeps a comma-separated
+    seed list (``gen_img.py``'s, which training samples refuse: kohya's take one seed) for the caller to read."""
     parts = (" " + line.strip()).split(" --")
     values: dict[str, Any] = {"prompt": parts[0].strip()}
     ignored: list[str] = []
@@ -176,6 +177,8 @@ def parse_prompt_line(line: str, where: str = "sample prompt", keep: tuple[str, 
             values["negative"] = text
         elif option == "ss":
             values["sampler"] = sampler_name(text)
+        elif option == "d" and "d" in keep and "," in text:  # gen_img.py's seed list: the caller reads it
+            kept.append(("d", text))
         elif option in ("w", "h", "s", "d"):
             name = {"w": "width", "h": "height", "s": "steps", "d": "seed"}[option]
             values[name] = _number(int, text, option, where)

@@ -44,10 +44,10 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 _OVERWRITE_HELP = "Replace the output if it already exists (else that is an error, found before any work)."
 
 
-def lora_suffix_problem(output: str) -> str | None:
+def lora_suffix_problem(output: str, option: str = "-o") -> str | None:
     """Why ``output`` is no name for a LoRA file, or ``None``. sdcore writes LoRA files as safetensors only: under
     ``.pt``/``.ckpt`` A1111, ComfyUI (and sdcore itself) read the file as a pickle and fail, and a name with
-    another or no suffix is not listed by their LoRA pickers at all."""
+    another or no suffix is not listed by their LoRA pickers at all. ``option``: the flag that names the file."""
     path = Path(output)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
@@ -59,7 +59,8 @@ def lora_suffix_problem(output: str) -> str | None:
         why = "A1111's and ComfyUI's LoRA lists show only files with a weight suffix"
         name = path.name
     return (
-        f"-o {output}: sdcore writes LoRA files as .safetensors ({why}); use -o {path.with_name(name + '.safetensors')}"
+        f"{option} {output}: sdcore writes LoRA files as .safetensors ({why}); use {option} "
+        f"{path.with_name(name + '.safetensors')}"
     )
 
 
@@ -446,7 +447,11 @@ def extract_embeddings_command(file: str, output: str | None, strip: str | None,
         check_strip(file)  # before any embedding file is written
     planned = plan_files(file, output)  # ConfigError: none bundled, an unknown part, two names on one file
     outputs = [item.path for item in planned] + ([Path(strip)] if strip else [])
-    found = output_problems(outputs, inputs=[file], overwrite=overwrite)  # every file, before any is written
+    suffix = lora_suffix_problem(strip, "--strip") if strip else None  # the stripped file is a LoRA
+    found = [
+        *([suffix] if suffix else []),
+        *output_problems(outputs, inputs=[file], overwrite=overwrite),  # every file, before any is written
+    ]
     if found:
         raise ConfigError("; ".join(found), found)
     for item, path in zip(planned, write_files(planned), strict=True):

@@ -352,9 +352,11 @@ def merge_command(
         weighted = [(head if head and Path(head).exists() else v, 1.0) for head, v in zip(heads, loras, strict=True)]
     sources = [p for p, _ in weighted] + [m for m in (model, base_model) if m]
     if model:
-        from sdcore.models.save import save_format
+        from sdcore.models.save import diffusers_target_problems, save_format
 
-        save_format(output)  # a model's name (a .ckpt -o is refused before the merge, not after it)
+        # a model's name (a .ckpt -o is refused before the merge, not after it); a diffusers folder as convert's
+        if save_format(output) == "diffusers":
+            problems = [*problems, *diffusers_target_problems(Path(output), sources)]
     _check_output(output, sources, overwrite, problems, lora=not model)
     if model:
         bundle = _load_model(model)

@@ -153,22 +153,15 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
     from ..errors import ConfigError
     from ..io import output_problems
     from ..models.load import load_model
-    from ..models.save import check_diffusers_target, save_format
+    from ..models.save import diffusers_target_problems, save_format
 
     save_format(dst, to)  # a .ckpt DST: refused before the model is read
     src, given = resolve_command_sources(src, params)
     # an earlier model at DST is replaced (a later convert of the same model), but never SRC or a part it reads
     sources = [src, *(str(value) for value in given.values() if isinstance(value, (str, Path)))]
     found = output_problems([Path(dst)], inputs=sources, overwrite=True, option="DST")
-    if save_format(dst, to) == "diffusers":
-        # a diffusers DST replaces the whole folder: said before the model is read, and never one holding a source
-        check_diffusers_target(Path(dst))
-        target = Path(dst).expanduser().resolve()
-        found += [
-            f"DST {dst} holds the input {source}: replacing the folder would delete it; choose another DST"
-            for source in sources
-            if Path(source).expanduser().exists() and target in Path(source).expanduser().resolve().parents
-        ]
+    if save_format(dst, to) == "diffusers":  # the whole folder is replaced: said before the model is read
+        found += diffusers_target_problems(Path(dst), sources, "DST")
     if found:
         raise ConfigError("; ".join(found), found)
     bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **given)

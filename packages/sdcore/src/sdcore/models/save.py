@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +381,27 @@ def check_diffusers_target(target: Path) -> None:
         f"{target}: the folder exists and is not a diffusers model (no model_index.json); not replacing it "
         "(give a new or empty folder)"
     )
+
+
+def diffusers_target_problems(target: Path, sources: Sequence[str], option: str = "-o") -> list[str]:
+    """What keeps a diffusers model from being written to ``target``, found before the model is read (a command's
+    check, one line each): a folder that is not an earlier diffusers model (:func:`check_diffusers_target`), and
+    one that holds a file or folder of ``sources`` (the model and its parts): the folder is replaced whole, so the
+    source inside would be deleted with it. ``option``: how the command names its output (``-o``, ``DST``)."""
+    problems = []
+    try:
+        check_diffusers_target(target)
+    except SdcoreError as exc:
+        problems.append(str(exc))
+    folder = target.expanduser().resolve()
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.exists() and folder in path.resolve().parents:
+            problems.append(
+                f"{option} {target} holds the input {source}: replacing the folder would delete it; choose another "
+                f"{option}"
+            )
+    return problems
 
 
 #: swaps a folder move tries while other writers keep putting their folders at the same place

@@ -135,3 +135,28 @@ def test_a_diffusers_dst_that_cannot_be_written_is_refused_before_the_model_is_r
         f"DST {folder} holds the input {kept}: replacing the folder would delete it; choose another DST"
     )
     assert kept.read_bytes() == before and inner.is_file()
+
+
+def test_an_a1111_pt_embedding_given_as_the_model_says_what_it_is(tmp_path):
+    """A1111's own embedding file (``style.pt``: its vectors under ``string_to_param``, a dict, beside ``name`` and
+    ``step``) got the bare "not a Stable Diffusion checkpoint": the embedding hint read only top-level tensors."""
+    import torch
+
+    embedding = tmp_path / "style.pt"
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.zeros(2, 768)},
+            "name": "style",
+            "step": 1000,
+            "sd_checkpoint": "abc",
+            "sd_checkpoint_name": "v1-5",
+        },
+        embedding,
+    )
+    result = _run("info", embedding, "--no-hash")
+    assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+    assert str(result.exception) == (
+        f"{embedding}: not a model checkpoint; it is a textual-inversion embedding, not a model: write its name in a "
+        "prompt (--embeddings-dir)"
+    )

@@ -48,11 +48,13 @@ def lora_suffix_problem(output: str, option: str = "-o") -> str | None:
     """Why ``output`` is no name for a LoRA file, or ``None``. sdcore writes LoRA files as safetensors only: under
     ``.pt``/``.ckpt`` A1111, ComfyUI (and sdcore itself) read the file as a pickle and fail, and a name with
     another or no suffix is not listed by their LoRA pickers at all. ``option``: the flag that names the file."""
+    from sdcore.models.source import PICKLE_SUFFIXES
+
     path = Path(output)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return None
-    if suffix in _WEIGHT_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         why = f"A1111 and ComfyUI would read a {path.suffix} file as a pickle and fail"
         name = path.stem
     else:  # no suffix, or a dot inside the name ("mychar.v2")
@@ -62,10 +64,6 @@ def lora_suffix_problem(output: str, option: str = "-o") -> str | None:
         f"{option} {output}: sdcore writes LoRA files as .safetensors ({why}); use {option} "
         f"{path.with_name(name + '.safetensors')}"
     )
-
-
-#: suffixes of pickled weight files, which loaders read with ``torch.load``
-_WEIGHT_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
 
 
 def _check_output(

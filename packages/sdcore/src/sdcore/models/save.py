@@ -26,7 +26,7 @@ from ..errors import SdcoreError
 from ..io import apply_default_modes, atomic_path
 from .bundle import ModelBundle
 from .detect import CONFIG_METADATA_KEY
-from .source import SAFETENSORS_SUFFIXES
+from .source import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 SAI_SPEC_VERSION = "1.0.1"
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -488,10 +488,6 @@ def write_diffusers(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-#: suffixes of pickled weight files (A1111's .ckpt, PyTorch's .pt/.pth/.bin): a name a user gives a single file
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def save_format(path: str | os.PathLike[str], format: str | None = None) -> str:

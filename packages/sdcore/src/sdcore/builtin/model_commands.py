@@ -129,7 +129,7 @@ def _variant(bundle: Any) -> str | None:
     default=None,
     help="Output format (default: single-file when DST ends in .safetensors, else diffusers; a .ckpt/.pt DST is "
     "refused, single files are safetensors; bfl: a Flux transformer alone in Black Forest Labs' keys). DST is never "
-    "SRC; an earlier model at DST is replaced.",
+    "SRC nor a diffusers folder holding it; an earlier model at DST is replaced.",
 )
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Save precision.")
 @click.option("--prune/--no-prune", default=True, show_default=True, help="Drop EMA and training state.")

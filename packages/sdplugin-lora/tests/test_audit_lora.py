@@ -79,3 +79,27 @@ def test_merge_into_a_model_refuses_a_diffusers_folder_it_cannot_write_before_th
     message = _refused(_run("merge", source, "--model", inner, "-o", folder, "--overwrite"))
     assert message == f"-o {folder} holds the input {inner}: replacing the folder would delete it; choose another -o"
     assert inner.read_bytes() == before
+
+
+def test_extract_of_one_model_as_base_and_tuned_is_refused_before_either_is_read(tmp_path, monkeypatch):
+    """``extract model.safetensors model.safetensors`` (or the same file through a link) read the model twice, took
+    the SVD of nothing and only then said "nothing to extract"; the same place is said at once."""
+    import os
+
+    import sdplugin_lora.commands as commands
+    from sdcore.models.load import load_model
+
+    model = load_model("tiny:sd1").save(tmp_path / "model.safetensors")
+    os.link(model, tmp_path / "linked.safetensors")
+
+    def refuse(source):
+        raise AssertionError(f"{source} was read")
+
+    monkeypatch.setattr(commands, "_load_model", refuse)
+    for base, tuned in ((model, model), (model, tmp_path / "linked.safetensors"), ("tiny:sd1", "tiny:sd1")):
+        out = tmp_path / "x.safetensors"
+        message = _refused(_run("extract", base, tuned, "-o", out))
+        assert message == (
+            f"BASE {base} and TUNED {tuned} are the same model: nothing to extract; give the fine-tune as TUNED"
+        )
+        assert not out.exists()

@@ -228,10 +228,14 @@ def extract_command(
     overwrite: bool,
 ) -> None:
     """A LoRA approximating TUNED - BASE (SVD of the weight differences, kohya-style)."""
+    from sdcore.io import same_place
+
     from .format import save_lora
     from .tools import extract_lora
 
-    _check_output(output, [base, tuned], overwrite)
+    same = same_place(Path(base), tuned)  # said before two models are read for a difference of zero
+    problems = [f"BASE {base} and TUNED {tuned} are the same model: nothing to extract; give the fine-tune as TUNED"]
+    _check_output(output, [base, tuned], overwrite, problems if same else None)
 
     result = extract_lora(
         _load_model(base),

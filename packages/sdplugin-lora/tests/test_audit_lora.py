@@ -57,3 +57,49 @@ def test_a_model_checkpoint_given_as_the_lora_says_what_it_is(tmp_path):
     other = tmp_path / "other.safetensors"
     save_file({"something": torch.zeros(2)}, str(other))
     assert str(_run("info", other).exception) == f"{other}: no LoRA modules found (first keys: something)"
+
+
+def test_merge_into_a_model_refuses_a_diffusers_folder_it_cannot_write_before_the_model_is_read(tmp_path):
+    """``merge --model`` writes a model as ``sdcore model convert`` does, and takes its rule: ``-o ~/models
+    --overwrite`` (a folder of other files) read the model and merged before saying the folder is no diffusers
+    model, and an ``-o`` diffusers folder holding the ``--model`` file replaced it, the source deleted with it."""
+    source = _lora(tmp_path)
+    missing = tmp_path / "no-such-model"  # would fail if it were read: the refusal comes first
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "keep.safetensors").write_bytes(b"the user's")
+    message = _refused(_run("merge", source, "--model", missing, "-o", models, "--overwrite"))
+    assert message.startswith(f"{models}: the folder exists and is not a diffusers model"), message
+    folder = tmp_path / "diffusers"
+    from sdcore.models.load import load_model
+
+    load_model("tiny:sd1").save(folder)
+    inner = load_model("tiny:sd1").save(folder / "inner.safetensors")
+    before = inner.read_bytes()
+    message = _refused(_run("merge", source, "--model", inner, "-o", folder, "--overwrite"))
+    assert message == f"-o {folder} holds the input {inner}: replacing the folder would delete it; choose another -o"
+    assert inner.read_bytes() == before
+
+
+def test_extract_of_one_model_as_base_and_tuned_is_refused_before_either_is_read(tmp_path, monkeypatch):
+    """``extract model.safetensors model.safetensors`` (or the same file through a link) read the model twice, took
+    the SVD of nothing and only then said "nothing to extract"; the same place is said at once."""
+    import os
+
+    import sdplugin_lora.commands as commands
+    from sdcore.models.load import load_model
+
+    model = load_model("tiny:sd1").save(tmp_path / "model.safetensors")
+    os.link(model, tmp_path / "linked.safetensors")
+
+    def refuse(source):
+        raise AssertionError(f"{source} was read")
+
+    monkeypatch.setattr(commands, "_load_model", refuse)
+    for base, tuned in ((model, model), (model, tmp_path / "linked.safetensors"), ("tiny:sd1", "tiny:sd1")):
+        out = tmp_path / "x.safetensors"
+        message = _refused(_run("extract", base, tuned, "-o", out))
+        assert message == (
+            f"BASE {base} and TUNED {tuned} are the same model: nothing to extract; give the fine-tune as TUNED"
+        )
+        assert not out.exists()

@@ -358,3 +358,16 @@ def test_strip_of_a_pickle_lora_is_refused_before_any_file(tmp_path):
     run = _cli("lora", "extract-embeddings", tmp_path / "old.pt", "-o", tmp_path / "out")
     assert run.exit_code == 0, run.output
     assert torch.equal(load_embedding(tmp_path / "out" / "a.safetensors").vectors[SINGLE], _v(1, 768, 1))
+
+
+def test_a_strip_not_named_safetensors_is_refused_before_any_file_is_written(tmp_path):
+    """``-o`` of every LoRA tool refuses a name A1111 and ComfyUI would read as a pickle (or not list); ``--strip``
+    writes a LoRA too, and ``--strip plain.pt`` wrote safetensors bytes under a pickle name."""
+    _onetrainer_style(tmp_path / "ot.safetensors")
+    for name, fixed in (("plain.pt", "plain"), ("plain", "plain")):
+        run = _cli("lora", "extract-embeddings", tmp_path / "ot.safetensors", "-o", tmp_path / "e",
+                   "--strip", tmp_path / name)  # fmt: skip
+        assert run.exit_code == 1, run.output
+        assert f"--strip {tmp_path / name}: sdcore writes LoRA files as .safetensors" in run.output, run.output
+        assert f"use --strip {tmp_path / fixed}.safetensors" in run.output
+        assert not (tmp_path / name).exists() and not (tmp_path / "e").exists()

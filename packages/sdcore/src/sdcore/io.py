@@ -137,7 +137,7 @@ def file_stem_problem(name: str, option: str = "--name") -> str | None:
     return None
 
 
-def _same_place(a: Path, b: str) -> bool:
+def same_place(a: Path, b: str) -> bool:
     """Whether ``b`` (a file, folder or a source such as ``tiny:sd1``) names the same place as ``a``."""
     other = Path(b)
     try:
@@ -157,7 +157,7 @@ def output_problems(
     is how the command names its output (``-o``, or an argument such as ``DST``)."""
     problems, refused = [], set()
     for out in outputs:
-        same = [source for source in inputs if _same_place(out, source)]
+        same = [source for source in inputs if same_place(out, source)]
         if same:
             refused.add(out)
             problems.append(

@@ -75,3 +75,18 @@ def test_data_check_reads_kohya_spellings_and_names_sdcores_options(tmp_path):
         assert result.exit_code == 2
         assert f"No such option: {typed} ({says}" in result.output, result.output
         assert "Did you mean" not in result.output
+
+
+def test_dedupe_refuses_a_move_to_that_is_the_dataset_itself(tmp_path):
+    """``dedupe data --move-to data --yes`` said "1 duplicate image(s) moved to data" and only renamed the copy and
+    its caption (``copy-2.png``, ``copy-2.txt``): it stayed in the dataset."""
+    data = tmp_path / "data"
+    _circle(data / "a.png", "red")
+    _circle(data / "copy.png", "red", size=64)
+    (data / "copy.txt").write_text("x, red circle", encoding="utf-8")
+    for given in (str(data), str(data) + "/", str(tmp_path / "data" / ".")):
+        result = CliRunner().invoke(data_group, ["dedupe", str(data), "--move-to", given, "--yes"])
+        assert result.exit_code == 2, result.output
+        assert f"--move-to {given} is PATH itself: the duplicates would stay in the dataset" in result.output
+        assert f"e.g. --move-to {data / 'dupes'}" in result.output
+    assert sorted(p.name for p in data.iterdir()) == ["a.png", "copy.png", "copy.txt"]

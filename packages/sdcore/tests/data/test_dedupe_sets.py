@@ -149,3 +149,27 @@ def test_move_keeps_what_the_destination_holds(tmp_path):
     assert moved[data / "b.txt"] == target / "b-3.txt" and (target / "b-3.txt").read_text() == "moved caption"
     assert (target / "b.png").read_bytes() == b"earlier image" and (target / "b-2.txt").read_text() == "earlier caption"
     assert not (data / "b.png").exists() and not (data / "b.txt").exists()
+
+
+def test_a_caption_shared_with_an_image_that_stays_is_copied_not_moved(tmp_path):
+    """kohya reads ``a.txt`` for ``a.png`` and ``a.jpg`` alike: moving the duplicate ``a.jpg`` took ``a.txt`` with
+    it, and the kept ``a.png`` trained uncaptioned (its caption now in the duplicates folder)."""
+    from sdcore.data.dedupe import DuplicateGroup, move_duplicates
+
+    data, target = tmp_path / "data", tmp_path / "dups"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"keep")
+    (data / "a.jpg").write_bytes(b"duplicate")
+    (data / "a.txt").write_text("the caption of both")
+    (data / "b.png").write_bytes(b"keep b")
+    (data / "c.png").write_bytes(b"duplicate of b")
+    (data / "c.txt").write_text("c's own caption")
+    groups = [
+        DuplicateGroup(data / "a.png", (data / "a.jpg",), 0),
+        DuplicateGroup(data / "b.png", (data / "c.png",), 0),
+    ]
+    moved = dict(move_duplicates(groups, target))
+    assert (data / "a.txt").read_text() == "the caption of both"  # the kept image keeps its caption
+    assert moved[data / "a.txt"] == target / "a.txt" and (target / "a.txt").read_text() == "the caption of both"
+    assert not (data / "a.jpg").exists() and (target / "a.jpg").read_bytes() == b"duplicate"
+    assert not (data / "c.txt").exists() and (target / "c.txt").read_text() == "c's own caption"  # its own: moved

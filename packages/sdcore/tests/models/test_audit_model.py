@@ -101,3 +101,62 @@ def test_a_family_name_in_capitals_is_the_family(tmp_path):
     with safe_open(str(tmp_path / "t.safetensors"), "pt") as handle:
         names = list(handle.keys())
     assert any(key.startswith("cond_stage_model.model.") for key in names)  # an SD2 layout: its OpenCLIP text model
+
+
+def test_a_diffusers_dst_that_cannot_be_written_is_refused_before_the_model_is_read(tmp_path, monkeypatch):
+    """``model convert big.safetensors ~/models`` (a folder of the user's files) read the whole model first and
+    only then said the folder is not a diffusers model; and a diffusers DST holding SRC (or a part it reads) was
+    replaced whole, the source file inside it deleted with the earlier model."""
+    import sdcore.models.load as load_module
+
+    src = tmp_path / "m.safetensors"
+    assert _run("create-tiny", src).exit_code == 0
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "keep.safetensors").write_bytes(b"the user's")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was read")
+
+    monkeypatch.setattr(load_module, "load_model", refuse)
+    result = _run("convert", src, models)
+    assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+    assert str(result.exception).startswith(f"{models}: the folder exists and is not a diffusers model")
+    monkeypatch.undo()
+    folder = tmp_path / "diffusers"
+    assert _run("convert", src, folder).exit_code == 0
+    inner = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    kept = folder / "vae.safetensors"
+    assert _run("create-tiny", kept).exit_code == 0
+    before = kept.read_bytes()
+    result = _run("convert", kept, folder)
+    assert isinstance(result.exception, ConfigError), (result.exception, result.output)
+    assert str(result.exception) == (
+        f"DST {folder} holds the input {kept}: replacing the folder would delete it; choose another DST"
+    )
+    assert kept.read_bytes() == before and inner.is_file()
+
+
+def test_an_a1111_pt_embedding_given_as_the_model_says_what_it_is(tmp_path):
+    """A1111's own embedding file (``style.pt``: its vectors under ``string_to_param``, a dict, beside ``name`` and
+    ``step``) got the bare "not a Stable Diffusion checkpoint": the embedding hint read only top-level tensors."""
+    import torch
+
+    embedding = tmp_path / "style.pt"
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.zeros(2, 768)},
+            "name": "style",
+            "step": 1000,
+            "sd_checkpoint": "abc",
+            "sd_checkpoint_name": "v1-5",
+        },
+        embedding,
+    )
+    result = _run("info", embedding, "--no-hash")
+    assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+    assert str(result.exception) == (
+        f"{embedding}: not a model checkpoint; it is a textual-inversion embedding, not a model: write its name in a "
+        "prompt (--embeddings-dir)"
+    )

@@ -100,3 +100,21 @@ def test_a_run_into_an_output_with_an_earlier_runs_state_says_it_starts_afresh(t
     assert not [n for n in run_preflight(ConvOutMethod(o), o, plan=False).notes if "earlier run" in n]
     fresh = contract_options(ConvOutMethod, tmp_path / "other", {"max_steps": 5, "batch_size": 1})
     assert not [n for n in run_preflight(ConvOutMethod(fresh), fresh, plan=False).notes if "earlier run" in n]
+
+
+def test_resume_of_the_result_file_names_the_runs_states(tmp_path):
+    """``--resume run/result.safetensors`` (the weights, where kohya users load a LoRA to continue) said only "not a
+    training state folder (no train_state.json)"; like a missing kohya-style name, it now says where the states
+    are and what --resume latest continues."""
+    import pytest
+    from sdcore.errors import ConfigError
+
+    _run(tmp_path, 2)
+    root = tmp_path / "run" / "result-state"
+    result = next((tmp_path / "run").glob("result*.safetensors"))
+    with pytest.raises(ConfigError) as caught:
+        resolve_resume(str(result), root)
+    assert str(caught.value) == (
+        f"--resume {result}: not a training state folder (no train_state.json); this --output's states are in "
+        f"{root}: step-00000002 (--resume latest continues step-00000002, the newest)"
+    )

@@ -44,27 +44,26 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 _OVERWRITE_HELP = "Replace the output if it already exists (else that is an error, found before any work)."
 
 
-def lora_suffix_problem(output: str) -> str | None:
+def lora_suffix_problem(output: str, option: str = "-o") -> str | None:
     """Why ``output`` is no name for a LoRA file, or ``None``. sdcore writes LoRA files as safetensors only: under
     ``.pt``/``.ckpt`` A1111, ComfyUI (and sdcore itself) read the file as a pickle and fail, and a name with
-    another or no suffix is not listed by their LoRA pickers at all."""
+    another or no suffix is not listed by their LoRA pickers at all. ``option``: the flag that names the file."""
+    from sdcore.models.source import PICKLE_SUFFIXES
+
     path = Path(output)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return None
-    if suffix in _WEIGHT_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         why = f"A1111 and ComfyUI would read a {path.suffix} file as a pickle and fail"
         name = path.stem
     else:  # no suffix, or a dot inside the name ("mychar.v2")
         why = "A1111's and ComfyUI's LoRA lists show only files with a weight suffix"
         name = path.name
     return (
-        f"-o {output}: sdcore writes LoRA files as .safetensors ({why}); use -o {path.with_name(name + '.safetensors')}"
+        f"{option} {output}: sdcore writes LoRA files as .safetensors ({why}); use {option} "
+        f"{path.with_name(name + '.safetensors')}"
     )
-
-
-#: suffixes of pickled weight files, which loaders read with ``torch.load``
-_WEIGHT_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
 
 
 def _check_output(
@@ -229,10 +228,14 @@ def extract_command(
     overwrite: bool,
 ) -> None:
     """A LoRA approximating TUNED - BASE (SVD of the weight differences, kohya-style)."""
+    from sdcore.io import same_place
+
     from .format import save_lora
     from .tools import extract_lora
 
-    _check_output(output, [base, tuned], overwrite)
+    same = same_place(Path(base), tuned)  # said before two models are read for a difference of zero
+    problems = [f"BASE {base} and TUNED {tuned} are the same model: nothing to extract; give the fine-tune as TUNED"]
+    _check_output(output, [base, tuned], overwrite, problems if same else None)
 
     result = extract_lora(
         _load_model(base),
@@ -353,9 +356,11 @@ def merge_command(
         weighted = [(head if head and Path(head).exists() else v, 1.0) for head, v in zip(heads, loras, strict=True)]
     sources = [p for p, _ in weighted] + [m for m in (model, base_model) if m]
     if model:
-        from sdcore.models.save import save_format
+        from sdcore.models.save import diffusers_target_problems, save_format
 
-        save_format(output)  # a model's name (a .ckpt -o is refused before the merge, not after it)
+        # a model's name (a .ckpt -o is refused before the merge, not after it); a diffusers folder as convert's
+        if save_format(output) == "diffusers":
+            problems = [*problems, *diffusers_target_problems(Path(output), sources)]
     _check_output(output, sources, overwrite, problems, lora=not model)
     if model:
         bundle = _load_model(model)
@@ -454,7 +459,11 @@ def extract_embeddings_command(file: str, output: str | None, strip: str | None,
         check_strip(file)  # before any embedding file is written
     planned = plan_files(file, output)  # ConfigError: none bundled, an unknown part, two names on one file
     outputs = [item.path for item in planned] + ([Path(strip)] if strip else [])
-    found = output_problems(outputs, inputs=[file], overwrite=overwrite)  # every file, before any is written
+    suffix = lora_suffix_problem(strip, "--strip") if strip else None  # the stripped file is a LoRA
+    found = [
+        *([suffix] if suffix else []),
+        *output_problems(outputs, inputs=[file], overwrite=overwrite),  # every file, before any is written
+    ]
     if found:
         raise ConfigError("; ".join(found), found)
     for item, path in zip(planned, write_files(planned), strict=True):

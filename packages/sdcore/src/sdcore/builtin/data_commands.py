@@ -307,6 +307,12 @@ def dedupe_command(
     from ..data.dedupe import find_duplicates, list_images, move_duplicates
 
     root = Path(path)
+    if move_to is not None and Path(move_to).expanduser().resolve() == root.resolve():
+        raise click.BadParameter(
+            f"--move-to {move_to} is PATH itself: the duplicates would stay in the dataset (renamed); give a folder "
+            f"of their own, e.g. --move-to {root / 'dupes'}",
+            param_hint="'--move-to'",
+        )
     groups, unreadable = find_duplicates(
         list_images(root, exclude=move_to), threshold=threshold, color_threshold=color_threshold
     )

@@ -129,7 +129,7 @@ def _variant(bundle: Any) -> str | None:
     default=None,
     help="Output format (default: single-file when DST ends in .safetensors, else diffusers; a .ckpt/.pt DST is "
     "refused, single files are safetensors; bfl: a Flux transformer alone in Black Forest Labs' keys). DST is never "
-    "SRC; an earlier model at DST is replaced.",
+    "SRC nor a diffusers folder holding it; an earlier model at DST is replaced.",
 )
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Save precision.")
 @click.option("--prune/--no-prune", default=True, show_default=True, help="Drop EMA and training state.")
@@ -153,13 +153,15 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
     from ..errors import ConfigError
     from ..io import output_problems
     from ..models.load import load_model
-    from ..models.save import save_format
+    from ..models.save import diffusers_target_problems, save_format
 
     save_format(dst, to)  # a .ckpt DST: refused before the model is read
     src, given = resolve_command_sources(src, params)
     # an earlier model at DST is replaced (a later convert of the same model), but never SRC or a part it reads
     sources = [src, *(str(value) for value in given.values() if isinstance(value, (str, Path)))]
     found = output_problems([Path(dst)], inputs=sources, overwrite=True, option="DST")
+    if save_format(dst, to) == "diffusers":  # the whole folder is replaced: said before the model is read
+        found += diffusers_target_problems(Path(dst), sources, "DST")
     if found:
         raise ConfigError("; ".join(found), found)
     bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **given)

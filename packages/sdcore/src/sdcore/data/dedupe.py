@@ -196,18 +196,31 @@ def find_duplicates(
 def move_duplicates(groups: list[DuplicateGroup], destination: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
     """Move every ``others`` image (and its caption files) into ``destination``; returns (from, to) pairs.
     A name already taken there (the image's or a caption's) gets :func:`sdcore.io.free_path`'s ``-2``, ``-3``
-    ...: nothing is replaced and an image keeps its captions' stem."""
+    ...: nothing is replaced and an image keeps its captions' stem. A caption that an image staying behind reads
+    too (``a.txt`` of ``a.png`` and ``a.jpg``, as kohya reads it) is copied, not moved: the kept image keeps it."""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
+    leaving = {path for group in groups for path in group.others}
+    images: dict[Path, list[Path]] = {}  # each folder's images, listed once
+
+    def shared(path: Path) -> bool:
+        if path.parent not in images:
+            images[path.parent] = [p for p in path.parent.iterdir() if is_image_path(p) and p.is_file()]
+        return any(p.stem == path.stem and p not in leaving for p in images[path.parent])
+
     moved: list[tuple[Path, Path]] = []
     for group in groups:
         for path in group.others:
             captions = [extension for extension in CAPTION_EXTENSIONS if path.with_suffix(extension).is_file()]
+            stays = shared(path)
             target = free_path(destination / path.name, twins=captions)
             shutil.move(str(path), str(target))
             moved.append((path, target))
             for extension in captions:
                 caption, caption_target = path.with_suffix(extension), target.with_suffix(extension)
-                shutil.move(str(caption), str(caption_target))
+                if stays:
+                    shutil.copy2(caption, caption_target)
+                else:
+                    shutil.move(str(caption), str(caption_target))
                 moved.append((caption, caption_target))
     return moved

@@ -185,7 +185,7 @@ def network_file_hint(keys: Collection[str]) -> str:
             "; it is a LoRA, not a model: `sdcore lora info` describes it, <lora:NAME:1> in a prompt (or `sdcore lora "
             "merge --model`) applies it to a model"
         )
-    if keys and set(keys) <= _EMBEDDING_KEYS:
+    if keys and (set(keys) <= _EMBEDDING_KEYS or "string_to_param" in keys):  # A1111's .pt: name, step ... beside
         return "; it is a textual-inversion embedding, not a model: write its name in a prompt (--embeddings-dir)"
     return ""
 

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from ..errors import SdcoreError
 from ..io import apply_default_modes, atomic_path
 from .bundle import ModelBundle
 from .detect import CONFIG_METADATA_KEY
-from .source import SAFETENSORS_SUFFIXES
+from .source import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 SAI_SPEC_VERSION = "1.0.1"
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -382,6 +383,27 @@ def check_diffusers_target(target: Path) -> None:
     )
 
 
+def diffusers_target_problems(target: Path, sources: Sequence[str], option: str = "-o") -> list[str]:
+    """What keeps a diffusers model from being written to ``target``, found before the model is read (a command's
+    check, one line each): a folder that is not an earlier diffusers model (:func:`check_diffusers_target`), and
+    one that holds a file or folder of ``sources`` (the model and its parts): the folder is replaced whole, so the
+    source inside would be deleted with it. ``option``: how the command names its output (``-o``, ``DST``)."""
+    problems = []
+    try:
+        check_diffusers_target(target)
+    except SdcoreError as exc:
+        problems.append(str(exc))
+    folder = target.expanduser().resolve()
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.exists() and folder in path.resolve().parents:
+            problems.append(
+                f"{option} {target} holds the input {source}: replacing the folder would delete it; choose another "
+                f"{option}"
+            )
+    return problems
+
+
 #: swaps a folder move tries while other writers keep putting their folders at the same place
 MOVE_ATTEMPTS = 20
 
@@ -466,10 +488,6 @@ def write_diffusers(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-#: suffixes of pickled weight files (A1111's .ckpt, PyTorch's .pt/.pth/.bin): a name a user gives a single file
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def save_format(path: str | os.PathLike[str], format: str | None = None) -> str:

@@ -170,6 +170,12 @@ class CheckpointSource:
         if not isinstance(data, dict):
             raise ModelFormatError(f"{self.path}: not a model checkpoint (top level is {type(data).__name__})")
         self._tensors = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if not self._tensors:  # A1111's .pt embedding keeps its vectors in a dict: say what it is, as for a LoRA
+            from .detect import network_file_hint
+
+            hint = network_file_hint([str(key) for key in data])
+            if hint:
+                raise ModelFormatError(f"{self.path}: not a model checkpoint{hint}")
         self._shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
         return list(self._tensors)
 

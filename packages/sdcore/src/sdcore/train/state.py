@@ -70,22 +70,25 @@ def resolve_resume(resume: str, root: Path) -> Path:
     path = Path(resume).expanduser()
     if (path / "train_state.json").exists():
         return path
+    # kohya's habits: its save_state folders are NAME-000002-state (epoch) / NAME-step00000004-state beside the
+    # result, and a LoRA continues from its weights file; sdcore's states are NAME-state/step-NNNNNNNN, so name the
+    # ones this run's output has
+    states = list_states(root)
+    ours = (
+        f"; this --output's states are in {root}: {', '.join(p.name for p in states)} "
+        f"(--resume latest continues {states[-1].name}, the newest)"
+        if states
+        else ""
+    )
     if not path.exists():
-        # kohya's habit: its save_state folders are NAME-000002-state (epoch) / NAME-step00000004-state beside the
-        # result; sdcore's are NAME-state/step-NNNNNNNN, so name the ones this run's output has
-        states = list_states(root)
-        hint = (
-            f"; this --output's states are in {root}: {', '.join(p.name for p in states)} "
-            f"(--resume latest continues {states[-1].name}, the newest)"
-            if states
-            else ""
-        )
-        raise ConfigError(f"--resume {resume}: no such state folder{hint}")
+        raise ConfigError(f"--resume {resume}: no such state folder{ours}")
+    if not path.is_dir():
+        raise ConfigError(f"--resume {resume}: not a training state folder (no train_state.json){ours}")
     states = list_states(path)
     if states:
         return states[-1]
     # the output folder given instead of the run's state folder beside the result: name the ones it holds
-    inside = sorted(str(p) for p in path.iterdir() if p.is_dir() and list_states(p)) if path.is_dir() else []
+    inside = sorted(str(p) for p in path.iterdir() if p.is_dir() and list_states(p))
     hint = f"; the state folders in it: {', '.join(inside)}" if inside else ""
     raise ConfigError(f"--resume {resume}: not a training state folder (no train_state.json){hint}")
 

@@ -118,3 +118,21 @@ def test_resume_of_the_result_file_names_the_runs_states(tmp_path):
         f"--resume {result}: not a training state folder (no train_state.json); this --output's states are in "
         f"{root}: step-00000002 (--resume latest continues step-00000002, the newest)"
     )
+
+
+def test_a_resume_compares_a_text_options_numbers_not_their_spelling():
+    """APT's --cfg-scale is text (default "3.0"): a run given ``--cfg-scale 3`` and resumed without it (or TI's rate
+    schedule typed ``0.005:10,0.001`` once and ``5e-3:10, 1e-3`` again) warned that the run would not match an
+    uninterrupted one, though nothing changed. A real change still counts."""
+    from sdcore.train.checkpoints import same_setting
+
+    assert same_setting("3.0", "3")
+    assert same_setting("5e-3:10, 1e-3", "0.005:10,0.001")
+    assert same_setting("3-1:cos", "3.0-1.0:cos")
+    assert same_setting("subject_filewords", "subject_filewords")
+    assert not same_setting("3.0", "4")
+    assert not same_setting("3-1:cos", "3-1:ln")
+    assert not same_setting("5e-3:10, 1e-3", "5e-3:20, 1e-3")
+    assert not same_setting("3-1", "3")
+    assert not same_setting("subject_filewords", "style_filewords")
+    assert not same_setting(512, 768)

@@ -80,6 +80,32 @@ def resume_sensitive_options(options: Any) -> list[str]:
     return [f.name for f in fields(options) if f.metadata.get("resume_sensitive") and f.name not in RESUME_SENSITIVE]
 
 
+def same_setting(saved: Any, now: Any) -> bool:
+    """Whether an option's value recorded in a state and its value now mean the same, for the resume warning: a
+    method's text option holding a number (APT's ``--cfg-scale``: default ``"3.0"``, typed ``3``) or a list of
+    them (TI's rate schedule ``5e-3:10, 1e-3``) is compared number by number, so a respelling does not warn that
+    the run will not match an uninterrupted one."""
+    if saved == now:
+        return True
+    if not (isinstance(saved, str) and isinstance(now, str)):
+        return False
+    import re
+
+    split = re.compile(r"\s*([,:;|]|(?<=[\d.])-(?=[\d.]))\s*|\s+")  # a range's "-" only between numbers
+    before, after = split.split(saved.strip()), split.split(now.strip())
+    if len(before) != len(after):
+        return False
+    for a, b in zip(before, after, strict=True):
+        if a == b:
+            continue
+        try:
+            if float(a) != float(b):
+                return False
+        except (TypeError, ValueError):
+            return False
+    return True
+
+
 def resumed_guidance_change(
     saved: dict[str, Any], options: TrainOptions, *, control: bool
 ) -> tuple[float, float] | None:
@@ -534,7 +560,7 @@ class Checkpoints:
         # compared as the state records them (JSON: a tuple such as resolution_size comes back as a list)
         current = json.loads(json.dumps(asdict(self.options), default=str))
         sensitive = [*RESUME_SENSITIVE, *resume_sensitive_options(self.options)]
-        changed = [k for k in sensitive if k in saved and saved[k] != current.get(k)]
+        changed = [k for k in sensitive if k in saved and not same_setting(saved[k], current.get(k))]
         described = [f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed]
         guidance = resumed_guidance_change(saved, self.options, control=self.method.capabilities().control_channels)
         if guidance is not None:

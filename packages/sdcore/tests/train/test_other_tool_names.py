@@ -77,6 +77,10 @@ def test_the_hint_in_full_with_its_note_and_without():
     assert _error("ti", "--tag_drop_out", "0.1") == (
         "Error: No such option: --tag_drop_out (did you mean --tag-dropout (A1111's tag_drop_out)?)"
     )
+    # and in any case, as the other tables read names (hint_key): --Save_Embedding_Every got click's nearest spelling
+    assert _error("ti", "--Save_Embedding_Every", "50") == (
+        "Error: No such option: --Save_Embedding_Every (did you mean --save-every (A1111's save_embedding_every)?)"
+    )
 
 
 def test_names_without_an_equivalent_say_so_and_method_options_name_their_method():

@@ -2488,7 +2488,7 @@ def name_hint(name: str, fields: Collection[str], flag: Callable[[str], str]) ->
     option, or why there is none. ``fields`` are the method's options; ``flag`` writes an option's name as the
     user would type it (``--save-every`` on the command line, ``'save_every'`` in a config). ``None``: not a
     name of the table (or its target is in none of the methods named), so the nearest name is the hint."""
-    key = name.strip().lstrip("-").replace("-", "_")
+    key = name.strip().lstrip("-").lower().replace("-", "_")  # users type other tools' names in any case
     hint = NAME_HINTS.get(key)
     if hint is None:
         return None

@@ -160,3 +160,20 @@ def test_an_a1111_pt_embedding_given_as_the_model_says_what_it_is(tmp_path):
         f"{embedding}: not a model checkpoint; it is a textual-inversion embedding, not a model: write its name in a "
         "prompt (--embeddings-dir)"
     )
+
+
+def test_an_a1111_hypernetwork_given_as_the_model_says_what_it_is(tmp_path):
+    """A1111's hypernetwork file (its layers under the attention widths 768, 320 ..., beside ``layer_structure``,
+    ``name`` and ``step``; older ones without ``layer_structure``) got the bare "not a model checkpoint"."""
+    import torch
+
+    layers = [{"linear.0.weight": torch.zeros(4, 2)}, {"linear.0.weight": torch.zeros(4, 2)}]
+    for name, extra in (("new", {"layer_structure": [1, 2, 1], "activation_func": "linear"}), ("old", {})):
+        network = tmp_path / f"{name}.pt"
+        torch.save({768: layers, 320: layers, "name": name, "step": 500, **extra}, network)
+        result = _run("info", network, "--no-hash")
+        assert isinstance(result.exception, SdcoreError), (result.exception, result.output)
+        assert str(result.exception) == (
+            f"{network}: not a model checkpoint; it is a hypernetwork, not a model: <hypernet:NAME:1> in a prompt "
+            "applies it (--hypernetwork-dir)"
+        )

@@ -187,6 +187,9 @@ def network_file_hint(keys: Collection[str]) -> str:
         )
     if keys and (set(keys) <= _EMBEDDING_KEYS or "string_to_param" in keys):  # A1111's .pt: name, step ... beside
         return "; it is a textual-inversion embedding, not a model: write its name in a prompt (--embeddings-dir)"
+    if "layer_structure" in keys or (any(k.isdigit() for k in keys) and {"name", "step"} & set(keys)):
+        # A1111's hypernetwork .pt: its layers under the attention widths (768, 1024 ...), beside its settings
+        return "; it is a hypernetwork, not a model: <hypernet:NAME:1> in a prompt applies it (--hypernetwork-dir)"
     return ""
 
 

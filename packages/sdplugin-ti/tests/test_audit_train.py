@@ -44,4 +44,7 @@ def test_a_resume_with_another_template_or_schedule_warns(tmp_path, capsys):
     assert "resuming with changed" not in capsys.readouterr().err
     changed = dataclasses.replace(same, max_steps=4, template="style_filewords", lr_schedule="5e-3:10, 1e-3")
     train(TIMethod(changed), bundle=create_tiny_bundle("sd1"))
-    assert "warning: resuming with changed template, lr_schedule" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert ("warning: resuming with changed template ('subject_filewords' -> 'style_filewords'), lr_schedule ("
+            in said)  # fmt: skip
+    assert said.count("resuming with changed") == 1

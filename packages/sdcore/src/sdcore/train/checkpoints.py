@@ -570,12 +570,11 @@ class Checkpoints:
         if was and prediction_type and was != prediction_type:
             changed.append("prediction_type")
             described.append(f"prediction_type ({was!r} -> {prediction_type!r}: the loss target changes)")
-        if changed:
-            log.warning(
-                "resuming with changed %s: the run continues but will not match an uninterrupted one",
-                ", ".join(described),
+        if changed:  # one line, with the values (a log.warning beside it printed the same news twice)
+            self.say(
+                f"warning: resuming with changed {', '.join(described)}: the run continues but will not match an "
+                "uninterrupted one"
             )
-            self.say("warning: resuming with changed " + ", ".join(changed))
         losses = [float(x) for x in record.get("losses", [])][: position.step]
         self.say(f"resumed from {folder} at step {position.step} (epoch {position.epoch + 1}, batch {position.batch})")
         return position, losses

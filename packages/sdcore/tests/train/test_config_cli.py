@@ -52,6 +52,21 @@ def test_wrong_types_and_choices(tmp_path):
         load_options(ConvOutOptions, cfg)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_float_options_refuse_nan_and_inf_on_the_command_line_and_in_configs(tmp_path, value):
+    """nan passed every `lr <= 0` style check (a run training on lr=nan, "done", with a NaN file)."""
+    float_flags = ["--lr", "--noise-offset", "--min-snr-gamma", "--max-grad-norm", "--prior-loss-weight"]
+    args = ["--model", "tiny:sd1", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--dry-run"]
+    result = CliRunner().invoke(_command(), [*args, *(x for flag in float_flags for x in (flag, value))])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    for flag in float_flags:  # every one at once, before anything loads
+        assert f"{flag[2:].replace('-', '_')} must be a finite number, got {value}" in result.output
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"lr = {value}\nhuber_c = {value}\n", encoding="utf-8")  # TOML has nan and inf literals
+    with pytest.raises(ConfigError, match=f"lr must be a finite number, got {value}; huber_c must be"):
+        load_options(ConvOutOptions, cfg)
+
+
 def test_dump_load_roundtrip(tmp_path):
     o = ConvOutOptions(
         model="tiny:sd1",

@@ -49,6 +49,8 @@ def lora_suffix_problem(output: str) -> str | None:
     ``.pt``/``.ckpt`` A1111, ComfyUI (and sdcore itself) read the file as a pickle and fail, and a name with
     another or no suffix is not listed by their LoRA pickers at all."""
     path = Path(output)
+    if not path.name.strip():  # -o "" or "  " (an unset shell variable): nothing to suggest a suffix for
+        return f"-o {output!r}: no file name; give the LoRA file to write, e.g. -o my_lora.safetensors"
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return None
@@ -72,15 +74,17 @@ def _check_output(
 ) -> None:
     """``sdcore.io.output_problems`` for ``output`` (sdcore's rule for every written file), with the command's
     other ``problems`` and, for a LoRA output (``lora``), its suffix, all in one :class:`ConfigError` before any
-    model or file is read."""
+    model or file is read. A model output (not ``lora``) may be a diffusers folder; a LoRA output with no file name
+    (``-o ""``) is the suffix check's one problem, not also "``.`` is a folder"."""
     from sdcore.errors import ConfigError
     from sdcore.io import output_problems
 
     suffix = lora_suffix_problem(output) if lora else None
+    blank = lora and not Path(output).name.strip()
     found = [
         *(problems or []),
         *([suffix] if suffix else []),
-        *output_problems([Path(output)], inputs=inputs, overwrite=overwrite),
+        *(output_problems([Path(output)], inputs=inputs, overwrite=overwrite, folder_ok=not lora) if not blank else []),
     ]
     if found:
         raise ConfigError("; ".join(found), found)

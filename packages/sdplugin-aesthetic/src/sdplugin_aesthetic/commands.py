@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from sdcore.devices import DEVICE
 
 
 @click.group(name="aesthetic")
@@ -61,7 +62,9 @@ def _output_path(output: Path | None, name: str | None, models_dir: Path) -> Pat
     help="sdcore generate's --models-dir (with --name).",
 )
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per CLIP batch.")
-@click.option("--device", default=None, help="torch device for CLIP (default: cuda when available, else cpu).")
+@click.option(
+    "--device", type=DEVICE, default=None, help="torch device for CLIP (default: cuda when available, else cpu)."
+)
 @click.option(
     "--overwrite", is_flag=True, help="Replace the output if it already exists (else that is an error, found first)."
 )

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from click.core import ParameterSource
+from sdcore.devices import DEVICE, DEVICE_HELP
 from sdcore.errors import SdcoreError
 
 _MODES = ("skip", "overwrite", "append", "prepend")
@@ -328,7 +329,7 @@ def wd14_command(ctx: click.Context, directory: str, model_dir: str | None, **kw
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help=DEVICE_HELP)
 @_output_options
 def deepdanbooru_command(directory: str, model_path: str | None, **kw: Any) -> None:
     """Tag images with DeepDanbooru (resnet_custom_v3, torch) and write caption files."""
@@ -366,7 +367,7 @@ def deepdanbooru_command(directory: str, model_path: str | None, **kw: Any) -> N
 @click.option("--max-length", type=click.IntRange(min=1), default=32, show_default=True, help="BLIP tokens.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Text-embedding cache folder.")
 @click.option(
     "--mode", type=click.Choice(_MODES), default="skip", show_default=True, help="What to do when a caption exists."

@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from ..devices import DEVICE, DEVICE_HELP
 from ..hinted_command import HintedCommand, hint_key
 from ..hookspecs import hookimpl
 from .part_options import models_dir_given, models_dir_options, option_defaulted, part_kwargs, part_options
@@ -472,7 +473,7 @@ class _GenerateCommand(HintedCommand):
     metavar="KEY=VALUE",
     help="Extra option for network plugins (repeatable).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps ...")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help=DEVICE_HELP)
 @click.option(
     "--dtype",
     default="auto",

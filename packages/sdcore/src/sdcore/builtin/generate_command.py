@@ -48,9 +48,14 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     if not sep:
         width = height = text
     try:
-        return int(width), int(height)
+        size = int(width), int(height)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT (for example 512x768) or a single number") from None
+    from ..generate.hires import MAX_SIDE
+
+    if max(size) > MAX_SIDE:  # before the model loads (the multiple of the model's factor is checked with it)
+        raise click.BadParameter(f"{value!r}: sdcore makes image sides of at most {MAX_SIDE}")
+    return size
 
 
 def _parse_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -428,7 +433,10 @@ class _GenerateCommand(HintedCommand):
     "'Latent (bicubic antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, Nearest.",
 )
 @click.option(
-    "--hr-steps", default=None, type=click.IntRange(min=0), help="Hires steps (default 0: the first pass's --steps)."
+    "--hr-steps",
+    default=None,
+    type=click.IntRange(min=0, max=1000),
+    help="Hires steps (default 0: the first pass's --steps).",
 )
 @click.option("--hr-prompt", default=None, help="Hires pass prompt (default: PROMPT).")
 @click.option("--hr-negative", default=None, help="Hires pass negative prompt (default: --negative).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from sdcore.cli_types import FINITE_FLOAT
 from sdcore.devices import DEVICE
 
 
@@ -138,15 +139,19 @@ def register_generate_options() -> None:
         default=None,
         help="Folder of aesthetic embeddings (default: aesthetic_embeddings/ below --models-dir).",
     )
-    add_generate_option("--aesthetic-weight", type=float, default=0.9, show_default=True, help="Blend weight (0: off).")
+    add_generate_option(
+        "--aesthetic-weight", type=FINITE_FLOAT, default=0.9, show_default=True, help="Blend weight (0: off)."
+    )
     add_generate_option("--aesthetic-steps", type=int, default=5, show_default=True, help="Text-encoder tuning steps.")
-    add_generate_option("--aesthetic-lr", type=float, default=1e-4, show_default=True, help="Tuning learning rate.")
+    add_generate_option(
+        "--aesthetic-lr", type=FINITE_FLOAT, default=1e-4, show_default=True, help="Tuning learning rate."
+    )
     add_generate_option("--aesthetic-text", default=None, help="Text to slerp the aesthetic target toward.")
     add_generate_option(
         "--aesthetic-text-negative", is_flag=True, default=False, help="Move away from --aesthetic-text instead."
     )
     add_generate_option(
-        "--aesthetic-slerp-angle", type=float, default=0.1, show_default=True, help="Slerp toward the text."
+        "--aesthetic-slerp-angle", type=FINITE_FLOAT, default=0.1, show_default=True, help="Slerp toward the text."
     )
     add_generate_option("--aesthetic-slerp", is_flag=True, default=False, help="Blend by slerp instead of linearly.")
     add_generate_option(

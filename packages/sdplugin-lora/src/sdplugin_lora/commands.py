@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sdcore.cli_types import FINITE_FLOAT
 from sdcore.hinted_command import HintedCommand, hint_key
 
 
@@ -215,8 +216,20 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .safetensors.")
 @click.option("--rank", default=4, show_default=True, help="Rank of Linear/1x1 modules.")
 @click.option("--conv-rank", type=int, default=None, help="Also extract 3x3 convs at this rank (LoCon).")
-@click.option("--clamp-quantile", default=0.99, show_default=True, help="Clamp factors to this quantile (1 = off).")
-@click.option("--min-diff", default=0.01, show_default=True, help="Skip text encoders whose weights differ less.")
+@click.option(
+    "--clamp-quantile",
+    type=FINITE_FLOAT,
+    default=0.99,
+    show_default=True,
+    help="Clamp factors to this quantile (1 = off).",
+)
+@click.option(
+    "--min-diff",
+    type=FINITE_FLOAT,
+    default=0.01,
+    show_default=True,
+    help="Skip text encoders whose weights differ less.",
+)
 @click.option("--no-text-encoder", is_flag=True, help="Extract the UNet only.")
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
@@ -264,7 +277,7 @@ def extract_command(
     help="Choose each module's rank from its singular values.",
 )
 @click.option(
-    "--dynamic-param", type=float, default=None, help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept."
+    "--dynamic-param", type=FINITE_FLOAT, default=None, help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept."
 )
 @click.option(
     "--base-model",
@@ -317,6 +330,7 @@ def resize_command(
 @click.option("--conv-rank", type=int, default=None, help="Conv rank for --mode svd.")
 @click.option(
     "--clamp-quantile",
+    type=FINITE_FLOAT,
     default=0.99,
     show_default=True,
     help="--mode svd: clamp the factors to this quantile, as kohya's svd_merge_lora.py (1 = off).",

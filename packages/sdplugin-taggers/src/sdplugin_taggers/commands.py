@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from click.core import ParameterSource
+from sdcore.cli_types import FiniteFloatRange
 from sdcore.devices import DEVICE, DEVICE_HELP
 from sdcore.errors import SdcoreError
 
@@ -180,7 +181,7 @@ def _kohya_options(func: Callable[..., Any]) -> Callable[..., Any]:
     text: dict[str, Any] = {"default": None, "hidden": True}
     flag: dict[str, Any] = {"is_flag": True, "hidden": True}
     options = [
-        click.option("--thresh", type=click.FloatRange(0, 1), **text),
+        click.option("--thresh", type=FiniteFloatRange(0, 1), **text),
         click.option("--caption-extension", "--caption-extention", "caption_extension", **text),
         click.option("--undesired-tags", **text),
         click.option("--always-first-tags", **text),
@@ -272,8 +273,8 @@ def _kohya_model_dir(model_dir: str | None, repo_id: str | None) -> str | None:
     default=None,
     help="WD model folder (model.onnx + selected_tags.csv), v2 or v3 (docs/offline-models.md).",
 )
-@click.option("--general-threshold", type=click.FloatRange(0, 1), default=0.35, show_default=True)
-@click.option("--character-threshold", type=click.FloatRange(0, 1), default=0.85, show_default=True)
+@click.option("--general-threshold", type=FiniteFloatRange(0, 1), default=0.35, show_default=True)
+@click.option("--character-threshold", type=FiniteFloatRange(0, 1), default=0.85, show_default=True)
 @click.option("--mcut", is_flag=True, help="Adaptive MCut thresholds per category instead of fixed ones.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 1 on CPU, 16 on GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads (0: decode inline).")
@@ -326,7 +327,7 @@ def wd14_command(ctx: click.Context, directory: str, model_dir: str | None, **kw
     type=click.Path(dir_okay=False),
     help="TorchDeepDanbooru model-resnet_custom_v3.pt (state dict with a 'tags' list; docs/offline-models.md).",
 )
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--threshold", type=FiniteFloatRange(0, 1), default=0.5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help=DEVICE_HELP)

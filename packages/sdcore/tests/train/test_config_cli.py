@@ -67,6 +67,25 @@ def test_float_options_refuse_nan_and_inf_on_the_command_line_and_in_configs(tmp
         load_options(ConvOutOptions, cfg)
 
 
+def test_save_config_never_replaces_the_config_it_reads(tmp_path, tiny_data):
+    """``--config kohya.toml --save-config kohya.toml`` replaced kohya's file with sdcore's names in silence."""
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text(f'pretrained_model_name_or_path = "tiny:sd1"\ntrain_data_dir = "{tiny_data}"\n', encoding="utf-8")
+    before = kohya.read_bytes()
+    for spelled in (kohya, tmp_path / "sub" / ".." / "kohya.toml"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        args = ["--config", str(kohya), "--output", str(tmp_path / "o"), "--save-config", str(spelled), "--dry-run"]
+        result = CliRunner().invoke(_command(), args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"--save-config {spelled} is the input {kohya}: the result cannot replace a file it is made from" in (
+            result.output
+        )
+        assert kohya.read_bytes() == before
+    saved = tmp_path / "sdcore.toml"
+    args = ["--config", str(kohya), "--output", str(tmp_path / "o"), "--save-config", str(saved), "--dry-run"]
+    assert CliRunner().invoke(_command(), args).exit_code == 0 and saved.is_file()
+
+
 def test_dump_load_roundtrip(tmp_path):
     o = ConvOutOptions(
         model="tiny:sd1",

@@ -57,3 +57,26 @@ def test_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path):
     result = _run("merge", f"{other}:half", "-o", other)
     assert "the ratio 'half' is not a number" in _refused(result) and "is the input" in _refused(result)
     assert result.exception.problems[-1].startswith(f"-o {other} is the input {other}")
+
+
+def test_an_output_with_no_file_name_or_a_folder_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    """``-o ""`` (an unset shell variable) was a traceback (``PosixPath('.') has an empty name``); a folder as
+    the output (merge's -o takes one) was told to pass --overwrite, which can not put a file there."""
+    source = _lora(tmp_path)
+    folder = tmp_path / "results.safetensors"  # a folder under the very name
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for output in ("", " "):
+        for args in (
+            ("resize", source, "-o", output, "--rank", "2"),
+            ("merge", source, "-o", output),
+            ("convert", source, "-o", output, "--to", "comfyui"),
+            ("extract", "tiny:sd1", tmp_path / "no-such-model", "-o", output),
+        ):
+            result = _run(*args)
+            assert (
+                _refused(result)
+                == f"-o {output!r}: no file name; give the LoRA file to write, e.g. -o my_lora.safetensors"
+            ), args
+    message = _refused(_run("merge", source, "-o", folder, "--overwrite"))
+    assert message == f"-o {str(folder)!r} is a folder: name the file to write (a path inside it)"

@@ -28,6 +28,15 @@ def test_an_output_file_whose_stem_is_not_the_name_says_which_word_the_prompt_ta
     assert _notes(tmp_path, output=str(tmp_path / "out")) == []  # a folder: <name>.pt
 
 
+def test_a_name_that_is_a_path_is_one_problem_not_a_traceback(tmp_path):
+    """``--name out/mychar`` (a path) ended the pre-flight in pathlib's ``ValueError: Invalid name`` from the
+    note above; validate's problem, naming the letters a name may use, is what is said."""
+    for name in ("out/mychar", str(tmp_path / "with space" / "x.txt")):
+        options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, "name": name, "output": str(tmp_path / "out")})
+        report = run_preflight(TIMethod(options), options, plan=False)
+        assert report.problems == [f"--name {name!r}: use letters, digits, '.', '_', '-' and spaces only"]
+
+
 def test_a_resume_with_another_template_or_schedule_warns(tmp_path, capsys):
     """TI's template and A1111 rate schedule change the prompts and the rates: a ``--resume`` that changed them
     continued without a word, where one changing the runtime's own --lr or --lr-scheduler warns."""

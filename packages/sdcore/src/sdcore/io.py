@@ -149,12 +149,19 @@ def same_place(a: Path, b: str) -> bool:
 
 
 def output_problems(
-    outputs: Sequence[Path], *, inputs: Sequence[str] = (), overwrite: bool, option: str = "-o"
+    outputs: Sequence[Path],
+    *,
+    inputs: Sequence[str] = (),
+    overwrite: bool,
+    option: str = "-o",
+    folder_ok: bool = False,
 ) -> list[str]:
     """The rule of every command that writes a file, checked before any work: an output that is one of the
     ``inputs`` is always refused (it would be replaced while it is still needed, and the original lost), an
-    existing output is refused unless ``--overwrite``. One line per problem (empty when all is well); ``option``
-    is how the command names its output (``-o``, or an argument such as ``DST``)."""
+    existing output is refused unless ``--overwrite``. An existing folder is refused too unless ``folder_ok`` (a
+    diffusers model is written as one): ``--overwrite`` can not put a file there, so that advice would be wrong
+    (``-o ""`` is the current folder). One line per problem (empty when all is well); ``option`` is how the
+    command names its output (``-o``, or an argument such as ``DST``)."""
     problems, refused = [], set()
     for out in outputs:
         same = [source for source in inputs if same_place(out, source)]
@@ -164,6 +171,9 @@ def output_problems(
                 f"{option} {out} is the input {same[0]}: the result cannot replace a file it is made from; "
                 f"choose another {option}"
             )
+        elif not folder_ok and out.is_dir():
+            refused.add(out)
+            problems.append(f"{option} {str(out)!r} is a folder: name the file to write (a path inside it)")
     existing = [str(out) for out in outputs if out not in refused and out.exists()]
     if existing and not overwrite:  # an earlier file is never replaced in silence
         verb, it = ("exists", "it") if len(existing) == 1 else ("exist", "them")

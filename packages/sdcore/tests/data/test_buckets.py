@@ -271,3 +271,23 @@ def test_no_upscale_matches_kohya(size):
 def test_random_sizes_match_kohya(size):
     a = assign_bucket(size, BUCKETS_512, resolution=512)
     assert (a.bucket, a.resized) == _kohya_select(size, BUCKETS_512)
+
+
+def test_a_huge_max_side_gives_the_buckets_of_the_largest_side_that_has_any():
+    """``--max-bucket-reso 1000000000000`` (a typo) walked 10^10 widths: ``sdcore data check`` and the training
+    pre-flight hung. A width whose height within the area is below ``min_reso`` adds nothing; the walk stops there."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("make_buckets walked every width up to max_reso")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        assert make_buckets(512, max_reso=10**12) == make_buckets(512, max_reso=1024)
+        assert make_buckets((768, 512), min_reso=64, max_reso=10**12, step=8) == make_buckets(
+            (768, 512), min_reso=64, max_reso=768 * 512 // 64, step=8
+        )
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -361,3 +361,31 @@ def test_cli_writes_and_reads_hires_cfg_only_when_it_differs(tmp_path):
     assert fields.index("Hires CFG Scale: 5") < fields.index("Hires upscale: 1") < fields.index("Hires upscaler")
     assert parse_parameters(texts[0]).hires_fix() == HiresFix(scale=1.0, cfg=5.0)
     assert "Hires CFG Scale" not in texts[1] and parse_parameters(texts[1]).hires_fix() == HiresFix(scale=1.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "1000000000000"], "'1000000000000': sdcore makes image sides of at most 16384"),
+        (["--size", "64x20000"], "'64x20000': sdcore makes image sides of at most 16384"),
+        (["--hr-resize-x", "1000000000000"], "--hr-resize-x/-y must be at most 16384, got 1000000000000x0"),
+        (["--hr-steps", "1000000000000"], "1000000000000 is not in the range 0<=x<=1000"),
+    ],
+)
+def test_a_huge_size_or_hires_size_is_refused_before_the_model_loads(tmp_path, monkeypatch, args, message):
+    """A typo's 10^12 overflowed torch's size computation (``Storage size calculation overflowed``) or asked
+    numpy for 10 TiB of sigmas, both as tracebacks after the model had loaded."""
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    result = _invoke(["a cat", "-m", "tiny:sd1", "--steps", "1", *args, "-o", str(tmp_path / "x.png")])
+    assert result.exit_code != 0  # click's usage error, or the pre-flight's (exit 2 under the root command)
+    assert message in result.output or message in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hires_scale_past_the_largest_side_is_one_line(sd1, tmp_path):
+    """``--hr-scale`` multiplies the model's size, known once it loads: still one line, before the first pass."""
+    with pytest.raises(ConfigError, match=r"makes a 64000000000000x64000000000000 image; .* at most 16384"):
+        generate_images(sd1, ["x"], steps=1, width=64, height=64, hires=HiresFix(scale=1e12))
+    result = _invoke(["a cat", "-m", "tiny:sd1", "--steps", "1", "--hr-scale", "1e12", "-o", str(tmp_path / "x.png")])
+    assert isinstance(result.exception, ConfigError)  # the root command's one line
+    assert "at most 16384: lower --hr-scale or --hr-resize-x/-y" in str(result.exception)

@@ -52,6 +52,40 @@ def test_wrong_types_and_choices(tmp_path):
         load_options(ConvOutOptions, cfg)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_float_options_refuse_nan_and_inf_on_the_command_line_and_in_configs(tmp_path, value):
+    """nan passed every `lr <= 0` style check (a run training on lr=nan, "done", with a NaN file)."""
+    float_flags = ["--lr", "--noise-offset", "--min-snr-gamma", "--max-grad-norm", "--prior-loss-weight"]
+    args = ["--model", "tiny:sd1", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--dry-run"]
+    result = CliRunner().invoke(_command(), [*args, *(x for flag in float_flags for x in (flag, value))])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    for flag in float_flags:  # every one at once, before anything loads
+        assert f"{flag[2:].replace('-', '_')} must be a finite number, got {value}" in result.output
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"lr = {value}\nhuber_c = {value}\n", encoding="utf-8")  # TOML has nan and inf literals
+    with pytest.raises(ConfigError, match=f"lr must be a finite number, got {value}; huber_c must be"):
+        load_options(ConvOutOptions, cfg)
+
+
+def test_save_config_never_replaces_the_config_it_reads(tmp_path, tiny_data):
+    """``--config kohya.toml --save-config kohya.toml`` replaced kohya's file with sdcore's names in silence."""
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text(f'pretrained_model_name_or_path = "tiny:sd1"\ntrain_data_dir = "{tiny_data}"\n', encoding="utf-8")
+    before = kohya.read_bytes()
+    for spelled in (kohya, tmp_path / "sub" / ".." / "kohya.toml"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        args = ["--config", str(kohya), "--output", str(tmp_path / "o"), "--save-config", str(spelled), "--dry-run"]
+        result = CliRunner().invoke(_command(), args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"--save-config {spelled} is the input {kohya}: the result cannot replace a file it is made from" in (
+            result.output
+        )
+        assert kohya.read_bytes() == before
+    saved = tmp_path / "sdcore.toml"
+    args = ["--config", str(kohya), "--output", str(tmp_path / "o"), "--save-config", str(saved), "--dry-run"]
+    assert CliRunner().invoke(_command(), args).exit_code == 0 and saved.is_file()
+
+
 def test_dump_load_roundtrip(tmp_path):
     o = ConvOutOptions(
         model="tiny:sd1",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from sdcore.cli_types import FINITE_FLOAT
+from sdcore.devices import DEVICE
 
 
 @click.group(name="aesthetic")
@@ -61,7 +63,9 @@ def _output_path(output: Path | None, name: str | None, models_dir: Path) -> Pat
     help="sdcore generate's --models-dir (with --name).",
 )
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per CLIP batch.")
-@click.option("--device", default=None, help="torch device for CLIP (default: cuda when available, else cpu).")
+@click.option(
+    "--device", type=DEVICE, default=None, help="torch device for CLIP (default: cuda when available, else cpu)."
+)
 @click.option(
     "--overwrite", is_flag=True, help="Replace the output if it already exists (else that is an error, found first)."
 )
@@ -135,15 +139,19 @@ def register_generate_options() -> None:
         default=None,
         help="Folder of aesthetic embeddings (default: aesthetic_embeddings/ below --models-dir).",
     )
-    add_generate_option("--aesthetic-weight", type=float, default=0.9, show_default=True, help="Blend weight (0: off).")
+    add_generate_option(
+        "--aesthetic-weight", type=FINITE_FLOAT, default=0.9, show_default=True, help="Blend weight (0: off)."
+    )
     add_generate_option("--aesthetic-steps", type=int, default=5, show_default=True, help="Text-encoder tuning steps.")
-    add_generate_option("--aesthetic-lr", type=float, default=1e-4, show_default=True, help="Tuning learning rate.")
+    add_generate_option(
+        "--aesthetic-lr", type=FINITE_FLOAT, default=1e-4, show_default=True, help="Tuning learning rate."
+    )
     add_generate_option("--aesthetic-text", default=None, help="Text to slerp the aesthetic target toward.")
     add_generate_option(
         "--aesthetic-text-negative", is_flag=True, default=False, help="Move away from --aesthetic-text instead."
     )
     add_generate_option(
-        "--aesthetic-slerp-angle", type=float, default=0.1, show_default=True, help="Slerp toward the text."
+        "--aesthetic-slerp-angle", type=FINITE_FLOAT, default=0.1, show_default=True, help="Slerp toward the text."
     )
     add_generate_option("--aesthetic-slerp", is_flag=True, default=False, help="Blend by slerp instead of linearly.")
     add_generate_option(

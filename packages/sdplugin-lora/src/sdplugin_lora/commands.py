@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sdcore.cli_types import FINITE_FLOAT
 from sdcore.hinted_command import HintedCommand, hint_key
 
 
@@ -51,6 +52,8 @@ def lora_suffix_problem(output: str, option: str = "-o") -> str | None:
     from sdcore.models.source import PICKLE_SUFFIXES
 
     path = Path(output)
+    if not path.name.strip():  # -o "" or "  " (an unset shell variable): nothing to suggest a suffix for
+        return f"-o {output!r}: no file name; give the LoRA file to write, e.g. -o my_lora.safetensors"
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return None
@@ -71,15 +74,17 @@ def _check_output(
 ) -> None:
     """``sdcore.io.output_problems`` for ``output`` (sdcore's rule for every written file), with the command's
     other ``problems`` and, for a LoRA output (``lora``), its suffix, all in one :class:`ConfigError` before any
-    model or file is read."""
+    model or file is read. A model output (not ``lora``) may be a diffusers folder; a LoRA output with no file name
+    (``-o ""``) is the suffix check's one problem, not also "``.`` is a folder"."""
     from sdcore.errors import ConfigError
     from sdcore.io import output_problems
 
     suffix = lora_suffix_problem(output) if lora else None
+    blank = lora and not Path(output).name.strip()
     found = [
         *(problems or []),
         *([suffix] if suffix else []),
-        *output_problems([Path(output)], inputs=inputs, overwrite=overwrite),
+        *(output_problems([Path(output)], inputs=inputs, overwrite=overwrite, folder_ok=not lora) if not blank else []),
     ]
     if found:
         raise ConfigError("; ".join(found), found)
@@ -210,8 +215,20 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .safetensors.")
 @click.option("--rank", default=4, show_default=True, help="Rank of Linear/1x1 modules.")
 @click.option("--conv-rank", type=int, default=None, help="Also extract 3x3 convs at this rank (LoCon).")
-@click.option("--clamp-quantile", default=0.99, show_default=True, help="Clamp factors to this quantile (1 = off).")
-@click.option("--min-diff", default=0.01, show_default=True, help="Skip text encoders whose weights differ less.")
+@click.option(
+    "--clamp-quantile",
+    type=FINITE_FLOAT,
+    default=0.99,
+    show_default=True,
+    help="Clamp factors to this quantile (1 = off).",
+)
+@click.option(
+    "--min-diff",
+    type=FINITE_FLOAT,
+    default=0.01,
+    show_default=True,
+    help="Skip text encoders whose weights differ less.",
+)
 @click.option("--no-text-encoder", is_flag=True, help="Extract the UNet only.")
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
@@ -263,7 +280,7 @@ def extract_command(
     help="Choose each module's rank from its singular values.",
 )
 @click.option(
-    "--dynamic-param", type=float, default=None, help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept."
+    "--dynamic-param", type=FINITE_FLOAT, default=None, help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept."
 )
 @click.option(
     "--base-model",
@@ -318,6 +335,7 @@ def resize_command(
 @click.option("--conv-rank", type=int, default=None, help="3x3 conv rank for --mode svd (default: --rank).")
 @click.option(
     "--clamp-quantile",
+    type=FINITE_FLOAT,
     default=0.99,
     show_default=True,
     help="--mode svd: clamp the factors to this quantile, as kohya's svd_merge_lora.py (1 = off).",

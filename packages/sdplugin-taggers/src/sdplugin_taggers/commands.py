@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 from click.core import ParameterSource
+from sdcore.cli_types import FiniteFloatRange
+from sdcore.devices import DEVICE, DEVICE_HELP
 from sdcore.errors import SdcoreError
 
 _MODES = ("skip", "overwrite", "append", "prepend")
@@ -179,7 +181,7 @@ def _kohya_options(func: Callable[..., Any]) -> Callable[..., Any]:
     text: dict[str, Any] = {"default": None, "hidden": True}
     flag: dict[str, Any] = {"is_flag": True, "hidden": True}
     options = [
-        click.option("--thresh", type=click.FloatRange(0, 1), **text),
+        click.option("--thresh", type=FiniteFloatRange(0, 1), **text),
         click.option("--caption-extension", "--caption-extention", "caption_extension", **text),
         click.option("--undesired-tags", **text),
         click.option("--always-first-tags", **text),
@@ -271,8 +273,8 @@ def _kohya_model_dir(model_dir: str | None, repo_id: str | None) -> str | None:
     default=None,
     help="WD model folder (model.onnx + selected_tags.csv), v2 or v3 (docs/offline-models.md).",
 )
-@click.option("--general-threshold", type=click.FloatRange(0, 1), default=0.35, show_default=True)
-@click.option("--character-threshold", type=click.FloatRange(0, 1), default=0.85, show_default=True)
+@click.option("--general-threshold", type=FiniteFloatRange(0, 1), default=0.35, show_default=True)
+@click.option("--character-threshold", type=FiniteFloatRange(0, 1), default=0.85, show_default=True)
 @click.option("--mcut", is_flag=True, help="Adaptive MCut thresholds per category instead of fixed ones.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 1 on CPU, 16 on GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads (0: decode inline).")
@@ -325,10 +327,10 @@ def wd14_command(ctx: click.Context, directory: str, model_dir: str | None, **kw
     type=click.Path(dir_okay=False),
     help="TorchDeepDanbooru model-resnet_custom_v3.pt (state dict with a 'tags' list; docs/offline-models.md).",
 )
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--threshold", type=FiniteFloatRange(0, 1), default=0.5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help=DEVICE_HELP)
 @_output_options
 def deepdanbooru_command(directory: str, model_path: str | None, **kw: Any) -> None:
     """Tag images with DeepDanbooru (resnet_custom_v3, torch) and write caption files."""
@@ -366,7 +368,7 @@ def deepdanbooru_command(directory: str, model_path: str | None, **kw: Any) -> N
 @click.option("--max-length", type=click.IntRange(min=1), default=32, show_default=True, help="BLIP tokens.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Text-embedding cache folder.")
 @click.option(
     "--mode", type=click.Choice(_MODES), default="skip", show_default=True, help="What to do when a caption exists."

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 import click
+from sdcore.cli_types import FiniteFloatRange
 from sdcore.errors import SdcoreError
 
 
@@ -23,7 +24,7 @@ def tag_tools_group() -> None:
     help="ONNX watermark classifier (LAION-style: logits, class 0 = watermark); without one, says where to get "
     "LAION's (docs/offline-models.md).",
 )
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--threshold", type=FiniteFloatRange(0, 1), default=0.5, show_default=True)
 @click.option("--size", type=click.IntRange(min=1), default=None, help="Input size (default: from the model, or 256).")
 @click.option("--watermark-index", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--no-softmax", is_flag=True, help="The model already outputs probabilities.")

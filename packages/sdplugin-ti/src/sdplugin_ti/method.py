@@ -280,7 +280,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
                 f"({parts}) are not trained here (sdcore trains input vectors; continue an output embedding in "
                 "OneTrainer)"
             )
-        if not o.output:
+        if not o.output or file_stem_problem(o.name) is not None:  # a --name that is no file name: validate's problem
             return notes
         files = self.final_files()
         if len(self.trained_embeddings()) == 1 and files[0].stem.lower() != o.name.strip().lower():

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from ..cli_types import FINITE_FLOAT, FiniteFloatRange
 from ..data.captions import FILENAME_CAPTION_RULES
 from ..hinted_command import HintedCommand
 from ..hookspecs import hookimpl
@@ -287,7 +288,7 @@ def check_command(
 )
 @click.option(
     "--color-threshold",
-    type=click.FloatRange(0, 5),
+    type=FiniteFloatRange(0, 5),
     default=0.22,
     show_default=True,
     help="Largest colour difference between matching places of 32x32 thumbnails, relative to the contrast.",
@@ -371,17 +372,23 @@ def dedupe_command(
 @click.option("--split", is_flag=True, help="Cut images too long for the target aspect into overlapping tiles.")
 @click.option(
     "--split-threshold",
-    type=float,
+    type=FINITE_FLOAT,
     default=0.5,
     show_default=True,
     help="Split when one target-shaped tile covers at most this share of the long side.",
 )
 @click.option(
-    "--overlap-ratio", type=float, default=0.2, show_default=True, help="Least overlap of split tiles (0 to 0.9)."
+    "--overlap-ratio",
+    type=FINITE_FLOAT,
+    default=0.2,
+    show_default=True,
+    help="Least overlap of split tiles (0 to 0.9).",
 )
 @click.option("--focal-crop", is_flag=True, help="Crop non-square images around their detail (edges, entropy).")
-@click.option("--focal-entropy-weight", type=float, default=0.15, show_default=True, help="Weight of entropy (0-1).")
-@click.option("--focal-edges-weight", type=float, default=0.5, show_default=True, help="Weight of edges (0-1).")
+@click.option(
+    "--focal-entropy-weight", type=FINITE_FLOAT, default=0.15, show_default=True, help="Weight of entropy (0-1)."
+)
+@click.option("--focal-edges-weight", type=FINITE_FLOAT, default=0.5, show_default=True, help="Weight of edges (0-1).")
 @click.option("--auto-size", is_flag=True, help="Centre-crop to the best size (multiples of 64) within the bounds.")
 @click.option("--auto-size-min-dim", type=int, default=384, show_default=True, help="Smallest side.")
 @click.option("--auto-size-max-dim", type=int, default=768, show_default=True, help="Largest side.")
@@ -394,7 +401,9 @@ def dedupe_command(
     show_default=True,
     help="Prefer the largest area ('Maximize area') or the closest aspect ('Minimize error').",
 )
-@click.option("--auto-size-threshold", type=float, default=0.1, show_default=True, help="Largest aspect error (0-1).")
+@click.option(
+    "--auto-size-threshold", type=FINITE_FLOAT, default=0.1, show_default=True, help="Largest aspect error (0-1)."
+)
 @click.option("--keep-original-size", is_flag=True, help="Also write the image unchanged (no resize).")
 @click.option(
     "--captions",

@@ -24,6 +24,8 @@ from typing import Any
 
 import click
 
+from ..cli_types import FINITE_FLOAT, FiniteFloatRange
+from ..devices import DEVICE, DEVICE_HELP
 from ..hinted_command import HintedCommand, hint_key
 from ..hookspecs import hookimpl
 from .part_options import models_dir_given, models_dir_options, option_defaulted, part_kwargs, part_options
@@ -47,9 +49,14 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     if not sep:
         width = height = text
     try:
-        return int(width), int(height)
+        size = int(width), int(height)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT (for example 512x768) or a single number") from None
+    from ..generate.hires import MAX_SIDE
+
+    if max(size) > MAX_SIDE:  # before the model loads (the multiple of the model's factor is checked with it)
+        raise click.BadParameter(f"{value!r}: sdcore makes image sides of at most {MAX_SIDE}")
+    return size
 
 
 def _parse_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -214,7 +221,7 @@ class _GenerateCommand(HintedCommand):
 @click.option(
     "--cfg",
     default=None,
-    type=float,
+    type=FINITE_FLOAT,
     help="Classifier-free guidance scale (default 7, Chroma 5; FLUX.1: its embedded guidance, default 3.5, FLUX.1 "
     "Fill and Canny 30, Depth 10).",
 )
@@ -222,7 +229,7 @@ class _GenerateCommand(HintedCommand):
     "--true-cfg-scale",
     default=1.0,
     show_default=True,
-    type=click.FloatRange(min=1.0),
+    type=FiniteFloatRange(min=1.0),
     help="Flux.1: true CFG (two passes a step), needed for --negative; --cfg is then the distilled guidance.",
 )
 @click.option(
@@ -236,21 +243,21 @@ class _GenerateCommand(HintedCommand):
     "--slg-scale",
     default=2.8,
     show_default=True,
-    type=float,
+    type=FINITE_FLOAT,
     help="Skip Layer Guidance scale (diffusers' default).",
 )
 @click.option(
     "--slg-start",
     default=0.01,
     show_default=True,
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     help="Skip Layer Guidance from this fraction of the steps (steps i with steps*start < i < steps*end).",
 )
 @click.option(
     "--slg-end",
     default=0.2,
     show_default=True,
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     help="Skip Layer Guidance up to this fraction of the steps.",
 )
 @click.option(
@@ -273,7 +280,7 @@ class _GenerateCommand(HintedCommand):
     "--subseed-strength",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     help="A1111's variation strength: 0 the seed's noise, 1 the variation seed's (slerp between them).",
 )
 @click.option(
@@ -372,7 +379,7 @@ class _GenerateCommand(HintedCommand):
     "--inpainting-mask-weight",
     default=1.0,
     show_default=True,
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     help="A1111's Inpainting conditioning mask strength (inpainting models: 1 hides the masked area from them).",
 )
 @click.option(
@@ -397,7 +404,7 @@ class _GenerateCommand(HintedCommand):
     "--denoising-strength",
     "strength",
     default=None,
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     help="Denoising strength: of img2img and inpainting (default 0.75, FLUX.1 Fill 1; 0 runs A1111's one step at the "
     "lowest noise) and of the hires pass (default 0.7; 0 only upscales).",
 )
@@ -407,7 +414,7 @@ class _GenerateCommand(HintedCommand):
     help="A1111's Hires. fix: txt2img at --size, upscale, img2img at the large size (also on SD3/Flux/Chroma, as Forge). "
     "Off by default; any --hr-* option turns it on too; --no-hires drops a --from-png image's.",
 )
-@click.option("--hr-scale", default=None, type=click.FloatRange(min=1.0), help="Hires: upscale by (default 2).")
+@click.option("--hr-scale", default=None, type=FiniteFloatRange(min=1.0), help="Hires: upscale by (default 2).")
 @click.option(
     "--hr-resize-x",
     default=None,
@@ -427,7 +434,10 @@ class _GenerateCommand(HintedCommand):
     "'Latent (bicubic antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, Nearest.",
 )
 @click.option(
-    "--hr-steps", default=None, type=click.IntRange(min=0), help="Hires steps (default 0: the first pass's --steps)."
+    "--hr-steps",
+    default=None,
+    type=click.IntRange(min=0, max=1000),
+    help="Hires steps (default 0: the first pass's --steps).",
 )
 @click.option("--hr-prompt", default=None, help="Hires pass prompt (default: PROMPT).")
 @click.option("--hr-negative", default=None, help="Hires pass negative prompt (default: --negative).")
@@ -435,13 +445,13 @@ class _GenerateCommand(HintedCommand):
 @click.option(
     "--hr-cfg",
     default=None,
-    type=float,
+    type=FINITE_FLOAT,
     help="Forge's Hires CFG Scale: the hires pass's CFG (FLUX.1: its true CFG) (default: the first pass's).",
 )
 @click.option(
     "--hr-distilled-cfg",
     default=None,
-    type=float,
+    type=FINITE_FLOAT,
     help="Forge's Hires Distilled CFG Scale (FLUX.1): the hires pass's embedded guidance (default: --cfg).",
 )
 @click.option("--clip-skip", default=1, show_default=True, type=click.IntRange(1, 12), help="1 = last CLIP layer.")
@@ -472,7 +482,7 @@ class _GenerateCommand(HintedCommand):
     metavar="KEY=VALUE",
     help="Extra option for network plugins (repeatable).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps ...")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help=DEVICE_HELP)
 @click.option(
     "--dtype",
     default="auto",

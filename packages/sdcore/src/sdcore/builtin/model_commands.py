@@ -159,7 +159,7 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
     src, given = resolve_command_sources(src, params)
     # an earlier model at DST is replaced (a later convert of the same model), but never SRC or a part it reads
     sources = [src, *(str(value) for value in given.values() if isinstance(value, (str, Path)))]
-    found = output_problems([Path(dst)], inputs=sources, overwrite=True, option="DST")
+    found = output_problems([Path(dst)], inputs=sources, overwrite=True, option="DST", folder_ok=True)
     if save_format(dst, to) == "diffusers":  # the whole folder is replaced: said before the model is read
         found += diffusers_target_problems(Path(dst), sources, "DST")
     if found:

@@ -173,7 +173,9 @@ def make_buckets(
     max_area = resolution_area(resolution)
     side = math.isqrt(max_area) // step * step
     buckets = {(side, side)}
-    for width in range(min_reso, max_reso + 1, step):
+    # a width past area // min_reso has no height of min_reso left: stopping there is the same buckets, and a
+    # --max-bucket-reso of 1000000000000 (a typo) no longer walks 10^10 widths while the pre-flight hangs
+    for width in range(min_reso, min(max_reso, max_area // min_reso) + 1, step):
         height = min(max_reso, max_area // width // step * step)
         if height >= min_reso:
             buckets.add((width, height))

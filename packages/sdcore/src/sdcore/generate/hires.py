@@ -80,6 +80,9 @@ IMAGE_UPSCALERS: dict[str, str] = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 DEFAULT_SCALE = 2.0
 DEFAULT_DENOISING_STRENGTH = 0.7
 DEFAULT_UPSCALER = "Latent"
+#: the largest image side ``sdcore generate`` makes (first pass and hires): a WebP holds 16383, and a typo's
+#: ``--size 1000000000000`` or ``--hr-scale 1e12`` overflowed torch's size computation in a traceback
+MAX_SIDE = 16384
 
 
 def upscaler_name(name: str) -> str:
@@ -126,6 +129,8 @@ class HiresFix:
             found.append(f"--hr-scale must be a positive number, got {self.scale}")
         if self.resize_x < 0 or self.resize_y < 0:
             found.append(f"--hr-resize-x/-y must be 0 or more, got {self.resize_x}x{self.resize_y}")
+        if max(self.resize_x, self.resize_y) > MAX_SIDE:
+            found.append(f"--hr-resize-x/-y must be at most {MAX_SIDE}, got {self.resize_x}x{self.resize_y}")
         if self.steps < 0:
             found.append(f"--hr-steps must be 0 (the first pass's) or more, got {self.steps}")
         if not 0.0 <= self.denoising_strength <= 1.0:

@@ -231,8 +231,10 @@ def init_image_size(bundle: ModelBundle, init_image: Any) -> tuple[int, int]:
 
 
 def _check_size(value: int, what: str, factor: int) -> int:
-    if value <= 0 or value % factor:
-        raise ConfigError(f"{what} {value} must be a positive multiple of {factor}")
+    from .hires import MAX_SIDE
+
+    if value <= 0 or value % factor or value > MAX_SIDE:
+        raise ConfigError(f"{what} {value} must be a positive multiple of {factor}, at most {MAX_SIDE}")
     return value
 
 
@@ -545,10 +547,15 @@ def generate_images(
             hr_pipe = _family_run(family_generate, hr_sampler, hr_true_cfg, skip_layer_guidance, text_encoding)
             first_scheduler = FLOW_SAMPLERS[flow_sampler_id(sampler, bundle.family)]  # its order counts steps
     if hires is not None:  # an empty latent fails in torch after the first pass: say it first
-        from .hires import FLOW_PATCH
+        from .hires import FLOW_PATCH, MAX_SIDE
 
         unit = factor * (1 if family_generate is None else FLOW_PATCH)
         final_x, final_y = hires.final_size(width, height, unit)
+        if max(final_x, final_y) > MAX_SIDE:
+            raise ConfigError(
+                f"the hires fix of a {width}x{height} image makes a {final_x}x{final_y} image; sdcore makes sides "
+                f"of at most {MAX_SIDE}: lower --hr-scale or --hr-resize-x/-y"
+            )
         if final_x <= 0 or final_y <= 0:
             how = (
                 f"by {hires.scale} (--hr-scale)"

@@ -291,7 +291,14 @@ def build_train_command(spec: Any) -> click.Command:
             method = method_class(options)
             pm = getattr(ctx.find_root().obj, "pm", None)
             if save_config:
-                problems = option_problems(options, method)
+                from pathlib import Path
+
+                from ..io import output_problems
+
+                # kohya's TOML (or any other trainer's file) given as --config is kept: it is the input
+                problems = option_problems(options, method) + output_problems(
+                    [Path(save_config)], inputs=[config] if config else [], overwrite=True, option="--save-config"
+                )
                 if problems:
                     raise PreflightError(problems)
                 dump_options(options, save_config)

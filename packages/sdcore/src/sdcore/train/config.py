@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import types
 import typing
@@ -85,7 +86,10 @@ def coerce(value: Any, tp: Any, *, name: str, where: str) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan slips past every `< 0` check; inf is no rate, weight or size
+                raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+            return number
         if base is str:
             if isinstance(value, (dict, list)):
                 raise ValueError

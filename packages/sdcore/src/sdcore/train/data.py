@@ -148,6 +148,16 @@ class TrainData:
         last group possibly short (kohya's ``ceil(len(train_dataloader) / accumulation)``)."""
         return math.ceil(len(self.epoch_plan(epoch)) / max(1, gradient_accumulation))
 
+    def steps_in_epochs(self, epochs: int, gradient_accumulation: int, limit: int | None = None) -> int:
+        """Optimizer steps of the first ``epochs`` epochs, each planned; counting stops once ``limit`` is reached
+        (the run's steps): ``--epochs 1000000000000 --max-steps 10`` planned every epoch, and the pre-flight hung."""
+        steps = 0
+        for epoch in range(epochs):
+            steps += self.steps_in_epoch(epoch, gradient_accumulation)
+            if limit is not None and steps >= limit:
+                break
+        return steps
+
     def flip_of(self, ref: SampleRef) -> bool:
         """Whether this use of the image is mirrored (never for evaluation refs, epoch < 0)."""
         if ref.epoch < 0 or not self.entries[ref.entry].subset.flip:
@@ -733,7 +743,7 @@ def total_steps_for(options: TrainOptions, data: TrainData) -> tuple[int, int | 
         epochs = 1
     if epochs is None:
         return int(options.max_steps or 0), None
-    steps = sum(data.steps_in_epoch(e, accum) for e in range(epochs))
+    steps = data.steps_in_epochs(epochs, accum, limit=options.max_steps)
     if options.max_steps is not None:
         steps = min(steps, options.max_steps)
     return steps, epochs
@@ -746,11 +756,13 @@ def steps_text(data: TrainData, total_steps: int, max_epochs: int | None, accumu
     text = f"{total_steps} optimizer steps"
     if not max_epochs:
         return text
-    ends, done = 0, 0
-    for epoch in range(max_epochs):
+    ends, done = max_epochs, 0
+    for epoch in range(max_epochs):  # up to the epoch the run ends in (every epoch has a step)
         done += data.steps_in_epoch(epoch, accumulation)
-        ends = ends or (epoch + 1 if done >= total_steps else 0)
-    if total_steps < done:
+        if done >= total_steps:
+            ends = epoch + 1
+            break
+    if total_steps < done or ends < max_epochs:
         return f"{text} (--max-steps ends the run in epoch {ends} of {max_epochs})"
     return f"{text} over {max_epochs} epochs"
 

@@ -81,13 +81,13 @@ class TextEncoderStop:
         done = position.step if self.unit == "step" else position.epoch
         return done >= self.after
 
-    def first_frozen_step(self, data: TrainData, gradient_accumulation: int) -> int:
+    def first_frozen_step(self, data: TrainData, gradient_accumulation: int, limit: int | None = None) -> int:
         """The number of steps that train the text encoder in a run from the start: ``after`` for the
         step form, the steps of the first ``after`` epochs for the epoch form (so step ``result + 1``
-        is the first one frozen)."""
+        is the first one frozen); counting stops at ``limit`` (the run's steps: the stop is past its end)."""
         if self.unit == "step":
             return self.after
-        return sum(data.steps_in_epoch(epoch, gradient_accumulation) for epoch in range(self.after))
+        return data.steps_in_epochs(self.after, gradient_accumulation, limit=limit)
 
     def flag(self) -> str:
         return f"{STEP_FLAG if self.unit == 'step' else EPOCH_FLAG} {self.after}"
@@ -122,7 +122,7 @@ def stop_notes(options: TrainOptions, data: TrainData, total_steps: int, max_epo
     stop = TextEncoderStop.from_options(options)
     if stop is None or stop.after < 1:
         return []
-    trained = stop.first_frozen_step(data, options.gradient_accumulation)
+    trained = stop.first_frozen_step(data, options.gradient_accumulation, limit=total_steps)
     if stop.unit == "epoch" and max_epochs is not None and stop.after >= max_epochs:
         return [f"{stop.flag()}: the run has {max_epochs} epoch(s), so the text encoder trains to the end"]
     if trained >= total_steps:

@@ -7,8 +7,9 @@ drift apart. Use :func:`option` instead of ``dataclasses.field`` in option datac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -26,6 +27,10 @@ def option(
     normalize: Callable[[str], str] | None = None,
     path: bool = False,
     resume_sensitive: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above_minimum: bool = False,
+    below_maximum: bool = False,
 ) -> Any:
     """A dataclass field that also describes its command-line flag.
 
@@ -39,10 +44,84 @@ def option(
     checked for a Windows spelling (:mod:`sdcore.windows_paths`), never a prompt, a separator or a regex.
     ``resume_sensitive``: a method's option that changes the samples or the schedule, so a ``--resume`` with
     another value is warned about as the runtime's own such options are (:data:`sdcore.train.checkpoints.RESUME_SENSITIVE`).
+    ``minimum``/``maximum`` declare the values that make sense (both ends included; ``above_minimum=True`` leaves
+    the minimum out, for a rate that must be positive, and ``below_maximum=True`` the maximum).
+    :func:`range_problems` checks them in the pre-flight's option check for the command line and every config format
+    alike, whether or not the option takes effect in this run, so a mistyped value is reported at once with the
+    other option problems, before anything loads (``--ema-decay must be between 0 and 1 (exclusive), got -1.0``).
+    A sentinel outside the useful range (``-1 = off``) must lie inside the declared one; ``None`` is never checked.
     """
     metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "cli": cli, "metavar": metavar,
                 "aliases": tuple(aliases), "normalize": normalize, "path": path,
-                "resume_sensitive": resume_sensitive}  # fmt: skip
+                "resume_sensitive": resume_sensitive, "minimum": minimum, "maximum": maximum,
+                "above_minimum": above_minimum, "below_maximum": below_maximum}  # fmt: skip
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def range_text(metadata: Mapping[str, Any]) -> str | None:
+    """The declared range of an :func:`option` in words (``between 0 and 1``, ``at least 1``, ``above 0``), or
+    None when it declares none."""
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    above, below = bool(metadata.get("above_minimum")), bool(metadata.get("below_maximum"))
+    if low is not None and high is not None:
+        left_out = [_number(end) for end, out in ((low, above), (high, below)) if out]
+        if len(left_out) == 2:
+            return f"between {_number(low)} and {_number(high)} (exclusive)"
+        return f"between {_number(low)} and {_number(high)}" + (f" ({left_out[0]} excluded)" if left_out else "")
+    if low == 0:  # the house's words (``--lr must be positive``, ``must be 0 or more``)
+        return "positive" if above else "0 or more"
+    if low is not None:
+        return f"above {_number(low)}" if above else f"at least {_number(low)}"
+    if high is not None:
+        return f"below {_number(high)}" if below else f"at most {_number(high)}"
+    return None
+
+
+def out_of_range(metadata: Mapping[str, Any], value: Any) -> str | None:
+    """``must be between 0 and 1, got -1.0`` when ``value`` lies outside the option's declared range, else None
+    (also for ``None`` and for values that are not numbers: their type is checked elsewhere)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    above, below = bool(metadata.get("above_minimum")), bool(metadata.get("below_maximum"))
+    too_low = low is not None and (value <= low if above else value < low)
+    too_high = high is not None and (value >= high if below else value > high)
+    if too_low or too_high:
+        return f"must be {range_text(metadata)}, got {value}"
+    return None
+
+
+_SOURCES = "_sdcore_option_sources"
+
+
+def record_sources(options: Any, sources: Mapping[str, str]) -> None:
+    """Remember, on an options instance, where a config file gave values (``{"ema_decay": "run.toml: ema_decay"}``,
+    a kohya name where it was translated), so :func:`range_problems` names the key the user wrote. A copy made with
+    ``dataclasses.replace`` forgets them; its problems then name the flag."""
+    with contextlib.suppress(AttributeError, TypeError):  # a slotted options class: its problems name the flag
+        object.__setattr__(options, _SOURCES, dict(sources))
+
+
+def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """One line for each option of ``options`` (a dataclass of :func:`option` fields) whose value lies outside its
+    declared range: ``--ema-decay must be between 0 and 1 (exclusive), got -1.0``, or ``run.toml: ema_decay must be
+    ...`` for a value a config file gave. Options already named at the start of a line in ``reported`` are left out:
+    a check made where the option takes effect says more (``--huber-c must be positive (kohya's default 0.1)``)."""
+    sources: Mapping[str, str] = getattr(options, _SOURCES, {})
+    problems: list[str] = []
+    for f in dataclasses.fields(options):
+        meta: Mapping[str, Any] = f.metadata or {}
+        wrong = out_of_range(meta, getattr(options, f.name))
+        if wrong is None:
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        if any(line.startswith((f"{flag} ", f"{flag}:")) for line in reported):
+            continue
+        problems.append(f"{sources.get(f.name, flag)} {wrong}")
+    return problems

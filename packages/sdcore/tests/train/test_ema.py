@@ -333,7 +333,12 @@ def test_preflight_problems(monkeypatch):
         return [p for p in found if "ema" in p.lower()]
 
     assert problems(ema=True) == []
-    assert problems(ema_decay=5.0, ema_update_every=0) == []  # unused without --ema
+    # unused without --ema, but a value no run could use is said at once (the declared ranges)
+    assert problems(ema_decay=5.0, ema_update_every=0) == [
+        "--ema-decay must be between 0 and 1 (exclusive), got 5.0",
+        "--ema-update-every must be at least 1, got 0",
+    ]
+    assert problems(ema_decay=0.5, ema_update_every=3) == []  # in range, unused: nothing to say
     assert problems(ema=True, ema_decay=1.0, ema_update_every=0) == [
         "--ema-decay must be between 0 and 1 (exclusive), got 1.0",
         "--ema-update-every must be at least 1, got 0",

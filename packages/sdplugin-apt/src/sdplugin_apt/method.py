@@ -40,14 +40,14 @@ class APTOptions(TIOptions):
     """DreamArtist options on top of TI's (defaults from the DreamArtist extension's UI)."""
 
     lr: float = option(3e-3, "Learning rate of the positive embedding (DreamArtist default 0.003).", group="training")
-    vectors: int = option(3, "Vectors of the positive embedding.", group="ti")
+    vectors: int = option(3, "Vectors of the positive embedding.", group="ti", minimum=1)
     template: str = option(
         "subject",
         "Prompt template (DreamArtist default subject; training without filewords is advised).",
         group="ti",
         resume_sensitive=True,
     )
-    neg_vectors: int = option(6, "Vectors of the negative embedding <name>-neg.", group="apt")
+    neg_vectors: int = option(6, "Vectors of the negative embedding <name>-neg.", group="apt", minimum=1)
     neg_init_text: str = option("*", "Init text of the negative embedding.", group="apt")
     neg_lr_weight: float = option(1.0, "The negative embedding's lr is lr * this.", group="apt")
     cfg_scale: str = option(
@@ -70,9 +70,11 @@ class APTOptions(TIOptions):
         "EMA decay of the positive vectors (1 = off; DreamArtist suggests 0.97). Not the runtime's --ema, which "
         "averages for saves and samples only; this one replaces the live vectors.",
         group="apt",
+        minimum=0,
+        maximum=1,
     )
-    ema_neg: float = option(1.0, "EMA decay of the negative vectors (1 = off).", group="apt")
-    ema_replace_every: int = option(25, "Replace the live vectors by their EMA every N steps.", group="apt")
+    ema_neg: float = option(1.0, "EMA decay of the negative vectors (1 = off).", group="apt", minimum=0, maximum=1)
+    ema_replace_every: int = option(25, "Replace the live vectors by their EMA every N steps.", group="apt", minimum=1)
     discriminator: str = option(
         "",
         "ConvNeXt 'good image' classifier weights (.safetensors or .pt); when set its score REPLACES the "

@@ -30,30 +30,36 @@ class DreamBoothOptions(TrainOptions, TextEncoderStopOptions):
     )
     class_prompt: str | None = option(None, "Prompt of the class images (e.g. 'photo of a dog').", group="dreambooth")
     num_class_images: int = option(
-        200, "Class images wanted; the shortfall is generated with the frozen model.", group="dreambooth"
+        200,
+        "Class images wanted; the shortfall is generated with the frozen model.",
+        group="dreambooth",
+        minimum=0,
     )
-    class_batch_size: int = option(4, "Batch size when generating class images.", group="dreambooth")
-    class_steps: int = option(30, "Sampler steps when generating class images.", group="dreambooth")
+    class_batch_size: int = option(4, "Batch size when generating class images.", group="dreambooth", minimum=1)
+    class_steps: int = option(30, "Sampler steps when generating class images.", group="dreambooth", minimum=1)
     class_sampler: str = option("dpm++2m", "Sampler for class images.", group="dreambooth")
     train_text_encoder: bool = option(False, "Also fine-tune the text encoder(s).", group="dreambooth")
-    te_lr: float | None = option(None, "Text-encoder learning rate (default: --lr).", group="dreambooth")
+    te_lr: float | None = option(None, "Text-encoder learning rate (default: --lr).", group="dreambooth", minimum=0)
     te1_lr: float | None = option(
         None,
         "With --train-text-encoder: learning rate of the first CLIP encoder (CLIP-L; SD2's OpenCLIP); 0 keeps it "
         "frozen (default --te-lr, else --lr; kohya --learning_rate_te1).",
         group="dreambooth",
+        minimum=0,
     )
     te2_lr: float | None = option(
         None,
         "With --train-text-encoder: learning rate of CLIP-G (SDXL, SD3); 0 keeps it frozen (default --te-lr, else "
         "--lr; kohya --learning_rate_te2).",
         group="dreambooth",
+        minimum=0,
     )
     te3_lr: float | None = option(
         None,
         "With --train-t5: learning rate of T5 (SD3, Flux); 0 keeps it frozen (default --te-lr, else --lr; kohya "
         "--learning_rate_te3).",
         group="dreambooth",
+        minimum=0,
     )
     num_last_block_to_freeze: int = option(
         0,
@@ -61,6 +67,7 @@ class DreamBoothOptions(TrainOptions, TextEncoderStopOptions):
         "order (kohya sd3_train.py --num_last_block_to_freeze, which counts tensors, not blocks: 2 = the last "
         "block's adaLN modulation weight and bias). 0 = off.",
         group="dreambooth",
+        minimum=0,
     )
     train_t5: bool = option(
         False,

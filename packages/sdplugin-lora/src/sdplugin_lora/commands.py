@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sdcore.cli_types import FINITE_FLOAT
+from sdcore.cli_types import FINITE_FLOAT, FiniteFloatRange
 from sdcore.hinted_command import HintedCommand, hint_key
 
 
@@ -280,7 +280,10 @@ def extract_command(
     help="Choose each module's rank from its singular values.",
 )
 @click.option(
-    "--dynamic-param", type=FINITE_FLOAT, default=None, help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept."
+    "--dynamic-param",
+    type=FiniteFloatRange(min=0, min_open=True),
+    default=None,
+    help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept.",
 )
 @click.option(
     "--base-model",

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 class LoraOptions(TrainOptions, TextEncoderStopOptions):
     """LoRA options; names follow the issue (``--rank --alpha --conv-rank ...``), meanings follow kohya."""
 
-    rank: int = option(16, "Rank (kohya network_dim) of Linear and 1x1-conv LoRA modules.", group="lora")
+    rank: int = option(16, "Rank (kohya network_dim) of Linear and 1x1-conv LoRA modules.", group="lora", minimum=1)
     alpha: float | None = option(
         None, "LoRA alpha; the update is scaled by alpha/rank (default rank/2; kohya's own default is 1).", group="lora"
     )
@@ -80,6 +80,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "Rank of 3x3 convs (ResNets, down/upsamplers). > 0 makes a LoCon (kohya 'C3Lier') that also adapts "
         "time_emb_proj and conv_shortcut at --rank.",
         group="lora",
+        minimum=0,
     )
     conv_alpha: float | None = option(None, "Alpha of the 3x3-conv modules (default conv_rank/2).", group="lora")
     algo: str = option("lora", ALGO_HELP, choices=ALGOS, group="lora")
@@ -93,30 +94,35 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "Learning rate of the UNet modules (default --lr); 0 leaves them untrained, except those a --module-lrs "
         "rule gives a rate (kohya unet_lr).",
         group="lora",
+        minimum=0,
     )
     te_lr: float | None = option(
         None,
         "Learning rate of the text-encoder modules (default --lr); 0 leaves them untrained, except those a "
         "--te1-lr/--te2-lr/--te3-lr or --module-lrs rule gives a rate (kohya text_encoder_lr).",
         group="lora",
+        minimum=0,
     )
     te1_lr: float | None = option(
         None,
         "Learning rate of the first CLIP encoder's modules (CLIP-L; SD2's OpenCLIP); 0 leaves them untrained "
         "(default --te-lr, else --lr; kohya text_encoder_lr's first value).",
         group="lora",
+        minimum=0,
     )
     te2_lr: float | None = option(
         None,
         "Learning rate of CLIP-G's modules (SDXL, SD3); 0 leaves them untrained (default --te-lr, else --lr; kohya "
         "SD3 text_encoder_lr's second value).",
         group="lora",
+        minimum=0,
     )
     te3_lr: float | None = option(
         None,
         "With --train-t5: learning rate of T5's modules (SD3, Flux, Chroma); 0 leaves them untrained (default "
         "--te-lr, else --lr; kohya text_encoder_lr's third value on SD3, second on Flux).",
         group="lora",
+        minimum=0,
     )
     layer_filter: str | None = option(
         None,
@@ -166,6 +172,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         1,
         "--algo dylora: rank rows trained per step (kohya networks.dylora unit); --rank must be a multiple.",
         group="lora",
+        minimum=1,
     )
     oft_all_linear: bool = option(
         True,
@@ -173,17 +180,27 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "off: the attention projections only (kohya's default without enable_all_linear).",
         group="lora",
     )
-    dropout: float | None = option(None, "Dropout on the LoRA down output (kohya --network_dropout).", group="lora")
-    rank_dropout: float | None = option(
-        None, "Per-sample dropout of whole rank channels (kohya rank_dropout).", group="lora"
+    dropout: float | None = option(
+        None, "Dropout on the LoRA down output (kohya --network_dropout).", group="lora", minimum=0, maximum=1
     )
-    module_dropout: float | None = option(None, "Probability of skipping a LoRA module for a step.", group="lora")
+    rank_dropout: float | None = option(
+        None,
+        "Per-sample dropout of whole rank channels (kohya rank_dropout).",
+        group="lora",
+        minimum=0,
+        maximum=1,
+    )
+    module_dropout: float | None = option(
+        None, "Probability of skipping a LoRA module for a step.", group="lora", minimum=0, maximum=1
+    )
     lora_input_dropout: float | None = option(
         None,
         "PEFT's lora_dropout (diffusers' and SimpleTuner's LoRAs): while training, dropout on the features the LoRA "
         "reads, lora_up(lora_down(dropout(x))), a fresh mask per module and forward (a fused SD3/Flux module: one "
         "for its q/k/v); the base layer sees x unchanged. Plain LoRA (--algo lora or locon) only.",
         group="lora",
+        minimum=0,
+        maximum=1,
     )
     scale_weight_norms: float | None = option(
         None,
@@ -237,6 +254,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "LyCORIS constraint (--algo diag_oft/boft): the norm of all of a layer's skew blocks is kept below "
         "constraint * output width (0: no limit); stored as the module's alpha.",
         group="lora",
+        minimum=0,
     )
     rescaled: bool = option(
         False,

@@ -65,7 +65,9 @@ class TIOptions(TrainOptions):
         group="ti",
         path=True,
     )
-    vectors: int = option(1, "Vectors per token (1-75): how many prompt tokens the embedding uses.", group="ti")
+    vectors: int = option(
+        1, "Vectors per token (1-75): how many prompt tokens the embedding uses.", group="ti", minimum=1, maximum=75
+    )
     template: str = option(
         "style_filewords",
         "Prompt template: style, subject, style_filewords, subject_filewords, none, filewords (the captions as "

@@ -125,17 +125,27 @@ class _CheckCommand(HintedCommand):
     help="kohya fine-tuning metadata JSON/JSONL: captions and tags per image; PATH is its image folder.",
 )
 @click.option(
-    "--dataset-repeats", type=int, default=1, show_default=True, help="Repeats of the --metadata-file images."
+    "--dataset-repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Repeats of the --metadata-file images.",
 )
 @click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Batch size for the batches-per-epoch count (a dataset TOML's batch_size wins, as in a run).",
 )
 @click.option("--seed", type=int, default=None, help="The run's --seed (resolution draws, batch order).")
-@click.option("--top", type=int, default=30, show_default=True, help="How many of the most frequent tags to show.")
+@click.option(
+    "--top",
+    type=click.IntRange(min=0),
+    default=30,
+    show_default=True,
+    help="How many of the most frequent tags to show.",
+)
 @click.option(
     "--masked-loss",
     is_flag=True,
@@ -390,10 +400,14 @@ def dedupe_command(
 )
 @click.option("--focal-edges-weight", type=FINITE_FLOAT, default=0.5, show_default=True, help="Weight of edges (0-1).")
 @click.option("--auto-size", is_flag=True, help="Centre-crop to the best size (multiples of 64) within the bounds.")
-@click.option("--auto-size-min-dim", type=int, default=384, show_default=True, help="Smallest side.")
-@click.option("--auto-size-max-dim", type=int, default=768, show_default=True, help="Largest side.")
-@click.option("--auto-size-min-area", type=int, default=64 * 64, show_default=True, help="Smallest area.")
-@click.option("--auto-size-max-area", type=int, default=640 * 640, show_default=True, help="Largest area.")
+@click.option("--auto-size-min-dim", type=click.IntRange(min=1), default=384, show_default=True, help="Smallest side.")
+@click.option("--auto-size-max-dim", type=click.IntRange(min=1), default=768, show_default=True, help="Largest side.")
+@click.option(
+    "--auto-size-min-area", type=click.IntRange(min=0), default=64 * 64, show_default=True, help="Smallest area."
+)
+@click.option(
+    "--auto-size-max-area", type=click.IntRange(min=1), default=640 * 640, show_default=True, help="Largest area."
+)
 @click.option(
     "--auto-size-objective",
     type=click.Choice(["area", "error"]),

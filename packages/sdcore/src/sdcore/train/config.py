@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ..errors import ConfigError
+from ..options import record_sources
 from ..windows_paths import check_windows_path
 
 T = TypeVar("T")
@@ -269,6 +270,7 @@ def load_options(
         if target not in raw and raw.get(source) is not None:
             raw[target] = raw[source]
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # option -> "file: key", for the values a config file gave
     # only files and folders: a prompt, a separator or a regex (attn1\\.to_q, \\w) is not a Windows path
     path_fields = {f.name for f in dataclasses.fields(options_class) if f.metadata.get("path")}  # type: ignore[arg-type]
     for name, value in raw.items():
@@ -293,6 +295,11 @@ def load_options(
         if choices and f.name in values and values[f.name] is not None and values[f.name] not in choices:
             source = "command line" if f.name in cli_values else where
             problems.append(f"{source}: {f.name} {values[f.name]!r}: choose one of {', '.join(choices)}")
+        if f.name in values and f.name not in cli_values and config_path is not None:  # for a range problem's words
+            label = translation.origin.get(f.name, f.name)
+            from_cli = f.name in translation.origin and label.split(" ")[0] in cli_kohya
+            if not from_cli:
+                sources[f.name] = f"{where}: {label}"
     if problems:
         prefix = f"{where}: "
         if config_path is not None and all(p.startswith(prefix) for p in problems):
@@ -303,7 +310,9 @@ def load_options(
     else:
         for note in found_notes:
             log.warning("%s", note)
-    return options_class(**values)
+    options = options_class(**values)
+    record_sources(options, sources)  # the pre-flight's range check names the config's key (sdcore.options)
+    return options
 
 
 def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list[str], problems: list[str]) -> None:

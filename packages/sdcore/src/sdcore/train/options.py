@@ -176,9 +176,13 @@ class TrainOptions:
         1,
         "Repeats of a --metadata-file dataset, and of dataset-TOML subsets without num_repeats (kohya).",
         group="data",
+        minimum=1,
     )
     prior_loss_weight: float = option(
-        1.0, "Loss weight of regularisation/class images (prior preservation).", group="loss"
+        1.0,
+        "Loss weight of regularisation/class images (prior preservation).",
+        group="loss",
+        minimum=0,
     )
     # data handling
     resolution: int = option(
@@ -247,11 +251,18 @@ class TrainOptions:
         metavar="TEXT",
     )
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags each time a caption is used.", group="data")
-    keep_tokens: int = option(0, "Keep the first N tags in place when shuffling or dropping.", group="data")
-    caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", group="data")
-    tag_dropout: float = option(0.0, "Probability of dropping each tag (after keep_tokens).", group="data")
+    keep_tokens: int = option(0, "Keep the first N tags in place when shuffling or dropping.", group="data", minimum=0)
+    caption_dropout: float = option(
+        0.0, "Probability of training a sample with an empty caption.", group="data", minimum=0, maximum=1
+    )
+    tag_dropout: float = option(
+        0.0, "Probability of dropping each tag (after keep_tokens).", group="data", minimum=0, maximum=1
+    )
     caption_dropout_every_n_epochs: int = option(
-        0, "Drop every caption (train uncaptioned) in every N-th epoch (kohya; 0 = off).", group="data"
+        0,
+        "Drop every caption (train uncaptioned) in every N-th epoch (kohya; 0 = off).",
+        group="data",
+        minimum=0,
     )
     caption_prefix: str = option(
         "", "Text put before every caption, joined with a space (kohya; counts for --keep-tokens).", group="data"
@@ -287,6 +298,7 @@ class TrainOptions:
         0.0,
         "Token warm-up: the step where captions reach all their tags (below 1: a fraction of the run; 0 = off; kohya).",
         group="data",
+        minimum=0,
     )
     weighted_captions: bool = option(
         False,
@@ -361,6 +373,8 @@ class TrainOptions:
         "Loss masks are clamped to [this, 1] before they weight the loss (OneTrainer's unmasked_weight; "
         "0 = kohya's mask as it is).",
         group="loss",
+        minimum=0,
+        maximum=1,
     )
     masked_loss_normalize: bool = option(
         False,
@@ -382,6 +396,8 @@ class TrainOptions:
         "unmasked (SimpleTuner's masked_loss_probability). One draw per batch, seeded by --seed.",
         group="loss",
         metavar="P",
+        minimum=0,
+        maximum=1,
     )
     inpainting_unmasked_probability: float = option(
         0.0,
@@ -389,6 +405,8 @@ class TrainOptions:
         "(OneTrainer's unmasked_probability; its default is 0.1).",
         group="data",
         metavar="P",
+        minimum=0,
+        maximum=1,
     )
     inpainting_masks: str = option(
         "dataset",
@@ -416,7 +434,7 @@ class TrainOptions:
     )
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")
     max_bucket_reso: int = option(1024, "Largest bucket side.", group="data")
-    bucket_step: int = option(64, "Bucket side step in pixels.", group="data")
+    bucket_step: int = option(64, "Bucket side step in pixels.", group="data", minimum=0, above_minimum=True)
     bucket_no_upscale: bool = option(False, "Never upscale an image to reach its bucket.", group="data")
     debug_dataset: bool = option(
         False,
@@ -424,7 +442,7 @@ class TrainOptions:
         "what each sample becomes (bucket, crop, flip, caption) and write its augmented image, then stop (kohya).",
         group="data",
     )
-    debug_dataset_steps: int = option(10, "Optimizer steps --debug-dataset walks.", group="data")
+    debug_dataset_steps: int = option(10, "Optimizer steps --debug-dataset walks.", group="data", minimum=1)
     debug_dataset_dir: str = option(
         "",
         "Folder for the --debug-dataset images (default: debug_dataset/ beside the output).",
@@ -450,21 +468,30 @@ class TrainOptions:
     cache_dir: str | None = option(
         None, "Folder for latent and text-encoder cache files (default: beside each image).", group="cache", path=True
     )
-    caption_variants: int = option(4, "Cached caption variants per image when shuffling/dropping tags.", group="cache")
+    caption_variants: int = option(
+        4, "Cached caption variants per image when shuffling/dropping tags.", group="cache", minimum=1
+    )
     # schedule
-    batch_size: int = option(1, "Images per step per device.", group="training")
+    batch_size: int = option(1, "Images per step per device.", group="training", minimum=1)
     max_steps: int | None = option(
-        None, "Stop after this many optimizer steps (with --epochs too: whichever comes first).", group="training"
+        None,
+        "Stop after this many optimizer steps (with --epochs too: whichever comes first).",
+        group="training",
+        minimum=1,
     )
     epochs: int | None = option(
         None,
         "Stop after this many epochs (one pass over repeats; default 1 when --max-steps is not given either).",
         group="training",
+        minimum=1,
     )
-    lr: float = option(1e-4, "Learning rate.", group="training")
+    lr: float = option(1e-4, "Learning rate.", group="training", minimum=0, above_minimum=True)
     lr_scheduler: str = option("constant", "LR schedule.", choices=LR_SCHEDULERS, group="training")
     lr_warmup_steps: float = option(
-        0, "Linear warmup steps; a value below 1 is a ratio of the total steps (kohya).", group="training"
+        0,
+        "Linear warmup steps; a value below 1 is a ratio of the total steps (kohya).",
+        group="training",
+        minimum=0,
     )
     lr_power: float = option(1.0, "Power of the polynomial schedule.", group="training")
     lr_cycles: int = option(
@@ -479,12 +506,16 @@ class TrainOptions:
         group="training",
     )
     lr_decay_steps: float = option(
-        0, "warmup_stable_decay: decay steps; below 1 a ratio of the total steps (kohya).", group="training"
+        0,
+        "warmup_stable_decay: decay steps; below 1 a ratio of the total steps (kohya).",
+        group="training",
+        minimum=0,
     )
     lr_timescale: int | None = option(
         None,
         "inverse_sqrt: the timescale (default: the warmup steps, else 10000; kohya's lr_scheduler_timescale).",
         group="training",
+        minimum=1,
     )
     lr_scheduler_type: str = option(
         "",
@@ -507,7 +538,7 @@ class TrainOptions:
     optimizer_args: str = option(
         "", "Extra optimizer arguments, e.g. 'weight_decay=0.01 betas=0.9,0.99'.", group="training"
     )
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training", minimum=0)
     grad_clip_method: str = option(
         "norm",
         "How --max-grad-norm clips: norm (scale all gradients down to that global L2 norm: kohya, diffusers) or "
@@ -516,7 +547,7 @@ class TrainOptions:
         choices=("norm", "value"),
         group="training",
     )
-    gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", group="training")
+    gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", group="training", minimum=1)
     fused_backward_pass: bool = option(
         False,
         "Step each trained tensor inside backward as soon as its gradient is ready and free that gradient, so a "
@@ -541,6 +572,7 @@ class TrainOptions:
         "steps when its last gradient is ready: the same weights, a group's gradients held until then "
         "(kohya --fused_optimizer_groups, sdxl_train.py). 0 = off.",
         group="training",
+        minimum=0,
     )
     blockwise_fused_optimizers: bool = option(
         False,
@@ -601,6 +633,7 @@ class TrainOptions:
         "Keep the frozen weights of the denoiser's last N transformer blocks in CPU memory; each block's weights "
         "visit the GPU only while it computes (SD3/Flux; kohya --blocks_to_swap).",
         group="training",
+        minimum=0,
     )
     tread_route: tuple[str, ...] = option(
         (),
@@ -623,6 +656,7 @@ class TrainOptions:
         "Several processes: minutes a process waits for the others before giving up (default: accelerate's; "
         "kohya's --ddp_timeout).",
         group="training",
+        minimum=1,
     )
     ddp_static_graph: bool = option(
         False,
@@ -650,9 +684,20 @@ class TrainOptions:
         "loss use it, the raw weights train on unchanged (OneTrainer ema, ai-toolkit ema_config.use_ema).",
         group="ema",
     )
-    ema_decay: float = option(0.999, "EMA decay per update (OneTrainer's and ai-toolkit's default).", group="ema")
+    ema_decay: float = option(
+        0.999,
+        "EMA decay per update (OneTrainer's and ai-toolkit's default).",
+        group="ema",
+        minimum=0,
+        maximum=1,
+        above_minimum=True,
+        below_maximum=True,
+    )
     ema_update_every: int = option(
-        1, "Update the EMA every N optimizer steps (OneTrainer's ema_update_step_interval).", group="ema"
+        1,
+        "Update the EMA every N optimizer steps (OneTrainer's ema_update_step_interval).",
+        group="ema",
+        minimum=1,
     )
     ema_warmup: str = option(
         "onetrainer",
@@ -667,6 +712,7 @@ class TrainOptions:
         "With --ema-warmup copy: the optimizer step from which the decay applies; the updates before it copy the "
         "weights (SimpleTuner's ema_warmup_steps).",
         group="ema",
+        minimum=0,
     )
     ema_device: str = option(
         "same",
@@ -676,8 +722,10 @@ class TrainOptions:
         group="ema",
     )
     # loss
-    noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss")
-    min_snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5 is typical).", group="loss")
+    noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss", minimum=0)
+    min_snr_gamma: float | None = option(
+        None, "Min-SNR loss weighting gamma (5 is typical).", group="loss", minimum=0, above_minimum=True
+    )
     # kohya's loss options (sdcore.train.loss has the formulas)
     loss_type: str = option(
         "l2",
@@ -694,28 +742,50 @@ class TrainOptions:
         choices=HUBER_SCHEDULES,
         group="loss",
     )
-    huber_c: float = option(0.1, "huber/smooth_l1: the threshold parameter c (kohya's --huber_c).", group="loss")
+    huber_c: float = option(
+        0.1,
+        "huber/smooth_l1: the threshold parameter c (kohya's --huber_c).",
+        group="loss",
+        minimum=0,
+        above_minimum=True,
+    )
     huber_scale: float = option(
-        1.0, "huber/smooth_l1: scale of the constant and exponential thresholds (kohya's --huber_scale).", group="loss"
+        1.0,
+        "huber/smooth_l1: scale of the constant and exponential thresholds (kohya's --huber_scale).",
+        group="loss",
+        minimum=0,
+        above_minimum=True,
     )
     # OneTrainer's loss sum (--loss-type mix; sdcore.train.loss): its field names and defaults
-    mse_strength: float = option(1.0, "--loss-type mix: weight of the squared error (OneTrainer's).", group="loss")
-    mae_strength: float = option(0.0, "--loss-type mix: weight of the absolute error (OneTrainer's).", group="loss")
+    mse_strength: float = option(
+        1.0, "--loss-type mix: weight of the squared error (OneTrainer's).", group="loss", minimum=0
+    )
+    mae_strength: float = option(
+        0.0, "--loss-type mix: weight of the absolute error (OneTrainer's).", group="loss", minimum=0
+    )
     log_cosh_strength: float = option(
-        0.0, "--loss-type mix: weight of log(cosh(d)) (OneTrainer's log-cosh loss).", group="loss"
+        0.0,
+        "--loss-type mix: weight of log(cosh(d)) (OneTrainer's log-cosh loss).",
+        group="loss",
+        minimum=0,
     )
     huber_strength: float = option(
         0.0,
         "--loss-type mix: weight of torch's Huber loss (d^2/2 below --huber-delta, delta*(|d|-delta/2) above; "
         "OneTrainer's, not kohya's pseudo-Huber).",
         group="loss",
+        minimum=0,
     )
-    huber_delta: float = option(1.0, "--loss-type mix: the Huber loss's delta (OneTrainer's).", group="loss")
+    huber_delta: float = option(
+        1.0, "--loss-type mix: the Huber loss's delta (OneTrainer's).", group="loss", minimum=0, above_minimum=True
+    )
     p2_loss_gamma: float | None = option(
         None,
         "P2 loss weight (1+SNR)^-gamma, (2+SNR)^-gamma on v-prediction models (OneTrainer's P2 with "
         "loss_weight_strength; DDPM families).",
         group="loss",
+        minimum=0,
+        above_minimum=True,
     )
     sigma_loss_weight: bool = option(
         False, "Flow-matching families: weigh the loss by the noise level sigma (OneTrainer's SIGMA).", group="loss"
@@ -740,6 +810,7 @@ class TrainOptions:
         0.0,
         "Epsilon models: add this multiple of a v-prediction-like loss, loss*(SNR+1)/SNR (kohya; 0 = off).",
         group="loss",
+        minimum=0,
     )
     # noise and timestep draws (kohya's meanings; docs/training.md)
     noise_offset_random_strength: bool = option(
@@ -751,22 +822,32 @@ class TrainOptions:
         group="loss",
     )
     multires_noise_iterations: int | None = option(
-        None, "Multires (pyramid) noise with this many levels (6-10 typical; DDPM families).", group="loss"
+        None,
+        "Multires (pyramid) noise with this many levels (6-10 typical; DDPM families).",
+        group="loss",
+        minimum=0,
     )
     multires_noise_discount: float = option(
-        0.3, "Weight decay per level of the multires noise (kohya's default 0.3).", group="loss"
+        0.3,
+        "Weight decay per level of the multires noise (kohya's default 0.3).",
+        group="loss",
+        minimum=0,
     )
     ip_noise_gamma: float | None = option(
         None,
         "Input perturbation: the noisy input uses noise + gamma * N(0, 1), the target the plain noise "
         "(0.1 typical; not on SD3, as kohya).",
         group="loss",
+        minimum=0,
     )
     ip_noise_gamma_random_strength: bool = option(
         False, "Scale --ip-noise-gamma by U(0, 1) drawn per sample.", group="loss"
     )
     min_timestep: int | None = option(
-        None, "Draw DDPM timesteps from [this, --max-timestep) (default 0; SD3 as kohya's script).", group="loss"
+        None,
+        "Draw DDPM timesteps from [this, --max-timestep) (default 0; SD3 as kohya's script).",
+        group="loss",
+        minimum=0,
     )
     max_timestep: int | None = option(
         None, "Upper end (excluded) of the DDPM timesteps (default the schedule's 1000).", group="loss"
@@ -793,9 +874,15 @@ class TrainOptions:
         0.0,
         "--timestep-distribution: lowest noise level as a share of the timesteps (narrowed before the shift).",
         group="loss",
+        minimum=0,
+        maximum=1,
     )
     max_noising_strength: float = option(
-        1.0, "--timestep-distribution: highest noise level as a share of the timesteps (excluded).", group="loss"
+        1.0,
+        "--timestep-distribution: highest noise level as a share of the timesteps (excluded).",
+        group="loss",
+        minimum=0,
+        maximum=1,
     )
     timestep_shift: float | None = option(
         None,
@@ -837,6 +924,7 @@ class TrainOptions:
         "Flow matching, ai-toolkit's tables (--timestep-sampling *_table): the lowest index drawn (index 0 is the "
         "noisiest entry; ai-toolkit's min_denoising_steps).",
         group="loss",
+        minimum=0,
     )
     max_table_index: int = option(
         999,
@@ -903,12 +991,22 @@ class TrainOptions:
         group="loss",
     )
     clip_l_dropout_rate: float = option(
-        0.0, "SD3: per-sample probability of zeroing CLIP-L's output (context and pooled part; kohya).", group="loss"
+        0.0,
+        "SD3: per-sample probability of zeroing CLIP-L's output (context and pooled part; kohya).",
+        group="loss",
+        minimum=0,
+        maximum=1,
     )
     clip_g_dropout_rate: float = option(
-        0.0, "SD3: per-sample probability of zeroing CLIP-G's output (context and pooled part; kohya).", group="loss"
+        0.0,
+        "SD3: per-sample probability of zeroing CLIP-G's output (context and pooled part; kohya).",
+        group="loss",
+        minimum=0,
+        maximum=1,
     )
-    t5_dropout_rate: float = option(0.0, "SD3: per-sample probability of zeroing T5's output (kohya).", group="loss")
+    t5_dropout_rate: float = option(
+        0.0, "SD3: per-sample probability of zeroing T5's output (kohya).", group="loss", minimum=0, maximum=1
+    )
     enable_scaled_pos_embed: bool = option(
         False,
         "SD3: kohya's scaled positional embedding, one sin-cos table per training resolution instead of the "
@@ -920,25 +1018,35 @@ class TrainOptions:
         "SD3: per-sample probability of cropping the positional embedding at a random place instead of its "
         "centre (kohya: for SD3.5M).",
         group="loss",
+        minimum=0,
+        maximum=1,
     )
     clip_skip: int = option(
-        1, "Use the output of the N-th from last text-encoder layer (2 = A1111 clip skip 2).", group="loss"
+        1,
+        "Use the output of the N-th from last text-encoder layer (2 = A1111 clip skip 2).",
+        group="loss",
+        minimum=1,
     )
     # saving and logs
     save_every: int | None = option(
-        None, "Save a checkpoint of the result and the resumable state every N steps.", group="output"
+        None,
+        "Save a checkpoint of the result and the resumable state every N steps.",
+        group="output",
+        minimum=1,
     )
-    save_every_epochs: int | None = option(None, "Save every N epochs.", group="output")
+    save_every_epochs: int | None = option(None, "Save every N epochs.", group="output", minimum=1)
     save_limit: int | None = option(
         DEFAULT_SAVE_LIMIT,
         "Keep only the newest N intermediate results (the final result is always kept; 0 keeps all).",
         group="output",
+        minimum=0,
     )
     save_n_epoch_ratio: int | None = option(
         None,
         "Save about N intermediate results over the run: every floor(epochs/N) epochs, at least 1 (kohya's "
         "--save_n_epoch_ratio; replaces --save-every-epochs).",
         group="output",
+        minimum=1,
     )
     save_dtype: str = option("fp16", "Precision of saved weights.", choices=SAVE_DTYPES, group="output")
     save_state: bool = option(
@@ -948,6 +1056,7 @@ class TrainOptions:
         1,
         "Keep only the newest N resumable state folders (a state can be several times the result's size; 0 keeps all).",
         group="output",
+        minimum=0,
     )
     resume: str | None = option(
         None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output", path=True
@@ -980,9 +1089,13 @@ class TrainOptions:
     sample_at_first: bool = option(
         False, "Also render the sample prompts before the first step (kohya's --sample_at_first).", group="output"
     )
-    sample_every: int | None = option(None, "Render the sample prompts every N steps.", group="output")
-    sample_every_epochs: int | None = option(None, "Render the sample prompts every N epochs.", group="output")
-    sample_steps: int = option(20, "Sampler steps for sample images (a prompt's --s overrides).", group="output")
+    sample_every: int | None = option(None, "Render the sample prompts every N steps.", group="output", minimum=1)
+    sample_every_epochs: int | None = option(
+        None, "Render the sample prompts every N epochs.", group="output", minimum=1
+    )
+    sample_steps: int = option(
+        20, "Sampler steps for sample images (a prompt's --s overrides).", group="output", minimum=1
+    )
     sample_sampler: str | None = option(
         None,
         "Sampler for sample images (sdcore or kohya names; a prompt's --ss overrides). Default: the family's own, "
@@ -994,6 +1107,7 @@ class TrainOptions:
         "Width and height of sample images where a prompt gives no --w/--h. Default: --resolution (a run written "
         "in kohya's names: kohya's 512).",
         group="output",
+        minimum=1,
     )
     sample_cfg: float | None = option(
         None,
@@ -1001,26 +1115,38 @@ class TrainOptions:
         "--g). Default: the family's own, as sdcore generate's (a run written in kohya's names: kohya's 7.5; "
         "Chroma 1, no CFG).",
         group="output",
+        minimum=0,
+        above_minimum=True,
     )
     validation_split: float = option(
         0.0,
         "Hold out this fraction of each training subset's images (kohya's rule: a seeded shuffle, the last "
         "round(n*split) held out) and report their loss instead of training on them (0 = off; kohya).",
         group="validation",
+        minimum=0,
+        maximum=1,
+        below_maximum=True,
     )
     validation_seed: int | None = option(
         None, "Seed of the validation split and of the validation noise (default: --seed).", group="validation"
     )
     validate_every_n_steps: int | None = option(
-        None, "Also compute the validation loss every N optimizer steps (needs --validation-split).", group="validation"
+        None,
+        "Also compute the validation loss every N optimizer steps (needs --validation-split).",
+        group="validation",
+        minimum=1,
     )
     validate_every_n_epochs: int | None = option(
         None,
         "Compute the validation loss every N epochs (default: every epoch when --validation-split is given).",
         group="validation",
+        minimum=1,
     )
     max_validation_steps: int | None = option(
-        None, "Validate on at most this many batches of held-out images (default: all of them).", group="validation"
+        None,
+        "Validate on at most this many batches of held-out images (default: all of them).",
+        group="validation",
+        minimum=0,
     )
     # ModelSpec metadata of the saved .safetensors (kohya's --metadata_* options, library/sai_model_spec.py)
     metadata_title: str | None = option(

@@ -250,6 +250,10 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
             method.validate()
         except SdcoreError as exc:
             problems.append(str(exc))
+    from ..options import range_problems
+
+    # every declared range (option(minimum=...)), used in this run or not: a mistyped value is said at once
+    problems.extend(range_problems(o, problems))
     return problems
 
 

@@ -1,0 +1,162 @@
+"""Declared option ranges (``option(minimum=..., maximum=...)``): a value outside one is refused by the pre-flight's
+option check (:func:`sdcore.train.preflight.option_problems`) whether or not the option takes effect in the run
+(``--ema-decay -1`` without ``--ema``), from the command line and from every config format, with the other
+problems, before anything loads."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sdcore.options import out_of_range, range_problems, range_text
+from sdcore.train.config import field_types, load_options, unwrap_optional
+from sdcore.train.options import TrainOptions
+from sdcore.train.preflight import option_problems
+from sdplugin_apt.method import APTOptions
+from sdplugin_dreambooth.options import DreamBoothOptions
+from sdplugin_lora.method import LoraOptions
+from sdplugin_ti.method import TIOptions
+
+CLASSES = (TrainOptions, LoraOptions, DreamBoothOptions, TIOptions, APTOptions)
+
+
+def _outside(meta: dict[str, Any], base: type) -> Any:
+    """A value just outside the declared range (its own bound where that bound is left out)."""
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if low is not None:
+        value = low if meta.get("above_minimum") else low - (1 if base is int else 0.5)
+    else:
+        value = high if meta.get("below_maximum") else high + (1 if base is int else 0.5)
+    return base(value)
+
+
+def _declared() -> list[Any]:
+    cases, seen = [], set()
+    for cls in CLASSES:
+        types_ = field_types(cls)
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata or {})
+            if range_text(meta) is None or (f.name, meta.get("minimum"), meta.get("maximum")) in seen:
+                continue
+            seen.add((f.name, meta.get("minimum"), meta.get("maximum")))
+            base, _ = unwrap_optional(types_[f.name])
+            cases.append(pytest.param(cls, f.name, _outside(meta, base), id=f"{cls.__name__}.{f.name}"))
+    return cases
+
+
+def test_some_options_declare_ranges() -> None:
+    names = {case.values[1] for case in _declared()}
+    assert {"ema_decay", "mae_strength", "debug_dataset_steps", "num_class_images", "rank", "vectors"} <= names
+
+
+@pytest.mark.parametrize(("cls", "name", "value"), _declared())
+def test_a_value_outside_a_declared_range_is_refused_on_the_command_line(cls: type, name: str, value: Any) -> None:
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    problems = option_problems(load_options(cls, None, {name: value}))
+    flag = meta.get("flag") or "--" + name.replace("_", "-")
+    said = [p for p in problems if p.startswith(f"{flag} ")]  # by the declared range, or the option's own check
+    assert said, problems
+    assert range_problems(cls(**{name: value})) == [f"{flag} must be {range_text(meta)}, got {value}"]
+
+
+def test_range_words() -> None:
+    assert range_text({"minimum": 0, "maximum": 1}) == "between 0 and 1"
+    assert range_text({"minimum": 0, "maximum": 1, "above_minimum": True, "below_maximum": True}) == (
+        "between 0 and 1 (exclusive)"
+    )
+    assert range_text({"minimum": 0, "maximum": 1, "below_maximum": True}) == "between 0 and 1 (1 excluded)"
+    assert range_text({"minimum": 0, "above_minimum": True}) == "positive"
+    assert range_text({"minimum": 0}) == "0 or more"
+    assert range_text({"minimum": 1}) == "at least 1"
+    assert range_text({"maximum": 75}) == "at most 75"
+    assert range_text({}) is None
+    assert out_of_range({"minimum": 0}, None) is None  # an optional left unset
+    assert out_of_range({"minimum": 0, "maximum": 1}, 1.0) is None
+    assert out_of_range({"minimum": 0, "maximum": 1}, 1.5) == "must be between 0 and 1, got 1.5"
+
+
+def test_unused_options_out_of_range_are_listed_together_before_anything_loads(tmp_path: Path) -> None:
+    from sdcore.specs import MethodSpec
+    from sdcore.train.cli import build_train_command
+
+    command = build_train_command(MethodSpec(name="lora", summary="LoRA", method="sdplugin_lora.method:LoraMethod"))
+    result = CliRunner().invoke(
+        command,
+        ["--model", "tiny:sd1", "--data", str(tmp_path), "--output", str(tmp_path / "o.safetensors"),
+         "--ema-decay", "-1", "--mae-strength", "-2", "--debug-dataset-steps", "-1", "--rank", "0", "--dry-run"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    for said in (
+        "Error: --debug-dataset-steps must be at least 1, got -1",
+        "Error: --ema-decay must be between 0 and 1 (exclusive), got -1.0",
+        "Error: --mae-strength must be 0 or more, got -2.0",
+    ):
+        assert said in lines
+    assert [line for line in lines if line.startswith("Error: --rank ")] == [  # its own check, said once
+        "Error: --rank must be at least 1 (got 0)"
+    ]
+    assert any("no usable training images" in line for line in lines), lines  # with the other problems
+    assert "Traceback" not in result.output
+
+
+def test_a_config_file_names_its_key_and_kohya_names_theirs(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("[training]\nema_decay = 1.5\n[loss]\nhuber_strength = -1\nnetwork_dim = 0\n", encoding="utf-8")
+    problems = option_problems(load_options(LoraOptions, config, {"tag_dropout": 2.0}))
+    for said in (
+        "--tag-dropout must be between 0 and 1, got 2.0",
+        f"{config}: ema_decay must be between 0 and 1 (exclusive), got 1.5",
+        f"{config}: huber_strength must be 0 or more, got -1.0",
+        f"{config}: network_dim must be at least 1, got 0",
+    ):
+        assert said in problems
+    data = tmp_path / "run.json"
+    data.write_text(json.dumps({"num_class_images": -1}), encoding="utf-8")
+    problems = option_problems(load_options(DreamBoothOptions, data))
+    assert f"{data}: num_class_images must be 0 or more, got -1" in problems
+
+
+def _meta(cls: type) -> dict[str, Any]:
+    return {f.name: dict(f.metadata or {}) for f in dataclasses.fields(cls)}
+
+
+def _outside_values(cls: type, values: dict[str, Any]) -> list[str]:
+    meta = _meta(cls)
+    return [f"{n}={v!r}" for n, v in values.items() if n in meta and out_of_range(meta[n], v) is not None]
+
+
+def test_translated_defaults_sit_inside_the_declared_ranges(tmp_path: Path) -> None:
+    """Each other trainer's default config, translated, and kohya's default tables, give in-range values."""
+    from sdcore.train import aitoolkit, kohya, onetrainer_config, simpletuner_config
+
+    fields = [f.name for f in dataclasses.fields(LoraOptions)]
+    path = tmp_path / "x.json"
+    onetrainer = onetrainer_config.translate_config(
+        {**onetrainer_config.DEFAULTS, "training_method": "LORA"}, fields, where="ot", path=path
+    )
+    simpletuner = simpletuner_config.translate_config(
+        {**simpletuner_config.DEFAULTS, "model_family": "flux", "model_type": "lora"}, fields, where="st", path=path
+    )
+    process: dict[str, Any] = copy.deepcopy(aitoolkit.DEFAULTS["process"])
+    for section in ("save", "logging", "sample", "network", "train", "model", "ema_config"):
+        process[section] = copy.deepcopy(aitoolkit.DEFAULTS[section])
+    process["type"] = "sd_trainer"
+    process["network"]["type"] = "lora"
+    process["datasets"] = [copy.deepcopy(aitoolkit.DEFAULTS["dataset"])]
+    job = aitoolkit.translate_job(
+        {"job": "extension", "config": {"name": "r", "process": [process]}}, fields, where="a", path=path
+    )
+    for translation in (onetrainer, simpletuner, job):
+        assert len(translation.values) > 10  # the defaults were translated
+        assert _outside_values(LoraOptions, translation.values) == []
+    for table in (kohya.KOHYA_DEFAULTS, *kohya.KOHYA_FAMILY_DEFAULTS.values()):
+        kohya_values = {name: value for name, value, _ in table}
+        assert kohya_values
+        assert _outside_values(LoraOptions, kohya_values) == []
+        assert _outside_values(DreamBoothOptions, kohya_values) == []

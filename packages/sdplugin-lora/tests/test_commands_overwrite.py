@@ -80,3 +80,26 @@ def test_an_output_with_no_file_name_or_a_folder_is_refused_naming_the_fix(tmp_p
             ), args
     message = _refused(_run("merge", source, "-o", folder, "--overwrite"))
     assert message == f"-o {str(folder)!r} is a folder: name the file to write (a path inside it)"
+
+
+def test_a_junk_lora_or_model_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """``lora merge junk.bin --model M``, ``lora resize junk.bin --base-model M`` and ``lora extract BASE junk``
+    loaded the model first and found the junk after it; the files are now read (LoRAs) or their headers checked
+    (models) first, one line for each problem, all at once."""
+    import sdplugin_lora.commands as commands
+
+    loaded = []
+    monkeypatch.setattr(commands, "_load_model", lambda source: loaded.append(source) or 1 / 0)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(200, 256)) * 40)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    out = tmp_path / "out.safetensors"
+    junk_line = f"{junk}: not a torch file (no zip and no pickle: byte 0xc8 is no pickle instruction)"
+    result = _run("merge", junk, empty, "--model", "tiny:sd1", "-o", out)
+    assert _refused(result) == f"{junk_line}; {empty}: empty file (0 bytes), not a safetensors file"
+    assert _refused(_run("resize", junk, "--rank", "2", "--base-model", "tiny:sd1", "-o", out)) == junk_line
+    assert _refused(_run("merge", junk, "--mode", "svd", "--base-model", "tiny:sd1", "-o", out)) == junk_line
+    result = _run("extract", "tiny:sd1", empty, "-o", out, "--rank", "2")
+    assert _refused(result) == f"{empty}: empty file (0 bytes), not a safetensors file"
+    assert loaded == [] and not out.exists()

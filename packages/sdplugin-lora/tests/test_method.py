@@ -103,6 +103,27 @@ def test_validate_rejects(kwargs):
         LoraMethod(LoraOptions(**kwargs)).validate()
 
 
+def test_network_and_base_weights_the_run_would_refuse_are_refused_by_validate_with_the_runs_line(tmp_path):
+    """``--network-weights junk.bin`` passed the pre-flight (``--dry-run`` exit 0) and the run refused it only after
+    the model loaded; the method's problems hook (``validate``, which the pre-flight calls) now reads the files
+    and gives the run's own line for each, all at once."""
+    from sdcore.errors import SdcoreError
+    from sdcore.models.load import load_model
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(200, 256)) * 40)
+    model = load_model("tiny:sd1").save(tmp_path / "sd1.safetensors")
+    lines = []
+    for path in (junk, model):
+        with pytest.raises(SdcoreError) as caught:
+            read_lora(path)  # what the run says after the load
+        lines.append(str(caught.value))
+    assert lines[0].startswith(f"{junk}: not a torch file") and "no LoRA modules" in lines[1]
+    with pytest.raises(ConfigError) as caught:
+        LoraMethod(LoraOptions(network_weights=str(junk), base_weights=str(model))).validate()
+    assert str(caught.value) == "; ".join(lines)
+
+
 def test_warm_start_from_network_weights(tmp_path):
     bundle = fresh_bundle("sd1")
     first = LoraMethod(LoraOptions(rank=2))

@@ -349,3 +349,18 @@ def test_jpeg_and_webp_outputs_end_to_end(tmp_path, monkeypatch):
     assert "Traceback" not in result.output
     result = _invoke([*base, "--jpeg-quality", "0", "-o", str(tmp_path / "b.jpg")])
     assert result.exit_code == 2 and "'--jpeg-quality': 0 is not in the range 1<=x<=100" in result.output
+
+
+def test_a_clip_skip_deeper_than_the_text_encoder_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """``--clip-skip`` past the text encoder's depth was found only when the loaded encoder ran: now from the
+    model's configs, train's pre-flight line (SDXL takes one less than SD1),"""
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: 1 / 0)
+    out = str(tmp_path / "x.png")
+    result = CliRunner().invoke(generate, ["cat", "-m", "tiny:sdxl", "--clip-skip", "3", "-o", out], obj=_pm())
+    assert result.exit_code != 0 and "ZeroDivision" not in repr(result.exception), result.output
+    assert "--clip-skip 3 too large: the sdxl model's text encoder has only 3 layers, so --clip-skip is " \
+           "at most 2" in str(result.exception)  # fmt: skip
+    result = CliRunner().invoke(generate, ["cat", "-m", "tiny:sd1", "--clip-skip", "4", "-o", out], obj=_pm())
+    assert "--clip-skip 4 too large: the sd1 model's text encoder has only 3 layers" in str(result.exception)
+    result = CliRunner().invoke(generate, ["cat", "-m", "tiny:sd1", "--clip-skip", "3", "-o", out], obj=_pm())
+    assert isinstance(result.exception, ZeroDivisionError)  # the deepest the encoder takes: on to the load

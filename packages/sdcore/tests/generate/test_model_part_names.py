@@ -162,7 +162,8 @@ def test_missing_and_ambiguous_names_are_refused_before_loading(comfy, tmp_path,
                              "--models-dir", str(comfy), "a", "-o", out))  # fmt: skip
     assert message == (
         f"--clip-l {comfy / 'text_encoders' / 't5xxl_fp16.safetensors'}: not a CLIP-L text encoder file (no tensor "
-        "named like ...text_model.final_layer_norm.weight)"
+        "named like ...text_model.final_layer_norm.weight); it holds a T5-XXL text encoder alone: give it with "
+        "--t5xxl to a model file that lacks it"
     )
     # a path that is not there: refused before the load, as before (then by click's path check)
     message = _error(_sdcore("-m", "flux1-dev", "--ae", "./ae.safetensors", "--models-dir", str(comfy), "a",

@@ -216,7 +216,9 @@ def test_a_vae_that_is_not_a_torch_file_is_one_line_in_the_preflight_and_at_load
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-        assert errors == [f"Error: --vae {path}: not a torch file ({errors[0].split('(', 1)[1]}"], result.output
+        assert errors == [
+            f"Error: --vae {path}: not a readable VAE file: not a torch file ({errors[0].split('(', 1)[1]}"
+        ]
         assert what in errors[0] and "Traceback" not in result.output
     page = tmp_path / "page.vae.pt"
     images = str(tmp_path / "images")
@@ -224,8 +226,8 @@ def test_a_vae_that_is_not_a_torch_file_is_one_line_in_the_preflight_and_at_load
     generated = CliRunner().invoke(cli, [*args, "--output", images])
     assert generated.exit_code == 2, generated.output  # generate's pre-flight, as train's
     assert generated.output.strip().splitlines() == [
-        f"Error: --vae {page}: not a torch file (it is a web page (HTML), not a model: the browser saved a download "
-        "page; download the file itself)"
+        f"Error: --vae {page}: not a readable VAE file: not a torch file (it is a web page (HTML), not a model: the "
+        "browser saved a download page; download the file itself)"
     ]
     # model info checks its part options before loading too (as generate, since it takes names): the same line
     loaded = CliRunner().invoke(cli, ["model", "info", str(tiny_files["sd1"]), "--no-hash", "--vae", str(page)])

@@ -72,6 +72,68 @@ def test_part_files_there_readable_and_of_their_kind(flux, tmp_path):
     assert len(problems) == 4
 
 
+def test_part_files_of_any_name_are_read_before_the_load_and_say_what_they_are(flux, tmp_path):
+    """``--vae junk.bin``: a file under a pickle's or no known name is read as the loader reads it (the safe
+    pickle reader, no code run) and refused in the pre-flight, and a LoRA or a CLIP file given as a VAE says what
+    it is; the load would otherwise be the first to find out."""
+    from sdcore.models.parts import part_file_problems
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(200, 256)) * 40)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    lora = {"lora_unet_a.lora_down.weight": torch.zeros(2, 2), "lora_unet_a.lora_up.weight": torch.zeros(2, 2)}
+    torch.save(lora, tmp_path / "lora.bin")
+    _save(lora, tmp_path / "lora.safetensors")
+    renamed = tmp_path / "ae"  # no suffix: the loader sniffs it as safetensors
+    renamed.write_bytes(flux["ae"].read_bytes())
+    torch.save({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "vae.pt")
+    assert part_file_problems({"vae": renamed}) == []
+    assert part_file_problems({"vae": tmp_path / "vae.pt"}) == []
+    assert part_file_problems({"vae": junk}) == [
+        f"--vae {junk}: not a readable VAE file: not a torch file (no zip and no pickle: byte 0xc8 is no pickle "
+        "instruction)"
+    ]
+    assert part_file_problems({"t5xxl": empty}) == [
+        f"--t5xxl {empty}: not a readable T5-XXL text encoder file: not a torch file (the file is empty)"
+    ]
+    for name in ("lora.bin", "lora.safetensors"):
+        (line,) = part_file_problems({"vae": tmp_path / name})
+        assert line.startswith(
+            f"--vae {tmp_path / name}: not a VAE file (no tensor named like ...encoder.conv_in.weight); it is a LoRA"
+        )
+    (line,) = part_file_problems({"vae": flux["clip_l"]})
+    assert line.endswith("; it holds a CLIP-L text encoder / CLIP-G text encoder alone: give it with --clip-l or "
+                         "--clip-g to a model file that lacks it")  # fmt: skip
+
+
+def test_train_dry_run_and_generate_refuse_a_junk_vae_before_the_model_loads(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.models.load import load_model
+    from sdcore.plugins import get_plugin_manager
+
+    main = build_cli(get_plugin_manager())
+    model = load_model("tiny:sd1").save(tmp_path / "sd1.safetensors")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(200, 256)) * 40)
+    data = tmp_path / "data"
+    data.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(data / "a.png")
+    (data / "a.txt").write_text("a cat")
+    line = f"--vae {junk}: not a readable VAE file: not a torch file ("
+    train = ["train", "lora", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
+             "--resolution", "64", "--min-bucket-reso", "64", "--vae", str(junk), "--dry-run"]  # fmt: skip
+    result = CliRunner().invoke(main, train)
+    assert result.exit_code == 2 and line in result.output, result.output
+    result = CliRunner().invoke(main, ["generate", "cat", "--model", str(model), "--vae", str(junk), "--steps", "1",
+                                       "-o", str(tmp_path / "x.png")])  # fmt: skip
+    assert result.exit_code == 2 and line in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()
+
+
 def test_flux_slots_from_the_header_and_the_folder(flux):
     from sdcore.models.flux.load import TAKES_PARTS, flux_part_slots
 

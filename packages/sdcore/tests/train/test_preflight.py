@@ -396,3 +396,28 @@ def test_base_weights_exclude_is_matched_on_a_denoiser_a_method_leaves_unfrozen_
     unused = CliRunner().invoke(cli, [*args, "--base-weights-exclude", "time_embedding.*,*no_such*"])
     assert unused.exit_code == 2, unused.output
     assert "Error: --base-weights-exclude *no_such*: matches none" in unused.output, unused.output
+
+
+def test_a_clip_skip_deeper_than_the_text_encoder_is_a_preflight_problem(tmp_path):
+    """``--clip-skip N`` past the text encoder's depth was found only when the loaded encoder ran; the pre-flight
+    reads the depth from the layout (no weights) with each family's count: SD1 takes up to the depth, SDXL one
+    less (clip skip 1 is its penultimate layer already). The boundary is the one the encoders refuse at run time."""
+    from sdcore.models.text import encode_prompts
+
+    def problems(model, skip):
+        o = _opts(tmp_path, model=model, clip_skip=skip)
+        return [p for p in run_preflight(ConvOutMethod(o), o, plan=False).problems if "clip-skip" in p]
+
+    for model, deepest in (("tiny:sd1", 3), ("tiny:sdxl", 2)):  # the tiny CLIPs are 3 layers deep
+        assert problems(model, deepest) == []
+        (line,) = problems(model, deepest + 1)
+        family = model.split(":")[1]
+        assert line.startswith(
+            f"--clip-skip {deepest + 1} too large: the {family} model's text encoder has only 3 layers, so "
+            f"--clip-skip is at most {deepest}"
+        )
+        bundle = create_tiny_bundle(family)
+        encode_prompts(bundle, ["a cat"], clip_skip=deepest)  # the run takes the deepest
+        with pytest.raises(ConfigError, match="--clip-skip too large"):
+            encode_prompts(bundle, ["a cat"], clip_skip=deepest + 1)  # and refuses one more
+    assert problems("tiny:flux", 9) == []  # Flux reads no CLIP hidden states: nothing to refuse

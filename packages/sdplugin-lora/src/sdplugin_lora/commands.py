@@ -90,6 +90,42 @@ def _check_output(
         raise ConfigError("; ".join(found), found)
 
 
+def _read_loras(files: list[str]) -> list[Any]:
+    """Each LoRA file read before any model loads (a junk file found only after a 6 GB model loaded wastes the
+    load), one line for each that cannot be, all at once."""
+    from sdcore.errors import ConfigError, SdcoreError
+
+    from .format import read_lora
+
+    read, problems = [], []
+    for file in files:
+        try:
+            read.append(read_lora(file))
+        except SdcoreError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+    return read
+
+
+def _readable_models(sources: dict[str, str]) -> None:
+    """Each model ``sources`` names (``BASE``/``TUNED`` -> path) read from its header (the layout, no weights),
+    before the first of them loads: the second one's problem is said without loading the first."""
+    from sdcore.errors import ConfigError, SdcoreError
+    from sdcore.models.layout import LayoutUnavailableError, read_layout
+
+    problems = []
+    for source in sources.values():
+        try:
+            read_layout(source)
+        except LayoutUnavailableError:  # readable; its family describes it only once loaded
+            pass
+        except SdcoreError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+
+
 _SAVE_PRECISION = "did you mean --save-dtype? kohya's --save_precision: fp16, bf16, or fp32 for its float"
 _SAVE_TO = "kohya's --save_to is -o/--output here"
 _RATIOS = "kohya's --ratios: each ratio follows its file, a.safetensors:0.7 b.safetensors:0.3"
@@ -253,6 +289,7 @@ def extract_command(
     same = same_place(Path(base), tuned)  # said before two models are read for a difference of zero
     problems = [f"BASE {base} and TUNED {tuned} are the same model: nothing to extract; give the fine-tune as TUNED"]
     _check_output(output, [base, tuned], overwrite, problems if same else None)
+    _readable_models({"BASE": base, "TUNED": tuned})
 
     result = extract_lora(
         _load_model(base),
@@ -304,15 +341,14 @@ def resize_command(
     overwrite: bool,
 ) -> None:
     """Re-factor a LoRA-family FILE (any algorithm) to a LoRA of a new rank, keeping its strength."""
-    from .format import read_lora, save_lora
+    from .format import save_lora
     from .tools import resize_lora
 
     _check_output(output, [file, *([base_model] if base_model else [])], overwrite)
 
+    (lora,) = _read_loras([file])
     base = _load_model(base_model) if base_model else None
-    result = resize_lora(
-        read_lora(file), rank, conv_rank=conv_rank, dynamic=dynamic, dynamic_param=dynamic_param, base=base
-    )
+    result = resize_lora(lora, rank, conv_rank=conv_rank, dynamic=dynamic, dynamic_param=dynamic_param, base=base)
     path = save_lora(output, result.tensors, result.metadata, dtype=save_dtype)
     new_ranks = sorted({new for _, new in result.ranks.values()})
     kept = sum(result.fro_retained.values()) / max(len(result.fro_retained), 1)
@@ -365,7 +401,7 @@ def merge_command(
     """Merge LORAS (each FILE[:RATIO]) into a checkpoint (--model) or into one LoRA."""
     from sdcore.errors import ConfigError
 
-    from .format import read_lora, save_lora
+    from .format import save_lora
     from .tools import merge_into_model, merge_loras
 
     problems: list[str] = []
@@ -383,9 +419,10 @@ def merge_command(
         if save_format(output) == "diffusers":
             problems = [*problems, *diffusers_target_problems(Path(output), sources)]
     _check_output(output, sources, overwrite, problems, lora=not model)
+    read = _read_loras([str(p) for p, _ in weighted])
     if model:
         bundle = _load_model(model)
-        touched = merge_into_model(bundle, weighted)
+        touched = merge_into_model(bundle, [(lora, r) for lora, (_, r) in zip(read, weighted, strict=True)])
         path = bundle.save(output, dtype=save_dtype)
         click.echo(f"wrote {path}: {touched} weights changed")
         return
@@ -397,7 +434,7 @@ def merge_command(
                    "--new_rank default; give --rank for another", err=True)  # fmt: skip
     base = _load_model(base_model) if base_model else None
     tensors, meta = merge_loras(
-        [(read_lora(p), r) for p, r in weighted],
+        [(lora, r) for lora, (_, r) in zip(read, weighted, strict=True)],
         mode=mode,
         rank=rank,
         conv_rank=conv_rank,

@@ -975,7 +975,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         return problems
 
     def _weights_file_problems(self) -> list[str]:
-        """--dim-from-weights and --base-weights values (kohya's train_network.py reads them)."""
+        """--dim-from-weights, --network-weights and --base-weights values (kohya's train_network.py reads them); the
+        files are read as LoRA files here, so one the run would refuse after the model loads is refused in the
+        pre-flight with the run's own line."""
         o = self.options
         problems: list[str] = []
         if o.dim_from_weights:
@@ -996,6 +998,17 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if o.base_weights is not None and not files:
             problems.append("--base-weights is empty: give one or more LoRA files, comma-separated")
         problems += [f"--base-weights {f}: file not found" for f in files if not Path(f).is_file()]
+        # read now as the run reads them after the model loads (a junk or non-LoRA file): the same line, sooner
+        from sdcore.errors import SdcoreError
+
+        from .format import read_lora
+
+        for file in ([o.network_weights] if o.network_weights else []) + files:
+            if Path(file).is_file():
+                try:
+                    read_lora(file)
+                except SdcoreError as exc:
+                    problems.append(str(exc))
         if o.base_weights_multiplier is not None:
             if not files:
                 problems.append("--base-weights-multiplier without --base-weights has nothing to scale")

@@ -966,6 +966,7 @@ def _run_generate(
     problems += _reference_problems(params)
     problems += _mask_problems(params)
     problems += _control_problems(params)
+    problems += _clip_skip_problems(cells, wheres)
     # every network file every prompt names, resolved as the session will resolve it, all missing ones at once
     problems += session.check(pair for run in runs for pair in _network_prompts(run))
     # a network that makes the model a FLUX.1 Depth/Canny one (BFL's control LoRAs) needs --control-image
@@ -1451,6 +1452,39 @@ def _reference_problems(params: dict[str, Any]) -> list[str]:
         sized_reference(open_reference(params["reference_image"]), _reference_mode(params))
     except ConfigError as exc:
         problems.append(str(exc))
+    return problems
+
+
+def _clip_skip_problems(cells: Sequence[dict[str, Any]], wheres: Sequence[str]) -> list[str]:
+    """Each cell's ``--clip-skip`` past its model's text-encoder depth (read from the model's configs: no weights),
+    as train's pre-flight says it (:func:`sdcore.models.text.clip_skip_problem`), instead of once the encoder runs.
+    A model whose layout cannot be read here is its loader's to refuse; Flux and Chroma ignore clip skip."""
+    from ..errors import SdcoreError
+    from ..models.family import family_adapter, get_family
+    from ..models.layout import read_layout
+    from ..models.text import clip_skip_problem
+
+    problems: list[str] = []
+    layouts: dict[str, Any] = {}
+    for cell, where in zip(cells, wheres, strict=True):
+        skip, model = cell.get("clip_skip") or 1, cell.get("model")
+        if skip <= 1 or not model:
+            continue
+        if model not in layouts:
+            try:
+                layout = read_layout(model)
+                ignored = getattr(family_adapter(get_family(layout.family)), "clip_skip_ignored", False)
+                layouts[model] = None if ignored else layout
+            except (SdcoreError, OSError):
+                layouts[model] = None
+        layout = layouts[model]
+        line = (
+            None
+            if layout is None
+            else clip_skip_problem(skip, layout.family, layout.configs.get("text_encoders") or [])
+        )
+        if line is not None and f"{where}{line}" not in problems:
+            problems.append(f"{where}{line}")
     return problems
 
 

@@ -68,8 +68,6 @@ def given_parts(options: Any) -> dict[str, Any]:
 def part_file_problems(parts: Mapping[str, Any]) -> list[str]:
     """Each given part that is not there, not readable, or (from its header or first bytes) not that part: one line
     each."""
-    from .source import PICKLE_SUFFIXES, read_safetensors_header
-
     problems: list[str] = []
     for name, value in parts.items():
         where = Path(str(value)).expanduser()
@@ -83,26 +81,38 @@ def part_file_problems(parts: Mapping[str, Any]) -> list[str]:
             problems.append(f"{head}: the file is not readable")
         elif name == "t5_tokenizer":
             problems.append(f"{head}: give the tokenizer's folder (with tokenizer.json or spiece.model)")
-        elif where.suffix.lower() == ".safetensors":
-            try:
-                header, _ = read_safetensors_header(where)
-            except (SdcoreError, OSError) as exc:
-                problems.append(f"{head}: {exc}")
-                continue
-            probes = _PROBES.get(name, ())
-            if probes and name not in parts_in(header):
-                problems.append(f"{head}: not a {PART_LABELS[name]} file (no tensor named like ...{probes[0]})")
-        elif where.suffix.lower() in PICKLE_SUFFIXES:  # a renamed safetensors file, a saved web page...
-            from .safe_pickle import not_torch_file
-
-            try:
-                what = not_torch_file(where)
-            except OSError as exc:
-                problems.append(f"{head}: {exc}")
-                continue
-            if what is not None:
-                problems.append(f"{head}: not a torch file ({what})")
+        else:
+            problem = _part_file_kind_problem(name, where)
+            if problem is not None:
+                problems.append(f"{head}: {problem}")
     return problems
+
+
+def _part_file_kind_problem(name: str, where: Path) -> str | None:
+    """Why the part file ``where`` cannot be the part ``name`` (``not a readable VAE file: ...``, ``not a VAE file
+    (...); it is a LoRA ...``), from its header or, for a pickle, through the safe reader the loader uses
+    (:class:`~sdcore.models.source.CheckpointSource`: no code runs; a zip pickle is memory-mapped), so the pre-flight
+    refuses what the load would; ``None`` when it is that part (or a part without a probe tensor)."""
+    from .detect import _part_hint, network_file_hint
+    from .source import CheckpointSource
+
+    label = PART_LABELS[name]
+    try:
+        source = CheckpointSource(where)
+    except (SdcoreError, OSError) as exc:
+        reason = str(exc)
+        reason = reason[len(f"{where}: ") :] if reason.startswith(f"{where}: ") else reason
+        return f"not a readable {label} file: {reason}"
+    try:
+        keys = set(source.keys)
+    finally:
+        source.close()
+    probes = _PROBES.get(name, ())
+    if not probes or name in parts_in(keys):
+        return None
+    others = [part for part in parts_in(keys) if part != name]
+    hint = _part_hint(keys) if others else network_file_hint(keys)
+    return f"not a {label} file (no tensor named like ...{probes[0]}){hint}"
 
 
 def _family_of(path: Path) -> str:

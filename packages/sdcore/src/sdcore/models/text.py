@@ -22,7 +22,7 @@ Nothing here disables gradients: when a method trains a text encoder, gradients 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -132,6 +132,32 @@ def _run_encoder(text_encoder: Any, ids: torch.Tensor, layer: int) -> Any:
 
         raise ConfigError(f"--clip-skip too large: the text encoder has only {len(out.hidden_states) - 1} layers")
     return out
+
+
+def deepest_clip_skip(depth: int, family: str) -> int:
+    """The largest ``clip_skip`` the encoders take for a CLIP text encoder ``depth`` layers deep: SD1/SD2 read
+    ``hidden_states[-clip_skip]`` (:func:`encode_prompts`) and SD3 diffusers' ``-(n + 2)`` with ``n = clip_skip - 1``,
+    so the depth itself; SDXL reads ``hidden_states[-(clip_skip + 1)]`` (clip skip 1 is already the penultimate
+    layer), one less. :func:`_run_encoder` and SD3's ``clip_embeds`` refuse deeper ones once the encoder runs."""
+    return depth - 1 if family.startswith("sdxl") else depth
+
+
+def clip_skip_problem(clip_skip: int, family: str, encoder_configs: Sequence[Mapping[str, Any]]) -> str | None:
+    """``--clip-skip N`` deeper than the shallowest CLIP text encoder of ``family`` takes (its ``config.json``s, as a
+    model layout holds them: known before any weight loads), for the pre-flight; ``None`` when it fits or no CLIP
+    depth is known (a T5's config says ``num_layers``, not ``num_hidden_layers``: clip skip does not reach it)."""
+    depths = [int(c["num_hidden_layers"]) for c in encoder_configs if isinstance(c.get("num_hidden_layers"), int)]
+    if clip_skip <= 1 or not depths:
+        return None
+    depth = min(depths)
+    deepest = deepest_clip_skip(depth, family)
+    if clip_skip <= deepest:
+        return None
+    sdxl = " (SDXL counts from the penultimate layer: clip skip 1 is already one layer back)"
+    return (
+        f"--clip-skip {clip_skip} too large: the {family} model's text encoder has only {depth} layers, so "
+        f"--clip-skip is at most {deepest}{sdxl if family.startswith('sdxl') else ''}"
+    )
 
 
 def encode_prompts(

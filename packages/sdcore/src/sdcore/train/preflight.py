@@ -1131,6 +1131,18 @@ def run_preflight(
         report.notes.extend(notes)
         if not problems and o.prediction_type != "auto":  # the checks below and the plans see what will train
             report.layout = replace(report.layout, prediction_type=o.prediction_type, prediction_source="user")
+        from ..models.family import family_adapter, get_family
+        from ..models.text import clip_skip_problem
+
+        try:  # Flux and Chroma read no CLIP hidden states: clip skip changes nothing there (generate warns)
+            ignored = getattr(family_adapter(get_family(report.layout.family)), "clip_skip_ignored", False)
+        except SdcoreError:
+            ignored = True
+        if not ignored:
+            encoders = report.layout.configs.get("text_encoders") or []
+            skip = clip_skip_problem(o.clip_skip, report.layout.family, encoders)
+            if skip is not None:
+                report.problems.append(skip)
         problems, notes = objective_option_checks(o, report.layout.family)
         report.problems.extend(problems)
         report.notes.extend(notes)

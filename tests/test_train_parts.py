@@ -213,7 +213,8 @@ def test_preflight_reports_every_wrong_part_at_once(flux_files, data, tmp_path, 
     args = ["--clip-l", f["t5xxl"], "--t5xxl", missing, "--ae", f["ae"], "--clip-g", f["clip_l"]]
     lines = _refused(_train(sd_cli, pm, f["model"], data, tmp_path / "x.safetensors", *args, "--lr", "-1"))
     assert f"Error: --clip-l {f['t5xxl']}: not a CLIP-L text encoder file (no tensor named like " \
-           "...text_model.final_layer_norm.weight)" in lines  # fmt: skip
+           "...text_model.final_layer_norm.weight); it holds a T5-XXL text encoder alone: give it with --t5xxl to a " \
+           "model file that lacks it" in lines  # fmt: skip
     assert f"Error: --t5xxl {missing}: no such file or folder (the T5-XXL text encoder)" in lines
     assert any(line.startswith("Error: --clip-g: not a part of this FLUX.1 (flux) file") for line in lines), lines
     assert "Error: --lr must be positive, got -1.0" in lines  # the other options' problems come with them

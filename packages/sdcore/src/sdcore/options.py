@@ -7,7 +7,6 @@ drift apart. Use :func:`option` instead of ``dataclasses.field`` in option datac
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -97,15 +96,23 @@ def out_of_range(metadata: Mapping[str, Any], value: Any) -> str | None:
     return None
 
 
-_SOURCES = "_sdcore_option_sources"
+#: where config files gave the values of live options instances, by ``id``: kept beside the instance, not in its
+#: ``__dict__``, so ``Options(**vars(o))`` and ``dataclasses.asdict`` see only the options; a finalizer drops the entry
+_SOURCES: dict[int, dict[str, str]] = {}
 
 
 def record_sources(options: Any, sources: Mapping[str, str]) -> None:
-    """Remember, on an options instance, where a config file gave values (``{"ema_decay": "run.toml: ema_decay"}``,
+    """Remember, for an options instance, where a config file gave values (``{"ema_decay": "run.toml: ema_decay"}``,
     a kohya name where it was translated), so :func:`range_problems` names the key the user wrote. A copy made with
     ``dataclasses.replace`` forgets them; its problems then name the flag."""
-    with contextlib.suppress(AttributeError, TypeError):  # a slotted options class: its problems name the flag
-        object.__setattr__(options, _SOURCES, dict(sources))
+    import weakref
+
+    key = id(options)
+    try:
+        weakref.finalize(options, _SOURCES.pop, key, None)
+    except TypeError:  # an options class without weak references (slots): its problems name the flag
+        return
+    _SOURCES[key] = dict(sources)
 
 
 def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -113,7 +120,7 @@ def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> 
     declared range: ``--ema-decay must be between 0 and 1 (exclusive), got -1.0``, or ``run.toml: ema_decay must be
     ...`` for a value a config file gave. Options already named at the start of a line in ``reported`` are left out:
     a check made where the option takes effect says more (``--huber-c must be positive (kohya's default 0.1)``)."""
-    sources: Mapping[str, str] = getattr(options, _SOURCES, {})
+    sources: Mapping[str, str] = _SOURCES.get(id(options), {})
     problems: list[str] = []
     for f in dataclasses.fields(options):
         meta: Mapping[str, Any] = f.metadata or {}

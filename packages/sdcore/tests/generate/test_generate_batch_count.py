@@ -307,6 +307,16 @@ def test_a_json_entrys_problem_names_the_entry(tmp_path):
     ]
 
 
+def test_a_seed_list_in_a_json_prompt_file_is_one_problem_naming_the_entry(tmp_path):
+    """gen_img.py's ``--d 1,2,3`` list is a text line's; kohya's JSON/TOML prompt files take one seed."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "x", "seed": [4, 5]}]), encoding="utf-8")
+    jobs, problems = read_prompt_file(str(path))
+    assert jobs == [] and len(problems) == 1
+    assert problems[0].startswith(f"--from-file {path} prompt 1: 'seed' [4, 5]: a list of seeds is not taken")
+    assert problems[0].endswith("give one: seed = 4")
+
+
 def test_kept_letters_leave_the_training_samples_parser_as_it_was():
     """``keep`` is generate's alone: without it ``--t`` stays an ignored option of a sample prompt."""
     from sdcore.train.sample_prompts import parse_prompt_line

@@ -148,6 +148,10 @@ def same_place(a: Path, b: str) -> bool:
     return a.expanduser().resolve() == other.expanduser().resolve()
 
 
+#: the ``--overwrite`` flag of the commands that write a result file or model (``output_problems``' rule)
+OVERWRITE_HELP = "Replace the output if it already exists (else that is an error, found before any work)."
+
+
 def output_problems(
     outputs: Sequence[Path],
     *,

@@ -144,7 +144,7 @@ def test_move_keeps_what_the_destination_holds(tmp_path):
     (data / "b.txt").write_text("moved caption")
     (target / "b.png").write_bytes(b"earlier image")
     (target / "b-2.txt").write_text("earlier caption")
-    moved = dict(move_duplicates([DuplicateGroup(data / "a.png", (data / "b.png",), 0)], target))
+    moved = dict(move_duplicates([DuplicateGroup(data / "a.png", (data / "b.png",), 0)], target).moved)
     assert moved[data / "b.png"] == target / "b-3.png" and (target / "b-3.png").read_bytes() == b"moved image"
     assert moved[data / "b.txt"] == target / "b-3.txt" and (target / "b-3.txt").read_text() == "moved caption"
     assert (target / "b.png").read_bytes() == b"earlier image" and (target / "b-2.txt").read_text() == "earlier caption"
@@ -168,8 +168,35 @@ def test_a_caption_shared_with_an_image_that_stays_is_copied_not_moved(tmp_path)
         DuplicateGroup(data / "a.png", (data / "a.jpg",), 0),
         DuplicateGroup(data / "b.png", (data / "c.png",), 0),
     ]
-    moved = dict(move_duplicates(groups, target))
+    done = move_duplicates(groups, target)
+    moved = dict(done.moved)
     assert (data / "a.txt").read_text() == "the caption of both"  # the kept image keeps its caption
-    assert moved[data / "a.txt"] == target / "a.txt" and (target / "a.txt").read_text() == "the caption of both"
+    assert done.copied == [(data / "a.txt", target / "a.txt")] and data / "a.txt" not in moved
+    assert (target / "a.txt").read_text() == "the caption of both"
     assert not (data / "a.jpg").exists() and (target / "a.jpg").read_bytes() == b"duplicate"
     assert not (data / "c.txt").exists() and (target / "c.txt").read_text() == "c's own caption"  # its own: moved
+
+
+def test_json_lists_a_copied_caption_under_copied_not_moved(tmp_path):
+    """``dedupe --json`` listed a caption that stays in the dataset (copied: the kept image reads it) under "moved",
+    so a script taking "moved" as gone was wrong; it has its own key now."""
+    data, target = tmp_path / "data", tmp_path / "dups"
+    data.mkdir()
+    image = draw("circle", COLOURS[0], (0.5, 0.5), BACKGROUNDS[0])
+    image.save(data / "a.png")
+    image.resize((64, 64)).save(data / "a.jpg", quality=95)  # the smaller duplicate: it moves
+    (data / "a.txt").write_text("the caption of both")
+    other = draw("square", COLOURS[2], (0.4, 0.6), BACKGROUNDS[1])
+    other.save(data / "b.png")
+    other.resize((64, 64)).save(data / "c.png")
+    (data / "c.txt").write_text("c's own caption")
+    args = ["dedupe", str(data), "--move-to", str(target), "--yes"]
+    result = CliRunner().invoke(data_group, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    as_json = json.loads(result.output)
+    moved = {(m["from"], m["to"]) for m in as_json["moved"]}
+    assert moved == {(str(data / n), str(target / n)) for n in ("a.jpg", "c.png", "c.txt")}
+    assert as_json["copied"] == [{"from": str(data / "a.txt"), "to": str(target / "a.txt")}]
+    assert (data / "a.txt").is_file() and not (data / "c.txt").exists()
+    empty = json.loads(CliRunner().invoke(data_group, ["dedupe", str(data), "--json"]).output)
+    assert empty["moved"] == [] and empty["copied"] == []

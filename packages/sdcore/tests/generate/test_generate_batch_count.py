@@ -134,6 +134,30 @@ def test_kohya_seed_list_gives_the_line_images_their_seeds(tmp_path):
     assert "seeds 9, 11 are not used (kohya's rule); --n-iter 3 renders one image per seed" in result.stderr
 
 
+def test_a_seed_list_with_a_random_variation_seed_is_a1111s(tmp_path):
+    """A seed list (``--d 5,9,11``) with ``--subseed -1 --subseed-strength``: A1111 draws the -1 once for the line's
+    job and gives image i the list's seed i and variation seed drawn + i (processing.py: ``all_subseeds =
+    subseed + x``), written in each image's parameters; a second line draws its own. A given subseed is subseed
+    + i the same way."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat --d 5,9,11\na dog --d 3\n", encoding="utf-8")
+    variation = ["--subseed", "-1", "--subseed-strength", "0.5", "--batch", "3"]
+    result = _invoke([*_BASE, "--from-file", str(prompts), *variation, "-o", str(tmp_path / "v.png")])
+    assert result.exit_code == 0, result.output
+    got = [parse_parameters(_read(tmp_path / f"v-{i}.png")[1]) for i in range(6)]
+    assert [p.seed for p in got] == [5, 9, 11, 3, 3, 3]  # a single --d: all the seed, with a strength (A1111)
+    subseeds = [int(p.extra["Variation seed"]) for p in got]
+    assert all(p.extra["Variation seed strength"] == "0.5" for p in got)
+    assert subseeds[:3] == [subseeds[0] + i for i in range(3)], subseeds
+    assert subseeds[3:] == [subseeds[3] + i for i in range(3)], subseeds
+    prompts.write_text("a cat --d 5,9\n", encoding="utf-8")
+    variation[1] = "40"
+    result = _invoke([*_BASE, "--from-file", str(prompts), *variation, "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    got = [parse_parameters(_read(tmp_path / f"g-{i}.png")[1]) for i in range(3)]
+    assert [(p.seed, p.extra["Variation seed"]) for p in got] == [(5, "40"), (9, "41"), (10, "42")]
+
+
 def test_every_line_problem_at_once_before_the_model_loads(tmp_path, no_model_load):
     prompts = tmp_path / "bad.txt"
     prompts.write_text(
@@ -305,6 +329,16 @@ def test_a_json_entrys_problem_names_the_entry(tmp_path):
     assert job_params(params, jobs[1], "start")[1] == [
         "prompt 2: --width/--height given by half; give both, or --size for the other"
     ]
+
+
+def test_a_seed_list_in_a_json_prompt_file_is_one_problem_naming_the_entry(tmp_path):
+    """gen_img.py's ``--d 1,2,3`` list is a text line's; kohya's JSON/TOML prompt files take one seed."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "x", "seed": [4, 5]}]), encoding="utf-8")
+    jobs, problems = read_prompt_file(str(path))
+    assert jobs == [] and len(problems) == 1
+    assert problems[0].startswith(f"--from-file {path} prompt 1: 'seed' [4, 5]: a list of seeds is not taken")
+    assert problems[0].endswith("give one: seed = 4")
 
 
 def test_kept_letters_leave_the_training_samples_parser_as_it_was():

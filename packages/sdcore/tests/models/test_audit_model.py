@@ -3,7 +3,8 @@
 ``model convert model.safetensors model.ckpt`` (A1111's suffix) wrote a diffusers *folder* named model.ckpt, and
 ``model convert a.safetensors a.safetensors --dtype fp16`` replaced the source with its fp16 copy, the original
 lost. A pickle suffix is now refused before the model is read (``--to diffusers`` still names a folder as the user
-likes), and DST is never SRC or a part file the model is read from; an earlier model at DST is still replaced.
+likes), and DST is never SRC or a part file the model is read from; an earlier model at DST is replaced only with
+``--overwrite``, as the lora tools' outputs are.
 """
 
 from __future__ import annotations
@@ -52,11 +53,50 @@ def test_convert_never_replaces_its_source(tmp_path):
     vae.write_bytes((tmp_path / "other.safetensors").read_bytes())
     result = _run("convert", src, vae, "--vae", vae)
     assert isinstance(result.exception, ConfigError) and f"DST {vae} is the input {vae}" in str(result.exception)
-    # an earlier result at DST is replaced, as before
+    # an earlier result at DST is replaced with --overwrite only
     out = tmp_path / "out.safetensors"
-    for _ in range(2):
-        result = _run("convert", src, out, "--dtype", "fp16")
-        assert result.exit_code == 0, result.output
+    assert _run("convert", src, out, "--dtype", "fp16").exit_code == 0
+    result = _run("convert", src, out, "--overwrite")
+    assert result.exit_code == 0, result.output
+
+
+def test_an_earlier_model_at_dst_is_kept_unless_overwrite(tmp_path, monkeypatch):
+    """``model convert SRC DST`` and ``create-tiny DST`` replaced an existing DST (a file, or an earlier diffusers
+    folder) in silence, where ``lora merge/resize/extract`` refuse it unless --overwrite: now the same rule, said
+    before the model is read."""
+    import sdcore.models.load as load_module
+
+    src = tmp_path / "m.safetensors"
+    assert _run("create-tiny", src).exit_code == 0
+    single, folder = tmp_path / "out.safetensors", tmp_path / "out-diffusers"
+    assert _run("convert", src, single).exit_code == 0 and _run("convert", src, folder).exit_code == 0
+    kept = {single: single.read_bytes(), folder: (folder / "model_index.json").read_bytes()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was read")
+
+    monkeypatch.setattr(load_module, "load_model", refuse)
+    for args, dst in (
+        (("convert", src, single, "--dtype", "fp16"), single),
+        (("convert", src, folder), folder),
+        (("create-tiny", single, "--seed", "1"), single),
+        (("create-tiny", folder), folder),
+    ):
+        result = _run(*args)
+        assert isinstance(result.exception, ConfigError), (args, result.exception, result.output)
+        assert str(result.exception) == f"{dst} already exists; pass --overwrite to replace it, or choose another DST"
+    monkeypatch.undo()
+    assert single.read_bytes() == kept[single] and (folder / "model_index.json").read_bytes() == kept[folder]
+    for args in (("convert", src, single, "--dtype", "fp16"), ("convert", src, folder), ("create-tiny", single)):
+        result = _run(*args, "--overwrite")
+        assert result.exit_code == 0, (args, result.output)
+    assert single.read_bytes() != kept[single]
+    # a folder of other things is refused whatever --overwrite says: no advice to pass it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    result = _run("convert", src, other)
+    assert "--overwrite" not in str(result.exception) and "is not a diffusers model" in str(result.exception)
 
 
 def test_a_lora_or_embedding_given_as_the_model_says_what_it_is(tmp_path):

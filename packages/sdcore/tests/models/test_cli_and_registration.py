@@ -67,7 +67,7 @@ def test_convert_never_replaces_a_folder_or_file_that_is_not_a_model(tmp_path):
     """``model convert SRC DST`` writes a diffusers folder when DST has no .safetensors suffix. A DST folder
     holding other things (the user's models folder) or a file must be refused and left as it was; diffusers'
     ``save_pretrained`` and kohya's converter write into a folder and never delete what is in it. An earlier
-    model folder, or an empty folder, is replaced."""
+    model folder is replaced with --overwrite; an empty folder holds nothing to lose."""
     from sdcore.errors import SdcoreError
 
     runner = CliRunner()
@@ -88,9 +88,10 @@ def test_convert_never_replaces_a_folder_or_file_that_is_not_a_model(tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    for dst in (empty, empty):  # an empty folder, then the model folder written there the first time
-        result = runner.invoke(model_commands.model_group, ["convert", str(src), str(dst)])
+    for extra in ([], ["--overwrite"]):  # an empty folder, then the model folder written there the first time
+        result = runner.invoke(model_commands.model_group, ["convert", str(src), str(empty), *extra])
         assert result.exit_code == 0, result.output
+        dst = empty
         assert (dst / "model_index.json").is_file()
 
 

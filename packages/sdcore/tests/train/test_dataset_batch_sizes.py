@@ -281,3 +281,33 @@ def test_lora_metadata_has_each_datasets_batch_size_in_ss_datasets(tmp_path):
         meta = kohya_training_metadata(o, info)
         assert "ss_batch_size_per_device" not in meta
         assert [d["batch_size_per_device"] for d in json.loads(meta["ss_datasets"])] == [4, second]
+
+
+def test_a_batch_size_no_bucket_fills_is_said_with_the_batch_used(tmp_path):
+    """``--batch-size 1000000000000`` on 5 images trained in batches of 5 (a batch is one bucket's images, as
+    kohya's) while the dry run said "batches of 1000000000000" and the memory plan sized a petabyte: now one note
+    names the batch used, and the logs and the memory plan use it."""
+    from sdcore.train.options import apply_model_defaults
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    make_tiny_dataset(tmp_path / "d", n=5, size=64, concept="a")
+    huge = 10**12
+    o = TrainOptions(data=str(tmp_path / "d"), batch_size=huge, max_bucket_reso=128, bucket_step=32, min_bucket_reso=32)
+    data = plan_train_data(build_dataset_index(o), o, balance_class=False)
+    assert data.effective_batch(huge) == 5 and data.batch_sizes_text == "5" and data.batch_shapes[0][0] == 5
+    assert data.batch_size_notes() == [
+        f"--batch-size {huge}: no bucket holds that many images and a batch is one bucket's (as in kohya), so batches "
+        "hold at most 5: the run trains at batch size 5"
+    ]
+    lo = LoraOptions(
+        model="tiny:sd1", data=str(tmp_path / "d"), output=str(tmp_path / "o.safetensors"), batch_size=huge
+    )
+    apply_model_defaults(lo)
+    report = run_preflight(LoraMethod(lo), lo)
+    assert not report.problems, report.problems
+    assert data.batch_size_notes()[0] in report.notes
+    assert report.memory is not None and report.memory.estimate.settings["batch_size"] == 5
+    # a batch size a bucket fills: no note, the size as given
+    o = TrainOptions(data=str(tmp_path / "d"), batch_size=2, max_bucket_reso=128, bucket_step=32, min_bucket_reso=32)
+    data = plan_train_data(build_dataset_index(o), o, balance_class=False)
+    assert data.batch_size_notes() == [] and data.batch_sizes_text == "2"

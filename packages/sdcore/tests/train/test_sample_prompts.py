@@ -84,6 +84,29 @@ def test_json_and_toml_prompt_files(tmp_path):
     ]
 
 
+def test_a_seed_list_in_a_json_or_toml_prompt_file_is_refused_by_name(tmp_path):
+    """``"seed": [1, 2, 3]`` (gen_img.py's ``--d`` list written in kohya's JSON/TOML sample prompts, where kohya
+    takes one seed) was "--seed needs a number"; a seed 0 or below was "--seed must be positive" (a line's ``--d 0``
+    is taken), and a key was named by sdcore's word (``--steps`` for ``sample_steps``)."""
+    for text, suffix, where in (
+        (json.dumps([{"prompt": "a", "seed": [1, 2, 3]}]), ".json", "f prompt 1"),
+        ('[prompt]\nseed = [1, 2]\n[[prompt.subset]]\nprompt = "a"\n', ".toml", "f subset 1"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse_prompt_file(text, suffix, "f")
+        seeds = "[1, 2, 3]" if suffix == ".json" else "[1, 2]"
+        assert str(caught.value) == (
+            f"{where}: 'seed' {seeds}: a list of seeds is not taken (kohya's JSON/TOML sample prompts take one seed; "
+            "sdcore gives a prompt's image i the seed + i, as A1111); give one: seed = 1"
+        )
+    entries = [{"prompt": "a", "seed": 0}, {"prompt": "b", "seed": -3}]
+    assert [p.seed for p in parse_prompt_file(json.dumps(entries), ".json", "f")] == [0, -3]
+    with pytest.raises(ConfigError, match=r"^f prompt 1: 'sample_steps' must be positive, got 0$"):
+        parse_prompt_file(json.dumps([{"prompt": "a", "sample_steps": 0}]), ".json", "f")
+    with pytest.raises(ConfigError, match=r"^f prompt 1: 'scale' needs a number, got 'high'$"):
+        parse_prompt_file(json.dumps([{"prompt": "a", "scale": "high"}]), ".json", "f")
+
+
 def test_single_prompt_text_and_missing_file(tmp_path):
     assert read_sample_prompts("a lone prompt --s 3") == [SamplePrompt(prompt="a lone prompt", steps=3)]
     with pytest.raises(ConfigError, match=r"missing\.txt"):

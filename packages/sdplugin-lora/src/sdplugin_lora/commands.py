@@ -9,6 +9,7 @@ from typing import Any
 import click
 from sdcore.cli_types import FINITE_FLOAT, FiniteFloatRange
 from sdcore.hinted_command import HintedCommand, hint_key
+from sdcore.io import OVERWRITE_HELP
 
 
 def _load_model(source: str) -> Any:
@@ -41,10 +42,6 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
     return out
 
 
-#: the ``--overwrite`` flag of the commands that write a file (``sdcore generate``'s rule)
-_OVERWRITE_HELP = "Replace the output if it already exists (else that is an error, found before any work)."
-
-
 def lora_suffix_problem(output: str, option: str = "-o") -> str | None:
     """Why ``output`` is no name for a LoRA file, or ``None``. sdcore writes LoRA files as safetensors only: under
     ``.pt``/``.ckpt`` A1111, ComfyUI (and sdcore itself) read the file as a pickle and fail, and a name with
@@ -70,22 +67,33 @@ def lora_suffix_problem(output: str, option: str = "-o") -> str | None:
 
 
 def _check_output(
-    output: str, inputs: list[str], overwrite: bool, problems: list[str] | None = None, *, lora: bool = True
+    output: str,
+    inputs: list[str],
+    overwrite: bool,
+    problems: list[str] | None = None,
+    *,
+    model_format: str | None = None,
 ) -> None:
     """``sdcore.io.output_problems`` for ``output`` (sdcore's rule for every written file), with the command's
-    other ``problems`` and, for a LoRA output (``lora``), its suffix, all in one :class:`ConfigError` before any
-    model or file is read. A model output (not ``lora``) may be a diffusers folder; a LoRA output with no file name
-    (``-o ""``) is the suffix check's one problem, not also "``.`` is a folder"."""
+    other ``problems`` and, for a LoRA output, its suffix, all in one :class:`ConfigError` before any model or file
+    is read. A model output (``model_format``, :func:`sdcore.models.save.save_format`) follows ``sdcore model
+    convert``'s rule (:func:`sdcore.models.save.model_output_problems`: it may be a diffusers folder); a LoRA output
+    with no file name (``-o ""``) is the suffix check's one problem, not also "``.`` is a folder"."""
     from sdcore.errors import ConfigError
     from sdcore.io import output_problems
 
-    suffix = lora_suffix_problem(output) if lora else None
-    blank = lora and not Path(output).name.strip()
-    found = [
-        *(problems or []),
-        *([suffix] if suffix else []),
-        *(output_problems([Path(output)], inputs=inputs, overwrite=overwrite, folder_ok=not lora) if not blank else []),
-    ]
+    if model_format is not None:
+        from sdcore.models.save import model_output_problems
+
+        written = model_output_problems(Path(output), inputs, overwrite=overwrite, format=model_format)
+    else:
+        suffix = lora_suffix_problem(output)
+        blank = not Path(output).name.strip()
+        written = [
+            *([suffix] if suffix else []),
+            *(output_problems([Path(output)], inputs=inputs, overwrite=overwrite) if not blank else []),
+        ]
+    found = [*(problems or []), *written]
     if found:
         raise ConfigError("; ".join(found), found)
 
@@ -267,7 +275,7 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
 )
 @click.option("--no-text-encoder", is_flag=True, help="Extract the UNet only.")
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def extract_command(
     base: str,
     tuned: str,
@@ -328,7 +336,7 @@ def extract_command(
     help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
 )
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def resize_command(
     file: str,
     output: str,
@@ -385,7 +393,7 @@ def resize_command(
     help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
 )
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def merge_command(
     loras: tuple[str, ...],
     output: str,
@@ -412,13 +420,10 @@ def merge_command(
         heads = [value.rpartition(":")[0] for value in loras]
         weighted = [(head if head and Path(head).exists() else v, 1.0) for head, v in zip(heads, loras, strict=True)]
     sources = [p for p, _ in weighted] + [m for m in (model, base_model) if m]
-    if model:
-        from sdcore.models.save import diffusers_target_problems, save_format
+    from sdcore.models.save import save_format
 
-        # a model's name (a .ckpt -o is refused before the merge, not after it); a diffusers folder as convert's
-        if save_format(output) == "diffusers":
-            problems = [*problems, *diffusers_target_problems(Path(output), sources)]
-    _check_output(output, sources, overwrite, problems, lora=not model)
+    # a model's name (a .ckpt -o is refused before the merge, not after it); a diffusers folder as convert's
+    _check_output(output, sources, overwrite, problems, model_format=save_format(output) if model else None)
     read = _read_loras([str(p) for p, _ in weighted])
     if model:
         bundle = _load_model(model)
@@ -465,7 +470,7 @@ def merge_command(
     help="Default: the dtype FILE's weights have (mixed: the widest, fp32 for fp16 beside bf16), so a file keeps its "
     "size.",
 )
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def convert_command(file: str, output: str, target: str, save_dtype: str | None, overwrite: bool) -> None:
     """Rewrite FILE for a loader that cannot read it as it is (kohya OFT -> ComfyUI, XLabs/ComfyUI FLUX.1 -> kohya)."""
     from .format import read_lora, save_lora, source_save_dtype
@@ -503,7 +508,7 @@ def convert_command(file: str, output: str, target: str, save_dtype: str | None,
     help="Also write a copy of FILE without the bundled embeddings here (diffusers' load_lora_weights refuses "
     "a file with them).",
 )
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def extract_embeddings_command(file: str, output: str | None, strip: str | None, overwrite: bool) -> None:
     """Write the embeddings bundled in the LoRA FILE (bundle_emb.*: OneTrainer's, sdcore's --embedding) as
     separate embedding files NAME.safetensors (SD1/SD2 emb_params; SDXL/SD3/FLUX.1 clip_l/clip_g/t5), which

@@ -327,7 +327,7 @@ def dedupe_command(
     groups, unreadable = find_duplicates(
         list_images(root, exclude=move_to), threshold=threshold, color_threshold=color_threshold
     )
-    moved = move_duplicates(groups, move_to) if move_to and groups and yes else []
+    done = move_duplicates(groups, move_to) if move_to and groups and yes else None
 
     def rel(p: Path) -> str:
         try:
@@ -342,7 +342,8 @@ def dedupe_command(
                 for g in groups
             ],
             "unreadable": [{"path": rel(p), "reason": r} for p, r in unreadable],
-            "moved": [{"from": str(a), "to": str(b)} for a, b in moved],
+            "moved": [{"from": str(a), "to": str(b)} for a, b in (done.moved if done else [])],
+            "copied": [{"from": str(a), "to": str(b)} for a, b in (done.copied if done else [])],
             "would_move": [rel(p) for g in groups for p in g.others] if move_to and not yes else [],
         }
         click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
@@ -359,7 +360,9 @@ def dedupe_command(
     if groups:
         duplicates = sum(len(g.others) for g in groups)
         if move_to and yes:
-            click.echo(f"{duplicates} duplicate image(s) moved to {move_to}.")
+            copied = len(done.copied) if done else 0
+            kept = f" ({copied} caption(s) copied, not moved: an image staying behind reads them)" if copied else ""
+            click.echo(f"{duplicates} duplicate image(s) moved to {move_to}{kept}.")
         elif move_to:
             click.echo(
                 f"{duplicates} duplicate image(s) (the 'dup' lines above) would be moved to {move_to}; "

@@ -1588,7 +1588,11 @@ def _job_cells(params: dict[str, Any], jobs: Any, problems: list[str]) -> tuple[
 def _seed_list_cells(cell: dict[str, Any], where: str) -> list[dict[str, Any]]:
     """A line's cell, or with kohya's seed list (``--d 1,2,3``) the cells of its batches
     (:func:`~sdcore.generate.prompt_file.seed_list_parts`), each its images' seeds, and the list's note said. With a
-    variation strength every image is its own batch, its variation seed the one of its place in the line."""
+    variation strength every image is its own batch, its variation seed the one of its place in the line:
+    ``subseed + i``, a -1 drawn once for the line (A1111's ``all_subseeds = subseed + x`` of one drawn subseed),
+    not once for each image."""
+    import random
+
     seeds = cell.pop("seeds", None)
     if seeds is None:
         return [cell]
@@ -1598,11 +1602,12 @@ def _seed_list_cells(cell: dict[str, Any], where: str) -> list[dict[str, Any]]:
     parts, note = seed_list_parts(seeds, cell["batch"] * cell["n_iter"], cell["batch"], single=single)
     if note:
         click.echo(f"note: {where}: {note}", err=True)
+    subseed = cell["subseed"] if cell["subseed"] >= 0 else random.randrange(2**32)  # _variation_seeds' draw
     cells, done = [], 0
     for first, count in parts:
         part = {**cell, "seed": first, "batch": count, "n_iter": 1}
-        if single and cell["subseed"] >= 0:
-            part["subseed"] = cell["subseed"] + done
+        if single:
+            part["subseed"] = subseed + done
         cells.append(part)
         done += count
     return cells

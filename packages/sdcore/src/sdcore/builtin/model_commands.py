@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ..hookspecs import hookimpl
+from ..io import OVERWRITE_HELP
 from .part_options import models_dir_options, part_options, resolve_command_sources
 
 
@@ -129,7 +130,7 @@ def _variant(bundle: Any) -> str | None:
     default=None,
     help="Output format (default: single-file when DST ends in .safetensors, else diffusers; a .ckpt/.pt DST is "
     "refused, single files are safetensors; bfl: a Flux transformer alone in Black Forest Labs' keys). DST is never "
-    "SRC nor a diffusers folder holding it; an earlier model at DST is replaced.",
+    "SRC nor a diffusers folder holding it.",
 )
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Save precision.")
 @click.option("--prune/--no-prune", default=True, show_default=True, help="Drop EMA and training state.")
@@ -143,25 +144,23 @@ def _variant(bundle: Any) -> str | None:
 @click.option(
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @part_options(names=True)
 @models_dir_options(what="SRC")
 def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune: bool, ema: bool,
-                    prediction_type: str | None, config: str | None, **params: Any) -> None:  # fmt: skip
+                    prediction_type: str | None, config: str | None, overwrite: bool, **params: Any) -> None:  # fmt: skip
     """Convert SRC (folder, single file, tiny:<family>, or a model's name in --models-dir as sdcore generate's
     --model takes it) to DST (an SD3/Flux denoiser file plus its parts given as --clip-l, --clip-g, --t5xxl, --vae
     becomes one checkpoint)."""
     from ..errors import ConfigError
-    from ..io import output_problems
     from ..models.load import load_model
-    from ..models.save import diffusers_target_problems, save_format
+    from ..models.save import model_output_problems, save_format
 
-    save_format(dst, to)  # a .ckpt DST: refused before the model is read
+    fmt = save_format(dst, to)  # a .ckpt DST: refused before the model is read
     src, given = resolve_command_sources(src, params)
-    # an earlier model at DST is replaced (a later convert of the same model), but never SRC or a part it reads
+    # an earlier model at DST is replaced only with --overwrite, and never SRC or a part it reads
     sources = [src, *(str(value) for value in given.values() if isinstance(value, (str, Path)))]
-    found = output_problems([Path(dst)], inputs=sources, overwrite=True, option="DST", folder_ok=True)
-    if save_format(dst, to) == "diffusers":  # the whole folder is replaced: said before the model is read
-        found += diffusers_target_problems(Path(dst), sources, "DST")
+    found = model_output_problems(Path(dst), sources, overwrite=overwrite, format=fmt, option="DST")
     if found:
         raise ConfigError("; ".join(found), found)
     bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **given)
@@ -187,14 +186,19 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
     help="Default: single-file when DST ends in .safetensors, else diffusers (a .ckpt/.pt DST is refused).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int, overwrite: bool) -> None:
     """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
+    from ..errors import ConfigError
     from ..models.family import family_adapter
     from ..models.load import tiny_family
     from ..models.native import TINY_METADATA_KEY
-    from ..models.save import save_format
+    from ..models.save import model_output_problems, save_format
 
-    save_format(dst, fmt)  # a .ckpt DST is refused, not made a folder of that name
+    # a .ckpt DST is refused, not made a folder of that name; an earlier file at DST is kept unless --overwrite
+    found = model_output_problems(Path(dst), [], overwrite=overwrite, format=save_format(dst, fmt), option="DST")
+    if found:
+        raise ConfigError("; ".join(found), found)
     name, variant = tiny_family(family)
     bundle = family_adapter(name).create_tiny(seed=seed, **variant)
     # the mark that lets the file train and render at tiny:FAMILY's 64 (a family's writer keeps the metadata given)

@@ -193,8 +193,18 @@ def find_duplicates(
     return groups, unreadable
 
 
-def move_duplicates(groups: list[DuplicateGroup], destination: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
-    """Move every ``others`` image (and its caption files) into ``destination``; returns (from, to) pairs.
+@dataclass(frozen=True)
+class DuplicateMoves:
+    """What :func:`move_duplicates` did, as ``(from, to)`` pairs: ``moved`` files left the dataset, ``copied``
+    captions are still there too (an image staying behind reads them), so a script that takes ``moved`` as gone
+    is right."""
+
+    moved: list[tuple[Path, Path]]
+    copied: list[tuple[Path, Path]]
+
+
+def move_duplicates(groups: list[DuplicateGroup], destination: str | os.PathLike[str]) -> DuplicateMoves:
+    """Move every ``others`` image (and its caption files) into ``destination``.
     A name already taken there (the image's or a caption's) gets :func:`sdcore.io.free_path`'s ``-2``, ``-3``
     ...: nothing is replaced and an image keeps its captions' stem. A caption that an image staying behind reads
     too (``a.txt`` of ``a.png`` and ``a.jpg``, as kohya reads it) is copied, not moved: the kept image keeps it."""
@@ -209,6 +219,7 @@ def move_duplicates(groups: list[DuplicateGroup], destination: str | os.PathLike
         return any(p.stem == path.stem and p not in leaving for p in images[path.parent])
 
     moved: list[tuple[Path, Path]] = []
+    copied: list[tuple[Path, Path]] = []
     for group in groups:
         for path in group.others:
             captions = [extension for extension in CAPTION_EXTENSIONS if path.with_suffix(extension).is_file()]
@@ -220,7 +231,8 @@ def move_duplicates(groups: list[DuplicateGroup], destination: str | os.PathLike
                 caption, caption_target = path.with_suffix(extension), target.with_suffix(extension)
                 if stays:
                     shutil.copy2(caption, caption_target)
+                    copied.append((caption, caption_target))
                 else:
                     shutil.move(str(caption), str(caption_target))
-                moved.append((caption, caption_target))
-    return moved
+                    moved.append((caption, caption_target))
+    return DuplicateMoves(moved, copied)

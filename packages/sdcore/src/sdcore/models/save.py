@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SdcoreError
-from ..io import apply_default_modes, atomic_path
+from ..io import apply_default_modes, atomic_path, output_problems
 from .bundle import ModelBundle
 from .detect import CONFIG_METADATA_KEY
 from .source import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
@@ -402,6 +402,23 @@ def diffusers_target_problems(target: Path, sources: Sequence[str], option: str 
                 f"{option}"
             )
     return problems
+
+
+def model_output_problems(
+    target: Path, sources: Sequence[str], *, overwrite: bool, format: str, option: str = "-o"
+) -> list[str]:
+    """sdcore's rule for every written file (:func:`sdcore.io.output_problems`) for a model saved at ``target`` in
+    ``format`` (:func:`save_format`), one line per problem, before any model is read (``model convert``,
+    ``create-tiny``, ``lora merge --model``): never one of ``sources``, an earlier model replaced only with
+    ``--overwrite``. A diffusers ``target`` also meets :func:`diffusers_target_problems`; there only an earlier model
+    folder needs ``--overwrite`` (an empty folder holds nothing to lose, and a file, a folder of other things or
+    one holding a source is refused whatever ``--overwrite`` says, so that advice would be wrong)."""
+    if format != "diffusers":
+        return output_problems([target], inputs=sources, overwrite=overwrite, option=option)
+    refused = diffusers_target_problems(target, sources, option)
+    earlier_model = target.is_dir() and (target / "model_index.json").is_file() and not refused
+    replace_ok = overwrite or not earlier_model
+    return [*output_problems([target], inputs=sources, overwrite=replace_ok, option=option, folder_ok=True), *refused]
 
 
 #: swaps a folder move tries while other writers keep putting their folders at the same place

@@ -113,6 +113,7 @@ class TrainData:
             resolution_draw=resolution_draw,
         )
         self._plans: dict[int, list[list[SampleRef]]] = {}
+        self._largest: dict[int, int] | None = None
         #: the model has a mask input (an inpainting model; set by the runtime): OneTrainer's mask
         #: augmentations then act on every sample of a subset with them on, not only on masked ones
         self.mask_input = False
@@ -180,12 +181,44 @@ class TrainData:
                 continue
             group = self.sampler.group_of(entry)
             largest[group] = max(largest.get(group, 0), entry.subset.resolution)
-        return sorted({(batch, resolution) for (_, batch), resolution in largest.items()})
+        return sorted({(self.effective_batch(batch), resolution) for (_, batch), resolution in largest.items()})
+
+    @property
+    def largest_batches(self) -> dict[int, int]:
+        """Each batch size's largest batch of the first epoch (the batches of the datasets that batch at that size:
+        one key but with a kohya dataset TOML whose ``[[datasets]]`` batch differently). A batch is one bucket's
+        images (kohya's bucketing too), so where no bucket holds as many images as the size it is smaller."""
+        if self._largest is None:
+            largest: dict[int, int] = {}
+            for batch in self.sampler.epoch_batches(0):
+                size = self.sampler.group_of(self.entries[batch[0]])[1]
+                largest[size] = max(largest.get(size, 0), len(batch))
+            self._largest = largest
+        return self._largest
+
+    def effective_batch(self, size: int) -> int:
+        """The largest batch a dataset batching at ``size`` makes (``--batch-size 1000`` on 40 images: 40)."""
+        return min(size, self.largest_batches.get(size, size))
+
+    def batch_size_notes(self) -> list[str]:
+        """A note for each batch size no bucket fills (``--batch-size 1000000000000`` on a 40-image dataset),
+        naming the batch the run trains at instead; the logs and the memory plan use that one
+        (:meth:`effective_batch`)."""
+        notes = []
+        for size, used in sorted(self.largest_batches.items()):
+            if used < size:
+                named = f"--batch-size {size}" if size == self.sampler.batch_size else f"a dataset's batch_size {size}"
+                notes.append(
+                    f"{named}: no bucket holds that many images and a batch is one bucket's (as in kohya), so batches "
+                    f"hold at most {used}: the run trains at batch size {used}"
+                )
+        return notes
 
     @property
     def batch_sizes_text(self) -> str:
-        """The batch size for the logs: ``4``, or ``2-4`` where datasets batch differently."""
-        sizes = sorted(set(self.sampler.batch_sizes.values()))
+        """The batch size for the logs: ``4``, or ``2-4`` where datasets batch differently (each the largest batch
+        it makes, :meth:`effective_batch`)."""
+        sizes = sorted({self.effective_batch(size) for size in self.sampler.batch_sizes.values()})
         return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
 
     @property

@@ -1234,6 +1234,7 @@ def run_preflight(
             family = report.layout.family if report.layout is not None else None
             report.notes.extend(routing_dataset_notes(o, data.index, family))  # --tread-route keeps masked tokens
             report.notes.extend(bucket_side_notes(data.index))
+            report.notes.extend(data.batch_size_notes())  # a batch size no bucket fills: the batch used instead
             from .caption_checks import caption_twin_notes, filename_caption_notes
 
             report.notes.extend(filename_caption_notes(data.index))  # an A1111 dataset's file-name captions
@@ -1335,8 +1336,14 @@ def run_preflight(
                         dataclasses.replace(o, batch_size=batch, resolution=max(o.resolution, resolution))
                         for batch, resolution in shapes
                     ]
-                else:
-                    peaks = [dataclasses.replace(o, resolution=max(o.resolution, report.data.largest_resolution))]
+                else:  # at the batch the run makes (--batch-size 1000 on 40 images: 40)
+                    peaks = [
+                        dataclasses.replace(
+                            o,
+                            resolution=max(o.resolution, report.data.largest_resolution),
+                            batch_size=report.data.effective_batch(o.batch_size),
+                        )
+                    ]
             from .kontext_data import reference_count
 
             # a control LoRA joins its control images on the channels: no extra tokens (:mod:`.control_lora`)

@@ -12,7 +12,8 @@ needs: a line's ``--n`` without ``--l`` above 1 is rendered without its negative
 Like kohya, the file may also be JSON (a list of objects) or TOML (``[prompt]`` defaults plus
 ``[[prompt.subset]]`` entries) with the keys ``prompt``, ``negative_prompt``, ``width``,
 ``height``, ``sample_steps``, ``seed``, ``scale``, ``guidance_scale``, ``sample_sampler``, ``image``,
-``controlnet_image``. Options kohya knows for other features (``--ctr``, ``--rcfg``, ...) are not part of the prompt
+``controlnet_image`` (one ``seed``: a list, gen_img.py's ``--d 1,2,3`` of a text line, is refused by name where
+kohya's ``torch.manual_seed`` fails on it). Options kohya knows for other features (``--ctr``, ``--rcfg``, ...) are not part of the prompt
 either: they are reported in :attr:`SamplePrompt.ignored`; ``--g`` on a family without embedded guidance is warned
 about when rendering.
 
@@ -138,7 +139,10 @@ def sampler_name(name: str) -> str:
     return sampler_id(key)
 
 
-def _number(kind: type, text: str, option: str, where: str) -> Any:
+def _number(kind: type, text: str, option: str, where: str, label: str | None = None) -> Any:
+    """``text`` read as ``kind``, positive unless it is the seed; ``label``: how a problem names the value (a
+    JSON/TOML prompt's ``'sample_steps'``), else ``--option`` as a line writes it."""
+    label = label or f"--{option}"
     try:
         value = kind(text.strip())
     except ValueError:
@@ -148,9 +152,9 @@ def _number(kind: type, text: str, option: str, where: str) -> Any:
                 f"{where}: --d {text.strip()}: a list of seeds is not taken (sdcore gives a line's image i the seed "
                 f"+ i, as A1111); give the first: --d {first}"
             ) from None
-        raise ConfigError(f"{where}: --{option} needs a number, got {text.strip()!r}") from None
-    if value <= 0 and option != "d":
-        raise ConfigError(f"{where}: --{option} must be positive, got {text.strip()}")
+        raise ConfigError(f"{where}: {label} needs a number, got {text.strip()!r}") from None
+    if value <= 0 and option not in ("d", "seed"):
+        raise ConfigError(f"{where}: {label} must be positive, got {text.strip()}")
     return value
 
 
@@ -223,13 +227,18 @@ def _from_dict(entry: Any, where: str) -> SamplePrompt:
             values[name] = entry[key]
     if not isinstance(values.get("prompt"), str) or not values["prompt"].strip():
         raise ConfigError(f"{where}: 'prompt' is missing or empty")
-    for name in ("width", "height", "steps", "seed"):
+    seed = values.get("seed")
+    if isinstance(seed, list):  # kohya passes the one value to torch.manual_seed: a list is its traceback
+        first = f"; give one: seed = {seed[0]}" if seed and isinstance(seed[0], int) else ""
+        raise ConfigError(
+            f"{where}: 'seed' {seed}: a list of seeds is not taken (kohya's JSON/TOML sample prompts take one seed; "
+            f"sdcore gives a prompt's image i the seed + i, as A1111){first}"
+        )
+    for key in ("width", "height", "sample_steps", "seed", "scale", "guidance_scale"):
+        name = _DICT_KEYS[key]
         if name in values:
-            values[name] = _number(int, str(values[name]), name, where)
-    if "cfg" in values:
-        values["cfg"] = _number(float, str(values["cfg"]), "scale", where)
-    if "guidance" in values:
-        values["guidance"] = _number(float, str(values["guidance"]), "guidance_scale", where)
+            kind = int if key in ("width", "height", "sample_steps", "seed") else float
+            values[name] = _number(kind, str(values[name]), name, where, label=f"'{key}'")
     if "sampler" in values:
         values["sampler"] = sampler_name(str(values["sampler"]))
     if "negative" in values:

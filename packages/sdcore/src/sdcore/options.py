@@ -82,6 +82,22 @@ def range_text(metadata: Mapping[str, Any]) -> str | None:
     return None
 
 
+def range_symbols(metadata: Mapping[str, Any]) -> str | None:
+    """The declared range of an :func:`option` as click writes a ``FloatRange`` in ``--help`` (``x>=0``,
+    ``0<=x<=1``, ``0<x<1``), so the train options, whose ranges the pre-flight checks, read as every other
+    command's click ranges do; None when it declares none."""
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    left = "<" if metadata.get("above_minimum") else "<="
+    right = "<" if metadata.get("below_maximum") else "<="
+    if low is not None and high is not None:
+        return f"{_number(low)}{left}x{right}{_number(high)}"
+    if low is not None:
+        return f"x{'>' if metadata.get('above_minimum') else '>='}{_number(low)}"
+    if high is not None:
+        return f"x{right}{_number(high)}"
+    return None
+
+
 def out_of_range(metadata: Mapping[str, Any], value: Any) -> str | None:
     """``must be between 0 and 1, got -1.0`` when ``value`` lies outside the option's declared range, else None
     (also for ``None`` and for values that are not numbers: their type is checked elsewhere)."""

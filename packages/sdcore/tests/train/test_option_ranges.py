@@ -160,3 +160,41 @@ def test_translated_defaults_sit_inside_the_declared_ranges(tmp_path: Path) -> N
         assert kohya_values
         assert _outside_values(LoraOptions, kohya_values) == []
         assert _outside_values(DreamBoothOptions, kohya_values) == []
+
+
+def _help_extra(name: str) -> dict[str, Any]:
+    import click
+    from sdcore.specs import MethodSpec
+    from sdcore.train.cli import build_train_command
+
+    command = build_train_command(MethodSpec(name="lora", summary="LoRA", method="sdplugin_lora.method:LoraMethod"))
+    ctx = click.Context(command)
+    param = next(p for p in command.params if p.name == name)
+    assert isinstance(param, click.Option)
+    return dict(param.get_help_extra(ctx))
+
+
+def test_help_shows_the_declared_range_as_click_shows_its_ranges() -> None:
+    assert _help_extra("ema_decay") == {"default": "0.999", "range": "0<x<1"}
+    assert _help_extra("tag_dropout") == {"default": "0.0", "range": "0<=x<=1"}
+    assert _help_extra("lr")["range"] == "x>0"
+    assert _help_extra("min_snr_gamma") == {"range": "x>0"}  # no default: the range alone, as click writes it
+    assert "range" not in _help_extra("seed")  # no range declared, none shown
+    from sdcore.options import range_symbols
+
+    assert range_symbols({"maximum": 75}) == "x<=75"
+    assert range_symbols({"minimum": 0, "maximum": 1, "below_maximum": True}) == "0<=x<1"
+    assert range_symbols({}) is None
+
+
+def test_a_click_range_type_keeps_its_own_range_text() -> None:
+    import click
+    from sdcore.train.cli import DeclaredRangeOption
+
+    option = DeclaredRangeOption(
+        ["--n"], type=click.IntRange(0, 5), default=1, show_default=True, declared_range="x>=0"
+    )
+    extra = option.get_help_extra(click.Context(click.Command("c", params=[option])))
+    assert extra["range"] == "0<=x<=5"
+    record = option.get_help_record(click.Context(click.Command("c", params=[option])))
+    assert record is not None and record[1].count("x") == 1  # said once

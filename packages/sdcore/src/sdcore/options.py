@@ -60,7 +60,8 @@ def option(
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+    """A bound as people write it: ``0``, ``0.5``, and SD3's ``2/(pi-2)`` as ``1.75194``, not 17 digits."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
 def range_text(metadata: Mapping[str, Any]) -> str | None:
@@ -134,9 +135,12 @@ def record_sources(options: Any, sources: Mapping[str, str]) -> None:
 def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> list[str]:
     """One line for each option of ``options`` (a dataclass of :func:`option` fields) whose value lies outside its
     declared range: ``--ema-decay must be between 0 and 1 (exclusive), got -1.0``, or ``run.toml: ema_decay must be
-    ...`` for a value a config file gave. Options already named at the start of a line in ``reported`` are left out:
+    ...`` for a value a config file gave. Options already named at the start of a line in ``reported`` (or of a part
+    of one joined with ``"; "``) are left out:
     a check made where the option takes effect says more (``--huber-c must be positive (kohya's default 0.1)``)."""
     sources: Mapping[str, str] = _SOURCES.get(id(options), {})
+    # a method's validate() may join its problems with "; " into one line (LoRA's): each part counts
+    said = [part for line in reported for part in line.split("; ")]
     problems: list[str] = []
     for f in dataclasses.fields(options):
         meta: Mapping[str, Any] = f.metadata or {}
@@ -144,7 +148,7 @@ def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> 
         if wrong is None:
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        if any(line.startswith((f"{flag} ", f"{flag}:")) for line in reported):
+        if any(part.startswith((f"{flag} ", f"{flag}:")) for part in said):
             continue
         problems.append(f"{sources.get(f.name, flag)} {wrong}")
     return problems

@@ -60,7 +60,8 @@ def option(
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+    """A bound as people write it: ``0``, ``0.5``, and SD3's ``2/(pi-2)`` as ``1.75194``, not 17 digits."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
 def range_text(metadata: Mapping[str, Any]) -> str | None:
@@ -79,6 +80,22 @@ def range_text(metadata: Mapping[str, Any]) -> str | None:
         return f"above {_number(low)}" if above else f"at least {_number(low)}"
     if high is not None:
         return f"below {_number(high)}" if below else f"at most {_number(high)}"
+    return None
+
+
+def range_symbols(metadata: Mapping[str, Any]) -> str | None:
+    """The declared range of an :func:`option` as click writes a ``FloatRange`` in ``--help`` (``x>=0``,
+    ``0<=x<=1``, ``0<x<1``), so the train options, whose ranges the pre-flight checks, read as every other
+    command's click ranges do; None when it declares none."""
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    left = "<" if metadata.get("above_minimum") else "<="
+    right = "<" if metadata.get("below_maximum") else "<="
+    if low is not None and high is not None:
+        return f"{_number(low)}{left}x{right}{_number(high)}"
+    if low is not None:
+        return f"x{'>' if metadata.get('above_minimum') else '>='}{_number(low)}"
+    if high is not None:
+        return f"x{right}{_number(high)}"
     return None
 
 
@@ -118,9 +135,12 @@ def record_sources(options: Any, sources: Mapping[str, str]) -> None:
 def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> list[str]:
     """One line for each option of ``options`` (a dataclass of :func:`option` fields) whose value lies outside its
     declared range: ``--ema-decay must be between 0 and 1 (exclusive), got -1.0``, or ``run.toml: ema_decay must be
-    ...`` for a value a config file gave. Options already named at the start of a line in ``reported`` are left out:
+    ...`` for a value a config file gave. Options already named at the start of a line in ``reported`` (or of a part
+    of one joined with ``"; "``) are left out:
     a check made where the option takes effect says more (``--huber-c must be positive (kohya's default 0.1)``)."""
     sources: Mapping[str, str] = _SOURCES.get(id(options), {})
+    # a method's validate() may join its problems with "; " into one line (LoRA's): each part counts
+    said = [part for line in reported for part in line.split("; ")]
     problems: list[str] = []
     for f in dataclasses.fields(options):
         meta: Mapping[str, Any] = f.metadata or {}
@@ -128,7 +148,7 @@ def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> 
         if wrong is None:
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        if any(line.startswith((f"{flag} ", f"{flag}:")) for line in reported):
+        if any(part.startswith((f"{flag} ", f"{flag}:")) for part in said):
             continue
         problems.append(f"{sources.get(f.name, flag)} {wrong}")
     return problems

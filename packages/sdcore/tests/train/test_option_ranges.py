@@ -13,16 +13,17 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sdcore.options import out_of_range, range_problems, range_text
+from sdcore.options import out_of_range, range_problems, range_symbols, range_text
 from sdcore.train.config import field_types, load_options, unwrap_optional
 from sdcore.train.options import TrainOptions
 from sdcore.train.preflight import option_problems
 from sdplugin_apt.method import APTOptions
 from sdplugin_dreambooth.options import DreamBoothOptions
+from sdplugin_hn.method import HNOptions
 from sdplugin_lora.method import LoraOptions
 from sdplugin_ti.method import TIOptions
 
-CLASSES = (TrainOptions, LoraOptions, DreamBoothOptions, TIOptions, APTOptions)
+CLASSES = (TrainOptions, LoraOptions, DreamBoothOptions, TIOptions, APTOptions, HNOptions)
 
 
 def _outside(meta: dict[str, Any], base: type) -> Any:
@@ -160,3 +161,90 @@ def test_translated_defaults_sit_inside_the_declared_ranges(tmp_path: Path) -> N
         assert kohya_values
         assert _outside_values(LoraOptions, kohya_values) == []
         assert _outside_values(DreamBoothOptions, kohya_values) == []
+
+
+def _help_extra(name: str) -> dict[str, Any]:
+    import click
+    from sdcore.specs import MethodSpec
+    from sdcore.train.cli import build_train_command
+
+    command = build_train_command(MethodSpec(name="lora", summary="LoRA", method="sdplugin_lora.method:LoraMethod"))
+    ctx = click.Context(command)
+    param = next(p for p in command.params if p.name == name)
+    assert isinstance(param, click.Option)
+    return dict(param.get_help_extra(ctx))
+
+
+def test_help_shows_the_declared_range_as_click_shows_its_ranges() -> None:
+    assert _help_extra("ema_decay") == {"default": "0.999", "range": "0<x<1"}
+    assert _help_extra("tag_dropout") == {"default": "0.0", "range": "0<=x<=1"}
+    assert _help_extra("lr")["range"] == "x>0"
+    assert _help_extra("min_snr_gamma") == {"range": "x>0"}  # no default: the range alone, as click writes it
+    assert "range" not in _help_extra("seed")  # no range declared, none shown
+    assert range_symbols({"maximum": 75}) == "x<=75"
+    assert range_symbols({"minimum": 0, "maximum": 1, "below_maximum": True}) == "0<=x<1"
+    assert range_symbols({}) is None
+
+
+def test_a_click_range_type_keeps_its_own_range_text() -> None:
+    import click
+    from sdcore.train.cli import DeclaredRangeOption
+
+    option = DeclaredRangeOption(
+        ["--n"], type=click.IntRange(0, 5), default=1, show_default=True, declared_range="x>=0"
+    )
+    extra = option.get_help_extra(click.Context(click.Command("c", params=[option])))
+    assert extra["range"] == "0<=x<=5"
+    record = option.get_help_record(click.Context(click.Command("c", params=[option])))
+    assert record is not None and record[1].count("x") == 1  # said once
+
+
+#: options given a range this time, each out of range in every peer tool or refused by sdcore's own check already
+NEWLY_RANGED = {
+    "token_warmup_min": -1, "min_bucket_reso": 0, "max_bucket_reso": -64, "lr_power": -1.0, "lr_cycles": 0,
+    "lr_min_ratio": 1.5, "max_timestep": 0, "timestep_shift": 0.0, "discrete_flow_shift": -3.0, "max_table_index": 0,
+    "logit_std": 0.0, "mode_scale": 2.0, "sigmoid_scale": -1.0, "t5xxl_max_token_length": 0, "initial_step": -1,
+    "initial_epoch": 0, "stop_text_encoder_at": 0, "stop_text_encoder_after_epochs": 0, "lokr_factor": -2,
+    "scale_weight_norms": -1.0, "ggpo_sigma": -0.03, "ggpo_beta": -0.01, "loraplus_lr_ratio": 0.0,
+    "loraplus_unet_lr_ratio": -16.0, "loraplus_text_encoder_lr_ratio": -1.0, "embedding_lr": -1e-4,
+    "embedding_stop_at": 0,
+}  # fmt: skip
+#: numbers left without a range: legal in a peer tool, or their bounds depend on another option
+UNRANGED = ("seed", "validation_seed", "adaptive_noise_scale", "noising_weight", "noising_bias", "logit_mean",
+            "guidance_scale", "alpha", "conv_alpha", "network_multiplier", "block_lr_zero_threshold")  # fmt: skip
+
+
+def test_the_options_left_out_last_time_declare_their_ranges() -> None:
+    meta = _meta(LoraOptions)
+    assert [n for n, v in NEWLY_RANGED.items() if out_of_range(meta[n], v) is None] == []
+    assert [n for n in UNRANGED if range_text(meta[n]) is not None] == []
+    # the overrides of a method keep the runtime's range: TI's, APT's, HN's and DreamBooth's --lr, its warmup
+    for cls in (TIOptions, APTOptions, HNOptions, DreamBoothOptions):
+        assert range_text(_meta(cls)["lr"]) == "positive"
+    assert range_text(_meta(DreamBoothOptions)["lr_warmup_steps"]) == "0 or more"
+    runtime = _meta(TrainOptions)
+    lost = [f"{cls.__name__}.{name}" for cls in CLASSES for name, meta in _meta(cls).items()
+            if name in runtime and range_text(runtime[name]) and not range_text(meta)]  # fmt: skip
+    assert lost == []
+    apt = _meta(APTOptions)
+    assert [out_of_range(apt[n], v) is None for n, v in (("neg_lr_weight", 0.0), ("rec_loss_weight", -1.0))] == [
+        False,
+        False,
+    ]
+    assert out_of_range(apt["discriminator_size"], 0) is not None
+    # sentinels and edge values that mean something stay legal
+    for name, value in (("lokr_factor", -1), ("lokr_factor", 0), ("lr_power", 0.0), ("initial_step", 0),
+                        ("mode_scale", -1.0), ("mode_scale", 1.75), ("scale_weight_norms", 0.0)):  # fmt: skip
+        assert out_of_range(meta[name], value) is None, name
+    assert range_text(meta["mode_scale"]) == "between -1 and 1.75194"  # 2/(pi-2), not 17 digits
+    assert range_symbols(meta["mode_scale"]) == "-1<=x<=1.75194"
+
+
+def test_a_range_said_by_the_methods_joined_line_is_not_said_again() -> None:
+    from sdplugin_lora.method import LoraMethod
+
+    options = LoraOptions(scale_weight_norms=-1.0, loraplus_lr_ratio=-2.0)
+    problems = option_problems(options, LoraMethod(options))
+    text = "\n".join(problems)
+    assert text.count("--loraplus-lr-ratio") == 1, problems
+    assert text.count("--scale-weight-norms") == 1, problems

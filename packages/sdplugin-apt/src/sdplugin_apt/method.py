@@ -39,7 +39,13 @@ NEG_SUFFIX = "-neg"
 class APTOptions(TIOptions):
     """DreamArtist options on top of TI's (defaults from the DreamArtist extension's UI)."""
 
-    lr: float = option(3e-3, "Learning rate of the positive embedding (DreamArtist default 0.003).", group="training")
+    lr: float = option(
+        3e-3,
+        "Learning rate of the positive embedding (DreamArtist default 0.003).",
+        group="training",
+        minimum=0,
+        above_minimum=True,
+    )
     vectors: int = option(3, "Vectors of the positive embedding.", group="ti", minimum=1)
     template: str = option(
         "subject",
@@ -49,7 +55,9 @@ class APTOptions(TIOptions):
     )
     neg_vectors: int = option(6, "Vectors of the negative embedding <name>-neg.", group="apt", minimum=1)
     neg_init_text: str = option("*", "Init text of the negative embedding.", group="apt")
-    neg_lr_weight: float = option(1.0, "The negative embedding's lr is lr * this.", group="apt")
+    neg_lr_weight: float = option(
+        1.0, "The negative embedding's lr is lr * this.", group="apt", minimum=0, above_minimum=True
+    )
     cfg_scale: str = option(
         "3.0",
         "Training CFG scale: '3', 'low-high' or 'low-high:ln|cos|cos2' over timesteps.",
@@ -64,7 +72,7 @@ class APTOptions(TIOptions):
     reconstruction: bool = option(
         False, "Add an L1 loss between the VAE-decoded predicted x0 and the image (heavy).", group="apt"
     )
-    rec_loss_weight: float = option(1.0, "Weight of the reconstruction loss.", group="apt")
+    rec_loss_weight: float = option(1.0, "Weight of the reconstruction loss.", group="apt", minimum=0)
     ema_pos: float = option(
         1.0,
         "EMA decay of the positive vectors (1 = off; DreamArtist suggests 0.97). Not the runtime's --ema, which "
@@ -82,7 +90,7 @@ class APTOptions(TIOptions):
         group="apt",
         path=True,
     )
-    discriminator_size: int = option(384, "Input size of the classifier (pixels).", group="apt")
+    discriminator_size: int = option(384, "Input size of the classifier (pixels).", group="apt", minimum=1)
     attention_masks: bool = option(
         True, "Weight the loss with <image>_att.png maps found beside the images (DreamArtist).", group="apt"
     )

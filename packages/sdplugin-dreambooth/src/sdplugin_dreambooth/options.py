@@ -12,10 +12,14 @@ from sdcore.train.te_stop import TextEncoderStopOptions
 @dataclass
 class DreamBoothOptions(TrainOptions, TextEncoderStopOptions):
     lr: float = option(
-        2e-6, "Learning rate of the UNet (DreamBooth wants small rates: 1e-6 to 5e-6).", group="training"
+        2e-6,
+        "Learning rate of the UNet (DreamBooth wants small rates: 1e-6 to 5e-6).",
+        group="training",
+        minimum=0,
+        above_minimum=True,
     )
     lr_warmup_steps: float = option(
-        0, "Linear warmup steps; a value below 1 is a ratio of the total steps (kohya).", group="training"
+        0, "Linear warmup steps; a value below 1 is a ratio of the total steps (kohya).", group="training", minimum=0
     )
     save_dtype: str = option(
         "fp16", "Precision of the saved checkpoint.", choices=("fp16", "bf16", "fp32"), group="output"

@@ -45,7 +45,11 @@ class HNOptions(TrainOptions):
     """Options of ``sdcore train hn`` (A1111's Create/Train hypernetwork settings)."""
 
     lr: float = option(
-        5e-6, "Learning rate (A1111's field: 1e-5; hypernetworks diverge easily: 5e-6 down to 5e-7).", group="training"
+        5e-6,
+        "Learning rate (A1111's field: 1e-5; hypernetworks diverge easily: 5e-6 down to 5e-7).",
+        group="training",
+        minimum=0,
+        above_minimum=True,
     )
     name: str = option(
         "", "Hypernetwork name (file stem and [name] in templates); default: the output's stem.", group="hypernetwork"

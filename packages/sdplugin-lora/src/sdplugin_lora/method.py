@@ -167,7 +167,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "missing ones are 1).",
         group="lora",
     )
-    lokr_factor: int = option(-1, "LoKr factor (-1: most square split of each dimension).", group="lora")
+    lokr_factor: int = option(-1, "LoKr factor (-1: most square split of each dimension).", group="lora", minimum=-1)
     dylora_unit: int = option(
         1,
         "--algo dylora: rank rows trained per step (kohya networks.dylora unit); --rank must be a multiple.",
@@ -207,6 +207,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "kohya max-norm regularisation: after each step, rescale every module whose change ||alpha/rank * "
         "up @ down|| exceeds this to exactly this norm (kohya suggests 1; LoHa/LoKr/DoRA: LyCORIS' rule).",
         group="lora",
+        minimum=0,
     )
     ggpo_sigma: float | None = option(
         None,
@@ -214,9 +215,13 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "layer adds noise x @ P.T, P = randn(out, in) per row times (sigma * weight norm + beta * grad norm^2) / "
         "sqrt(out); on only with --ggpo-beta too. Plain LoRA on Linear (and 1x1-conv) layers, any family.",
         group="lora",
+        minimum=0,
     )
     ggpo_beta: float | None = option(
-        None, "kohya's LoRA-GGPO gradient term (lora_flux network_args ggpo_beta; kohya suggests 0.01).", group="lora"
+        None,
+        "kohya's LoRA-GGPO gradient term (lora_flux network_args ggpo_beta; kohya suggests 0.01).",
+        group="lora",
+        minimum=0,
     )
     network_multiplier: float = option(
         1.0,
@@ -327,13 +332,25 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         cli=False,
     )
     loraplus_lr_ratio: float | None = option(
-        None, "LoRA+ (kohya loraplus_lr_ratio): lora_up weights learn at lr x this (paper: 16).", group="lora"
+        None,
+        "LoRA+ (kohya loraplus_lr_ratio): lora_up weights learn at lr x this (paper: 16).",
+        group="lora",
+        minimum=0,
+        above_minimum=True,
     )
     loraplus_unet_lr_ratio: float | None = option(
-        None, "LoRA+ ratio for the UNet only (default --loraplus-lr-ratio).", group="lora"
+        None,
+        "LoRA+ ratio for the UNet only (default --loraplus-lr-ratio).",
+        group="lora",
+        minimum=0,
+        above_minimum=True,
     )
     loraplus_text_encoder_lr_ratio: float | None = option(
-        None, "LoRA+ ratio for the text encoder(s) only (default --loraplus-lr-ratio).", group="lora"
+        None,
+        "LoRA+ ratio for the text encoder(s) only (default --loraplus-lr-ratio).",
+        group="lora",
+        minimum=0,
+        above_minimum=True,
     )
     title: str | None = option(
         None,
@@ -396,6 +413,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         None,
         "Learning rate of the --embedding vectors (default --lr; OneTrainer embedding_learning_rate).",
         group="lora",
+        minimum=0,
     )
     embedding_stop_at: int | None = option(
         None,
@@ -403,6 +421,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "trains on (pivotal tuning's switch: OneTrainer's stop_training_after in STEP, diffusers' "
         "--train_text_encoder_ti_frac as a step count).",
         group="lora",
+        minimum=1,
     )
     embedding_files: bool = option(
         False,

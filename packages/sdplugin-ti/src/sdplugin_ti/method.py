@@ -43,7 +43,9 @@ LATENT_SAMPLING = ("once", "deterministic", "random")
 class TIOptions(TrainOptions):
     """Textual-inversion options (A1111's train tab) on top of the runtime's."""
 
-    lr: float = option(5e-3, "Learning rate (A1111's TI default 0.005).", group="training")
+    lr: float = option(
+        5e-3, "Learning rate (A1111's TI default 0.005).", group="training", minimum=0, above_minimum=True
+    )
     name: str = option(
         "",
         "Embedding name: the word used in prompts and the output file stem (when --output is a folder; a file's "

@@ -19,6 +19,7 @@ from click.core import ParameterSource
 
 from ..errors import ConfigError, SdcoreError, debug_enabled, expected_error_message
 from ..hinted_command import HintedCommand
+from ..options import range_symbols
 from .config import field_types, is_text_list, unwrap_optional
 
 _GROUP_ORDER = ("model", "data", "training", "loss", "cache", "output")
@@ -70,6 +71,23 @@ def _saved_by(exc: BaseException) -> BaseException:
     return exc
 
 
+class DeclaredRangeOption(click.Option):
+    """A click option that shows its :func:`~sdcore.options.option`'s declared range in ``--help`` as click shows a
+    ``FloatRange`` (``[default: 0.9999; 0<x<1]``). The type stays a plain number: the range is checked by the
+    pre-flight (:func:`sdcore.options.range_problems`), for the command line and config files alike, with every
+    other problem at once, not by click at the first bad flag."""
+
+    def __init__(self, *args: Any, declared_range: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.declared_range = declared_range
+
+    def get_help_extra(self, ctx: click.Context) -> click.types.OptionHelpExtra:
+        extra = super().get_help_extra(ctx)
+        if self.declared_range and "range" not in extra:  # a click range type already says its own
+            extra["range"] = self.declared_range
+        return extra
+
+
 def _click_type(
     tp: Any, choices: tuple[str, ...] | None, name: str = "", normalize: Callable[[str], str] | None = None
 ) -> Any:
@@ -110,13 +128,14 @@ def options_to_click(options_class: type) -> list[click.Option]:
             negative = "--no-" + flag[2:]
             option = click.Option([f"{flag}/{negative}", f.name], default=default, show_default=True, help=help_text)
         else:
-            option = click.Option(
+            option = DeclaredRangeOption(
                 [flag, *meta.get("aliases", ()), f.name],
                 type=_click_type(types_[f.name], meta.get("choices"), f.name, meta.get("normalize")),
                 default=default,
                 show_default=default not in (None, ""),
                 help=help_text,
                 metavar=meta.get("metavar"),
+                declared_range=range_symbols(meta),
             )
         option.sd_group = meta.get("group", "options")  # type: ignore[attr-defined]
         params.append(option)

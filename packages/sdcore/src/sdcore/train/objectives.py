@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
 from .noise import NoiseSettings, draw_noise
-from .options import TIMESTEP_SAMPLINGS
+from .options import MODE_SCALE_RANGE, TIMESTEP_SAMPLINGS
 
 if TYPE_CHECKING:
     import torch
@@ -48,10 +48,6 @@ if TYPE_CHECKING:
     from ..models.family import ModelFamily
     from .options import TrainOptions
     from .timestep_distributions import TimestepDistribution
-
-#: the SD3 paper's bounds for the mode sampling's scale: outside them f_mode is not monotone,
-#: so it would not map [0, 1] onto [0, 1]
-MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 
 
 @dataclass

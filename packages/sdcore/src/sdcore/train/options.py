@@ -7,6 +7,7 @@ and keep their configs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ from .timestep_distributions import TIMESTEP_DISTRIBUTIONS
 
 #: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names, and
 #: ai-toolkit's training tables linear_table/shift_table/lognorm_blend_table)
+#: the SD3 paper's bounds for the mode sampling's scale (--mode-scale, OneTrainer's HEAVY_TAIL scale): outside
+#: them f_mode is not monotone, so it would not map [0, 1] onto [0, 1]
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 TIMESTEP_SAMPLINGS = (
     "uniform",
     "logit_normal",
@@ -292,7 +296,7 @@ class TrainOptions:
         group="data",
     )
     token_warmup_min: int = option(
-        1, "Token warm-up: tags (after the fixed ones) kept at step 0 (kohya).", group="data"
+        1, "Token warm-up: tags (after the fixed ones) kept at step 0 (kohya).", group="data", minimum=0
     )
     token_warmup_step: float = option(
         0.0,
@@ -432,8 +436,8 @@ class TrainOptions:
         choices=BUCKET_RULES,
         group="data",
     )
-    min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")
-    max_bucket_reso: int = option(1024, "Largest bucket side.", group="data")
+    min_bucket_reso: int = option(256, "Smallest bucket side.", group="data", minimum=0, above_minimum=True)
+    max_bucket_reso: int = option(1024, "Largest bucket side.", group="data", minimum=0, above_minimum=True)
     bucket_step: int = option(64, "Bucket side step in pixels.", group="data", minimum=0, above_minimum=True)
     bucket_no_upscale: bool = option(False, "Never upscale an image to reach its bucket.", group="data")
     debug_dataset: bool = option(
@@ -493,17 +497,20 @@ class TrainOptions:
         group="training",
         minimum=0,
     )
-    lr_power: float = option(1.0, "Power of the polynomial schedule.", group="training")
+    lr_power: float = option(1.0, "Power of the polynomial schedule.", group="training", minimum=0)
     lr_cycles: int = option(
         1,
         "cosine_with_restarts: number of hard restarts; cosine_with_min_lr/warmup_stable_decay: cycles/2 "
         "cosine half-waves (kohya's lr_scheduler_num_cycles).",
         group="training",
+        minimum=1,
     )
     lr_min_ratio: float | None = option(
         None,
         "cosine_with_min_lr/warmup_stable_decay: the floor as a ratio of --lr (kohya's lr_scheduler_min_lr_ratio).",
         group="training",
+        minimum=0,
+        maximum=1,
     )
     lr_decay_steps: float = option(
         0,
@@ -850,7 +857,7 @@ class TrainOptions:
         minimum=0,
     )
     max_timestep: int | None = option(
-        None, "Upper end (excluded) of the DDPM timesteps (default the schedule's 1000).", group="loss"
+        None, "Upper end (excluded) of the DDPM timesteps (default the schedule's 1000).", group="loss", minimum=1
     )
     zero_terminal_snr: bool = option(
         False,
@@ -889,6 +896,8 @@ class TrainOptions:
         "--timestep-distribution: OneTrainer's timestep_shift t' = T*s*t/((s-1)*t+T) of the drawn timestep, on every "
         "family (default: --discrete-flow-shift on flow-matching families, 1 = none on SD1/SD2/SDXL).",
         group="loss",
+        minimum=0,
+        above_minimum=True,
     )
     dynamic_timestep_shift: bool = option(
         False,
@@ -918,6 +927,8 @@ class TrainOptions:
         "(every sampling but flux_shift; 1 = none; default: the family's flow_shift, 1 for SD3, Flux and Chroma; "
         "SD3 uses 3.0 at 1024px).",
         group="loss",
+        minimum=0,
+        above_minimum=True,
     )
     min_table_index: int = option(
         0,
@@ -931,6 +942,7 @@ class TrainOptions:
         "Flow matching, ai-toolkit's tables: the index is drawn from [--min-table-index, this) (ai-toolkit's "
         "max_denoising_steps; its default 999 leaves out the table's last entry).",
         group="loss",
+        minimum=1,
     )
     timestep_loss_weight: str = option(
         "none",
@@ -943,9 +955,23 @@ class TrainOptions:
         group="loss",
     )
     logit_mean: float = option(0.0, "Flow matching, logit_normal sampling: mean of the normal.", group="loss")
-    logit_std: float = option(1.0, "Flow matching, logit_normal sampling: standard deviation.", group="loss")
-    mode_scale: float = option(1.29, "Flow matching, mode sampling: the SD3 paper's scale s.", group="loss")
-    sigmoid_scale: float = option(1.0, "Flow matching, sigmoid/flux_shift sampling: scale of the normal.", group="loss")
+    logit_std: float = option(
+        1.0, "Flow matching, logit_normal sampling: standard deviation.", group="loss", minimum=0, above_minimum=True
+    )
+    mode_scale: float = option(
+        1.29,
+        "Flow matching, mode sampling: the SD3 paper's scale s.",
+        group="loss",
+        minimum=MODE_SCALE_RANGE[0],
+        maximum=MODE_SCALE_RANGE[1],
+    )
+    sigmoid_scale: float = option(
+        1.0,
+        "Flow matching, sigmoid/flux_shift sampling: scale of the normal.",
+        group="loss",
+        minimum=0,
+        above_minimum=True,
+    )
     model_prediction_type: str = option(
         "raw",
         "Flow-matching families: how the denoiser's output o is compared (kohya's meanings): raw (o against "
@@ -978,7 +1004,7 @@ class TrainOptions:
         group="loss",
     )
     t5xxl_max_token_length: int | None = option(
-        None, "T5 tokens per caption (default: the family's, Flux dev 512, schnell 256).", group="loss"
+        None, "T5 tokens per caption (default: the family's, Flux dev 512, schnell 256).", group="loss", minimum=1
     )
     apply_t5_attn_mask: bool = option(
         False, "Mask T5's padding tokens in T5 and in the denoiser's attention (kohya's flag).", group="loss"
@@ -1067,11 +1093,13 @@ class TrainOptions:
         "step). Without --skip-until-initial-step only the start epoch moves and steps count from 0; the LR "
         "schedule moves only with --resume (kohya).",
         group="output",
+        minimum=0,
     )
     initial_epoch: int | None = option(
         None,
         "Start at this epoch, 1 = the first (kohya's --initial_epoch): --initial-step (E-1) x steps per epoch.",
         group="output",
+        minimum=1,
     )
     skip_until_initial_step: bool = option(
         False,

@@ -47,12 +47,14 @@ class TextEncoderStopOptions:
         "Train the text encoder(s) for the first N optimizer steps only, then freeze them (kohya's "
         "--stop_text_encoder_training; the rest keeps training with its own LR schedule).",
         group="training",
+        minimum=1,
     )
     stop_text_encoder_after_epochs: int | None = option(
         None,
         "Train the text encoder(s) for the first N epochs only, frozen from the first step of epoch N+1 "
         "(OneTrainer's text_encoder.stop_training_after in EPOCH).",
         group="training",
+        minimum=1,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .console import warn
 from .errors import PluginError, SdcoreError, debug_enabled, expected_error_message
 from .plugins import SdPluginManager, get_plugin_manager
 
@@ -55,7 +56,7 @@ class LazyGroup(click.Group):
         try:
             specs = self._specs(ctx)
         except PluginError as exc:
-            click.echo(f"Warning: {exc}", err=True)
+            warn(str(exc))
             return sorted(self.commands)
         primary = {name for name, spec in specs.items() if spec.name == name}
         return sorted(primary | set(self.commands))
@@ -159,10 +160,13 @@ def build_cli(pm: SdPluginManager) -> click.Group:
 
         Methods and taggers come from plugins; `sdcore plugins` lists what is installed.
         """
+        from .console import cli_logging, plugin_namespaces
         from .models.family import using_plugin_manager
 
         ctx.obj = CliState(pm)
         ctx.with_resource(using_plugin_manager(pm))  # families of pm's plugins are found by the runtime too
+        # logged warnings print as the CLI's own ("warning: ..."), once; a library user's logging is untouched
+        ctx.with_resource(cli_logging(plugin_namespaces(pm.get_plugins())))
 
     @cli.group(cls=TrainGroup)
     def train() -> None:

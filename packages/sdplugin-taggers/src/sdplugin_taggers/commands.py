@@ -12,6 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 from sdcore.cli_types import FiniteFloatRange
+from sdcore.console import warn
 from sdcore.devices import DEVICE, DEVICE_HELP
 from sdcore.errors import SdcoreError
 
@@ -94,7 +95,7 @@ def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) ->
     from .writer import CaptionWriter
 
     for message in getattr(tagger, "messages", []):
-        click.echo(f"warning: {message}", err=True)
+        warn(message)
     from .tags import TagFormat, split_tag_list
 
     # the caption command has fewer output options: only what it has counts

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 from sdcore.cli_types import FiniteFloatRange
+from sdcore.console import warn, warning_line
 from sdcore.errors import SdcoreError
 
 
@@ -90,7 +91,7 @@ def _watermark(directory: str, model_path: str, kw: dict[str, Any]) -> None:
         providers=kw["providers"],
     )
     for message in scorer.messages:
-        click.echo(f"warning: {message}", err=True)
+        warn(message)
     said = len(scorer.messages)
     images = list_images(directory, recursive=kw["recursive"])
     flagged: list[tuple[str, float]] = []
@@ -99,7 +100,7 @@ def _watermark(directory: str, model_path: str, kw: dict[str, Any]) -> None:
         for path, p, error in scorer.scores(images):
             bar.update(1)
             for message in scorer.messages[said:]:  # the class count of a graph that leaves it open: first batch
-                tqdm.write(f"warning: {message}", file=sys.stderr)
+                tqdm.write(warning_line(message), file=sys.stderr)
             said = len(scorer.messages)
             if error is not None or p is None:
                 unreadable += 1

@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from ..cli_types import FINITE_FLOAT, FiniteFloatRange
+from ..console import warn
 from ..devices import DEVICE, DEVICE_HELP
 from ..hinted_command import HintedCommand, hint_key
 from ..hookspecs import hookimpl
@@ -110,7 +111,7 @@ def _save_options(params: dict[str, Any]) -> dict[str, Any]:
         "jpeg_quality": params["jpeg_quality"],
         "webp_lossless": params["webp_lossless"],
         "overwrite": params["overwrite"],
-        "warn": lambda line: click.echo(f"warning: {line}", err=True),
+        "warn": warn,
     }
 
 
@@ -851,7 +852,7 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str], recalled:
             problems.append(f"{flag('vae')} {parts['vae']}: {mismatch}")
     problems += _lacking_part_problems(params, problems)
     for line in found.notes:
-        click.echo(f"warning: {line}", err=True)
+        warn(line)
     return found.extra
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from ..console import warn
+
 #: (flags, load_model keyword, help); the aliases are kohya's names in its other scripts
 #: (``--t5`` short for ``--t5xxl``, Flux's ``--ae`` for the VAE)
 PART_OPTIONS: tuple[tuple[tuple[str, ...], str, str], ...] = (
@@ -149,5 +151,5 @@ def resolve_command_sources(model: str, params: Mapping[str, Any]) -> tuple[str,
     if problems:  # exit status 2, one line each, as generate's and the training pre-flight's
         raise PreflightError(problems)
     for line in found.notes:
-        click.echo(f"warning: {line}", err=True)
+        warn(line)
     return found.model, {**parts, **found.parts}

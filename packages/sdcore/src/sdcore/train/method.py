@@ -236,9 +236,10 @@ class ProcessInfo:
         runtime's accelerator exists (the runtime then sets the accelerator's own numbers)."""
         import os
 
+        from ..console import launcher_rank
+
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-        return cls(num_processes=max(world, 1), process_index=rank)
+        return cls(num_processes=max(world, 1), process_index=launcher_rank())
 
 
 @dataclass(frozen=True)

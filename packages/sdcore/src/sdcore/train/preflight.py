@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..console import warning_line
 from ..dtypes import element_bytes
 from ..errors import ConfigError, ModelFormatError, SdcoreError
 from .options import MIXED_PRECISION, SAVE_DTYPES, TrainOptions
@@ -1043,7 +1044,9 @@ class PreflightReport:
 
 
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+    from ..console import launcher_rank
+
+    return launcher_rank() == 0
 
 
 def run_preflight(
@@ -1477,7 +1480,7 @@ def resolve_model_names(
         setattr(o, name, value)
     if say is not None and _is_main_process():
         for line in found.notes:
-            say(f"warning: {line}")
+            say(warning_line(line))
 
 
 def _plugin_format(pm: Any, path: str) -> str | None:

@@ -135,3 +135,26 @@ def test_importing_sdcore_adds_no_logging_handler():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_no_module_spells_the_warning_prefix_itself():
+    """Every CLI warning is built by :func:`sdcore.console.warning_line` (or ``warn``): a module writing its own
+    ``"warning: "`` could drift from the form the logged warnings print in ("Warning:", a missing space)."""
+    import ast
+    from pathlib import Path
+
+    import sdcore.console
+
+    packages = Path(__file__).parents[2]
+    sources = sorted(packages.glob("*/src/**/*.py"))
+    assert any(path.samefile(sdcore.console.__file__) for path in sources)  # the tree scanned is the one tested
+    spelled = []
+    for path in sources:
+        if path.samefile(sdcore.console.__file__):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            first = node.values[0] if isinstance(node, ast.JoinedStr) and node.values else node
+            text = first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else ""
+            if text.lower().lstrip().startswith("warning:"):
+                spelled.append(f"{path.relative_to(packages)}:{node.lineno}")
+    assert not spelled, f"build these with sdcore.console.warning_line/warn: {', '.join(sorted(set(spelled)))}"

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from ..cli_types import FINITE_FLOAT, FiniteFloatRange
-from ..console import warn
+from ..console import warn, warning_line
 from ..devices import DEVICE, DEVICE_HELP
 from ..hinted_command import HintedCommand, hint_key
 from ..hookspecs import hookimpl
@@ -699,20 +699,20 @@ def _vae_from_png(
                 return None
             if ours != vae_hash.lower():
                 named = f" ({name})" if name else ""
-                say(f"warning: the PNG was made with VAE hash {vae_hash}{named}, --vae has {ours}")
+                warn(f"the PNG was made with VAE hash {vae_hash}{named}, --vae has {ours}")
         elif name and name not in (vae.name, vae.stem):
-            say(f"warning: the PNG was made with VAE {shown}, --vae is {vae}")
+            warn(f"the PNG was made with VAE {shown}, --vae is {vae}")
         return None
     if models_dir is None:
-        say(
-            f"warning: the PNG's VAE {shown} is looked for below --models-dir, and there is no models/ here; the "
+        warn(
+            f"the PNG's VAE {shown} is looked for below --models-dir, and there is no models/ here; the "
             "model's own VAE decodes: pass --models-dir or --vae"
         )
         return None
     path, line = find_png_vae(name, vae_hash, models_dir, extra, say)
     mismatch = None if path is None else vae_channel_mismatch(path, model=params["model"])
     if mismatch is not None:  # the PNG's VAE, but not one this model decodes with: made as without it
-        say(f"warning: the PNG's VAE {path} is {mismatch}: the model's own VAE decodes; pass --vae to choose one")
+        warn(f"the PNG's VAE {path} is {mismatch}: the model's own VAE decodes; pass --vae to choose one")
         return None
     say(line)
     return None if path is None else str(path)
@@ -748,7 +748,7 @@ def _modules_from_png(
         return {}
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     if fields.get("VAE"):
-        say("warning: the PNG's Module fields are not read: its VAE field is the module list (Forge's paste)")
+        warn("the PNG's Module fields are not read: its VAE field is the module list (Forge's paste)")
         return {}
     found_files: dict[Path, tuple[str, str]] = {}
     missing: list[tuple[str, str, str]] = []
@@ -766,8 +766,8 @@ def _modules_from_png(
     parts, left = module_parts(list(found_files), accepted, *model_clip_widths(params["model"]))
     for file in left:
         key, rel = found_files[file]
-        say(
-            f"warning: the PNG's {key} {rel} is none of the parts this model takes (a CLIP: not of its CLIP-L's or "
+        warn(
+            f"the PNG's {key} {rel} is none of the parts this model takes (a CLIP: not of its CLIP-L's or "
             "CLIP-G's width), or one named twice: left out"
         )
     chosen: dict[str, str] = {}
@@ -777,7 +777,7 @@ def _modules_from_png(
             continue
         mismatch = vae_channel_mismatch(file, model=params["model"]) if part == "vae" else None
         if mismatch is not None:
-            say(f"warning: the PNG's {key} {file} is {mismatch}: the model's own VAE decodes; pass {flag(part)}")
+            warn(f"the PNG's {key} {file} is {mismatch}: the model's own VAE decodes; pass {flag(part)}")
             continue
         say(f"{PART_LABELS[part]} from the PNG: {rel} ({key})")
         chosen[part] = str(file)
@@ -797,7 +797,7 @@ def _modules_from_png(
             else "the model's own part is used"
         )
         for key, name, what in missing:
-            say(f"warning: the PNG's {key} {name!r} {what}: {used}; pass {flags} to choose one")
+            warn(f"the PNG's {key} {name!r} {what}: {used}; pass {flags} to choose one")
     return chosen
 
 
@@ -1089,8 +1089,10 @@ def _ignored_option_warnings(params: dict[str, Any], adapter: Any, bundle: Any, 
         typed = [f"--{name.replace('_', '-')}" for name in ("cfg", "hr_distilled_cfg") if name in given]
         if typed:
             warnings.append(
-                f"warning: {' and '.join(typed)} set the distilled guidance, which FLUX.1 schnell has not "
-                "(no guidance embedding): ignored, as Forge ignores it; --true-cfg-scale is its CFG"
+                warning_line(
+                    f"{' and '.join(typed)} set the distilled guidance, which FLUX.1 schnell has not "
+                    "(no guidance embedding): ignored, as Forge ignores it; --true-cfg-scale is its CFG"
+                )
             )
     beside = unused_a1111_vae(bundle.source, bundle.source_format, bundle.family, bool(params.get("vae")))
     if beside is not None:  # A1111's Automatic VAE ("found near the checkpoint"); sdcore decodes with the model's
@@ -1100,8 +1102,10 @@ def _ignored_option_warnings(params: dict[str, Any], adapter: Any, bundle: Any, 
         )
     if params["clip_skip"] > 1 and getattr(adapter, "clip_skip_ignored", False):
         warnings.append(
-            f"warning: --clip-skip {params['clip_skip']} changes nothing on {bundle.family_spec.label} models "
-            "(no CLIP hidden states condition them; Forge ignores it too)"
+            warning_line(
+                f"--clip-skip {params['clip_skip']} changes nothing on {bundle.family_spec.label} models "
+                "(no CLIP hidden states condition them; Forge ignores it too)"
+            )
         )
     return warnings
 

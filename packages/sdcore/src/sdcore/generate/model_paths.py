@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..console import warning_line
 from ..errors import ConfigError
 
 #: the file ComfyUI reads from its root folder (the parent of its ``models/``) at start
@@ -610,13 +611,13 @@ def find_png_vae(
     files = list(dict.fromkeys(file for file, _ in match.named))
     own = "the model's own VAE decodes"
     if wanted is None and len(files) > 1:
-        return None, (
-            f"warning: the PNG's VAE {vae_name!r} (no VAE hash) is the name of {len(files)} files "
+        return None, warning_line(
+            f"the PNG's VAE {vae_name!r} (no VAE hash) is the name of {len(files)} files "
             f"({', '.join(str(file) for file in files)}); {own}: pass --vae with the one to use"
         )
     what = ", ".join(part for part in (repr(vae_name) if vae_name else "", f"hash {wanted}" if wanted else "") if part)
-    return None, (
-        f"warning: the PNG's VAE ({what}) is not in {_folders_text(vae_folders)} and their subfolders, nor beside "
+    return None, warning_line(
+        f"the PNG's VAE ({what}) is not in {_folders_text(vae_folders)} and their subfolders, nor beside "
         f"a checkpoint (NAME.vae.safetensors) in {', '.join(str(f.absolute()) for f in checkpoint_folders)}"
         f"{_other_hashes(match)}; {own}: pass --vae to choose one"
     )

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..console import warning_line
 from ..errors import ConfigError
 from .pnginfo import (
     RNG_SOURCE,
@@ -132,26 +133,32 @@ class Recalled:
         ours = legacy_model_hash if wanted is not None and len(wanted) == 8 else model_hash
         if wanted and ours and wanted.lower() != ours.lower():
             named = f" ({self.parameters.model_name})" if self.parameters.model_name else ""
-            lines.append(f"warning: the PNG was made with model hash {wanted}{named}, --model has {ours}")
+            lines.append(warning_line(f"the PNG was made with model hash {wanted}{named}, --model has {ours}"))
         extra = self.parameters.extra
         if REFERENCE_FIELD in extra and not reference_image:
             lines.append(
-                f"warning: the PNG is a FLUX.1 Kontext edit of {extra[REFERENCE_FIELD]}; without --reference-image "
-                "this makes a new image instead"
+                warning_line(
+                    f"the PNG is a FLUX.1 Kontext edit of {extra[REFERENCE_FIELD]}; without --reference-image "
+                    "this makes a new image instead"
+                )
             )
         from ..models.flux.control import CONTROL_FIELD
 
         if CONTROL_FIELD in extra and not control_image:
             lines.append(
-                f"warning: the PNG is a FLUX.1 Depth/Canny image controlled by {extra[CONTROL_FIELD]}; give it (or "
-                "another) with --control-image: those models generate with one only"
+                warning_line(
+                    f"the PNG is a FLUX.1 Depth/Canny image controlled by {extra[CONTROL_FIELD]}; give it (or "
+                    "another) with --control-image: those models generate with one only"
+                )
             )
         from .inpaint import CONDITIONAL_MASK_WEIGHT, FIELDS
 
         if not mask and any(name in extra for name in FIELDS if name != CONDITIONAL_MASK_WEIGHT):
             lines.append(
-                "warning: the PNG is an inpainting (A1111's Inpaint fields); without --init-image and --mask this "
-                "makes a whole new image instead"
+                warning_line(
+                    "the PNG is an inpainting (A1111's Inpaint fields); without --init-image and --mask this "
+                    "makes a whole new image instead"
+                )
             )
         ignored = list(self.ignored)
         schedule = extra.get(SCHEDULE_TYPE)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..console import warning_line
 from ..errors import NetworkMismatchError, SdcoreError
 from .prompt_syntax import _NETWORK_RE
 
@@ -196,15 +197,19 @@ def relink_loras(
         if found is None:
             if named is not None:
                 lines.append(
-                    f"warning: the PNG's <lora:{name}> had hash {short}; {named} has {finder.hash_of(named)} and no "
-                    "LoRA file here has the PNG's"
+                    warning_line(
+                        f"the PNG's <lora:{name}> had hash {short}; {named} has {finder.hash_of(named)} and no "
+                        "LoRA file here has the PNG's"
+                    )
                 )
             return match.group(0)
         new = finder.tag_name(found)
         if new is None:
             lines.append(
-                f"warning: the PNG's <lora:{name}> has the hash of {found}, which no <lora:...> tag can name "
-                "(rename the file); left as written"
+                warning_line(
+                    f"the PNG's <lora:{name}> has the hash of {found}, which no <lora:...> tag can name "
+                    "(rename the file); left as written"
+                )
             )
             return match.group(0)
         field = (fields or {}).get(key, LORA_HASHES)

@@ -30,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
+from ..console import warning_line
 from ..errors import ConfigError
 from ..io import atomic_write_text
 from .method import RunFacts, SaveInfo, TrainingMethod
@@ -572,8 +573,10 @@ class Checkpoints:
             described.append(f"prediction_type ({was!r} -> {prediction_type!r}: the loss target changes)")
         if changed:  # one line, with the values (a log.warning beside it printed the same news twice)
             self.say(
-                f"warning: resuming with changed {', '.join(described)}: the run continues but will not match an "
-                "uninterrupted one"
+                warning_line(
+                    f"resuming with changed {', '.join(described)}: the run continues but will not match an "
+                    "uninterrupted one"
+                )
             )
         losses = [float(x) for x in record.get("losses", [])][: position.step]
         self.say(f"resumed from {folder} at step {position.step} (epoch {position.epoch + 1}, batch {position.batch})")

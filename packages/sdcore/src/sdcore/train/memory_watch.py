@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..console import warning_line
 from ..errors import SdcoreError, is_out_of_memory
 
 MIB = 1024 * 1024
@@ -132,8 +133,8 @@ class MemoryWatch:
 
     def full_warning(self, reading: MemoryReading, step: int) -> str:
         changes = self.changes()
-        return (
-            f"warning: after step {step} the run holds {_mib(reading.peak_reserved)} of the "
+        return warning_line(
+            f"after step {step} the run holds {_mib(reading.peak_reserved)} of the "
             f"{_mib(reading.total)} on {reading.device} ({reading.fraction:.0%}): a larger batch or bucket can run "
             "out of memory, and on Windows the NVIDIA driver then moves memory to system RAM (its sysmem fallback) "
             "and training slows down several times without an error"

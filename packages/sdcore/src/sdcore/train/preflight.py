@@ -825,8 +825,10 @@ class MemoryPlan:
         out = [self.estimate.line()]
         if not self.fits and self.free is not None:
             out.append(
-                f"warning: that is more than the {self.free / MIB:,.0f} MiB free on {self.estimate.device} "
-                "(with the libraries' share)"
+                warning_line(
+                    f"that is more than the {self.free / MIB:,.0f} MiB free on {self.estimate.device} "
+                    "(with the libraries' share)"
+                )
             )
             fitting = [s for s in self.suggestions if s.fits]
             if fitting:

@@ -139,3 +139,17 @@ def test_a_kohya_dataset_root_without_recursive_says_to_add_it(wd_v3: Path, tmp_
     empty.mkdir()
     result = CliRunner().invoke(cli, ["tag", "wd14", str(empty), "--model-dir", str(wd_v3), "--no-progress"])
     assert result.exit_code == 0 and "images found: 0" in result.output  # nothing anywhere: nothing to say
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "skip"])
+def test_no_tag_above_the_threshold_writes_no_blank_caption(wd_v3: Path, image_dir: Path, mode: str) -> None:
+    # sweep2: --mode overwrite with nothing above the threshold replaced a.txt by a blank line (the caption was
+    # lost) and wrote blank b.txt/c.webp captions, which training reads as empty captions (kohya stops on them)
+    (image_dir / "a.txt").write_text("mine, long hair\n", encoding="utf-8")
+    args = ["--general-threshold", "1", "--character-threshold", "1", "--mode", mode, "--no-progress"]
+    result = run(image_dir, "--model-dir", wd_v3, "--providers", "cpu", *args)
+    assert result.exit_code == 0, result.output
+    assert (image_dir / "a.txt").read_text(encoding="utf-8") == "mine, long hair\n"
+    assert not (image_dir / "b.txt").exists() and not (image_dir / "c.txt").exists()
+    blank = 3 if mode == "overwrite" else 2
+    assert f"no tag for {blank} image(s) (none above the threshold, or all excluded): no caption written" in result.output

@@ -33,6 +33,8 @@ class Summary:
     skipped: int = 0
     unreadable: int = 0
     kept: int = 0
+    #: tagged, but no tag to write (none above the threshold): no caption file written
+    empty: int = 0
     frequency: Counter[str] = field(default_factory=Counter)
     unreadable_files: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -42,6 +44,11 @@ class Summary:
             f"images found: {self.found}, tagged: {self.tagged}, skipped (caption exists): {self.skipped}, "
             f"unreadable: {self.unreadable}" + (f", existing caption kept: {self.kept}" if self.kept else "")
         ]
+        if self.empty:
+            out.append(
+                f"  no tag for {self.empty} image(s) (none above the threshold, or all excluded): no caption written, "
+                "an existing one left as is"
+            )
         for name in self.unreadable_files[:10]:
             out.append(f"  unreadable: {name}")
         if len(self.unreadable_files) > 10:
@@ -102,6 +109,8 @@ def label_folder(
                 summary.kept += 1
             elif status == "skipped":
                 summary.skipped += 1
+            elif status == "empty":
+                summary.empty += 1
             summary.tagged += 1
             summary.frequency.update(parts)
             if jsonl is not None:

@@ -130,3 +130,18 @@ def test_one_output_with_softmax_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(tag_tools_group, [*args, "--no-softmax", "--threshold", "0.9"])
     assert result.exit_code == 0, result.output
     assert "images: 1," in result.output
+
+
+def test_watermark_outputs_that_are_inputs_or_each_other_are_refused(tmp_path: Path) -> None:
+    # sweep2: --list naming an image replaced it with the flagged list; --json and --list on one file kept one
+    model = classifier(tmp_path / "wm.onnx")
+    image = save_image(tmp_path / "img" / "a.png", (255, 255, 255))
+    before = image.read_bytes()
+    base = ["watermark", str(tmp_path / "img"), "--model", str(model), "--providers", "cpu", "--no-progress"]
+    result = CliRunner().invoke(tag_tools_group, [*base, "--list", str(image)])
+    assert result.exit_code == 1 and f"--list {image} is the image {image}: it would be replaced" in result.output
+    assert image.read_bytes() == before
+    same = str(tmp_path / "out.txt")
+    result = CliRunner().invoke(tag_tools_group, [*base, "--json", same, "--list", same])
+    assert result.exit_code == 1 and f"--json and --list are the same file {same}" in result.output
+    assert not (tmp_path / "out.txt").exists()

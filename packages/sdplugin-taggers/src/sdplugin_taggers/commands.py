@@ -89,6 +89,16 @@ def _format(kw: dict[str, Any]) -> Any:
     )
 
 
+def _check(directory: str, kw: dict[str, Any]) -> None:
+    """The folder and output checks that need no model, before one loads (one line, exit 1)."""
+    from .labeling import check_folder
+
+    try:
+        check_folder(directory, recursive=kw["recursive"], ext=kw["ext"], outputs={"--json": kw["json_path"]})
+    except SdcoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) -> None:
     from .labeling import label_folder
     from .writer import CaptionWriter
@@ -296,6 +306,7 @@ def wd14_command(ctx: click.Context, directory: str, model_dir: str | None, **kw
     model_dir = _local_model(
         model_dir, "--model-dir", "WD tagger", ("SmilingWolf/wd-vit-tagger-v3", _WD_FILES, "./wd-v3")
     )
+    _check(directory, kw)
     try:
         from .wd14 import WD14Tagger
 
@@ -335,6 +346,7 @@ def wd14_command(ctx: click.Context, directory: str, model_dir: str | None, **kw
 def deepdanbooru_command(directory: str, model_path: str | None, **kw: Any) -> None:
     """Tag images with DeepDanbooru (resnet_custom_v3, torch) and write caption files."""
     model_path = _local_model(model_path, "--model", "DeepDanbooru model", None)
+    _check(directory, kw)
     try:
         from .deepdanbooru import DeepDanbooruTagger
 
@@ -384,6 +396,7 @@ def caption_command(directory: str, blip_path: str | None, clip_path: str | None
     if clip_path is not None:
         clip = ("openai/clip-vit-large-patch14", _CLIP_FILES, "./clip-vit-large-patch14")
         clip_path = _local_model(clip_path, "--clip", "CLIP model", clip)
+    _check(directory, kw)
     try:
         from .caption import CaptionTagger
 

@@ -39,7 +39,13 @@ def watermark_command(directory: str, model_path: str | None, **kw: Any) -> None
     """Score images for watermarks and list those above the threshold (files are not moved)."""
     model_path = _watermark_model(model_path)
     try:
-        _watermark(directory, model_path, kw)
+        from .labeling import check_folder
+
+        # before the model loads: a --json/--list naming an image, or each other, would replace it
+        images = check_folder(
+            directory, recursive=kw["recursive"], outputs={"--json": kw["json_path"], "--list": kw["list_path"]}
+        )
+        _watermark(images, model_path, kw)
     except SdcoreError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -72,12 +78,11 @@ def _watermark_model(value: str | None) -> str:
     return value
 
 
-def _watermark(directory: str, model_path: str, kw: dict[str, Any]) -> None:
+def _watermark(images: list[Any], model_path: str, kw: dict[str, Any]) -> None:
     from sdcore.io import atomic_write_text
     from tqdm import tqdm
 
     from .hygiene import WatermarkScorer
-    from .images import list_images
     from .writer import jsonl_output
 
     scorer = WatermarkScorer(
@@ -92,7 +97,6 @@ def _watermark(directory: str, model_path: str, kw: dict[str, Any]) -> None:
     for message in scorer.messages:
         click.echo(f"warning: {message}", err=True)
     said = len(scorer.messages)
-    images = list_images(directory, recursive=kw["recursive"])
     flagged: list[tuple[str, float]] = []
     unreadable = 0
     with jsonl_output(kw["json_path"]) as jsonl, tqdm(total=len(images), unit="img", disable=kw["no_progress"]) as bar:

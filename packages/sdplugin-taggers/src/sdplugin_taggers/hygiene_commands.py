@@ -25,7 +25,12 @@ def tag_tools_group() -> None:
     "LAION's (docs/offline-models.md).",
 )
 @click.option("--threshold", type=FiniteFloatRange(0, 1), default=0.5, show_default=True)
-@click.option("--size", type=click.IntRange(min=1), default=None, help="Input size (default: from the model, or 256).")
+@click.option(
+    "--size",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Input size of a model that leaves it open (default: from the model, or 256).",
+)
 @click.option("--watermark-index", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--no-softmax", is_flag=True, help="The model already outputs probabilities.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)

@@ -195,3 +195,16 @@ def test_text_encoder_training_on_chroma_needs_train_t5(tmp_path, options, probl
         assert method.family_problems("flux") == []
         method.prepare(_bundle("chroma"))
         assert not [k for k in method.network.state_dict() if k.startswith("lora_te")]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_train_t5_on_a_family_without_t5_is_refused(tmp_path, family):
+    # sweep2: `train lora --model tiny:sd1 --train-t5` trained as without it, in silence
+    from sdcore.testing.contract import contract_options
+    from sdplugin_lora.method import LoraMethod
+
+    method = LoraMethod(contract_options(LoraMethod, tmp_path, {"rank": 4, "train_t5": True}, family=family))
+    assert f"--train-t5 trains the T5-XXL encoder of SD3/FLUX.1/Chroma; {family} has none: drop it" in (
+        method.family_problems(family)
+    )
+    assert not [p for p in method.family_problems("flux") if "--train-t5" in p]

@@ -139,3 +139,54 @@ def test_a_kohya_dataset_root_without_recursive_says_to_add_it(wd_v3: Path, tmp_
     empty.mkdir()
     result = CliRunner().invoke(cli, ["tag", "wd14", str(empty), "--model-dir", str(wd_v3), "--no-progress"])
     assert result.exit_code == 0 and "images found: 0" in result.output  # nothing anywhere: nothing to say
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "skip"])
+def test_no_tag_above_the_threshold_writes_no_blank_caption(wd_v3: Path, image_dir: Path, mode: str) -> None:
+    # sweep2: --mode overwrite with nothing above the threshold replaced a.txt by a blank line (the caption was
+    # lost) and wrote blank b.txt/c.webp captions, which training reads as empty captions (kohya stops on them)
+    (image_dir / "a.txt").write_text("mine, long hair\n", encoding="utf-8")
+    args = ["--general-threshold", "1", "--character-threshold", "1", "--mode", mode, "--no-progress"]
+    result = run(image_dir, "--model-dir", wd_v3, "--providers", "cpu", *args)
+    assert result.exit_code == 0, result.output
+    assert (image_dir / "a.txt").read_text(encoding="utf-8") == "mine, long hair\n"
+    assert not (image_dir / "b.txt").exists() and not (image_dir / "c.txt").exists()
+    blank = 3 if mode == "overwrite" else 2
+    assert (
+        f"no tag for {blank} image(s) (none above the threshold, or all excluded): no caption written" in result.output
+    )
+
+
+def test_output_files_that_are_inputs_are_refused_before_the_model_loads(
+    wd_v3: Path, image_dir: Path, tmp_path: Path
+) -> None:
+    # sweep2: --json naming an image or a caption of the folder replaced it with JSONL after the run (exit 0)
+    (image_dir / "a.txt").write_text("mine\n", encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in image_dir.iterdir()}
+    for target, what in [
+        ("b.jpg", "the image"),
+        ("a.txt", "the caption file of"),
+        ("c.caption", "the caption file of"),
+    ]:
+        args = [
+            image_dir,
+            "--model-dir",
+            wd_v3,
+            "--providers",
+            "cpu",
+            "--ext",
+            "caption" if "caption" in target else ".txt",
+        ]
+        result = CliRunner().invoke(wd14_command, [str(a) for a in [*args, "--json", image_dir / target]])
+        assert result.exit_code == 1, result.output
+        assert f"--json {image_dir / target} is {what}" in result.output and "give a file of its own" in result.output
+        assert "model:" not in result.output  # found before the model loaded
+    assert {p.name: p.read_bytes() for p in image_dir.iterdir()} == before
+    nested = tmp_path / "kohya"
+    save_image(nested / "10_x" / "a.png")
+    result = CliRunner().invoke(wd14_command, [str(nested), "--model-dir", str(wd_v3), "--ext", "/"])
+    assert result.exit_code == 1 and "model:" not in result.output
+    assert (
+        "no image directly in it, 1 in its sub-folders" in result.output
+        and "invalid caption extension" in result.output
+    )

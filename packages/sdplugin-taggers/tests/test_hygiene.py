@@ -130,3 +130,32 @@ def test_one_output_with_softmax_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(tag_tools_group, [*args, "--no-softmax", "--threshold", "0.9"])
     assert result.exit_code == 0, result.output
     assert "images: 1," in result.output
+
+
+def test_watermark_outputs_that_are_inputs_or_each_other_are_refused(tmp_path: Path) -> None:
+    # sweep2: --list naming an image replaced it with the flagged list; --json and --list on one file kept one
+    model = classifier(tmp_path / "wm.onnx")
+    image = save_image(tmp_path / "img" / "a.png", (255, 255, 255))
+    before = image.read_bytes()
+    base = ["watermark", str(tmp_path / "img"), "--model", str(model), "--providers", "cpu", "--no-progress"]
+    result = CliRunner().invoke(tag_tools_group, [*base, "--list", str(image)])
+    assert result.exit_code == 1 and f"--list {image} is the image {image}: it would be replaced" in result.output
+    assert image.read_bytes() == before
+    same = str(tmp_path / "out.txt")
+    result = CliRunner().invoke(tag_tools_group, [*base, "--json", same, "--list", same])
+    assert result.exit_code == 1 and f"--json and --list are the same file {same}" in result.output
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_size_other_than_the_models_fixed_size_is_one_line(tmp_path: Path) -> None:
+    # sweep2: --size 1 on a 16x16 classifier ended in onnxruntime's INVALID_ARGUMENT traceback on the first
+    # batch; --size 100000 resized every image to 100000x100000 first (hung, then out of memory)
+    model = classifier(tmp_path / "wm.onnx")
+    save_image(tmp_path / "img" / "a.png")
+    base = ["watermark", str(tmp_path / "img"), "--model", str(model), "--providers", "cpu", "--no-progress"]
+    result = CliRunner().invoke(tag_tools_group, [*base, "--size", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"--size 1: {model} takes 16x16 images only: leave --size out" in result.output
+    assert CliRunner().invoke(tag_tools_group, [*base, "--size", "16"]).exit_code == 0
+    result = CliRunner().invoke(tag_tools_group, [*base, "--size", "100000"])
+    assert result.exit_code == 2 and "100000 is not in the range 1<=x<=4096" in result.output

@@ -94,3 +94,34 @@ def test_parse_tag_replacement_escapes() -> None:
     assert parse_tag_replacement(r"a\,b,A\,B;c\;d,CD;") == (("a,b", "A,B"), ("c;d", "CD"))
     with pytest.raises(ConfigError, match="source,target pairs"):
         parse_tag_replacement("only")
+
+
+def test_kohya_flag_contradicting_sdcores_option_is_refused(wd_v3: Path, image_dir: Path) -> None:
+    # sweep2: --append_tags --mode overwrite appended, --use_rating_tags --ratings off wrote the rating,
+    # --remove_underscore --underscores kept underscores ...: one of the two won in silence
+    args = [str(image_dir), "--model-dir", str(wd_v3), "--providers", "cpu", "--no-progress"]
+    pairs = [
+        ["--append_tags", "--mode", "overwrite"],
+        ["--use_rating_tags", "--ratings", "off"],
+        ["--character_tags_first", "--characters", "last"],
+        ["--remove_underscore", "--underscores"],
+        ["--caption_extension", ".cap", "--ext", ".txt"],
+        ["--max_data_loader_n_workers", "2", "--workers", "0"],
+    ]
+    result = CliRunner().invoke(wd14_command, [*args, *[a for pair in pairs for a in pair]])
+    assert result.exit_code == 2, result.output
+    for said in (
+        "--append_tags and --mode overwrite",
+        "--use_rating_tags and --ratings off",
+        "--character_tags_first and --characters last",
+        "--remove_underscore and --underscores",
+        "--caption_extension .cap and --ext .txt",
+        "--max_data_loader_n_workers 2 and --workers 0",
+    ):
+        assert said in result.output
+    assert not list(image_dir.glob("*.txt")) and not list(image_dir.glob("*.cap"))
+    agreeing = ["--append_tags", "--mode", "append", "--use_rating_tags_as_last_tag", "--ratings", "last"]
+    assert (
+        CliRunner().invoke(wd14_command, [*args, *agreeing, "--caption_extension", "txt", "--ext", ".txt"]).exit_code
+        == 0
+    )

@@ -414,3 +414,18 @@ def test_distilled_cfg_axis_on_schnell_is_refused(tmp_path):
     assert isinstance(result.exception, sdcore.ConfigError), result.output
     assert "schnell" in str(result.exception) and "Distilled CFG Scale" in str(result.exception)
     assert not list(tmp_path.iterdir())
+
+
+def test_plot_options_without_a_plot_are_refused(tmp_path, monkeypatch):
+    # sweep2: --grid-cells, --keep-random-seeds, --no-grid-legend, --grid-margin without --x-type made one plain
+    # image, exit 0: the options did nothing, in silence (--iterate-seed without --from-file is refused the same way)
+    message = _refused(tmp_path, monkeypatch, "a cat", "--grid-cells", "--keep-random-seeds", "--no-grid-legend")
+    assert message == (
+        "--keep-random-seeds, --grid-legend, --grid-cells set how the X/Y/Z plot is drawn; "
+        "give --x-type and --x-values or drop them"
+    )
+    message = _refused(tmp_path, monkeypatch, "a cat", "--grid-margin", "4")
+    assert message.startswith("--grid-margin set how the X/Y/Z plot is drawn")
+    (tmp_path / "g.png").write_bytes(b"")  # with a plot they are accepted (only the existing output stops it)
+    message = _refused(tmp_path, monkeypatch, "a cat", "--x-type", "Seed", "--x-values", "1,2", "--grid-cells")
+    assert "X/Y/Z plot is drawn" not in message and "already exists" in message

@@ -177,7 +177,12 @@ def _not_torch_files(tiny_files, tmp_path):
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 334643238\n")
     empty = tmp_path / "empty.vae.pt"
     empty.write_bytes(b"")
+    from PIL import Image
+
+    image = tmp_path / "preview.png"  # sweep2: read "refuses to run code in pickle: Unsupported operand 80"
+    Image.new("RGB", (8, 8)).save(image)
     return {
+        image: "a PNG image, not a model",
         renamed: "a safetensors file: rename it to renamed.vae.safetensors",
         page: "a web page (HTML)",
         pointer: "a Git LFS pointer",

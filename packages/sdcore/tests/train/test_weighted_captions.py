@@ -263,3 +263,13 @@ def test_kohya_flag_translates():
     assert not out.problems and out.values == {"weighted_captions": True}
     assert "weighted_captions" not in kohya.UNSUPPORTED
     assert kohya.translate({"weighted_captions": False}, present, where="cfg").values == {"weighted_captions": False}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_apply_t5_attn_mask_without_t5_is_a_problem(tmp_path, family):
+    # sweep2: `train lora --model tiny:sd1 --apply-t5-attn-mask` trained as without it, in silence, while
+    # --apply-lg-attn-mask on sd1 was refused
+    options = TrainOptions(data=str(tmp_path), output=str(tmp_path / "o.safetensors"), apply_t5_attn_mask=True)
+    (problem,) = caption_family_problems(options, family)
+    assert problem.startswith("--apply-t5-attn-mask masks the padding of a T5-XXL encoder") and "drop it" in problem
+    assert caption_family_problems(options, "flux") == []

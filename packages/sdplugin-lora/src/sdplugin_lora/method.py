@@ -1080,6 +1080,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         problems += self._te_rate_family_problems(family)
         problems += self._t5_only_family_problems(family)
+        problems += self._train_t5_family_problems(family)
         if o.embedding:
             from .pivotal import FAMILY_LABEL, T5, family_keys
 
@@ -1154,6 +1155,22 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             for slot, rate in self.te_rate_options().items()
             if rate is not None and slot not in slots
         ]
+
+    def _train_t5_family_problems(self, family: str) -> list[str]:
+        """--train-t5 on a family without a T5-XXL encoder (SD1/SD2/SDXL): it would train nothing more, in silence
+        (kohya's train_t5xxl exists only in its SD3/FLUX.1 scripts)."""
+        from sdcore.errors import SdcoreError
+        from sdcore.models.family import get_family
+
+        if not self.options.train_t5:
+            return []
+        try:
+            slots = {spec.slot for spec in get_family(family).text_encoders}
+        except SdcoreError:
+            return []  # the pre-flight reports an unknown family itself
+        if 3 in slots:
+            return []
+        return [f"--train-t5 trains the T5-XXL encoder of SD3/FLUX.1/Chroma; {family} has none: drop it"]
 
     def _t5_only_family_problems(self, family: str) -> list[str]:
         """--train-text-encoder/--te-only on a family whose only text encoder is T5-XXL (Chroma) without --train-t5:

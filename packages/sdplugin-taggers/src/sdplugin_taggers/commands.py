@@ -90,6 +90,16 @@ def _format(kw: dict[str, Any]) -> Any:
     )
 
 
+def _check(directory: str, kw: dict[str, Any]) -> None:
+    """The folder and output checks that need no model, before one loads (one line, exit 1)."""
+    from .labeling import check_folder
+
+    try:
+        check_folder(directory, recursive=kw["recursive"], ext=kw["ext"], outputs={"--json": kw["json_path"]})
+    except SdcoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) -> None:
     from .labeling import label_folder
     from .writer import CaptionWriter
@@ -206,6 +216,7 @@ def _apply_kohya(ctx: click.Context, model_dir: str | None, kw: dict[str, Any]) 
     the model folder; notes for flags with nothing to do here go to stderr."""
     from .tags import parse_tag_replacement, split_tag_list
 
+    _refuse_contradictions(ctx, kw)
     notes = {
         "onnx": "--onnx: sdcore's WD tagger always runs the ONNX model",
         "frequency_tags": "--frequency_tags: the summary after the run lists the most frequent tags",
@@ -248,6 +259,35 @@ def _apply_kohya(ctx: click.Context, model_dir: str | None, kw: dict[str, Any]) 
     if kw["caption_separator"] is not None:
         kw["separator"] = kw["caption_separator"]
     return _kohya_model_dir(model_dir, kw["repo_id"])
+
+
+def _refuse_contradictions(ctx: click.Context, kw: dict[str, Any]) -> None:
+    """A kohya flag and sdcore's option of the same setting, given with different values: one would win in
+    silence (kohya's tagger has only the one, sdcore's only the other), so say both, all at once."""
+    pairs: list[tuple[str, str]] = []
+    if kw["append_tags"] and _given(ctx, "mode") and kw["mode"] != "append":
+        pairs.append(("--append_tags", f"--mode {kw['mode']}"))
+    if (kw["use_rating_tags"] or kw["use_rating_tags_as_last_tag"]) and _given(ctx, "ratings"):
+        flag, where = (
+            ("--use_rating_tags", "first") if kw["use_rating_tags"] else ("--use_rating_tags_as_last_tag", "last")
+        )
+        if kw["ratings"] != where:
+            pairs.append((flag, f"--ratings {kw['ratings']}"))
+    if kw["character_tags_first"] and _given(ctx, "characters") and kw["characters"] != "first":
+        pairs.append(("--character_tags_first", f"--characters {kw['characters']}"))
+    if kw["remove_underscore"] and kw["underscores"]:
+        pairs.append(("--remove_underscore", "--underscores"))
+    ext = kw["caption_extension"]
+    if ext is not None and _given(ctx, "ext") and ext.lstrip(".") != kw["ext"].lstrip("."):
+        pairs.append((f"--caption_extension {ext}", f"--ext {kw['ext']}"))
+    workers = kw["max_data_loader_n_workers"]
+    if workers is not None and _given(ctx, "workers") and workers != kw["workers"]:
+        pairs.append((f"--max_data_loader_n_workers {workers}", f"--workers {kw['workers']}"))
+    if pairs:
+        said = "; ".join(f"{kohya} and {ours}" for kohya, ours in pairs)
+        raise click.UsageError(
+            f"{said}: kohya's flag and sdcore's option of one setting contradict: give one of each pair"
+        )
 
 
 def _kohya_model_dir(model_dir: str | None, repo_id: str | None) -> str | None:
@@ -297,6 +337,7 @@ def wd14_command(ctx: click.Context, directory: str, model_dir: str | None, **kw
     model_dir = _local_model(
         model_dir, "--model-dir", "WD tagger", ("SmilingWolf/wd-vit-tagger-v3", _WD_FILES, "./wd-v3")
     )
+    _check(directory, kw)
     try:
         from .wd14 import WD14Tagger
 
@@ -336,6 +377,7 @@ def wd14_command(ctx: click.Context, directory: str, model_dir: str | None, **kw
 def deepdanbooru_command(directory: str, model_path: str | None, **kw: Any) -> None:
     """Tag images with DeepDanbooru (resnet_custom_v3, torch) and write caption files."""
     model_path = _local_model(model_path, "--model", "DeepDanbooru model", None)
+    _check(directory, kw)
     try:
         from .deepdanbooru import DeepDanbooruTagger
 
@@ -385,6 +427,7 @@ def caption_command(directory: str, blip_path: str | None, clip_path: str | None
     if clip_path is not None:
         clip = ("openai/clip-vit-large-patch14", _CLIP_FILES, "./clip-vit-large-patch14")
         clip_path = _local_model(clip_path, "--clip", "CLIP model", clip)
+    _check(directory, kw)
     try:
         from .caption import CaptionTagger
 

@@ -59,8 +59,15 @@ class WatermarkScorer(BatchTagger):
         if len(shape) != 4 or 3 not in (shape[1], shape[3]):
             raise ModelFormatError(f"{self.model_path}: expected an image input [N,3,H,W] or [N,H,W,3], got {shape}")
         self.nchw = shape[1] == 3
-        graph_size = shape[2] if self.nchw else shape[1]
-        self.size = size or (graph_size if isinstance(graph_size, int) and graph_size > 0 else 256)
+        sides = shape[2:4] if self.nchw else shape[1:3]
+        fixed = [side for side in sides if isinstance(side, int) and side > 0]
+        if size is not None and any(side != size for side in fixed):
+            # onnxruntime would stop on the first batch with its own traceback (or resize to a huge size first)
+            want = "x".join(str(side) for side in sides)
+            raise ConfigError(
+                f"--size {size}: {self.model_path} takes {want} images only: leave --size out (it is read from the model)"
+            )
+        self.size = size or (fixed[0] if fixed else 256)
         self.input_name = inp.name
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         self.batch_size = self.fixed_batch or batch_size

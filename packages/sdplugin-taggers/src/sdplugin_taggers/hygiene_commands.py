@@ -26,7 +26,12 @@ def tag_tools_group() -> None:
     "LAION's (docs/offline-models.md).",
 )
 @click.option("--threshold", type=FiniteFloatRange(0, 1), default=0.5, show_default=True)
-@click.option("--size", type=click.IntRange(min=1), default=None, help="Input size (default: from the model, or 256).")
+@click.option(
+    "--size",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Input size of a model that leaves it open (default: from the model, or 256).",
+)
 @click.option("--watermark-index", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--no-softmax", is_flag=True, help="The model already outputs probabilities.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -40,7 +45,13 @@ def watermark_command(directory: str, model_path: str | None, **kw: Any) -> None
     """Score images for watermarks and list those above the threshold (files are not moved)."""
     model_path = _watermark_model(model_path)
     try:
-        _watermark(directory, model_path, kw)
+        from .labeling import check_folder
+
+        # before the model loads: a --json/--list naming an image, or each other, would replace it
+        images = check_folder(
+            directory, recursive=kw["recursive"], outputs={"--json": kw["json_path"], "--list": kw["list_path"]}
+        )
+        _watermark(images, model_path, kw)
     except SdcoreError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -73,12 +84,11 @@ def _watermark_model(value: str | None) -> str:
     return value
 
 
-def _watermark(directory: str, model_path: str, kw: dict[str, Any]) -> None:
+def _watermark(images: list[Any], model_path: str, kw: dict[str, Any]) -> None:
     from sdcore.io import atomic_write_text
     from tqdm import tqdm
 
     from .hygiene import WatermarkScorer
-    from .images import list_images
     from .writer import jsonl_output
 
     scorer = WatermarkScorer(
@@ -93,7 +103,6 @@ def _watermark(directory: str, model_path: str, kw: dict[str, Any]) -> None:
     for message in scorer.messages:
         warn(message)
     said = len(scorer.messages)
-    images = list_images(directory, recursive=kw["recursive"])
     flagged: list[tuple[str, float]] = []
     unreadable = 0
     with jsonl_output(kw["json_path"]) as jsonl, tqdm(total=len(images), unit="img", disable=kw["no_progress"]) as bar:

@@ -105,7 +105,7 @@ class CaptionWriter:
         #: tags that open every written caption whatever the mode (``--include-first`` trigger words:
         #: kohya's ``--keep_tokens`` keeps the first N tags in place, so they must come first)
         self.first = tuple(first)
-        self.counts = {"written": 0, "skipped": 0, "kept": 0}
+        self.counts = {"written": 0, "skipped": 0, "kept": 0, "empty": 0}
         self.problems: list[str] = []
 
     def path_for(self, image: str | os.PathLike[str]) -> Path:
@@ -116,7 +116,12 @@ class CaptionWriter:
         return self.mode == "skip" and _has_caption(self.path_for(image))
 
     def write(self, image: str | os.PathLike[str], tags: list[str]) -> str:
-        """Write the caption for ``image``; returns ``written``, ``skipped`` or ``kept``."""
+        """Write the caption for ``image``; returns ``written``, ``skipped``, ``kept`` or ``empty``.
+
+        ``empty``: no tag to write (none above the threshold, all excluded, ``--max-tags 0``). Nothing is
+        written then: a blank caption would replace an existing one in ``overwrite`` mode, and training
+        treats a blank file as an empty caption (kohya stops on it), so the image is left as it was.
+        """
         target = self.path_for(image)
         if self.mode == "skip" and _has_caption(target):
             self.counts["skipped"] += 1
@@ -130,6 +135,9 @@ class CaptionWriter:
                 return "kept"
             tags = merge_tags(existing, tags, self.mode)
         tags = put_first(tags, self.first)
+        if not any(tag.strip() for tag in tags):
+            self.counts["empty"] += 1
+            return "empty"
         atomic_write_text(target, self.separator.join(tags) + "\n")
         self.counts["written"] += 1
         return "written"

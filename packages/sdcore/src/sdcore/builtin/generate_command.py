@@ -1517,9 +1517,14 @@ def _control_problems(params: dict[str, Any]) -> list[str]:
     return problems
 
 
+#: the options that only mean something with an X/Y/Z plot
+_PLOT_OPTIONS = ("keep_random_seeds", "grid_legend", "grid_margin", "grid_cells")
+
+
 def _xyz_plot(params: dict[str, Any], problems: list[str]) -> Any:
     """The X/Y/Z plot of ``--x-type``/``--x-values`` ... (``None`` without one, or when an axis is wrong: every
-    axis problem goes to ``problems``, said with the others found before the model loads, exit status 2)."""
+    axis problem goes to ``problems``, said with the others found before the model loads, exit status 2); the
+    plot's options without a plot are a problem too (they would do nothing)."""
     from ..generate.xyz_plot import build_plot
 
     plot, found = build_plot(
@@ -1529,6 +1534,11 @@ def _xyz_plot(params: dict[str, Any], problems: list[str]) -> Any:
     if found:
         problems += found
         return None
+    if plot is None:
+        typed = [name for name in _PLOT_OPTIONS if name in _given(params)]
+        if typed:
+            named = ", ".join("--" + name.replace("_", "-") for name in typed)
+            problems.append(f"{named} set how the X/Y/Z plot is drawn; give --x-type and --x-values or drop them")
     if plot is not None:
         plot.fix_seeds()
     return plot

@@ -60,6 +60,15 @@ def _extra_safe_globals() -> list[Any]:
 _SNIFF = 1024
 
 
+#: first bytes of the images a model argument gets by mistake (a dataset image, a sample, a preview .png)
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"RIFF", "WebP"),
+)
+
+
 def not_torch_file(path: str | os.PathLike[str]) -> str | None:
     """What a file named like a torch file (``.pt``/``.ckpt``/``.pth``/``.bin``) is instead, from its first bytes,
     for the one-line error ``FILE: not a torch file (...)``; ``None`` when it may be one (a zip, a pickle, or
@@ -80,6 +89,9 @@ def not_torch_file(path: str | os.PathLike[str]) -> str | None:
     size = file.stat().st_size
     if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
         return f"it is a safetensors file: rename it to {file.with_suffix('.safetensors').name}"
+    for magic, kind in _IMAGE_MAGIC:  # a PNG's first bytes read as real pickle opcodes (0x89 NEWFALSE, 'P' PERSID)
+        if head.startswith(magic) and (kind != "WebP" or head[8:12] == b"WEBP"):
+            return f"it is a {kind} image, not a model: give the model file"
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith(b"version https://git-lfs"):
         return "it is a Git LFS pointer, not the file: fetch the file itself (git lfs pull)"

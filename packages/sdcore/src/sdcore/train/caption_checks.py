@@ -46,8 +46,9 @@ def caption_option_problems(options: TrainOptions, method: TrainingMethod[Any] |
 
 def caption_family_problems(options: TrainOptions, family_name: str) -> list[str]:
     """``--weighted-captions`` only where kohya supports it: SD1/SD2/SDXL (kohya's SD3 and FLUX.1
-    tokenizers have no weighted tokenization)."""
-    if not options.weighted_captions:
+    tokenizers have no weighted tokenization); ``--apply-t5-attn-mask`` only on a family with a T5 encoder
+    (elsewhere it would do nothing, in silence)."""
+    if not options.weighted_captions and not options.apply_t5_attn_mask:
         return []
     from ..errors import SdcoreError
     from ..models.family import get_family
@@ -56,12 +57,18 @@ def caption_family_problems(options: TrainOptions, family_name: str) -> list[str
         family = get_family(family_name)
     except SdcoreError as exc:
         return [str(exc)]
-    if family.denoiser != "unet":
-        return [
+    problems = []
+    if options.weighted_captions and family.denoiser != "unet":
+        problems.append(
             f"--weighted-captions: {family.label} is not supported (kohya's SD3/FLUX.1 scripts cannot weigh "
             "caption tokens); it works with SD1, SD2 and SDXL"
-        ]
-    return []
+        )
+    if options.apply_t5_attn_mask and not any(encoder.kind.startswith("t5") for encoder in family.text_encoders):
+        problems.append(
+            f"--apply-t5-attn-mask masks the padding of a T5-XXL encoder (SD3, FLUX.1, Chroma); {family.label} "
+            "has none: drop it"
+        )
+    return problems
 
 
 def filename_caption_notes(index: Any) -> list[str]:

@@ -13,7 +13,7 @@ from .adapter import Adapter
 from .dropout import rank_dropout_mask
 from .loha import LohaAdapter
 from .lokr import LokrAdapter
-from .members import MemberHooks
+from .members import MemberHooks, member_input_width
 
 
 class FusedMixin(MemberHooks):
@@ -110,11 +110,9 @@ def fused_adapter(
     layers = [layer for _, layer, _ in members]
     if not members or not all(isinstance(layer, nn.Linear) for layer in layers):
         raise TypeError(f"{name}: a fused module needs Linear members")
-    widths = {int(layer.in_features) for layer in layers}  # type: ignore[arg-type]
-    if len(widths) != 1:
-        raise ValueError(f"{name}: members read inputs of different widths {sorted(widths)}")
+    width = member_input_width(name, layers)
     rows = sum(int(layer.out_features) for layer in layers)  # type: ignore[arg-type,misc]
-    stand_in = nn.Linear(widths.pop(), rows, bias=False, device="meta")  # the fused shape, no storage
+    stand_in = nn.Linear(width, rows, bias=False, device="meta")  # the fused shape, no storage
     adapter = FUSED_ADAPTERS[algo](name, stand_in, rank, alpha, **kwargs)
     assert isinstance(adapter, FusedMixin)
     adapter._fused_init(members)

@@ -81,6 +81,21 @@ def _add_up_bias(module: nn.Module, rows: int, like: torch.Tensor) -> nn.Paramet
     return nn.Parameter(torch.zeros(rows, dtype=torch.float32, device=like.device))
 
 
+def _conv_like(base: nn.Conv2d, in_channels: int, out_channels: int, dtype: torch.dtype) -> nn.Conv2d:
+    """A bias-free conv with ``base``'s kernel, stride, padding and dilation: the factor of a LoRA that holds
+    the kernel (``lora_down``, or ``lora_mid`` with Tucker), so it sees the input as the layer does."""
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        base.kernel_size,  # type: ignore[arg-type]
+        base.stride,  # type: ignore[arg-type]
+        base.padding,  # type: ignore[arg-type]
+        dilation=base.dilation,  # type: ignore[arg-type]
+        bias=False,
+        dtype=dtype,
+    )
+
+
 class LoraAdapter(Adapter):
     """LoRA / LoCon: ``y = W x + m · s · up(down(x))`` (Tucker: ``up(mid(down(x)))``).
 
@@ -126,27 +141,9 @@ class LoraAdapter(Adapter):
             kernel = tuple(base.kernel_size)
             if tucker and kernel != (1, 1):
                 self.lora_down = nn.Conv2d(base.in_channels, rank, 1, bias=False, dtype=dtype)
-                self.lora_mid = nn.Conv2d(
-                    rank,
-                    rank,
-                    base.kernel_size,  # type: ignore[arg-type]
-                    base.stride,  # type: ignore[arg-type]
-                    base.padding,  # type: ignore[arg-type]
-                    dilation=base.dilation,  # type: ignore[arg-type]
-                    bias=False,
-                    dtype=dtype,
-                )
+                self.lora_mid = _conv_like(base, rank, rank, dtype)
             else:
-                self.lora_down = nn.Conv2d(
-                    base.in_channels,
-                    rank,
-                    base.kernel_size,  # type: ignore[arg-type]
-                    base.stride,  # type: ignore[arg-type]
-                    base.padding,  # type: ignore[arg-type]
-                    dilation=base.dilation,  # type: ignore[arg-type]
-                    bias=False,
-                    dtype=dtype,
-                )
+                self.lora_down = _conv_like(base, base.in_channels, rank, dtype)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, 1, bias=False, dtype=dtype)
         else:
             assert isinstance(base, nn.Linear)

@@ -11,6 +11,15 @@ import torch
 from torch import nn
 
 
+def member_input_width(name: str, layers: Sequence[nn.Module]) -> int:
+    """The input width of a fused Linear's members, which all read the one input (``ValueError`` naming the
+    widths when they differ)."""
+    widths = {int(layer.in_features) for layer in layers}  # type: ignore[arg-type]
+    if len(widths) != 1:
+        raise ValueError(f"{name}: members read inputs of different widths {sorted(widths)}")
+    return widths.pop()
+
+
 class MemberHooks:
     """One module over the diffusers parts ("members") of one fused SAI/BFL Linear (``qkv``, ``linear1``):
     their paths, their rows of the fused weight, one forward hook on each, and the value the members

@@ -13,7 +13,7 @@ from torch import nn
 from .adapter import Adapter
 from .dropout import lora_input, scaled_hidden
 from .lora import LoraVariant, _add_up_bias
-from .members import MemberHooks
+from .members import MemberHooks, member_input_width
 
 
 class SharedDownLora(MemberHooks, Adapter):
@@ -61,12 +61,10 @@ class SharedDownLora(MemberHooks, Adapter):
         layers = [layer for _, layer in members]
         if not all(isinstance(layer, nn.Linear) for layer in layers):
             raise TypeError(f"{name}: a shared-down LoRA needs Linear members")
-        widths = {int(layer.in_features) for layer in layers}  # type: ignore[arg-type]
-        if len(widths) != 1:
-            raise ValueError(f"{name}: members read inputs of different widths {sorted(widths)}")
+        width = member_input_width(name, layers)
         super().__init__(name, layers[0], rank, alpha, multiplier=multiplier, module_dropout=module_dropout)
         self._init_members([path for path, _ in members], layers)
-        self.lora_down = nn.Linear(widths.pop(), rank, bias=False, dtype=dtype)
+        self.lora_down = nn.Linear(width, rank, bias=False, dtype=dtype)
         self.lora_up = nn.Linear(rank, self.rows[-1][1], bias=False, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)

@@ -36,6 +36,8 @@ def _layer(kind, seed=0):
         return nn.Linear(12, 10)
     if kind == "conv1x1":
         return nn.Conv2d(8, 6, 1)
+    if kind == "conv3x3-dilated":  # the kernel-holding factor must take the layer's stride, padding and dilation
+        return nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2)
     return nn.Conv2d(8, 6, 3, padding=1)
 
 
@@ -50,6 +52,8 @@ CASES = [
     ("lora", "conv1x1", {}),
     ("lora", "conv3x3", {}),
     ("lora", "conv3x3", {"tucker": True}),
+    ("lora", "conv3x3-dilated", {}),
+    ("lora", "conv3x3-dilated", {"tucker": True}),
     ("dora", "linear", {"dora": True}),
     ("dora", "conv3x3", {"dora": True}),
     ("dora", "conv3x3", {"dora": True, "tucker": True}),

@@ -394,3 +394,20 @@ def test_kohya_network_args_split_qkv():
 
     with pytest.raises(ConfigError, match="SD3/Flux only"):
         LoraMethod(LoraOptions(rank=2, split_qkv=True)).prepare(fresh_bundle("sd1"))
+
+
+def test_members_reading_inputs_of_different_widths_are_refused():
+    """A fused Linear's members read one input: the shared-down LoRA and a fused LoHa/LoKr both refuse members
+    of different input widths, naming the widths, and take the one width when they agree."""
+    from sdplugin_lora.adapters import SharedDownLora, fused_adapter
+    from torch import nn
+
+    odd = [("q", nn.Linear(8, 4)), ("k", nn.Linear(6, 4))]
+    with pytest.raises(ValueError, match=r"^qkv: members read inputs of different widths \[6, 8\]$"):
+        SharedDownLora("qkv", odd, 2)
+    with pytest.raises(ValueError, match=r"^qkv: members read inputs of different widths \[6, 8\]$"):
+        fused_adapter("lokr", "qkv", [(path, layer, False) for path, layer in odd], 2, None)
+    even = [("q", nn.Linear(8, 4)), ("k", nn.Linear(8, 6))]
+    assert SharedDownLora("qkv", even, 2).lora_down.weight.shape == (2, 8)
+    fused = fused_adapter("loha", "qkv", [(path, layer, False) for path, layer in even], 2, None)
+    assert fused.base.weight.shape == (10, 8)

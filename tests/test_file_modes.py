@@ -90,3 +90,24 @@ def test_training_state_and_caption(tmp_path, umask):
     os.chmod(tmp_path / "img.png", 0o666 & ~umask)
     CaptionWriter(mode="overwrite").write(tmp_path / "img.png", ["a", "b"])
     assert _check_tree(tmp_path, umask) >= 6
+
+
+def test_a_read_only_file_is_never_replaced(tmp_path):
+    """``chmod a-w`` guards a file: ``os.replace`` needs only the folder's permission, so an atomic write
+    would replace it where a plain ``open()`` fails. Checked from the mode bits, so also as root."""
+    from sdcore.errors import SdcoreError
+    from sdcore.io import atomic_write_bytes, atomic_write_text, read_only_problem
+
+    guarded = tmp_path / "hand written.txt"
+    guarded.write_text("precious\n", encoding="utf-8")
+    guarded.chmod(0o444)
+    for write in (lambda: atomic_write_text(guarded, "new\n"), lambda: atomic_write_bytes(guarded, b"new")):
+        with pytest.raises(SdcoreError, match=r"is read-only \(mode -r--r--r--\): left as it is; make it writable"):
+            write()
+    assert guarded.read_text(encoding="utf-8") == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hand written.txt"]  # no temporary file left
+    guarded.chmod(0o644)  # writable again: replaced as before
+    atomic_write_text(guarded, "new\n")
+    assert guarded.read_text(encoding="utf-8") == "new\n"
+    assert read_only_problem(tmp_path) is None  # a folder is not a read-only file
+    assert read_only_problem(tmp_path / "missing") is None

@@ -66,6 +66,22 @@ def test_unreadable_existing_caption_is_never_destroyed(tmp_path: Path) -> None:
         assert "holds NUL bytes (the first at 1): a binary file, not text; left as is" in writer.problems[0]
 
 
+@pytest.mark.parametrize("mode", ["overwrite", "append", "prepend"])
+def test_a_read_only_caption_is_kept_and_the_others_written(tmp_path: Path, mode: str) -> None:
+    guarded = tmp_path / "a.txt"
+    guarded.write_text("hand written\n", encoding="utf-8")
+    guarded.chmod(0o444)
+    writer = CaptionWriter(mode)
+    assert writer.write(tmp_path / "a.png", ["1girl"]) == "kept"
+    assert writer.write(tmp_path / "b.png", ["1girl"]) == "written"
+    assert guarded.read_text(encoding="utf-8") == "hand written\n"
+    assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "1girl\n"
+    assert writer.counts["kept"] == 1 and writer.counts["written"] == 1
+    assert writer.problems == [
+        f"{guarded} is read-only (mode -r--r--r--): left as it is; make it writable (chmod u+w) to replace it"
+    ]
+
+
 def test_failed_write_keeps_old_caption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 

@@ -7,6 +7,10 @@ name. A crash, a kill or a full disk leaves the previous file intact and at wors
 The finished file gets the mode an ordinary ``open()`` would give it under the process umask
 (0644 with umask 022): ``mkstemp`` makes 0600 files, which a webui running as another user
 cannot read, so the mode is set before the rename, whatever the writer did to the file.
+
+A file whose mode lets no one write it (``chmod a-w``, how users guard hand-written captions) is never
+replaced: ``os.replace`` needs only the folder's permission, so without :func:`read_only_problem` an
+atomic write would take it away where a plain ``open()`` would have failed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -56,14 +61,33 @@ def apply_default_modes(root: str | os.PathLike[str]) -> None:
                 os.chmod(path, file_mode)
 
 
+def read_only_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why an existing ``path`` must not be replaced, or None: its mode gives no one write permission. Read
+    from the mode bits, not ``os.access``, so the answer is the same for root (who may write anything) as for
+    the user who made the file read-only to keep it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode) or mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        return None
+    return (
+        f"{path} is read-only (mode {stat.filemode(mode)}): left as it is; make it writable (chmod u+w) to replace it"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
 
     For writers that insist on a file name (``safetensors.torch.save_file``, ``Image.save``).
-    On error the temporary file is removed and the old ``path`` is untouched.
+    On error the temporary file is removed and the old ``path`` is untouched; a read-only ``path``
+    (:func:`read_only_problem`) is refused before anything is written.
     """
     target = Path(path)
+    refused = read_only_problem(target)
+    if refused:
+        raise SdcoreError(refused)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

@@ -87,6 +87,22 @@ def test_read_only_output_stops_train_before_loading_and_before_the_accelerator(
     assert "checked at" in info.value.problems[0] and str(read_only) in info.value.problems[0]
 
 
+def test_a_read_only_result_file_stops_train_before_loading(tmp_path, no_model_load):
+    """An earlier result the user made read-only (``chmod a-w``) would be kept by the final save
+    (:func:`sdcore.io.read_only_problem`) after the whole run: the pre-flight says so first."""
+    guarded = tmp_path / "kept.safetensors"
+    guarded.write_bytes(b"earlier weights")
+    guarded.chmod(0o444)
+    o = _opts(tmp_path, max_steps=2, output=str(guarded))
+    with pytest.raises(PreflightError) as info:
+        train(ConvOutMethod(o))
+    assert info.value.problems == [
+        f"--output {guarded} is read-only (mode -r--r--r--): left as it is; make it writable (chmod u+w) to "
+        "replace it, or choose another --output"
+    ]
+    assert guarded.read_bytes() == b"earlier weights"
+
+
 def test_folder_check_finds_the_nearest_existing_parent(tmp_path):
     assert folder_problem(tmp_path / "a" / "b" / "c", "output folder", "--output") is None
     assert not (tmp_path / "a").exists()  # nothing created

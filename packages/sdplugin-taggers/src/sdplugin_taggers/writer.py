@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from sdcore.data.captions import read_caption_text
 from sdcore.errors import ConfigError, DataError
-from sdcore.io import atomic_open, atomic_write_text
+from sdcore.io import atomic_open, atomic_write_text, read_only_problem
 
 from .tags import normalize_tag
 
@@ -126,6 +126,11 @@ class CaptionWriter:
         if self.mode == "skip" and _has_caption(target):
             self.counts["skipped"] += 1
             return "skipped"
+        read_only = read_only_problem(target)
+        if read_only:  # a caption the user guarded with chmod a-w: the other images go on
+            self.problems.append(read_only)
+            self.counts["kept"] += 1
+            return "kept"
         if target.exists() and self.mode in ("append", "prepend"):
             try:
                 existing = split_caption(read_caption_text(target, "existing caption"), self.separator)

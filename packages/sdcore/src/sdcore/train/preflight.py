@@ -1184,6 +1184,12 @@ def run_preflight(
             report.output, report.state_root = output_paths(method, o)
         except SdcoreError as exc:
             report.problems.append(str(exc))
+    if report.output is not None:
+        from ..io import read_only_problem
+
+        guarded = read_only_problem(report.output)  # the run would train, then fail to write its result there
+        if guarded:
+            report.problems.append(f"--output {guarded}, or choose another --output")
     if report.output is not None and report.state_root is not None:
         checks = [(report.output.parent, "output folder", "--output")]
         if o.save_state or o.resume:

@@ -109,5 +109,10 @@ def test_a_read_only_file_is_never_replaced(tmp_path):
     guarded.chmod(0o644)  # writable again: replaced as before
     atomic_write_text(guarded, "new\n")
     assert guarded.read_text(encoding="utf-8") == "new\n"
+    guarded.chmod(0o444)  # --overwrite does not reach it either: said before any work
+    from sdcore.io import output_problems
+
+    assert output_problems([guarded], overwrite=True) == [read_only_problem(guarded)]
+    assert output_problems([guarded], overwrite=False) == [read_only_problem(guarded)]  # no --overwrite advice
     assert read_only_problem(tmp_path) is None  # a folder is not a read-only file
     assert read_only_problem(tmp_path / "missing") is None

@@ -189,7 +189,8 @@ def output_problems(
     existing output is refused unless ``--overwrite``. An existing folder is refused too unless ``folder_ok`` (a
     diffusers model is written as one): ``--overwrite`` can not put a file there, so that advice would be wrong
     (``-o ""`` is the current folder). One line per problem (empty when all is well); ``option`` is how the
-    command names its output (``-o``, or an argument such as ``DST``)."""
+    command names its output (``-o``, or an argument such as ``DST``). A read-only existing output
+    (:func:`read_only_problem`) is refused even with ``--overwrite``."""
     problems, refused = [], set()
     for out in outputs:
         same = [source for source in inputs if same_place(out, source)]
@@ -203,6 +204,9 @@ def output_problems(
             refused.add(out)
             problems.append(f"{option} {str(out)!r} is a folder: name the file to write (a path inside it)")
     existing = [str(out) for out in outputs if out not in refused and out.exists()]
+    guarded = {out: problem for out in existing if (problem := read_only_problem(out))}
+    problems.extend(guarded.values())  # --overwrite would not reach it (the atomic write refuses it): not advised
+    existing = [out for out in existing if out not in guarded]
     if existing and not overwrite:  # an earlier file is never replaced in silence
         verb, it = ("exists", "it") if len(existing) == 1 else ("exist", "them")
         problems.append(

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sdplugin_lora.adapters import (
+    GloraAdapter,
     LohaAdapter,
     LokrAdapter,
     LoraAdapter,
@@ -66,6 +67,9 @@ CASES = [
     ("lokr-full", "linear", {}),
     ("oft", "linear", {}),
     ("oft", "conv3x3", {}),
+    ("glora", "linear", {}),
+    ("glora", "conv3x3", {}),
+    ("glora", "conv3x3-dilated", {}),
 ]
 
 
@@ -78,6 +82,8 @@ def _make(algo, layer, extra):
         return LokrAdapter("m", layer, 1, 0.5, factor=2, **extra)
     if algo == "oft":
         return OftAdapter("m", layer, 2, 1.0, **extra)
+    if algo == "glora":
+        return GloraAdapter("m", layer, 3, 1.5, **extra)
     return LokrAdapter("m", layer, 8, 0.5, factor=2, **extra)  # rank >= half of w2: full matrices
 
 

@@ -8,7 +8,7 @@ drift apart. Use :func:`option` instead of ``dataclasses.field`` in option datac
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
@@ -130,6 +130,50 @@ def record_sources(options: Any, sources: Mapping[str, str]) -> None:
     except TypeError:  # an options class without weak references (slots): its problems name the flag
         return
     _SOURCES[key] = dict(sources)
+
+
+#: the options the user gave (command line or config file, in sdcore's names), by ``id`` as :data:`_SOURCES`
+_GIVEN: dict[int, frozenset[str]] = {}
+
+
+def record_given(options: Any, names: Iterable[str]) -> None:
+    """Remember which options of ``options`` the user gave rather than left at their default, so a check can say
+    that an option asked for does nothing (``--cache-text-encoder-outputs``, on by default, with a trained text
+    encoder) without saying it of every run that keeps the default. A ``dataclasses.replace`` copy forgets them
+    unless :func:`keep_records` copies them over."""
+    import weakref
+
+    key = id(options)
+    try:
+        weakref.finalize(options, _GIVEN.pop, key, None)
+    except TypeError:  # an options class without weak references (slots): nothing is known as given
+        return
+    _GIVEN[key] = frozenset(names)
+
+
+def given(options: Any, name: str) -> bool:
+    """Whether the user gave option ``name`` (:func:`record_given`); False where nothing was recorded."""
+    return name in _GIVEN.get(id(options), frozenset())
+
+
+def option_label(options: Any, name: str) -> str:
+    """How a message names option ``name`` of ``options``: ``run.toml: ema_decay`` where a config file gave it
+    (:func:`record_sources`), else its flag (``--ema-decay``)."""
+    field = next((f for f in dataclasses.fields(options) if f.name == name), None)
+    flag = (field.metadata.get("flag") if field is not None and field.metadata else None) or "--" + name.replace(
+        "_", "-"
+    )
+    return _SOURCES.get(id(options), {}).get(name, flag)
+
+
+def keep_records(source: Any, copy: Any) -> Any:
+    """``copy`` (a ``dataclasses.replace`` of ``source``) with ``source``'s recorded sources and given options,
+    so the pre-flight of a planned copy words and notes its options as the user's own; returns ``copy``."""
+    if id(source) in _SOURCES:
+        record_sources(copy, _SOURCES[id(source)])
+    if id(source) in _GIVEN:
+        record_given(copy, _GIVEN[id(source)])
+    return copy
 
 
 def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> list[str]:

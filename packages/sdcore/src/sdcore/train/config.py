@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ..errors import ConfigError
-from ..options import record_sources
+from ..options import record_given, record_sources
 from ..windows_paths import check_windows_path
 
 T = TypeVar("T")
@@ -242,6 +242,7 @@ def load_options(
     for name, value in translation.implied.items():
         raw.setdefault(name, value)
     found_notes += translation.notes
+    said_once: set[str] = set()  # options a note here already said do nothing
     if k.written_in_kohya_terms([*config_kohya, *cli_kohya], fields):
         family = _family_for_kohya_defaults(raw, fields, found_notes)
         problems += k.model_type_problems(merged, family, kohya_where)
@@ -260,7 +261,9 @@ def load_options(
         # a default is returned for a given option only where kohya's "unset" (None here) means that default
         raw = {**defaults, **{name: v for name, v in raw.items() if not (name in defaults and v is None)}}
         rate_notes, rate_problems = k.kohya_text_encoder_rates(raw, family, kohya_where)  # a text_encoder_lr list
-        found_notes += k.kohya_text_cache_notes(raw, translation.origin, fields, family)
+        cache_notes = k.kohya_text_cache_notes(raw, translation.origin, fields, family)
+        said_once |= {"cache_text_encoder_outputs"} if cache_notes else set()  # not again by the pre-flight
+        found_notes += cache_notes
         found_notes += k.kohya_text_encoder_storage(raw, merged, fields, family)  # fp8_base's text encoders
         found_notes += rate_notes + k.kohya_zero_rate_notes(raw, translation.origin, fields)
         problems += rate_problems
@@ -312,6 +315,8 @@ def load_options(
             log.warning("%s", note)
     options = options_class(**values)
     record_sources(options, sources)  # the pre-flight's range check names the config's key (sdcore.options)
+    # what the user set, in any spelling: the pre-flight notes an option asked for that does nothing
+    record_given(options, {*config_values, *translation.values, *cli_values} - said_once)
     return options
 
 

@@ -8,7 +8,7 @@ drift apart. Use :func:`option` instead of ``dataclasses.field`` in option datac
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -132,15 +132,17 @@ def record_sources(options: Any, sources: Mapping[str, str]) -> None:
     _SOURCES[key] = dict(sources)
 
 
-#: the options the user gave (command line or config file, in sdcore's names), by ``id`` as :data:`_SOURCES`
-_GIVEN: dict[int, frozenset[str]] = {}
+#: the options the user gave (command line or config file), by ``id`` as :data:`_SOURCES`: option -> how the user
+#: wrote it (``--te-only``, ``--use_style_template`` for a kohya flag, ``run.toml: use_style_template``)
+_GIVEN: dict[int, dict[str, str]] = {}
 
 
-def record_given(options: Any, names: Iterable[str]) -> None:
-    """Remember which options of ``options`` the user gave rather than left at their default, so a check can say
-    that an option asked for does nothing (``--cache-text-encoder-outputs``, on by default, with a trained text
-    encoder) without saying it of every run that keeps the default. A ``dataclasses.replace`` copy forgets them
-    unless :func:`keep_records` copies them over."""
+def record_given(options: Any, written: Mapping[str, str]) -> None:
+    """Remember which options of ``options`` the user gave rather than left at their default, and how they wrote
+    each, so a check can say that an option asked for does nothing (``--cache-text-encoder-outputs``, on by
+    default, with a trained text encoder) without saying it of every run that keeps the default, and name the
+    flag the user typed where another tool's spelling set it. A ``dataclasses.replace`` copy forgets them unless
+    :func:`keep_records` copies them over."""
     import weakref
 
     key = id(options)
@@ -148,22 +150,23 @@ def record_given(options: Any, names: Iterable[str]) -> None:
         weakref.finalize(options, _GIVEN.pop, key, None)
     except TypeError:  # an options class without weak references (slots): nothing is known as given
         return
-    _GIVEN[key] = frozenset(names)
+    _GIVEN[key] = dict(written)
 
 
 def given(options: Any, name: str) -> bool:
     """Whether the user gave option ``name`` (:func:`record_given`); False where nothing was recorded."""
-    return name in _GIVEN.get(id(options), frozenset())
+    return name in _GIVEN.get(id(options), {})
 
 
 def option_label(options: Any, name: str) -> str:
-    """How a message names option ``name`` of ``options``: ``run.toml: ema_decay`` where a config file gave it
-    (:func:`record_sources`), else its flag (``--ema-decay``)."""
+    """How a message names option ``name`` of ``options``: as the user wrote it (:func:`record_given`:
+    ``--use_style_template``, ``run.toml: cache_text_encoder_outputs``), else its flag (``--ema-decay``)."""
+    written = _GIVEN.get(id(options), {}).get(name)
+    if written:
+        return written
     field = next((f for f in dataclasses.fields(options) if f.name == name), None)
-    flag = (field.metadata.get("flag") if field is not None and field.metadata else None) or "--" + name.replace(
-        "_", "-"
-    )
-    return _SOURCES.get(id(options), {}).get(name, flag)
+    meta: Mapping[str, Any] = (field.metadata if field is not None else None) or {}
+    return str(meta.get("flag") or "--" + name.replace("_", "-"))
 
 
 def keep_records(source: Any, copy: Any) -> Any:

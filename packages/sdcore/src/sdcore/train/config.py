@@ -18,6 +18,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -315,9 +316,31 @@ def load_options(
             log.warning("%s", note)
     options = options_class(**values)
     record_sources(options, sources)  # the pre-flight's range check names the config's key (sdcore.options)
-    # what the user set, in any spelling: the pre-flight notes an option asked for that does nothing
-    record_given(options, {*config_values, *translation.values, *cli_values} - said_once)
+    # what the user set, in any spelling, as written: the pre-flight notes an option asked for that does nothing
+    record_given(options, {n: w for n, w in _written(options_class, where, config_values, translation.origin,
+                                                     cli_kohya, cli_values).items() if n not in said_once})  # fmt: skip
     return options
+
+
+def _written(
+    options_class: type,
+    where: str,
+    config_values: Mapping[str, Any],
+    origin: Mapping[str, str],
+    cli_kohya: Mapping[str, Any],
+    cli_values: Mapping[str, Any],
+) -> dict[str, str]:
+    """Each option the user gave -> how they wrote it, for messages: ``run.toml: key`` from a config file,
+    ``--use_style_template`` for a kohya flag on the command line, else the option's own flag."""
+    flags = {
+        f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(options_class)
+    }  # type: ignore[arg-type]
+    written = {name: f"{where}: {name}" for name in config_values}
+    for name, spelled in origin.items():
+        key = spelled.split(" ")[0]
+        written[name] = f"--{key}" if key in cli_kohya else f"{where}: {spelled}"
+    written.update({name: flags[name] for name in cli_values})
+    return written
 
 
 def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list[str], problems: list[str]) -> None:

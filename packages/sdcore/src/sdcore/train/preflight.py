@@ -896,7 +896,9 @@ def parameter_plan(
     if tokenizers is not None and method.capabilities().trains_text_encoder:
         tokenizers = copy.deepcopy(tokenizers)
     bundle = meta_bundle(layout, tokenizers)
-    fresh = type(method)(copy.deepcopy(options))
+    from ..options import keep_records
+
+    fresh = type(method)(keep_records(options, copy.deepcopy(options)))  # its problems name what the user wrote
     fresh.processes = ProcessInfo.from_environment()  # no accelerator yet: the launcher's numbers
     rng = torch.random.get_rng_state()
     try:

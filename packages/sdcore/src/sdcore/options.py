@@ -132,6 +132,53 @@ def record_sources(options: Any, sources: Mapping[str, str]) -> None:
     _SOURCES[key] = dict(sources)
 
 
+#: the options the user gave (command line or config file), by ``id`` as :data:`_SOURCES`: option -> how the user
+#: wrote it (``--te-only``, ``--use_style_template`` for a kohya flag, ``run.toml: use_style_template``)
+_GIVEN: dict[int, dict[str, str]] = {}
+
+
+def record_given(options: Any, written: Mapping[str, str]) -> None:
+    """Remember which options of ``options`` the user gave rather than left at their default, and how they wrote
+    each, so a check can say that an option asked for does nothing (``--cache-text-encoder-outputs``, on by
+    default, with a trained text encoder) without saying it of every run that keeps the default, and name the
+    flag the user typed where another tool's spelling set it. A ``dataclasses.replace`` copy forgets them unless
+    :func:`keep_records` copies them over."""
+    import weakref
+
+    key = id(options)
+    try:
+        weakref.finalize(options, _GIVEN.pop, key, None)
+    except TypeError:  # an options class without weak references (slots): nothing is known as given
+        return
+    _GIVEN[key] = dict(written)
+
+
+def given(options: Any, name: str) -> bool:
+    """Whether the user gave option ``name`` (:func:`record_given`); False where nothing was recorded."""
+    return name in _GIVEN.get(id(options), {})
+
+
+def option_label(options: Any, name: str) -> str:
+    """How a message names option ``name`` of ``options``: as the user wrote it (:func:`record_given`:
+    ``--use_style_template``, ``run.toml: cache_text_encoder_outputs``), else its flag (``--ema-decay``)."""
+    written = _GIVEN.get(id(options), {}).get(name)
+    if written:
+        return written
+    field = next((f for f in dataclasses.fields(options) if f.name == name), None)
+    meta: Mapping[str, Any] = (field.metadata if field is not None else None) or {}
+    return str(meta.get("flag") or "--" + name.replace("_", "-"))
+
+
+def keep_records(source: Any, copy: Any) -> Any:
+    """``copy`` (a ``dataclasses.replace`` of ``source``) with ``source``'s recorded sources and given options,
+    so the pre-flight of a planned copy words and notes its options as the user's own; returns ``copy``."""
+    if id(source) in _SOURCES:
+        record_sources(copy, _SOURCES[id(source)])
+    if id(source) in _GIVEN:
+        record_given(copy, _GIVEN[id(source)])
+    return copy
+
+
 def range_problems(options: Any, reported: list[str] | tuple[str, ...] = ()) -> list[str]:
     """One line for each option of ``options`` (a dataclass of :func:`option` fields) whose value lies outside its
     declared range: ``--ema-decay must be between 0 and 1 (exclusive), got -1.0``, or ``run.toml: ema_decay must be

@@ -139,24 +139,43 @@ def register_generate_options() -> None:
         default=None,
         help="Folder of aesthetic embeddings (default: aesthetic_embeddings/ below --models-dir).",
     )
+    # each does nothing without --aesthetic (the handler is off): given alone, generate refuses it
+    after = {"needs": "--aesthetic"}
     add_generate_option(
-        "--aesthetic-weight", type=FINITE_FLOAT, default=0.9, show_default=True, help="Blend weight (0: off)."
-    )
-    add_generate_option("--aesthetic-steps", type=int, default=5, show_default=True, help="Text-encoder tuning steps.")
-    add_generate_option(
-        "--aesthetic-lr", type=FINITE_FLOAT, default=1e-4, show_default=True, help="Tuning learning rate."
-    )
-    add_generate_option("--aesthetic-text", default=None, help="Text to slerp the aesthetic target toward.")
-    add_generate_option(
-        "--aesthetic-text-negative", is_flag=True, default=False, help="Move away from --aesthetic-text instead."
+        "--aesthetic-weight", type=FINITE_FLOAT, default=0.9, show_default=True, help="Blend weight (0: off).", **after
     )
     add_generate_option(
-        "--aesthetic-slerp-angle", type=FINITE_FLOAT, default=0.1, show_default=True, help="Slerp toward the text."
-    )
-    add_generate_option("--aesthetic-slerp", is_flag=True, default=False, help="Blend by slerp instead of linearly.")
-    add_generate_option(
-        "--aesthetic-clip", default=None, help="CLIPModel folder or hub id (default: the family's CLIP)."
+        "--aesthetic-steps", type=int, default=5, show_default=True, help="Text-encoder tuning steps.", **after
     )
     add_generate_option(
-        "--aesthetic-negative", is_flag=True, default=False, help="Personalise the negative prompt too (A1111 does)."
+        "--aesthetic-lr", type=FINITE_FLOAT, default=1e-4, show_default=True, help="Tuning learning rate.", **after
+    )
+    add_generate_option("--aesthetic-text", default=None, help="Text to slerp the aesthetic target toward.", **after)
+    add_generate_option(
+        "--aesthetic-text-negative",
+        is_flag=True,
+        default=False,
+        help="Move away from --aesthetic-text instead.",
+        **after,
+    )
+    add_generate_option(
+        "--aesthetic-slerp-angle",
+        type=FINITE_FLOAT,
+        default=0.1,
+        show_default=True,
+        help="Slerp toward the text.",
+        **after,
+    )
+    add_generate_option(
+        "--aesthetic-slerp", is_flag=True, default=False, help="Blend by slerp instead of linearly.", **after
+    )
+    add_generate_option(
+        "--aesthetic-clip", default=None, help="CLIPModel folder or hub id (default: the family's CLIP).", **after
+    )
+    add_generate_option(
+        "--aesthetic-negative",
+        is_flag=True,
+        default=False,
+        help="Personalise the negative prompt too (A1111 does).",
+        **after,
     )

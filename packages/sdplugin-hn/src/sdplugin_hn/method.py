@@ -40,6 +40,29 @@ def load_template(template: str) -> tuple[str, ...]:
     return load(template, package="sdplugin_hn", builtin=BUILTIN_TEMPLATES)
 
 
+#: textual inversion's file-word-less built-ins (kohya's ``--use_style_template``/``--use_object_template`` set them)
+#: -> the hypernetwork built-in that says the same with the caption
+_TI_TEMPLATES = {"style": "style_filewords", "subject": "subject_filewords"}
+
+
+def _textual_inversion_template(options: Any) -> str | None:
+    """The problem of a textual-inversion template name (``style``, ``subject``: what kohya's TI-only
+    ``--use_style_template``/``--use_object_template`` select) that is no hypernetwork built-in nor a file,
+    naming the flag as the user wrote it and the hypernetwork template to give instead; None otherwise."""
+    from pathlib import Path
+
+    from sdcore.options import option_label
+
+    spec = options.template
+    instead = _TI_TEMPLATES.get(spec[:-4] if spec.endswith(".txt") else spec)
+    if instead is None or Path(spec).is_file():
+        return None
+    return (
+        f"{option_label(options, 'template')}: {spec!r} is a textual-inversion template (kohya's TI flags select "
+        f"it), not a hypernetwork's; give --template {instead} (built-ins: {', '.join(BUILTIN_TEMPLATES)})"
+    )
+
+
 @dataclass
 class HNOptions(TrainOptions):
     """Options of ``sdcore train hn`` (A1111's Create/Train hypernetwork settings)."""
@@ -155,6 +178,9 @@ class HNMethod(TrainingMethod[HNOptions]):
                 if value != int(value) or value <= 0:
                     raise ConfigError(f"--sizes {self.options.sizes!r}: widths are positive integers")
         if self.options.template:
+            problem = _textual_inversion_template(self.options)
+            if problem:
+                raise ConfigError(problem)
             self._template = load_template(self.options.template)
         if self.options.lr_schedule.strip():
             schedule_lambda(parse_schedule(self.options.lr_schedule), float(self.options.lr))

@@ -8,6 +8,7 @@ groups with their own learning rates) and writes kohya ``.safetensors`` files wi
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -588,6 +589,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "weight with its rows dropped and has no neuron dropout there; --rank-dropout and --module-dropout apply",
                 stacklevel=2,
             )
+        for note in self._idle_option_notes():  # said as the CLI's warnings, once per command
+            logging.getLogger(__name__).warning("%s", note)
         problems: list[str] = []
         if o.scale_weight_norms is not None and o.scale_weight_norms < 0:
             problems.append(f"--scale-weight-norms must be positive (0 = off), got {o.scale_weight_norms}")
@@ -656,6 +659,39 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         problems += self._input_dropout_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _idle_option_notes(self) -> list[str]:
+        """LyCORIS options that act only with another one, given without it: accepted (LyCORIS takes them in
+        silence too, and kohya configs copied between runs carry them in ``network_args``) with a warning saying
+        they do nothing, rather than ignored without a word. The algos that have no such option at all are
+        refused by :meth:`_kohya_module_checks` before this."""
+        o = self.options
+        notes: list[str] = []
+        if o.rank_dropout_scale and not o.rank_dropout:
+            notes.append(
+                "--rank-dropout-scale has no effect without --rank-dropout: it rescales the rank-dropout mask "
+                "(LyCORIS' rank_dropout_scale does nothing without rank_dropout either)"
+            )
+        convs = (
+            self.conv_rank
+            or o.conv_block_dims
+            or o.dim_from_weights
+            or o.lycoris_preset is not None
+            or o.extra_module_ranks
+            or o.control_lora
+        )
+        if o.use_tucker and not convs:
+            notes.append(
+                f"--use-tucker has no effect: --algo {o.algo} without --conv-rank adapts no kxk conv, whose kernel "
+                "the Tucker core would hold (LyCORIS' use_tucker acts on such convs only); give --conv-rank to "
+                "adapt them"
+            )
+        if o.train_norm and o.te_only:
+            notes.append(
+                "--train-norm has no effect with --te-only: the norm layers it trains are the UNet's, which does "
+                "not train here"
+            )
+        return notes
 
     @property
     def ggpo(self) -> tuple[float, float] | None:

@@ -608,11 +608,19 @@ def _interrupted_message(written: Sequence[Path]) -> str:
 _CORE_PARAMS = frozenset(p.name for p in generate.params if p.name)
 
 
-def add_generate_option(*param_decls: str, **attrs: Any) -> click.Option:
+#: plugin options that do nothing without another generate option (:func:`add_generate_option`'s ``needs``):
+#: option name -> the name of the option it needs
+_NEEDS: dict[str, str] = {}
+
+
+def add_generate_option(*param_decls: str, needs: str | None = None, **attrs: Any) -> click.Option:
     """Add a flag to ``sdcore generate`` for a plugin (call it from ``sdcore_register_commands``).
 
     The parsed value reaches every prompt-network handler as ``handler.options[name]``.
     Adding the same option twice is a no-op; clashing with a core option is an error.
+    ``needs``: another generate option (``"--aesthetic"``) without which this one does nothing; giving it
+    alone (typed, or as ``-O name=value``) is then a problem said before the model loads, as ``--iterate-seed``
+    without ``--from-file`` is, instead of an option accepted and ignored in silence.
     """
     option = click.Option(list(param_decls), **attrs)
     if option.name in _CORE_PARAMS:
@@ -621,7 +629,39 @@ def add_generate_option(*param_decls: str, **attrs: Any) -> click.Option:
         if existing.name == option.name:
             return existing  # type: ignore[return-value]
     generate.params.append(option)
+    if needs is not None and option.name:
+        _NEEDS[option.name] = needs.lstrip("-").replace("-", "_")
     return option
+
+
+def _flag_of(name: str) -> str:
+    """The long flag of generate option ``name`` (``--aesthetic-weight``), for messages."""
+    for param in generate.params:
+        if param.name == name and isinstance(param, click.Option):
+            return max(param.opts, key=len)
+    return "--" + name.replace("_", "-")
+
+
+def _needs_problems(params: dict[str, Any], cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Plugin options given without the option they need (:func:`add_generate_option`'s ``needs``), typed or
+    ``-O name=value``, one line per needed option. The needed option counts as given when the command line, a
+    ``-O`` pair or any cell (an X/Y/Z plot's, a ``--from-file`` line's) sets it; an option a cell sets counts
+    as given too."""
+    pairs: dict[str, Any] = params.get("extra_pairs") or {}
+    typed = _given(params)
+    wanting: dict[str, list[str]] = {}
+    for name, needed in _NEEDS.items():
+        set_by_cell = any(name in cell and cell[name] != params.get(name) for cell in cells)
+        if name not in typed and name not in pairs and not set_by_cell:
+            continue
+        if params.get(needed) or pairs.get(needed) or any(cell.get(needed) for cell in cells):
+            continue
+        wanting.setdefault(needed, []).append(f"-O {name}" if name in pairs and name not in typed else _flag_of(name))
+    return [
+        f"{', '.join(names)} only act{'s' if len(names) == 1 else ''} with {_flag_of(needed)}; give "
+        f"{_flag_of(needed)} or drop {'it' if len(names) == 1 else 'them'}"
+        for needed, names in wanting.items()
+    ]
 
 
 def _plugin_manager() -> Any:
@@ -964,6 +1004,7 @@ def _run_generate(
         found: list[str] = []
         runs.append(_prepare_run(cell, found))
         problems += [f"{where}{problem}" for problem in found]
+    problems += _needs_problems(params, cells)  # a plugin's option without the one it needs (--aesthetic)
     problems += _reference_problems(params)
     problems += _mask_problems(params)
     problems += _control_problems(params)

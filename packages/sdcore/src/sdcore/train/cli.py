@@ -415,7 +415,9 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
         pair = f" (the side of {size[0]}x{size[1]}: buckets on its area, that crop with buckets off)" if size else ""
         click.echo(f"resolution: {options.resolution}{pair}")
     else:
-        options = dc.replace(options, resolution=512)
+        from ..options import keep_records
+
+        options = keep_records(options, dc.replace(options, resolution=512))
         click.echo("resolution: the model's native size, known once it loads (the numbers below assume 512)")
     report = run_preflight(method, options, plugin_manager=pm, verify_images=True)
     report.raise_problems()

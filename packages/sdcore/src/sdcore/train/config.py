@@ -18,11 +18,12 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ..errors import ConfigError
-from ..options import record_sources
+from ..options import record_given, record_sources
 from ..windows_paths import check_windows_path
 
 T = TypeVar("T")
@@ -242,6 +243,7 @@ def load_options(
     for name, value in translation.implied.items():
         raw.setdefault(name, value)
     found_notes += translation.notes
+    said_once: set[str] = set()  # options a note here already said do nothing
     if k.written_in_kohya_terms([*config_kohya, *cli_kohya], fields):
         family = _family_for_kohya_defaults(raw, fields, found_notes)
         problems += k.model_type_problems(merged, family, kohya_where)
@@ -260,7 +262,9 @@ def load_options(
         # a default is returned for a given option only where kohya's "unset" (None here) means that default
         raw = {**defaults, **{name: v for name, v in raw.items() if not (name in defaults and v is None)}}
         rate_notes, rate_problems = k.kohya_text_encoder_rates(raw, family, kohya_where)  # a text_encoder_lr list
-        found_notes += k.kohya_text_cache_notes(raw, translation.origin, fields, family)
+        cache_notes = k.kohya_text_cache_notes(raw, translation.origin, fields, family)
+        said_once |= {"cache_text_encoder_outputs"} if cache_notes else set()  # not again by the pre-flight
+        found_notes += cache_notes
         found_notes += k.kohya_text_encoder_storage(raw, merged, fields, family)  # fp8_base's text encoders
         found_notes += rate_notes + k.kohya_zero_rate_notes(raw, translation.origin, fields)
         problems += rate_problems
@@ -312,7 +316,31 @@ def load_options(
             log.warning("%s", note)
     options = options_class(**values)
     record_sources(options, sources)  # the pre-flight's range check names the config's key (sdcore.options)
+    # what the user set, in any spelling, as written: the pre-flight notes an option asked for that does nothing
+    record_given(options, {n: w for n, w in _written(options_class, where, config_values, translation.origin,
+                                                     cli_kohya, cli_values).items() if n not in said_once})  # fmt: skip
     return options
+
+
+def _written(
+    options_class: type,
+    where: str,
+    config_values: Mapping[str, Any],
+    origin: Mapping[str, str],
+    cli_kohya: Mapping[str, Any],
+    cli_values: Mapping[str, Any],
+) -> dict[str, str]:
+    """Each option the user gave -> how they wrote it, for messages: ``run.toml: key`` from a config file,
+    ``--use_style_template`` for a kohya flag on the command line, else the option's own flag."""
+    flags = {
+        f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(options_class)
+    }  # type: ignore[arg-type]
+    written = {name: f"{where}: {name}" for name in config_values}
+    for name, spelled in origin.items():
+        key = spelled.split(" ")[0]
+        written[name] = f"--{key}" if key in cli_kohya else f"{where}: {spelled}"
+    written.update({name: flags[name] for name in cli_values})
+    return written
 
 
 def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list[str], problems: list[str]) -> None:

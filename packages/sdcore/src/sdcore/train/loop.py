@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError, SdcoreError, debug_enabled
+from ..options import keep_records
 from .checkpoints import intermediate_path, output_paths
 from .data import steps_text, total_steps_for
 from .events import HookCaller, TrainEventContext
@@ -233,7 +234,7 @@ class TrainSession:
         # --resolution 0: the model's native size, peeked from its header; where only loading tells,
         # the pre-flight plans with 512 and the size is set once the model is loaded
         native_known = apply_model_defaults(o, self.bundle)
-        planned = o if native_known else replace(o, resolution=512)
+        planned = o if native_known else keep_records(o, replace(o, resolution=512))
         # every check before any model loads, all problems at once; prints the disk and memory plans
         self.preflight = preflight_for_run(
             method, planned, bundle=self.bundle, plugin_manager=self.plugin_manager, say=self.say

@@ -483,6 +483,29 @@ def guidance_bypass_problems(options: TrainOptions, layout: ModelLayout) -> list
     ]
 
 
+def text_cache_notes(options: TrainOptions, method: TrainingMethod[Any], family: str) -> list[str]:
+    """A note when the user asked for ``--cache-text-encoder-outputs`` (on by default: only when given, in
+    sdcore's spelling; kohya's gets :func:`sdcore.train.kohya.kohya_text_cache_notes` when the config loads) while
+    the method trains the text encoder, so nothing is cached: without it the option looks taken and the run is
+    slower and larger than planned. None where SD3/FLUX.1 cache T5's outputs while CLIP trains."""
+    from ..options import given, option_label
+    from .cache import partial_text_encoders
+
+    caps = method.capabilities()
+    name = "cache_text_encoder_outputs"
+    if not (options.cache_text_encoder_outputs and given(options, name) and caps.trains_text_encoder):
+        return []
+    if not caps.cacheable_text or partial_text_encoders(options, caps, family, method):
+        return []  # its own encoding (said elsewhere), or T5's outputs cached while CLIP trains
+    flags = [f for f, on in (("--te-only", "te_only"), ("--train-text-encoder", "train_text_encoder"))
+             if getattr(method.options, on, False) is True]  # fmt: skip
+    why = f"the text encoder trains ({flags[0]})" if flags else "the method trains the text encoder"
+    return [
+        f"{option_label(options, name)}: {why}, so sdcore encodes the captions at every step and caches nothing"
+        + (f"; drop {flags[0]} to cache them" if flags == ["--train-text-encoder"] else "")
+    ]
+
+
 def sidecar_vae_notes(options: TrainOptions, layout: Any) -> list[str]:
     """A VAE that A1111 would load with this SD1/SD2/SDXL file (``<name>.vae.safetensors`` beside it) where
     no ``--vae`` is given: sdcore trains with the file's own VAE, as kohya does, and says how to match A1111."""
@@ -873,7 +896,9 @@ def parameter_plan(
     if tokenizers is not None and method.capabilities().trains_text_encoder:
         tokenizers = copy.deepcopy(tokenizers)
     bundle = meta_bundle(layout, tokenizers)
-    fresh = type(method)(copy.deepcopy(options))
+    from ..options import keep_records
+
+    fresh = type(method)(keep_records(options, copy.deepcopy(options)))  # its problems name what the user wrote
     fresh.processes = ProcessInfo.from_environment()  # no accelerator yet: the launcher's numbers
     rng = torch.random.get_rng_state()
     try:
@@ -1176,6 +1201,7 @@ def run_preflight(
             report.problems.extend(control_lora_family_problems(report.layout))
             report.notes.extend(control_lora_notes(o))
         report.notes.extend(guidance_scale_notes(o, report.layout.family))
+        report.notes.extend(text_cache_notes(o, method, report.layout.family))
         report.notes.extend(sidecar_vae_notes(o, report.layout))
 
     # folders

@@ -8,6 +8,7 @@ drift apart. Use :func:`option` instead of ``dataclasses.field`` in option datac
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,9 +60,18 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _number(value: float) -> str:
-    """A bound as people write it: ``0``, ``0.5``, and SD3's ``2/(pi-2)`` as ``1.75194``, not 17 digits."""
-    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+def _number(value: float, *, upper: bool = False) -> str:
+    """A bound as people write it: ``0``, ``0.5``, and SD3's ``2/(pi-2)`` as ``1.75193``, not 17 digits. A bound
+    that six digits cannot hold is shortened inward (an ``upper`` one down, a lower one up), so the number a message
+    names is itself accepted: rounded to ``1.75194`` it would be refused ("between -1 and 1.75194, got 1.75194")."""
+    if float(value).is_integer():
+        return str(int(value))
+    text = f"{value:.6g}"
+    shown = float(text)
+    if shown > value if upper else shown < value:
+        step = 10.0 ** (math.floor(math.log10(abs(shown))) - 5)  # one in the sixth significant digit
+        text = f"{shown - step if upper else shown + step:.6g}"
+    return text
 
 
 def range_text(metadata: Mapping[str, Any]) -> str | None:
@@ -70,16 +80,17 @@ def range_text(metadata: Mapping[str, Any]) -> str | None:
     low, high = metadata.get("minimum"), metadata.get("maximum")
     above, below = bool(metadata.get("above_minimum")), bool(metadata.get("below_maximum"))
     if low is not None and high is not None:
-        left_out = [_number(end) for end, out in ((low, above), (high, below)) if out]
+        ends = {"low": _number(low), "high": _number(high, upper=True)}
+        left_out = [ends[end] for end, out in (("low", above), ("high", below)) if out]
         if len(left_out) == 2:
-            return f"between {_number(low)} and {_number(high)} (exclusive)"
-        return f"between {_number(low)} and {_number(high)}" + (f" ({left_out[0]} excluded)" if left_out else "")
+            return f"between {ends['low']} and {ends['high']} (exclusive)"
+        return f"between {ends['low']} and {ends['high']}" + (f" ({left_out[0]} excluded)" if left_out else "")
     if low == 0:  # the house's words (``--lr must be positive``, ``must be 0 or more``)
         return "positive" if above else "0 or more"
     if low is not None:
         return f"above {_number(low)}" if above else f"at least {_number(low)}"
     if high is not None:
-        return f"below {_number(high)}" if below else f"at most {_number(high)}"
+        return f"below {_number(high, upper=True)}" if below else f"at most {_number(high, upper=True)}"
     return None
 
 
@@ -91,11 +102,11 @@ def range_symbols(metadata: Mapping[str, Any]) -> str | None:
     left = "<" if metadata.get("above_minimum") else "<="
     right = "<" if metadata.get("below_maximum") else "<="
     if low is not None and high is not None:
-        return f"{_number(low)}{left}x{right}{_number(high)}"
+        return f"{_number(low)}{left}x{right}{_number(high, upper=True)}"
     if low is not None:
         return f"x{'>' if metadata.get('above_minimum') else '>='}{_number(low)}"
     if high is not None:
-        return f"x{right}{_number(high)}"
+        return f"x{right}{_number(high, upper=True)}"
     return None
 
 

@@ -141,3 +141,17 @@ def test_unreadable_at_load_time_raises_image_error(tmp_path, make):
     make.truncated_jpeg(path)
     with pytest.raises(ImageError):
         load_training_image(_entry(path, (64, 64)), BucketAssignment((64, 64), (64, 64), (0, 0)), flip=False)
+
+
+def test_largest_batches_bound_every_epoch_also_with_class_images_drawn_again():
+    """A balanced class pool of one image is drawn as often as there are training samples (5): its bucket's batch
+    holds it five times beside the four training samples, which counting the bucket's entries (5) would miss; the
+    bound stays a bucket's count, not the batch size given (DreamBooth's ``--batch-size 1000`` is a batch of 9)."""
+    spec = [((512, 512), 4, False), ((512, 512), 1, True), ((512, 768), 1, False)]
+    index, assignments = _index(spec)
+    sampler = BucketBatchSampler(index, assignments, 1000, seed=0, balance_class=True)
+    assert max(len(b) for b in sampler.epoch_batches(0)) == 9 and sampler.largest_batches() == {1000: 9}
+    plain = BucketBatchSampler(index, assignments, 1000, seed=0)
+    assert plain.largest_batches() == {1000: 5} == {1000: max(len(b) for b in plain.epoch_batches(0))}
+    for epoch in range(6):  # the bound holds in every epoch
+        assert max(len(b) for b in sampler.epoch_batches(epoch)) <= sampler.largest_batches()[1000]

@@ -311,3 +311,26 @@ def test_a_batch_size_no_bucket_fills_is_said_with_the_batch_used(tmp_path):
     o = TrainOptions(data=str(tmp_path / "d"), batch_size=2, max_bucket_reso=128, bucket_step=32, min_bucket_reso=32)
     data = plan_train_data(build_dataset_index(o), o, balance_class=False)
     assert data.batch_size_notes() == [] and data.batch_sizes_text == "2"
+
+
+def test_one_dataset_with_its_own_batch_size_sizes_the_memory_plan_at_that_batch(tmp_path):
+    """A dataset TOML with one ``[[datasets]]`` at ``batch_size = 8`` (the run's --batch-size 1) trains batches of 8
+    (kohya: the dataset's value wins), but the memory plan sized batches of 1: with one dataset it took the run's
+    --batch-size, not the dataset's."""
+    from sdcore.train.options import apply_model_defaults
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    make_tiny_dataset(tmp_path / "hoge", n=12, size=64, concept="hoge girl")
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[[datasets]]\nresolution = 64\nbatch_size = 8\n"
+        "  [[datasets.subsets]]\n  image_dir = 'hoge/1_hoge girl'\n  class_tokens = 'hoge girl'\n",
+        encoding="utf-8",
+    )
+    o = LoraOptions(model="tiny:sd1", data=str(config), output=str(tmp_path / "o.safetensors"), batch_size=1)
+    apply_model_defaults(o)
+    data = plan_train_data(build_dataset_index(o), o, balance_class=False)
+    assert max(len(b) for b in data.sampler.epoch_batches(0)) == 8 and data.batch_sizes_text == "8"
+    report = run_preflight(LoraMethod(o), o)
+    assert not report.problems, report.problems
+    assert report.memory is not None and report.memory.estimate.settings["batch_size"] == 8

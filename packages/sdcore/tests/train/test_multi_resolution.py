@@ -337,3 +337,21 @@ def test_aitoolkit_resolution_below_its_bucket_tolerance_names_the_jobs_keys(tmp
     ):
         assert expected in message, (expected, message)
     assert "datasets[1].resolution 64" not in message
+
+
+def test_the_batch_size_note_and_memory_batch_cover_every_epochs_draw(tmp_path):
+    """``--batch-size 6 --resolutions 64,96`` on 6 images: an epoch whose draw puts all six at one resolution trains a
+    batch of 6, so the batch the pre-flight names (and sizes the memory plan with) is 6 and no note says the run
+    trains at less; epoch 0's draw alone (3 or 4 at a resolution for most seeds) said "batch size 4" and planned the
+    memory of 4 images."""
+    root = make_tiny_dataset(tmp_path / "d", n=6, size=64)
+    for seed in range(8):
+        _, data = _data(root, resolutions="64,96", batch_size=6, seed=seed)
+        largest = max(len(b) for epoch in range(12) for b in data.sampler.epoch_batches(epoch))
+        assert data.effective_batch(6) >= largest, seed
+        assert data.effective_batch(6) == 6 and data.batch_size_notes() == [] and data.batch_sizes_text == "6"
+    # one resolution: the bound is the bucket's images, as before
+    _, data = _data(root, batch_size=6, seed=0)
+    assert data.effective_batch(6) == 6 and data.batch_size_notes() == []
+    _, data = _data(root, batch_size=8, seed=0)
+    assert data.effective_batch(8) == 6 and len(data.batch_size_notes()) == 1

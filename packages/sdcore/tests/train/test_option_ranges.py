@@ -236,8 +236,14 @@ def test_the_options_left_out_last_time_declare_their_ranges() -> None:
     for name, value in (("lokr_factor", -1), ("lokr_factor", 0), ("lr_power", 0.0), ("initial_step", 0),
                         ("mode_scale", -1.0), ("mode_scale", 1.75), ("scale_weight_norms", 0.0)):  # fmt: skip
         assert out_of_range(meta[name], value) is None, name
-    assert range_text(meta["mode_scale"]) == "between -1 and 1.75194"  # 2/(pi-2), not 17 digits
-    assert range_symbols(meta["mode_scale"]) == "-1<=x<=1.75194"
+    # 2/(pi-2) = 1.7519383...: not 17 digits, and not 1.75194 either, which the check refuses ("must be between -1
+    # and 1.75194, got 1.75194"): a bound is shortened inward, so the number the message shows is accepted
+    assert range_text(meta["mode_scale"]) == "between -1 and 1.75193"
+    assert range_symbols(meta["mode_scale"]) == "-1<=x<=1.75193"
+    assert out_of_range(meta["mode_scale"], 1.75193) is None
+    assert out_of_range(meta["mode_scale"], 1.75194) == "must be between -1 and 1.75193, got 1.75194"
+    low = {"minimum": 1 / 3, "above_minimum": True}  # a lower bound rounds up: "above 0.333334"
+    assert range_text(low) == "above 0.333334" and out_of_range(low, 0.333334) is None
 
 
 def test_a_range_said_by_the_methods_joined_line_is_not_said_again() -> None:

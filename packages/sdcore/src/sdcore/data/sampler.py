@@ -79,6 +79,39 @@ class BucketBatchSampler:
         """Each dataset's batch size (one entry without a dataset TOML, or with one dataset)."""
         return dict(sorted(set(self._group)))
 
+    def largest_batches(self) -> dict[int, int]:
+        """Each batch size's largest batch any epoch can make: a batch is one (dataset, bucket)'s samples, so where
+        no bucket holds as many samples as the size, batches stay smaller. An upper bound over every epoch, not
+        epoch 0's: an image with several resolutions counts in the bucket of each (an epoch's draw can put every
+        image at one of them), and with ``balance_class`` a bucket with class images of a pool may get all of
+        that pool's draws (as many as its training samples: the draw cycles, so one class image can come twice)."""
+        counts: dict[tuple[int, int, tuple[int, int]], int] = {}
+        for i in self._instance if self.balance_class else self._instance + self._class:
+            key = (*self._group[i], self.assignments[i].bucket)
+            counts[key] = counts.get(key, 0) + 1
+        if self.balance_class:
+            # a pool draws at most as many class samples an epoch as its training samples (all resolutions counted)
+            wanted = {
+                pool: len(self._instance)
+                if pool is None
+                else sum(1 for i in self._instance if self._group[i][0] == pool)
+                for pool in {self._pool_of(i) for i in self._class}
+            }
+            feeding: dict[tuple[int, int, tuple[int, int]], set[int | None]] = {}
+            for i in self._class:
+                feeding.setdefault((*self._group[i], self.assignments[i].bucket), set()).add(self._pool_of(i))
+            for key, pools in feeding.items():
+                counts[key] = counts.get(key, 0) + sum(wanted[pool] for pool in pools)
+        largest: dict[int, int] = {}
+        for (_, size, _), count in counts.items():
+            largest[size] = max(largest.get(size, 0), min(count, size))
+        return largest
+
+    def _pool_of(self, i: int) -> int | None:
+        """The class-image pool entry ``i`` balances in: its kohya ``[[datasets]]``, or None for the whole run's (one
+        dataset, or class images given beside the datasets)."""
+        return None if self._single_pool or self._run_class[i] else self._group[i][0]
+
     def resolution_dropped(self, epoch: int) -> frozenset[int]:
         """The entries of ``epoch`` that are another resolution of an image than the one drawn."""
         variation = draw_variation(self.resolution_draw, epoch)
@@ -110,7 +143,7 @@ class BucketBatchSampler:
         # one pool with the seed it always had, so the draws are exactly the whole-run balance's.
         pools: dict[int | None, list[int]] = {}
         for i in klass:
-            pools.setdefault(None if self._single_pool or self._run_class[i] else self._group[i][0], []).append(i)
+            pools.setdefault(self._pool_of(i), []).append(i)
         drawn: list[int] = []
         for key in sorted(pools, key=lambda k: -1 if k is None else k):
             want = len(samples) if key is None else sum(1 for i in samples if self._group[i][0] == key)

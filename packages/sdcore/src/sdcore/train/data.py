@@ -185,15 +185,13 @@ class TrainData:
 
     @property
     def largest_batches(self) -> dict[int, int]:
-        """Each batch size's largest batch of the first epoch (the batches of the datasets that batch at that size:
+        """Each batch size's largest batch of any epoch (the batches of the datasets that batch at that size:
         one key but with a kohya dataset TOML whose ``[[datasets]]`` batch differently). A batch is one bucket's
-        images (kohya's bucketing too), so where no bucket holds as many images as the size it is smaller."""
+        images (kohya's bucketing too), so where no bucket holds as many images as the size it is smaller; not
+        epoch 0's alone, which a per-epoch resolution draw or class-image draw can leave smaller than a later
+        epoch's (:meth:`~sdcore.data.sampler.BucketBatchSampler.largest_batches`)."""
         if self._largest is None:
-            largest: dict[int, int] = {}
-            for batch in self.sampler.epoch_batches(0):
-                size = self.sampler.group_of(self.entries[batch[0]])[1]
-                largest[size] = max(largest.get(size, 0), len(batch))
-            self._largest = largest
+            self._largest = self.sampler.largest_batches()
         return self._largest
 
     def effective_batch(self, size: int) -> int:

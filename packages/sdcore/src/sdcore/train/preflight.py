@@ -1373,12 +1373,11 @@ def run_preflight(
                         dataclasses.replace(o, batch_size=batch, resolution=max(o.resolution, resolution))
                         for batch, resolution in shapes
                     ]
-                else:  # at the batch the run makes (--batch-size 1000 on 40 images: 40)
+                else:  # at the batch the run makes (--batch-size 1000 on 40 images: 40; one [[datasets]]'s own size)
+                    batch = shapes[0][0] if shapes else report.data.effective_batch(o.batch_size)
                     peaks = [
                         dataclasses.replace(
-                            o,
-                            resolution=max(o.resolution, report.data.largest_resolution),
-                            batch_size=report.data.effective_batch(o.batch_size),
+                            o, resolution=max(o.resolution, report.data.largest_resolution), batch_size=batch
                         )
                     ]
             from .kontext_data import reference_count

@@ -133,14 +133,7 @@ def record_sources(options: Any, sources: Mapping[str, str]) -> None:
     """Remember, for an options instance, where a config file gave values (``{"ema_decay": "run.toml: ema_decay"}``,
     a kohya name where it was translated), so :func:`range_problems` names the key the user wrote. A copy made with
     ``dataclasses.replace`` forgets them; its problems then name the flag."""
-    import weakref
-
-    key = id(options)
-    try:
-        weakref.finalize(options, _SOURCES.pop, key, None)
-    except TypeError:  # an options class without weak references (slots): its problems name the flag
-        return
-    _SOURCES[key] = dict(sources)
+    _remember(_SOURCES, options, dict(sources))
 
 
 #: the options the user gave (command line or config file), by ``id`` as :data:`_SOURCES`: option -> how the user
@@ -154,14 +147,21 @@ def record_given(options: Any, written: Mapping[str, str]) -> None:
     default, with a trained text encoder) without saying it of every run that keeps the default, and name the
     flag the user typed where another tool's spelling set it. A ``dataclasses.replace`` copy forgets them unless
     :func:`keep_records` copies them over."""
+    _remember(_GIVEN, options, dict(written))
+
+
+def _remember(store: dict[int, Any], options: Any, record: Any) -> None:
+    """Keep ``record`` for ``options`` in ``store`` beside the instance, keyed by its ``id`` (not in its
+    ``__dict__``: ``Options(**vars(o))`` must still work) and dropped when the instance goes. An options class
+    without weak references (slots) keeps nothing: its messages then name the flags."""
     import weakref
 
     key = id(options)
     try:
-        weakref.finalize(options, _GIVEN.pop, key, None)
-    except TypeError:  # an options class without weak references (slots): nothing is known as given
+        weakref.finalize(options, store.pop, key, None)
+    except TypeError:
         return
-    _GIVEN[key] = dict(written)
+    store[key] = record
 
 
 def given(options: Any, name: str) -> bool:

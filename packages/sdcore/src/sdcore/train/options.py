@@ -501,10 +501,9 @@ class TrainOptions:
     lr_cycles: int = option(
         1,
         "cosine_with_restarts: number of hard restarts; cosine_with_min_lr/warmup_stable_decay: cycles/2 "
-        "cosine half-waves (kohya's lr_scheduler_num_cycles).",
+        "cosine half-waves (kohya's lr_scheduler_num_cycles); at least 1 there, unread by other schedules.",
         group="training",
-        minimum=1,
-    )
+    )  # no declared range: a range is checked whether or not the schedule reads it (optim.cycles_problems)
     lr_min_ratio: float | None = option(
         None,
         "cosine_with_min_lr/warmup_stable_decay: the floor as a ratio of --lr (kohya's lr_scheduler_min_lr_ratio).",

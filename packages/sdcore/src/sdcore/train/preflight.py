@@ -1271,7 +1271,10 @@ def run_preflight(
             family = report.layout.family if report.layout is not None else None
             report.notes.extend(routing_dataset_notes(o, data.index, family))  # --tread-route keeps masked tokens
             report.notes.extend(bucket_side_notes(data.index))
-            report.notes.extend(data.batch_size_notes())  # a batch size no bucket fills: the batch used instead
+            from ..options import option_label
+
+            # a batch size no bucket fills: the batch used instead, the size named as the user wrote it
+            report.notes.extend(data.batch_size_notes(option_label(o, "batch_size")))
             from .caption_checks import caption_twin_notes, filename_caption_notes
 
             report.notes.extend(filename_caption_notes(data.index))  # an A1111 dataset's file-name captions

@@ -178,7 +178,8 @@ def _help_extra(name: str) -> dict[str, Any]:
 def test_help_shows_the_declared_range_as_click_shows_its_ranges() -> None:
     assert _help_extra("ema_decay") == {"default": "0.999", "range": "0<x<1"}
     assert _help_extra("tag_dropout") == {"default": "0.0", "range": "0<=x<=1"}
-    assert _help_extra("lr")["range"] == "x>0"
+    assert _help_extra("lr")["range"] == "x>=0"  # LoRA's --lr 0 beside --unet-lr/--te-lr (kohya); the pre-flight
+    # refuses it where a trained part would train at it
     assert _help_extra("min_snr_gamma") == {"range": "x>0"}  # no default: the range alone, as click writes it
     assert "range" not in _help_extra("seed")  # no range declared, none shown
     assert range_symbols({"maximum": 75}) == "x<=75"

@@ -313,6 +313,10 @@ def create_optimizer(
     kwargs = optimizer_kwargs(key, args)
     groups = [{k: v for k, v in group.items() if k != "name"} for group in param_groups]
     rate: float | None = lr
+    if lr <= 0 and groups and all("lr" in group for group in groups):
+        # --lr 0 beside per-part rates (kohya's learning_rate 0 with unet_lr): a default no group reads, which some
+        # optimizers refuse (lion_pytorch asserts lr > 0); the groups keep their own rates
+        rate = max(group["lr"] for group in groups)
     if spec is not None and spec.adaptive_lr:
         rates = [group.get("lr", lr) for group in groups]
         first = rates[0] if rates else lr

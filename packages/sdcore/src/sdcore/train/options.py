@@ -489,7 +489,9 @@ class TrainOptions:
         group="training",
         minimum=1,
     )
-    lr: float = option(1e-4, "Learning rate.", group="training", minimum=0, above_minimum=True)
+    # "0 or more": --lr 0 is legal where a method gives every trained part its own rate (LoRA's --unet-lr/--te-lr,
+    # kohya's learning_rate = 0 beside unet_lr); the pre-flight refuses it otherwise (TrainingMethod.lr_fallback_parts)
+    lr: float = option(1e-4, "Learning rate.", group="training", minimum=0)
     lr_scheduler: str = option("constant", "LR schedule.", choices=LR_SCHEDULERS, group="training")
     lr_warmup_steps: float = option(
         0,

@@ -334,3 +334,29 @@ def test_one_dataset_with_its_own_batch_size_sizes_the_memory_plan_at_that_batch
     report = run_preflight(LoraMethod(o), o)
     assert not report.problems, report.problems
     assert report.memory is not None and report.memory.estimate.settings["batch_size"] == 8
+
+
+def test_the_batch_size_note_names_a_kohya_configs_train_batch_size(tmp_path):
+    """A kohya config's ``train_batch_size = 64`` on 5 images was noted as "--batch-size 64", a flag the user never
+    typed; the note now names the key as the config wrote it."""
+    from sdcore.train.config import load_options
+    from sdcore.train.options import apply_model_defaults
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    make_tiny_dataset(tmp_path / "d", n=5, size=64, concept="a")
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(
+        f'pretrained_model_name_or_path = "tiny:sd1"\ntrain_data_dir = "{(tmp_path / "d").as_posix()}"\n'
+        f'output_dir = "{tmp_path.as_posix()}"\noutput_name = "o"\nnetwork_module = "networks.lora"\n'
+        "train_batch_size = 64\nresolution = 64\nmax_train_steps = 2\n",
+        encoding="utf-8",
+    )
+    o = load_options(LoraOptions, cfg)
+    apply_model_defaults(o)
+    report = run_preflight(LoraMethod(o), o)
+    assert not report.problems, report.problems
+    said = [note for note in report.notes if "no bucket holds that many images" in note]
+    assert said == [
+        f"{cfg}: train_batch_size 64: no bucket holds that many images and a batch is one bucket's (as in kohya), "
+        "so batches hold at most 5: the run trains at batch size 5"
+    ], report.notes

@@ -350,7 +350,7 @@ def test_kohya_warmup_given_on_the_command_line(tmp_path):
         ({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": 600, "lr_decay_steps": 600}, "exceed the run's"),
         ({"lr_scheduler": "cosine", "lr_scheduler_args": "bogus=1"}, "bogus"),
         ({"lr_warmup_steps": 2.5}, "--lr-warmup-steps must be a step count or a ratio"),
-        ({"lr_cycles": 0}, "--lr-cycles must be at least 1"),
+        ({"lr_scheduler": "cosine_with_restarts", "lr_cycles": 0}, "--lr-cycles must be at least 1"),
     ],
 )
 def test_preflight_reports_one_clear_problem(overrides, message):
@@ -359,6 +359,42 @@ def test_preflight_reports_one_clear_problem(overrides, message):
     assert len(problems) == 1, problems
     assert message in problems[0]
     assert message in "\n".join(option_problems(o))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "args", "refused"),
+    [
+        ("constant", "", False),
+        ("cosine", "", False),
+        ("linear", "", False),
+        ("polynomial", "", False),
+        ("warmup_stable_decay", "decay_type=linear", False),  # a linear decay reads no cycles
+        ("cosine_with_restarts", "", True),
+        ("cosine_with_min_lr", "", True),
+        ("warmup_stable_decay", "", True),  # its default cosine decay reads them
+    ],
+)
+def test_kohya_num_cycles_0_is_refused_only_where_the_schedule_reads_it(tmp_path, schedule, args, refused):
+    """The kohya_ss GUI writes lr_scheduler_num_cycles = 0; kohya ignores it unless the schedule reads it, and there
+    0 cycles would hold the rate flat (the cosine of 0): refused there only, naming the key as the file wrote it."""
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(
+        'pretrained_model_name_or_path = "tiny:sd1"\ntrain_data_dir = "d"\noutput_dir = "o"\nmax_train_steps = 100\n'
+        f'lr_scheduler = "{schedule}"\nlr_scheduler_num_cycles = 0\nlr_scheduler_min_lr_ratio = 0.1\n'
+        f'lr_decay_steps = 10\nlr_scheduler_args = ["{args}"]\n'.replace('[""]', "[]"),
+        encoding="utf-8",
+    )
+    o = load_options(ConvOutOptions, cfg)
+    assert o.lr_cycles == 0
+    problems = option_problems(o)
+    said = [p for p in problems if "lr_scheduler_num_cycles" in p or "--lr-cycles" in p]
+    if refused:
+        assert said == [
+            f"{cfg}: lr_scheduler_num_cycles must be at least 1 with --lr-scheduler {schedule}, got 0 "
+            "(0 cycles hold the rate flat)"
+        ], problems
+    else:
+        assert said == [], problems
 
 
 def test_missing_package_names_the_pip_package():

@@ -178,7 +178,8 @@ def _help_extra(name: str) -> dict[str, Any]:
 def test_help_shows_the_declared_range_as_click_shows_its_ranges() -> None:
     assert _help_extra("ema_decay") == {"default": "0.999", "range": "0<x<1"}
     assert _help_extra("tag_dropout") == {"default": "0.0", "range": "0<=x<=1"}
-    assert _help_extra("lr")["range"] == "x>0"
+    assert _help_extra("lr")["range"] == "x>=0"  # LoRA's --lr 0 beside --unet-lr/--te-lr (kohya); the pre-flight
+    # refuses it where a trained part would train at it
     assert _help_extra("min_snr_gamma") == {"range": "x>0"}  # no default: the range alone, as click writes it
     assert "range" not in _help_extra("seed")  # no range declared, none shown
     assert range_symbols({"maximum": 75}) == "x<=75"
@@ -201,7 +202,7 @@ def test_a_click_range_type_keeps_its_own_range_text() -> None:
 
 #: options given a range this time, each out of range in every peer tool or refused by sdcore's own check already
 NEWLY_RANGED = {
-    "token_warmup_min": -1, "min_bucket_reso": 0, "max_bucket_reso": -64, "lr_power": -1.0, "lr_cycles": 0,
+    "token_warmup_min": -1, "min_bucket_reso": 0, "max_bucket_reso": -64, "lr_power": -1.0,
     "lr_min_ratio": 1.5, "max_timestep": 0, "timestep_shift": 0.0, "discrete_flow_shift": -3.0, "max_table_index": 0,
     "logit_std": 0.0, "mode_scale": 2.0, "sigmoid_scale": -1.0, "t5xxl_max_token_length": 0, "initial_step": -1,
     "initial_epoch": 0, "stop_text_encoder_at": 0, "stop_text_encoder_after_epochs": 0, "lokr_factor": -2,
@@ -209,8 +210,9 @@ NEWLY_RANGED = {
     "loraplus_unet_lr_ratio": -16.0, "loraplus_text_encoder_lr_ratio": -1.0, "embedding_lr": -1e-4,
     "embedding_stop_at": 0,
 }  # fmt: skip
-#: numbers left without a range: legal in a peer tool, or their bounds depend on another option
-UNRANGED = ("seed", "validation_seed", "adaptive_noise_scale", "noising_weight", "noising_bias", "logit_mean",
+#: numbers left without a range: legal in a peer tool, or their bounds depend on another option (--lr-cycles: only
+#: the cycled schedules read it; kohya_ss GUI configs carry lr_scheduler_num_cycles = 0 beside others)
+UNRANGED = ("lr_cycles", "seed", "validation_seed", "adaptive_noise_scale", "noising_weight", "noising_bias", "logit_mean",
             "guidance_scale", "alpha", "conv_alpha", "network_multiplier", "block_lr_zero_threshold")  # fmt: skip
 
 

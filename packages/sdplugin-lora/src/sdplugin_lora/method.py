@@ -887,6 +887,42 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             problems.append("--te3-lr is T5's rate: it needs --train-t5 (kohya train_t5xxl)")
         return problems
 
+    def lr_fallback_parts(self) -> list[str]:
+        """What trains at --lr for want of its own rate: the denoiser's modules without --unet-lr, the text
+        encoders' without --te-lr or a --te{n}-lr, the --embedding vectors without --embedding-lr (LoRA+ ratios and
+        block lr weights scale a part's rate, so they read --lr only through it). With a --te{n}-lr but no --te-lr
+        the encoders left at --lr depend on the family: :meth:`family_problems` checks them. kohya trains
+        ``learning_rate = 0`` with ``unet_lr`` and ``text_encoder_lr`` set, as kohya_ss GUI presets write it."""
+        o = self.options
+        parts = []
+        if self.train_unet and o.unet_lr is None:
+            parts.append("the denoiser (--unet-lr)")
+        if self.train_te and o.te_lr is None and all(rate is None for rate in self.te_rate_options().values()):
+            parts.append("the text encoders (--te-lr)")
+        if o.embedding and o.embedding_lr is None:
+            parts.append("the --embedding vectors (--embedding-lr)")
+        return parts
+
+    def _lr_fallback_family_problems(self, family: str) -> list[str]:
+        """--lr 0 with per-encoder rates (--te{n}-lr, no --te-lr) that leave a training encoder of ``family`` at it
+        (T5 trains only with --train-t5): the pre-flight's own wording, as where no encoder has a rate."""
+        from sdcore.errors import SdcoreError
+        from sdcore.models.family import get_family
+
+        o = self.options
+        rates = self.te_rate_options()
+        if o.lr != 0 or not self.train_te or o.te_lr is not None or all(r is None for r in rates.values()):
+            return []
+        try:
+            slots = {spec.slot for spec in get_family(family).text_encoders}
+        except SdcoreError:
+            return []  # the pre-flight reports an unknown family itself
+        left = sorted(slot for slot in slots if rates[slot] is None and (slot != 3 or o.train_t5))
+        if not left:
+            return []
+        flags = ", ".join(f"--te{slot}-lr" for slot in left)
+        return [f"--lr must be positive, got {o.lr} (the text encoders without {flags} train at it)"]
+
     def te_rate_options(self) -> dict[int, float | None]:
         """The per-encoder rate options by kohya's encoder number (:func:`sdcore.models.family.text_encoder_slot`)."""
         o = self.options
@@ -1115,6 +1151,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "UNets, SD3/FLUX.1/Chroma transformers and CLIP encoders (full on other families: kohya's blocks)"
             )
         problems += self._te_rate_family_problems(family)
+        problems += self._lr_fallback_family_problems(family)
         problems += self._t5_only_family_problems(family)
         problems += self._train_t5_family_problems(family)
         if o.embedding:

@@ -198,14 +198,15 @@ class TrainData:
         """The largest batch a dataset batching at ``size`` makes (``--batch-size 1000`` on 40 images: 40)."""
         return min(size, self.largest_batches.get(size, size))
 
-    def batch_size_notes(self) -> list[str]:
+    def batch_size_notes(self, label: str = "--batch-size") -> list[str]:
         """A note for each batch size no bucket fills (``--batch-size 1000000000000`` on a 40-image dataset),
         naming the batch the run trains at instead; the logs and the memory plan use that one
-        (:meth:`effective_batch`)."""
+        (:meth:`effective_batch`). ``label`` names the run's batch size as the user gave it
+        (:func:`sdcore.options.option_label`: ``run.toml: train_batch_size`` for a kohya config's)."""
         notes = []
         for size, used in sorted(self.largest_batches.items()):
             if used < size:
-                named = f"--batch-size {size}" if size == self.sampler.batch_size else f"a dataset's batch_size {size}"
+                named = f"{label} {size}" if size == self.sampler.batch_size else f"a dataset's batch_size {size}"
                 notes.append(
                     f"{named}: no bucket holds that many images and a batch is one bucket's (as in kohya), so batches "
                     f"hold at most {used}: the run trains at batch size {used}"

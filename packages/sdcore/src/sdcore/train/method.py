@@ -58,6 +58,10 @@ def text_encoding_options(options: TrainOptions, family: ModelFamily) -> dict[st
     return out
 
 
+#: :meth:`TrainingMethod.lr_fallback_parts` of a method without per-part rates: all it trains reads --lr
+ALL_AT_LR = "everything the method trains"
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a method needs from the runtime, declared once (see :meth:`TrainingMethod.capabilities`)."""
@@ -294,6 +298,14 @@ class TrainingMethod(Generic[OptionsT]):
     # --- setup -----------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`sdcore.errors.ConfigError` for contradictory options (before any model loads)."""
+
+    def lr_fallback_parts(self) -> list[str]:
+        """What trains at ``--lr`` for want of a rate of its own, named for a message (``"the U-Net (--unet-lr)"``).
+        The pre-flight refuses ``--lr 0`` only where this is not empty: a method whose every trained part has its
+        own positive rate (kohya's LoRA with ``unet_lr`` and ``text_encoder_lr`` beside ``learning_rate = 0``, as
+        kohya_ss GUI presets write it) trains without one. The default: everything trains at ``--lr``. A part whose
+        fallback is known only with the model's family is checked in :meth:`family_problems`. Since 0.1."""
+        return [ALL_AT_LR]
 
     def family_problems(self, family: str) -> list[str]:
         """Options of this method that do not apply to the model's ``family`` (e.g. kohya's block-wise

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import option_label
 
 #: import module (top level) -> the pip package that provides it, for "install X" messages
 PIP_PACKAGES: dict[str, str] = {
@@ -312,6 +313,10 @@ def create_optimizer(
     kwargs = optimizer_kwargs(key, args)
     groups = [{k: v for k, v in group.items() if k != "name"} for group in param_groups]
     rate: float | None = lr
+    if lr <= 0 and groups and all("lr" in group for group in groups):
+        # --lr 0 beside per-part rates (kohya's learning_rate 0 with unet_lr): a default no group reads, which some
+        # optimizers refuse (lion_pytorch asserts lr > 0); the groups keep their own rates
+        rate = max(group["lr"] for group in groups)
     if spec is not None and spec.adaptive_lr:
         rates = [group.get("lr", lr) for group in groups]
         first = rates[0] if rates else lr
@@ -558,6 +563,29 @@ def optimizer_problems(o: Any) -> list[str]:
     return _schedule_problems(o, name)
 
 
+def reads_cycles(o: Any) -> bool:
+    """Whether the run's schedule reads ``--lr-cycles`` (kohya's ``lr_scheduler_num_cycles``): cosine_with_restarts,
+    cosine_with_min_lr, and warmup_stable_decay with its default cosine decay. Every other schedule ignores it, as
+    kohya does, so the kohya_ss GUI's ``lr_scheduler_num_cycles = 0`` beside a constant schedule trains."""
+    if o.lr_scheduler_type or is_schedule_free(o.optimizer):
+        return False
+    name = effective_scheduler(o.lr_scheduler, o.optimizer, o.optimizer_args, o.lr_scheduler_type)
+    if name == "warmup_stable_decay":
+        return (_raw_arg(o.lr_scheduler_args, "decay_type") or "cosine") == "cosine"
+    return name in ("cosine_with_restarts", "cosine_with_min_lr")
+
+
+def cycles_problems(o: Any) -> list[str]:
+    """``--lr-cycles`` below 1 where the schedule reads it: the cosine of 0 cycles is 1 at every step, so the
+    schedule asked for would hold the rate flat (and a negative count runs it backwards); elsewhere it is unread."""
+    if o.lr_cycles >= 1 or not reads_cycles(o):
+        return []
+    label = option_label(o, "lr_cycles")
+    return [
+        f"{label} must be at least 1 with --lr-scheduler {o.lr_scheduler}, got {o.lr_cycles} (0 cycles hold the rate flat)"
+    ]
+
+
 def _schedule_problems(o: Any, name: str, total_steps: int | None = None) -> list[str]:
     """The schedule's problems; ``total_steps`` is the run's length when known (else ``--max-steps``): a ratio
     warmup/decay is ``int(ratio * steps)`` of it (kohya), so without a length it is judged later
@@ -568,8 +596,7 @@ def _schedule_problems(o: Any, name: str, total_steps: int | None = None) -> lis
     for flag, value in (("--lr-warmup-steps", warmup), ("--lr-decay-steps", decay)):
         if not value >= 0 or (value >= 1 and not float(value).is_integer()):
             problems.append(f"{flag} must be a step count or a ratio of the total steps below 1, got {value}")
-    if o.lr_cycles < 1:
-        problems.append(f"--lr-cycles must be at least 1, got {o.lr_cycles}")
+    problems.extend(cycles_problems(o))
     if o.lr_min_ratio is not None and not 0 <= o.lr_min_ratio <= 1:
         problems.append(f"--lr-min-ratio must be between 0 and 1, got {o.lr_min_ratio}")
     if o.lr_timescale is not None and o.lr_timescale < 1:

@@ -489,7 +489,9 @@ class TrainOptions:
         group="training",
         minimum=1,
     )
-    lr: float = option(1e-4, "Learning rate.", group="training", minimum=0, above_minimum=True)
+    # "0 or more": --lr 0 is legal where a method gives every trained part its own rate (LoRA's --unet-lr/--te-lr,
+    # kohya's learning_rate = 0 beside unet_lr); the pre-flight refuses it otherwise (TrainingMethod.lr_fallback_parts)
+    lr: float = option(1e-4, "Learning rate.", group="training", minimum=0)
     lr_scheduler: str = option("constant", "LR schedule.", choices=LR_SCHEDULERS, group="training")
     lr_warmup_steps: float = option(
         0,
@@ -501,10 +503,9 @@ class TrainOptions:
     lr_cycles: int = option(
         1,
         "cosine_with_restarts: number of hard restarts; cosine_with_min_lr/warmup_stable_decay: cycles/2 "
-        "cosine half-waves (kohya's lr_scheduler_num_cycles).",
+        "cosine half-waves (kohya's lr_scheduler_num_cycles); at least 1 there, unread by other schedules.",
         group="training",
-        minimum=1,
-    )
+    )  # no declared range: a range is checked whether or not the schedule reads it (optim.cycles_problems)
     lr_min_ratio: float | None = option(
         None,
         "cosine_with_min_lr/warmup_stable_decay: the floor as a ratio of --lr (kohya's lr_scheduler_min_lr_ratio).",

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from ..console import warning_line
 from ..dtypes import element_bytes
 from ..errors import ConfigError, ModelFormatError, SdcoreError
+from .method import ALL_AT_LR
 from .options import MIXED_PRECISION, SAVE_DTYPES, TrainOptions
 
 if TYPE_CHECKING:
@@ -130,8 +131,11 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append(f"--resolution must be positive (or 0 for the model's native size), got {o.resolution}")
     problems.extend(resolutions_problems(o))
     problems.extend(bucket_rule_problems(o))
-    if o.lr <= 0:
-        problems.append(f"--lr must be positive, got {o.lr}")
+    # --lr 0 is legal where every trained part has its own rate (LoRA's unet_lr/text_encoder_lr, kohya)
+    at_lr = method.lr_fallback_parts() if method is not None and o.lr == 0 else []
+    if o.lr < 0 or (o.lr == 0 and (method is None or at_lr)):
+        own = [part for part in at_lr if part != ALL_AT_LR]  # a method with per-part rates: which part lacks one
+        problems.append(f"--lr must be positive, got {o.lr}" + (f" ({', '.join(own)} train at it)" if own else ""))
     if o.sample_cfg is not None and o.sample_cfg <= 0:
         problems.append(f"--sample-cfg must be positive when given, got {o.sample_cfg}")
     for name in ("caption_dropout", "tag_dropout"):
@@ -1271,7 +1275,10 @@ def run_preflight(
             family = report.layout.family if report.layout is not None else None
             report.notes.extend(routing_dataset_notes(o, data.index, family))  # --tread-route keeps masked tokens
             report.notes.extend(bucket_side_notes(data.index))
-            report.notes.extend(data.batch_size_notes())  # a batch size no bucket fills: the batch used instead
+            from ..options import option_label
+
+            # a batch size no bucket fills: the batch used instead, the size named as the user wrote it
+            report.notes.extend(data.batch_size_notes(option_label(o, "batch_size")))
             from .caption_checks import caption_twin_notes, filename_caption_notes
 
             report.notes.extend(filename_caption_notes(data.index))  # an A1111 dataset's file-name captions

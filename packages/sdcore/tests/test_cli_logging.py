@@ -77,6 +77,35 @@ def test_plugin_and_sdcore_records_print_in_the_cli_form_and_still_reach_caplog(
     assert logging.getLogger("sdplugin_demo").handlers == []
 
 
+def _class_plugin() -> type:
+    """A plugin registered as a class (pluggy takes any namespace): its hooks are static methods, its package
+    (``sdplugin_classdemo``) is the class's own ``__module__``, not ``builtins`` (the module of a class object's
+    class)."""
+
+    class ClassDemo:
+        @staticmethod
+        @hookimpl
+        def sdcore_register_commands(cli):
+            @cli.command("class-demo")
+            def class_demo() -> None:
+                logging.getLogger("sdplugin_classdemo.work").warning("the class plugin warns")
+
+    ClassDemo.__module__ = "sdplugin_classdemo.plugin"
+    return ClassDemo
+
+
+def test_a_plugin_registered_as_a_class_logs_in_the_cli_form(monkeypatch):
+    from sdcore.console import plugin_namespaces
+
+    monkeypatch.delenv("SDCORE_DEBUG", raising=False)
+    plugin = _class_plugin()
+    assert plugin_namespaces([plugin]) == ["sdplugin_classdemo"]
+    cli = build_cli(get_plugin_manager(entrypoints=False, extra=[plugin]))
+    result = CliRunner().invoke(cli, ["class-demo"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["warning: the class plugin warns"]  # not bare, by the last-resort handler
+
+
 def _accelerate_process(monkeypatch, index: int) -> None:
     state = types.ModuleType("accelerate.state")
     state.PartialState = type("PartialState", (), {"_shared_state": {"process_index": index}})  # type: ignore[attr-defined]

@@ -122,11 +122,17 @@ class CliLogHandler(logging.Handler):
 
 
 def plugin_namespaces(plugins: Iterable[object]) -> list[str]:
-    """The top-level package names of ``plugins`` (modules, or objects by their class's module): the logger
-    namespaces plugins log under (``sdplugin_lora.apply`` -> ``sdplugin_lora``)."""
+    """The top-level package names of ``plugins`` (modules by their name, classes by their own module, other
+    objects by their class's): the logger namespaces plugins log under (``sdplugin_lora.apply`` -> ``sdplugin_lora``).
+    A class registered as a plugin is a ``type``, whose class lives in ``builtins``: its own ``__module__`` tells."""
     names: set[str] = set()
     for plugin in plugins:
-        module = getattr(plugin, "__name__", None) if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+        if isinstance(plugin, types.ModuleType):
+            module = getattr(plugin, "__name__", None)
+        elif isinstance(plugin, type):
+            module = plugin.__module__
+        else:
+            module = type(plugin).__module__
         if isinstance(module, str) and module and module != "builtins":
             names.add(module.split(".")[0])
     return sorted(names)

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 from click.testing import CliRunner
@@ -75,6 +76,105 @@ def test_plugin_and_sdcore_records_print_in_the_cli_form_and_still_reach_caplog(
     # the handler lives as long as the command: a library user after it has logging as it was
     assert logging.getLogger("sdcore").handlers == []
     assert logging.getLogger("sdplugin_demo").handlers == []
+
+
+def _class_plugin() -> type:
+    """A plugin registered as a class (pluggy takes any namespace): its hooks are static methods, its package
+    (``sdplugin_classdemo``) is the class's own ``__module__``, not ``builtins`` (the module of a class object's
+    class)."""
+
+    class ClassDemo:
+        @staticmethod
+        @hookimpl
+        def sdcore_register_commands(cli):
+            @cli.command("class-demo")
+            def class_demo() -> None:
+                logging.getLogger("sdplugin_classdemo.work").warning("the class plugin warns")
+
+    ClassDemo.__module__ = "sdplugin_classdemo.plugin"
+    return ClassDemo
+
+
+def test_a_plugin_registered_as_a_class_logs_in_the_cli_form(monkeypatch):
+    from sdcore.console import plugin_namespaces
+
+    monkeypatch.delenv("SDCORE_DEBUG", raising=False)
+    plugin = _class_plugin()
+    assert plugin_namespaces([plugin]) == ["sdplugin_classdemo"]
+    cli = build_cli(get_plugin_manager(entrypoints=False, extra=[plugin]))
+    result = CliRunner().invoke(cli, ["class-demo"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["warning: the class plugin warns"]  # not bare, by the last-resort handler
+
+
+def _warning_plugin() -> types.ModuleType:
+    """A plugin package (``sdplugin_warndemo``) with a warning class of its own (as sdplugin_lora's documented
+    ``LoraWarning``), whose command warns with it twice and with a library's category once."""
+    module = types.ModuleType("sdplugin_warndemo.plugin")
+    own = type("DemoWarning", (UserWarning,), {"__module__": "sdplugin_warndemo.apply"})
+
+    @hookimpl
+    def sdcore_register_commands(cli):
+        @cli.command("warn-demo")
+        def warn_demo() -> None:
+            for _ in range(2):
+                warnings.warn("3 keys matched no module", own, stacklevel=1)
+            warnings.warn("a library's own note", FutureWarning, stacklevel=1)  # torch's, diffusers' ...
+
+    module.sdcore_register_commands = sdcore_register_commands  # type: ignore[attr-defined]
+    return module
+
+
+def test_a_warning_class_of_a_plugin_prints_as_a_cli_warning_and_a_librarys_as_python_prints_it(
+    monkeypatch, python_warnings_shown, caplog
+):
+    """A plugin's own warning category (a library user's documented ``warnings`` API) prints as ``warning: ...``,
+    once, and reaches logging; a warning of another library's category keeps Python's ``FILE:LINE: Category:``
+    form (not swallowed, as :func:`logging.captureWarnings` would with no handler on ``py.warnings``); after the
+    command Python shows warnings as before."""
+    monkeypatch.delenv("SDCORE_DEBUG", raising=False)
+    before = warnings.showwarning
+    cli = build_cli(get_plugin_manager(entrypoints=False, extra=[_warning_plugin()]))
+    with caplog.at_level(logging.WARNING):
+        result = CliRunner().invoke(cli, ["warn-demo"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "warning: 3 keys matched no module"
+    assert lines[1].endswith(": FutureWarning: a library's own note") and __file__ in lines[1]
+    assert not any("DemoWarning" in line for line in lines) and len([x for x in lines if "keys" in x]) == 1
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("sdplugin_warndemo.apply", "3 keys matched no module")
+    ] * 2
+    assert warnings.showwarning is before
+
+
+def test_every_python_warning_of_ours_has_a_class_of_ours():
+    """A ``warnings.warn`` in sdcore or a plugin with Python's own category (``UserWarning``) prints under the CLI
+    as Python's two-line ``FILE:LINE: UserWarning: ...``: log it (``log.warning``) as every other note is, or give
+    it a warning class of the package (a documented API, such as ``LoraWarning``), which the CLI prints as its own."""
+    import ast
+    import builtins
+    from pathlib import Path
+
+    packages = Path(__file__).parents[2]
+    sources = sorted(packages.glob("*/src/**/*.py"))
+    assert any(path.name == "apply.py" and "sdplugin_lora" in path.parts for path in sources)
+    builtin = {name for name in dir(builtins) if name.endswith("Warning")}
+    found = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "warn"):
+                continue
+            if not (isinstance(node.func.value, ast.Name) and node.func.value.id == "warnings"):
+                continue
+            category = (
+                node.args[1]
+                if len(node.args) > 1
+                else next((k.value for k in node.keywords if k.arg == "category"), None)
+            )
+            if not isinstance(category, ast.Name) or category.id in builtin:
+                found.append(f"{path.relative_to(packages)}:{node.lineno}")
+    assert not found, f"log these (log.warning) or give them a warning class of their package: {', '.join(found)}"
 
 
 def _accelerate_process(monkeypatch, index: int) -> None:

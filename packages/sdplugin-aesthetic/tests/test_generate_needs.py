@@ -39,7 +39,7 @@ def test_one_option_alone_is_named_alone(tmp_path: Path) -> None:
 def test_aesthetic_given_either_way_satisfies_them(tmp_path: Path, given: list[str]) -> None:
     code, out = _generate(tmp_path, "--aesthetic-weight", "0.5", *given)
     assert "with --aesthetic; give --aesthetic" not in out
-    assert code == 1 and "aesthetic embedding 'nosuch' not found" in out  # the lookup's own message
+    assert code == 2 and "aesthetic embedding 'nosuch' not found" in out  # the lookup's own message, pre-flight
 
 
 def test_defaults_alone_are_not_a_problem(tmp_path: Path) -> None:
@@ -58,3 +58,21 @@ def test_a_cell_that_sets_the_embedding_satisfies_them() -> None:
         "--aesthetic-weight only acts with --aesthetic; give --aesthetic or drop it"
     ]
     assert _needs_problems(params, [params, {**params, "aesthetic": "style"}]) == []
+
+
+def test_a_missing_embedding_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch) -> None:
+    """``--aesthetic NAME`` that names no file: the lookup's own line (where it looked, what is there, the folder
+    option) with the pre-flight's other problems, exit 2, and no model loaded (it was said after the load, exit 1)."""
+    from sdcore.builtin import generate_command
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("the model must not load"))
+    folder = tmp_path / "aes"
+    folder.mkdir()
+    (folder / "other.pt").write_bytes(b"")
+    (tmp_path / "o.png").write_bytes(b"kept")  # an output in the way: another pre-flight problem
+    code, out = _generate(tmp_path, "--aesthetic", "nosuch", "--aesthetic-dir", str(folder))
+    assert code == 2, out
+    assert f"aesthetic embedding 'nosuch' not found in {folder.absolute()} and its subfolders; available: other" in out
+    assert "point --aesthetic-dir at the folder with your aesthetic embedding files" in out
+    assert "o.png" in out and "--overwrite" in out  # said with the pre-flight's other problems, at once
+    assert (tmp_path / "o.png").read_bytes() == b"kept"

@@ -410,3 +410,25 @@ def test_lora_hashes_without_kohya_metadata_are_computed_as_a1111_does(tmp_path)
         assert activation.info["Lora hashes"] == f"ab: {expected_st}, old: {expected_pt}"
     finally:
         activation.undo()
+
+
+def test_generate_says_the_unmatched_keys_once_as_a_cli_warning(tmp_path, monkeypatch, python_warnings_shown):
+    """Under ``sdcore generate`` the documented :class:`LoraWarning` prints in the CLI's form, once: it printed
+    as Python's two-line ``path:line: LoraWarning: ...``, and again through logging."""
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    monkeypatch.delenv("SDCORE_DEBUG", raising=False)
+    state = dict(random_network(fresh_bundle("sd1"), conv_rank=0).state_dict())
+    state["something_else.weight"] = torch.zeros(3)
+    (tmp_path / "loras").mkdir()
+    save_file(state, str(tmp_path / "loras" / "extra.safetensors"))
+    args = ["generate", "<lora:extra> a cat", "-m", "tiny:sd1", "--steps", "1", "--size", "64x64",
+            "--lora-dir", str(tmp_path / "loras"), "-o", str(tmp_path / "o.png")]  # fmt: skip
+    result = CliRunner().invoke(build_cli(get_plugin_manager()), args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "matched no module" in line]
+    assert said == [f"warning: {tmp_path / 'loras' / 'extra.safetensors'}: 1 keys matched no module of the model: "
+                    "something_else.weight"], result.output  # fmt: skip
+    assert "LoraWarning" not in result.output

@@ -8,6 +8,7 @@ A1111's network_lokr / network_norm): not imported from sdcore."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -186,9 +187,36 @@ def test_rank_dropout_scale_on_locon_is_lycoris_rebuilt_weight(conv):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_with_rank_dropout_scale_on_locon_is_said_to_do_nothing():
-    with pytest.warns(UserWarning, match="--dropout has no effect on --algo locon with --rank-dropout-scale"):
+def test_dropout_with_rank_dropout_scale_on_locon_is_said_to_do_nothing(caplog):
+    with caplog.at_level(logging.WARNING, logger="sdplugin_lora"):
         LoraMethod(LoraOptions(algo="locon", dropout=0.1, rank_dropout=0.2, rank_dropout_scale=True)).validate()
+    assert any(
+        r.getMessage().startswith("--dropout has no effect on --algo locon with --rank-dropout-scale")
+        for r in caplog.records
+    )
+
+
+def test_the_notes_of_a_training_command_print_as_cli_warnings(tmp_path, monkeypatch, python_warnings_shown):
+    """``--dropout`` on LoHa and GGPO half-given, under ``sdcore train lora``: each note one ``warning: ...`` line,
+    not Python's two-line ``preflight.py:N: UserWarning: ...`` with the source line under it."""
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    monkeypatch.delenv("SDCORE_DEBUG", raising=False)
+    data = make_tiny_dataset(tmp_path / "data", n=1, size=64)
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
+            "--resolution", "64", "--max-steps", "1", "--algo", "loha", "--dropout", "0.1", "--ggpo-sigma", "0.1",
+            "--dry-run"]  # fmt: skip
+    result = CliRunner().invoke(build_cli(get_plugin_manager()), args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if "--dropout has no effect" in line or "GGPO" in line]
+    assert notes == [
+        "warning: --dropout has no effect on --algo loha (LyCORIS has no neuron dropout for it either); "
+        "--rank-dropout and --module-dropout apply",
+        "warning: --ggpo-sigma without --ggpo-beta: GGPO is off (kohya's lora_flux turns it on only when both are "
+        "given)",
+    ], result.output
+    assert "UserWarning" not in result.output
 
 
 # --- train_norm -------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ OneTrainer's savers write them, encode with and without the ``_out`` keys, and c
 
 from __future__ import annotations
 
-import warnings
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def test_saved_safetensors_keep_the_output_vectors_in_onetrainers_layout(tmp_pat
 
 
 @pytest.mark.parametrize("fmt", ["pt", "bin", "png"])
-def test_formats_without_output_vectors_say_they_leave_them_out(tmp_path, fmt):
+def test_formats_without_output_vectors_say_they_leave_them_out(tmp_path, fmt, caplog):
     """A1111's ``.pt``/``.png`` and diffusers' ``.bin`` hold input vectors only: saving an output embedding in them
     warns once, naming the file and the left-out keys; the file reads back without output vectors. The
     ``.safetensors`` save keeps them and says nothing."""
@@ -149,31 +150,32 @@ def test_formats_without_output_vectors_say_they_leave_them_out(tmp_path, fmt):
                "clip_g_out": torch.full((1, 16), 4.0)}, str(source))  # fmt: skip
     emb = load_embedding(source)
     out = tmp_path / f"copy.{fmt}"
-    with pytest.warns(UserWarning) as caught:
+    with caplog.at_level(logging.WARNING, logger="sdplugin_ti"):
         save_embedding(emb, out)
-    said = [str(w.message) for w in caught if "output vectors" in str(w.message)]
+    said = [r.getMessage() for r in caplog.records if "output vectors" in r.getMessage()]
     assert said == [
         f"{out}: the output vectors of OneTrainer's output embedding 'sdxl' (clip_l_out, clip_g_out) are left out: "
         f"the {fmt} format (A1111's .pt/.png, diffusers' .bin) cannot hold them; write a .safetensors to keep them"
     ]
     again = load_embedding(out)
     assert not again.output_vectors and torch.equal(again.vectors["clip_g"], torch.zeros(1, 16))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdplugin_ti"):
         kept = load_embedding(save_embedding(emb, tmp_path / "copy.safetensors"))
+    assert caplog.records == []
     assert kept.output_keys == ["clip_l_out", "clip_g_out"]
 
 
-def test_bundled_output_vectors_are_read_and_sd1s_clip_l_is_the_single_tensor(make_bundle, tmp_path):
+def test_bundled_output_vectors_are_read_and_sd1s_clip_l_is_the_single_tensor(make_bundle, tmp_path, caplog):
     """OneTrainer's SD1 LoRA saver writes ``bundle_emb.<name>.clip_l`` and ``.clip_l_out``."""
     bundle = make_bundle("sd1")
     out = _outputs(bundle)[SINGLE]
     state = {"bundle_emb.mychar.clip_l": torch.zeros_like(out), "bundle_emb.mychar.clip_l_out": out}
     handler = EmbeddingHandler(tmp_path)
     handler.extra_embeddings = tuple(bundled_embeddings(state, network="my_lora"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # applied: no "not applied" warning
+    with caplog.at_level(logging.WARNING, logger="sdplugin_ti"):
         picked = handler.bundled(bundle, {})
+    assert caplog.records == []  # applied: no "not applied" warning
     emb = picked["mychar"][0]
     assert set(emb.vectors) == {SINGLE} and torch.equal(emb.output_vectors[SINGLE], out)
 
@@ -296,15 +298,19 @@ def _ids(tokenizer, prompt: str, length: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
-def test_output_embedding_on_the_transformer_families(tmp_path, family):
+def test_output_embedding_on_the_transformer_families(tmp_path, family, caplog):
     bundle = _tiny(family)
     outputs = _outputs(bundle)  # Flux: clip_l_out too, which it cannot apply
     prompt, length = "a photo of mychar, standing", 32
     with_path = _write(tmp_path / "with", outputs, with_out=True)
     hidden, pooled, ids, placeholders = _adapter_encode(bundle, with_path, prompt, length)
     if family == "flux":  # CLIP-L gives Flux its pooled vector only: its output vectors cannot apply, said
-        with pytest.warns(UserWarning, match=r"\(.*mychar\.safetensors\): output embedding: not applied, clip_l_out: "):
+        with caplog.at_level(logging.WARNING, logger="sdplugin_ti"):
             EmbeddingHandler(tmp_path / "with").activate(bundle, [], prompt, "").undo()
+        assert any(
+            re.search(r"\(.*mychar\.safetensors\): output embedding: not applied, clip_l_out: ", r.getMessage())
+            for r in caplog.records
+        )
     ref, ref_pooled, *_ = _adapter_encode(bundle, _write(tmp_path / "without", outputs, with_out=False), prompt, length)
 
     expected = ref.clone()

@@ -7,7 +7,9 @@ and once per process under ``accelerate launch``. :func:`cli_logging`, entered b
 one handler on the sdcore and plugin loggers for the command's duration: a warning prints as
 ``warning: ...`` (:func:`warning_line`, the function the CLI's own warnings use too, so the two cannot
 drift), an error as ``error: ...``, once: processes other than the main one keep their errors only, and a
-warning said again in the same command is not repeated.
+warning said again in the same command is not repeated. A Python warning of a class sdcore or a plugin defines
+(sdplugin_lora's ``LoraWarning``, a documented API for library users) prints the same way; a plain ``UserWarning``
+and other libraries' warnings keep Python's form, so our modules log their notes instead.
 Importing sdcore adds no handler anywhere.
 """
 
@@ -18,7 +20,9 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO
 
 import click
 
@@ -122,14 +126,52 @@ class CliLogHandler(logging.Handler):
 
 
 def plugin_namespaces(plugins: Iterable[object]) -> list[str]:
-    """The top-level package names of ``plugins`` (modules, or objects by their class's module): the logger
-    namespaces plugins log under (``sdplugin_lora.apply`` -> ``sdplugin_lora``)."""
+    """The top-level package names of ``plugins`` (modules by their name, classes by their own module, other
+    objects by their class's): the logger namespaces plugins log under (``sdplugin_lora.apply`` -> ``sdplugin_lora``).
+    A class registered as a plugin is a ``type``, whose class lives in ``builtins``: its own ``__module__`` tells."""
     names: set[str] = set()
     for plugin in plugins:
-        module = getattr(plugin, "__name__", None) if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+        if isinstance(plugin, types.ModuleType):
+            module = getattr(plugin, "__name__", None)
+        elif isinstance(plugin, type):
+            module = plugin.__module__
+        else:
+            module = type(plugin).__module__
         if isinstance(module, str) and module and module != "builtins":
             names.add(module.split(".")[0])
     return sorted(names)
+
+
+def _show_own_warnings(namespaces: Iterable[str]) -> Callable[..., None]:
+    """A :func:`warnings.showwarning` that logs the warnings whose category a package of ``namespaces`` defines
+    (sdplugin_lora's documented ``LoraWarning``) as a record of the category's module, where :func:`cli_logging`'s
+    handler prints it, and shows every other warning as before (``previous``).
+
+    Chosen by category, not by the file a warning names: a library's warning (torch's, diffusers') may name our
+    line through its ``stacklevel`` and is the library's to word; it keeps Python's form. Not
+    :func:`logging.captureWarnings`: it sends every warning to the ``py.warnings`` logger, which without a handler
+    of its own gets a ``NullHandler``, so every library warning would vanish under the CLI (or, routed to this
+    handler, lose the file and line that tell where it comes from)."""
+    owners = tuple(dict.fromkeys(namespaces))
+    previous = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        module = getattr(category, "__module__", "") or ""
+        if file is None and module.split(".")[0] in owners:
+            logger = logging.getLogger(module)
+            if logger.isEnabledFor(logging.WARNING):  # the warning's own place, for SDCORE_DEBUG's detail
+                logger.handle(logger.makeRecord(module, logging.WARNING, filename, lineno, str(message), (), None))
+            return
+        previous(message, category, filename, lineno, file, line)
+
+    return show
 
 
 @contextlib.contextmanager
@@ -137,20 +179,29 @@ def cli_logging(namespaces: Iterable[str] = ()) -> Iterator[CliLogHandler]:
     """Print the records of the ``sdcore`` logger and of ``namespaces`` (the plugins' packages) as the CLI's
     warnings while inside; the loggers are as they were after. Records still propagate (to pytest's caplog, to
     a handler a caller set on the root logger); Python's last-resort handler no longer prints them bare, as a
-    handler now takes them. ``SDCORE_DEBUG`` prints every level with its source, on every process."""
+    handler now takes them. ``SDCORE_DEBUG`` prints every level with its source, on every process.
+
+    A Python warning of a category these packages define (a documented one, such as sdplugin_lora's
+    ``LoraWarning``, kept for library users) prints in the same form, once, instead of Python's two-line
+    ``path:line: LoraWarning: ...`` (:func:`_show_own_warnings`); other libraries' warnings are left as they are."""
     from .errors import debug_enabled
 
     detail = debug_enabled()
     handler = CliLogHandler(detail=detail)
-    loggers = [logging.getLogger(name) for name in dict.fromkeys(["sdcore", *namespaces])]
+    names = list(dict.fromkeys(["sdcore", *namespaces]))
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
         if detail and logger.getEffectiveLevel() > logging.DEBUG:
             logger.setLevel(logging.DEBUG)
+    previous = warnings.showwarning
+    show = warnings.showwarning = _show_own_warnings(names)
     try:
         yield handler
     finally:
+        if warnings.showwarning is show:  # one set inside since (a test's) is left to whoever set it
+            warnings.showwarning = previous
         for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
             logger.setLevel(level)

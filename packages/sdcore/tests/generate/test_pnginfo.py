@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from exif_bytes import a1111_exif
 from hypothesis import given, settings
@@ -570,7 +572,7 @@ def test_save_image_quality_and_lossless_take_effect(tmp_path):
     assert read_png_parameters(lossless).prompt == "x" and read_png_parameters(lossy).prompt == "x"
 
 
-def test_unknown_suffix_and_what_a_format_cannot_hold(tmp_path, monkeypatch):
+def test_unknown_suffix_and_what_a_format_cannot_hold(tmp_path, monkeypatch, caplog):
     from sdcore.generate.pnginfo import image_format, save_image
 
     with pytest.raises(ConfigError, match=r"^a\.gif: unknown image type '\.gif'; use \.png, \.jpg/\.jpeg, \.webp or "):
@@ -600,11 +602,12 @@ def test_unknown_suffix_and_what_a_format_cannot_hold(tmp_path, monkeypatch):
     assert len(fits) == 32739
     assert save_image(Image.new("RGB", (8, 8)), tmp_path / "fits.jpg", fits) == tmp_path / "fits.jpg"
     assert read_png_parameters(tmp_path / "fits.jpg").prompt == fits
-    with pytest.warns(
-        UserWarning,
-        match=r"long\.jpg: a JPEG's EXIF holds at most 65533 bytes and the infotext's takes 65534; saved as PNG: ",
-    ):
+    with caplog.at_level(logging.WARNING, logger="sdcore.generate.pnginfo"):  # no ``warn``: logged, as sdcore warns
         path = save_image(Image.new("RGB", (8, 8)), tmp_path / "long.jpg", fits + "x")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'long.jpg'}: a JPEG's EXIF holds at most 65533 bytes and the infotext's takes 65534; "
+        f"saved as PNG: {path}"
+    ]
     assert path == tmp_path / "long.png" and read_png_parameters(path).prompt == fits + "x"
     assert not (tmp_path / "long.jpg").exists()
 

@@ -8,10 +8,11 @@ calls with each prompt's encoded conditioning (see the README).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdcore.errors import ConfigError
+from sdcore.errors import ConfigError, SdcoreError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
 
 if TYPE_CHECKING:
@@ -93,6 +94,19 @@ class AestheticHandler(PromptNetworkHandler):
             model, _ = load_clip(clip_id)
             self._clip_cache = {clip_id: model.to(bundle.device)}
         return self._clip_cache[clip_id]
+
+    def check_prompts(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
+        """``--aesthetic NAME`` that resolves to no embedding file, in :meth:`find`'s words (the places searched,
+        the names there are): ``sdcore generate`` asks before the model loads, where :meth:`prepare` would say it
+        only after the load. The prompts do not matter: the embedding is an option, the same for every prompt."""
+        value = self.options.get("aesthetic")
+        if not value:
+            return []
+        try:
+            self.find(str(value))
+        except SdcoreError as exc:  # not found, ambiguous, or a file of another kind
+            return [str(exc)]
+        return []
 
     def prepare(self, bundle: ModelBundle) -> AestheticPersonalizer | None:
         """Build (or reuse) the personaliser for the current options; ``None`` when off."""

@@ -9,7 +9,6 @@ of only the weights it touched so :meth:`AppliedLoras.remove` restores them bit 
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections import OrderedDict
@@ -27,8 +26,6 @@ from sdcore.models.hashes import network_short_hash
 from .adapters import Adapter, adapter_from_tensors
 from .format import LoraFile, Match, ModuleWeights, match_modules, patch_input_width, read_lora
 from .naming import ModuleIndex, Target
-
-log = logging.getLogger(__name__)
 
 
 class LoraWarning(UserWarning):
@@ -119,8 +116,7 @@ def apply_loras(
                 message = f"{lora.label}: {match.summary()}"
                 if strict:
                     raise NetworkMismatchError(message)
-                warnings.warn(message, LoraWarning, stacklevel=2)
-                log.warning(message)
+                warnings.warn(message, LoraWarning, stacklevel=2)  # the CLI prints it as its warning, once
             applied.matches.append(match)
         if merge and (unmergeable := _biases_without_a_bias(applied.matches)):
             raise NetworkMismatchError("; ".join(unmergeable))

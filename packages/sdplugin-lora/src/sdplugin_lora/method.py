@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,8 @@ from .dataset_metadata import (
     subset_identity,
     unique_name,
 )
+
+log = logging.getLogger(__name__)
 
 #: LyCORIS algos without neuron/rank dropout, Tucker core or max-norm here -> why
 LYCORIS_PLAIN = {
@@ -578,19 +579,19 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             if value is not None and not 0 <= value < 1:
                 raise ConfigError(f"{flag} must be in [0, 1) (got {value})")
         if o.dropout and o.algo in ("loha", "lokr", "dora"):
-            warnings.warn(
+            log.warning(
+                "%s",
                 f"--dropout has no effect on --algo {o.algo} (LyCORIS has no neuron dropout for it either); "
                 "--rank-dropout and --module-dropout apply",
-                stacklevel=2,
             )
         elif o.dropout and o.rank_dropout and o.rank_dropout_scale and o.algo in ("lora", "locon"):
-            warnings.warn(
+            log.warning(
+                "%s",
                 f"--dropout has no effect on --algo {o.algo} with --rank-dropout-scale: LyCORIS' LoCon rebuilds the "
                 "weight with its rows dropped and has no neuron dropout there; --rank-dropout and --module-dropout apply",
-                stacklevel=2,
             )
         for note in self._idle_option_notes():  # said as the CLI's warnings, once per command
-            logging.getLogger(__name__).warning("%s", note)
+            log.warning("%s", note)
         problems: list[str] = []
         if o.scale_weight_norms is not None and o.scale_weight_norms < 0:
             problems.append(f"--scale-weight-norms must be positive (0 = off), got {o.scale_weight_norms}")
@@ -708,9 +709,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if len(given) == 1:
             (alone,) = given
             other = "--ggpo-beta" if alone == "--ggpo-sigma" else "--ggpo-sigma"
-            warnings.warn(
-                f"{alone} without {other}: GGPO is off (kohya's lora_flux turns it on only when both are given)",
-                stacklevel=2,
+            log.warning(
+                "%s", f"{alone} without {other}: GGPO is off (kohya's lora_flux turns it on only when both are given)"
             )
         if self.ggpo is None:
             return problems
@@ -1731,7 +1731,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                     plus = ratio is not None and ("lora_up" in name or "lora_B" in name)  # kohya dylora: lora_B
                     buckets.setdefault((slot, block, rule, plus), []).append(param)
             if ratio is not None and buckets and not any(plus for *_, plus in buckets):
-                warnings.warn(f"LoRA+ has no effect on {o.algo}: it has no lora_up weights", stacklevel=2)
+                log.warning("%s", f"LoRA+ has no effect on {o.algo}: it has no lora_up weights")
             for (slot, block, rule, plus), params in sorted(buckets.items()):
                 lr = (self.te_rate(slot) if slot else base_lr) * weights[block]
                 lr = rules[rule].value if rule >= 0 else lr  # kohya network_reg_lrs: the rule's rate replaces it
@@ -1819,10 +1819,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         missing = network.load_kohya_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         unused = sorted({k.split(".", 1)[0] for k in state if k not in own})
         if missing or unused or match.unmatched:
-            warnings.warn(
+            log.warning(
+                "%s",
                 f"{path}: warm start left {len(missing)} new modules at their init; "
                 f"{len(unused) + len(match.unmatched)} file modules/keys unused",
-                stacklevel=2,
             )
 
     def on_step_end(self, bundle: ModelBundle, step: int) -> dict[str, float] | None:

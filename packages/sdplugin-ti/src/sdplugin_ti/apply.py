@@ -27,8 +27,8 @@ reads (:func:`sdcore.models.token_embeddings.add_output_rows`). FLUX.1's CLIP-L 
 
 from __future__ import annotations
 
+import logging
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +59,7 @@ from .formats import EMBEDDING_SUFFIXES, IMAGE_SUFFIXES, embedding_from_bundled,
 if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
 
+log = logging.getLogger(__name__)
 
 #: embedding key of each text-encoder kind of the transformer families (SD3/SD3.5, Flux.1, Chroma): sdcore's one table,
 #: shared with the LoRA plugin's pivotal tuning
@@ -538,7 +539,7 @@ class EmbeddingHandler(PromptNetworkHandler):
         """A warning about a bundled embedding, once for this handler."""
         if message not in self._said:
             self._said.add(message)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            log.warning("%s", message)
 
     def bundled(
         self, bundle: ModelBundle, candidates: dict[str, tuple[str, list[Path]]]

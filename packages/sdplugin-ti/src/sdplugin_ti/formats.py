@@ -10,7 +10,7 @@ in it runs. Every write is atomic (:mod:`sdcore.io`).
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from sdcore.models.embedding_files import (
 )
 
 from .embedding import SINGLE, Embedding
+
+log = logging.getLogger(__name__)
 
 #: A1111 writes the CLIP id of "*" here; it is a constant that loaders ignore
 A1111_STAR_TOKEN = 265
@@ -269,12 +271,11 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
     if fmt not in FORMATS:
         raise ModelFormatError(f"{path}: unknown embedding format {fmt!r} (want {', '.join(FORMATS)})")
     if emb.output_vectors and fmt != "safetensors":
-        warnings.warn(
+        log.warning(
+            "%s",
             f"{path}: the output vectors of OneTrainer's output embedding {emb.name!r} ({', '.join(emb.output_keys)}) "
             f"are left out: the {fmt} format (A1111's .pt/.png, diffusers' .bin) cannot hold them; write a "
             ".safetensors to keep them",
-            UserWarning,
-            stacklevel=2,
         )
     if fmt == "pt":
         data = a1111_dict(emb)

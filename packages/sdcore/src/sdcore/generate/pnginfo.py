@@ -12,9 +12,9 @@ Values containing ``,``, ``:`` or ``"`` are written as JSON strings, the way A11
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from .hires import HiresFix
     from .variation import VariationSeeds
 from ..io import atomic_save, free_path
+
+log = logging.getLogger(__name__)
 
 PARAMETERS_KEY = "parameters"
 #: A1111's "RNG" field (modules/processing.py create_infotext; the "randn_source" option): sdcore draws
@@ -351,7 +353,7 @@ def save_image(
     ``save_image_with_geninfo``: ``jpeg_quality`` (1-100) for JPEG, WebP and AVIF, ``webp_lossless`` for WebP,
     transparency dropped for JPEG and WebP. An image a JPEG or WebP cannot hold (a side over its limit, or an
     infotext over a JPEG's 64 KB of EXIF) is saved as PNG next to it (``NAME.png``; when that is taken, replaced
-    with ``overwrite``, else ``NAME-2.png`` ...), as A1111 does, and ``warn`` (else :func:`warnings.warn`) says so.
+    with ``overwrite``, else ``NAME-2.png`` ...), as A1111 does, and ``warn`` (else a logged warning) says so.
     Returns the path written."""
     fmt = image_format(path)
     text = parameters.format() if isinstance(parameters, GenerationParameters) else parameters
@@ -366,7 +368,7 @@ def save_image(
         original = Path(path)
         path = original.with_suffix(".png") if overwrite else free_path(original.with_suffix(".png"))
         message = f"{original}: {reason}; saved as PNG: {path}"
-        warn(message) if warn is not None else warnings.warn(message, stacklevel=2)
+        warn(message) if warn is not None else log.warning("%s", message)
         fmt = "PNG"
     if fmt == "PNG":
         from PIL.PngImagePlugin import PngInfo

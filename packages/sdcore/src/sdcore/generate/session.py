@@ -21,8 +21,8 @@ without such a handler the session says once that those words stay plain text.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,8 @@ from .networks import Activation, ControlNetwork, NetworkRef, PromptNetworkHandl
 from .prompt_syntax import parse_networks
 
 DEFAULT_MODELS_DIR = Path("models")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,12 +94,11 @@ class NetworkSession:
                 continue
             self._unapplied_said.add(key)
             listed = ", ".join(repr(name) for name in names)
-            warnings.warn(
+            log.warning(
+                "%s",
                 f"{network} carries the embedding{'s' if len(names) != 1 else ''} {listed}: applying them needs the "
                 "textual inversion (embeddings) plugin, which is not installed or enabled, so those prompt words stay "
                 "plain text; the network's weights are applied",
-                UserWarning,
-                stacklevel=2,  # the session's line, not contextlib's (apply runs inside a context manager)
             )
 
     def handlers(self) -> list[PromptNetworkHandler]:

@@ -8,7 +8,9 @@ Enable it in a ``conftest.py`` with ``pytest_plugins = ["sdcore.testing"]``. It 
 - ``fake_distribution``: writes an installed distribution with ``sdcore`` entry points into a
   temporary ``site-packages`` on ``sys.path``, so the real entry-point loader runs;
 - ``tiny_model``: ``tiny_model("sd1" | "sd2" | "sdxl")`` builds a tiny random ModelBundle (cached);
-- ``tiny_dataset``: ``tiny_dataset(n=4, size=64)`` writes a kohya-style dataset folder.
+- ``tiny_dataset``: ``tiny_dataset(n=4, size=64)`` writes a kohya-style dataset folder;
+- ``python_warnings_shown``: Python's warnings print on the stderr of the moment (click's, in ``sd_cli``), as they
+  do outside pytest, which records them instead: a CLI test then sees the lines a user would.
 
 It also gives each test session (each pytest-xdist worker) its own model hash cache (``sha256.json``, see
 :mod:`sdcore.models.hashes`) in the session's temporary folder, so tests never write the user's or CI's shared
@@ -75,6 +77,24 @@ def sd_cli() -> Callable[..., Any]:
         )
 
     return run
+
+
+@pytest.fixture
+def python_warnings_shown(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Python's warnings printed as outside pytest (``FILE:LINE: Category: message`` and the source line, on the
+    current ``sys.stderr``), every time: pytest records them, so a test of what the command line prints would not
+    see a warning the user sees."""
+    import warnings
+
+    def show(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", show)
+        yield
 
 
 @pytest.fixture

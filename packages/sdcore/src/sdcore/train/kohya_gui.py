@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .kohya import _OFF, _args_text, _is_off, _text
+from .kohya.values import _OFF, _args_text, _is_off, _text
 
 #: the GUI tabs whose saved configs are read (tab -> the ``sdcore train`` method that runs them)
 TABS = {"lora": "lora", "dreambooth": "dreambooth", "finetune": "dreambooth", "ti": "ti"}

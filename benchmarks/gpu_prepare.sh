@@ -19,5 +19,8 @@ for wheel in .gpu/wheels/*.whl; do
   "$py" -m zipfile -e "$wheel" .gpu/site
 done
 find .gpu/site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130.so' ! -name '*cpu.so' -delete
+# the toy world's weights (9 MB, no GPU check reads them) travel in the tree already: the tree and .gpu must
+# stay under the device tool's 64 MiB together
+rm -rf .gpu/site/sdcore/models/toyworld_base
 rm -rf .gpu/wheels
 du -sh .gpu

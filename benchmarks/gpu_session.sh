@@ -24,7 +24,8 @@ start=$(date +%s)
 cat "$out/env.log"
 
 sdpa=no-cudnn  # as the runtime trains (sdcore.train.attention); the probe compares the kernels
-# Limits (seconds). No FLUX.1-size step has completed on a GPU yet, so the new ones are estimates:
+# Limits (seconds), set before any FLUX.1-size step had run (the first ran on 2026-12-04: each Flux check ended in
+# 23-35 s, RESULTS.md); the reasoning behind them:
 # - A Flux process's fixed part: imports + CUDA start (~10 s in the first session: gpu_precision's fp32
 #   row 15.4 s against 5.8 s), 12B random bf16 weights made and converted on the device (seconds: the
 #   conversion is elementwise), the first step's kernel selection: ~40 s together.
